@@ -1,0 +1,150 @@
+"""A Llama checkpoint as groups: per layer an attn group and an ffn group, plus the resident set.
+
+A group is what streams as one unit. Its tensors are packed into one flat byte buffer (on the
+GPU, or in host memory for the CPU path) at 256-byte aligned offsets; the model receives views
+into that buffer. This module only computes the plan; `checkpoint.weights` makes the views.
+
+    attn group of layer i: input_layernorm, q_proj, k_proj, v_proj, o_proj
+    ffn  group of layer i: post_attention_layernorm, gate_proj, up_proj, down_proj
+    resident            : embed_tokens, norm, lm_head (absent when tied to embed_tokens)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from checkpoint.errors import RingllmError
+from checkpoint.llama_config import LlamaConfig, load_llama_config
+from checkpoint.safetensors_index import DTYPE_BYTES, TensorExtent, index_checkpoint
+
+GROUP_ALIGN = 256  # byte alignment of each tensor inside a group buffer (any dtype view is legal)
+
+ATTN_ROLES = ("input_norm", "q", "k", "v", "o")
+FFN_ROLES = ("post_norm", "gate", "up", "down")
+GROUP_KINDS = ("attn", "ffn")
+
+CONFIG_DTYPE_TAG = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+
+
+def _align(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+@dataclass(frozen=True)
+class GroupEntry:
+    role: str
+    extent: TensorExtent
+    buf_offset: int  # where this tensor starts inside the group's flat buffer
+
+
+@dataclass(frozen=True)
+class GroupLayout:
+    layer: int
+    kind: str                      # "attn" | "ffn"
+    entries: tuple[GroupEntry, ...]
+    nbytes: int                    # flat buffer size
+
+    def entry(self, role: str) -> GroupEntry:
+        for e in self.entries:
+            if e.role == role:
+                return e
+        raise KeyError(role)
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    model_dir: Path
+    config: LlamaConfig
+    dtype: str                      # safetensors tag shared by every weight
+    groups: tuple[tuple[GroupLayout, GroupLayout], ...]   # [layer] -> (attn, ffn)
+    embed: TensorExtent
+    final_norm: TensorExtent
+    lm_head: TensorExtent | None    # None when tied to embed
+
+    def group(self, layer: int, kind: str) -> GroupLayout:
+        return self.groups[layer][GROUP_KINDS.index(kind)]
+
+    @property
+    def max_group_bytes(self) -> dict[str, int]:
+        return {kind: max(self.group(i, kind).nbytes for i in range(self.config.num_layers))
+                for kind in GROUP_KINDS}
+
+    @property
+    def streamed_bytes(self) -> int:
+        return sum(g.nbytes for pair in self.groups for g in pair)
+
+
+def _expected_shapes(cfg: LlamaConfig, layer: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+    p = f"model.layers.{layer}."
+    h, q, kv, ffn = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size
+    return {
+        "input_norm": (p + "input_layernorm.weight", (h,)),
+        "q": (p + "self_attn.q_proj.weight", (q, h)),
+        "k": (p + "self_attn.k_proj.weight", (kv, h)),
+        "v": (p + "self_attn.v_proj.weight", (kv, h)),
+        "o": (p + "self_attn.o_proj.weight", (h, q)),
+        "post_norm": (p + "post_attention_layernorm.weight", (h,)),
+        "gate": (p + "mlp.gate_proj.weight", (ffn, h)),
+        "up": (p + "mlp.up_proj.weight", (ffn, h)),
+        "down": (p + "mlp.down_proj.weight", (h, ffn)),
+    }
+
+
+class _Checker:
+    """Looks tensors up by name and checks shape and dtype, with one error line per problem."""
+
+    def __init__(self, model_dir: Path, tensors: dict[str, TensorExtent], dtype: str | None):
+        self.model_dir, self.tensors, self.dtype = model_dir, tensors, dtype
+
+    def get(self, name: str, shape: tuple[int, ...]) -> TensorExtent:
+        ext = self.tensors.get(name)
+        if ext is None:
+            raise RingllmError(f"{self.model_dir}: tensor {name} is missing from the checkpoint")
+        if ext.shape != shape:
+            raise RingllmError(
+                f"{ext.path}: tensor {name} has shape {list(ext.shape)}, config.json implies {list(shape)}")
+        if ext.dtype not in DTYPE_BYTES:
+            raise RingllmError(f"{ext.path}: tensor {name} has dtype {ext.dtype}; weights must be BF16, F16 or F32")
+        if self.dtype is None:
+            self.dtype = ext.dtype
+        elif ext.dtype != self.dtype:
+            raise RingllmError(
+                f"{ext.path}: tensor {name} has dtype {ext.dtype}, but the checkpoint is {self.dtype} "
+                "(config.json torch_dtype or the other tensors)")
+        return ext
+
+
+def _pack(layer: int, kind: str, entries: list[tuple[str, TensorExtent]]) -> GroupLayout:
+    packed, cursor = [], 0
+    for role, ext in entries:
+        packed.append(GroupEntry(role, ext, cursor))
+        cursor = _align(cursor + ext.nbytes, GROUP_ALIGN)
+    return GroupLayout(layer, kind, tuple(packed), cursor)
+
+
+def load_layout(model_dir: Path | str) -> ModelLayout:
+    """Read config.json and every shard header; validate names, shapes and dtypes against the config."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise RingllmError(f"{model_dir}: model directory not found")
+    cfg = load_llama_config(model_dir)
+    tensors = index_checkpoint(model_dir)
+    check = _Checker(model_dir, tensors, CONFIG_DTYPE_TAG.get(cfg.torch_dtype or ""))
+    groups = []
+    for layer in range(cfg.num_layers):
+        shapes = _expected_shapes(cfg, layer)
+        attn = [(r, check.get(*shapes[r])) for r in ATTN_ROLES]
+        ffn = [(r, check.get(*shapes[r])) for r in FFN_ROLES]
+        groups.append((_pack(layer, "attn", attn), _pack(layer, "ffn", ffn)))
+    vocab_shape = (cfg.vocab_size, cfg.hidden_size)
+    embed = check.get("model.embed_tokens.weight", vocab_shape)
+    norm = check.get("model.norm.weight", (cfg.hidden_size,))
+    lm_head = None
+    if not cfg.tie_word_embeddings:
+        lm_head = check.get("lm_head.weight", vocab_shape)
+    extra = [n for n in tensors if n.startswith("model.layers.")
+             and not (n.split(".")[2].isdigit() and int(n.split(".")[2]) < cfg.num_layers)]
+    if extra:
+        raise RingllmError(
+            f"{model_dir}: tensor {extra[0]} belongs to a layer beyond num_hidden_layers={cfg.num_layers}")
+    return ModelLayout(model_dir, cfg, check.dtype, tuple(groups), embed, norm, lm_head)

@@ -1,0 +1,1 @@
+"""Shared-memory ring and message channel between ringllm's processes."""

@@ -1,0 +1,1 @@
+"""Tools around the engine: the demo-model import, checkpoint makers, benchmarks, monitors."""

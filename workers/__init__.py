@@ -1,0 +1,1 @@
+"""Worker processes: loaders (SSD -> ring) and the GPU process (ring -> GPU -> Llama forward)."""

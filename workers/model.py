@@ -1,0 +1,172 @@
+"""Llama-3.x forward pass in plain torch (gpt-fast style): weights come in, activations go out.
+
+No I/O happens here. Per-layer weights are asked of a WeightSource, one group at a time, right
+before they are needed: the resident source hands out tensors it holds; the streaming source
+waits on the copy event of a GPU group buffer. The same code runs on cuda and cpu.
+
+Shapes: B batch, T new tokens, S cache slots in use, H heads, K kv heads, D head_dim, V vocab.
+Batches are left-padded: row b's real tokens occupy cache slots pad[b].. and its rotary
+positions start at 0 there; `key_valid[b, s]` masks the padding slots.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from checkpoint.llama_config import LlamaConfig
+
+
+class AttnWeights(NamedTuple):
+    input_norm: torch.Tensor  # [hidden]
+    q: torch.Tensor           # [H*D, hidden]
+    k: torch.Tensor           # [K*D, hidden]
+    v: torch.Tensor           # [K*D, hidden]
+    o: torch.Tensor           # [hidden, H*D]
+
+
+class FfnWeights(NamedTuple):
+    post_norm: torch.Tensor   # [hidden]
+    gate: torch.Tensor        # [ffn, hidden]
+    up: torch.Tensor          # [ffn, hidden]
+    down: torch.Tensor        # [hidden, ffn]
+
+
+class ResidentWeights(NamedTuple):
+    embed: torch.Tensor       # [V, hidden]; may live in host memory (rows are gathered there)
+    final_norm: torch.Tensor  # [hidden]
+    lm_head: torch.Tensor     # [V, hidden]; the embed tensor itself when tied
+
+
+class WeightSource(Protocol):
+    """Hands the model one group's weights at a time, in forward order."""
+
+    def attn(self, layer: int) -> AttnWeights: ...
+
+    def ffn(self, layer: int) -> FfnWeights: ...
+
+    def release(self, layer: int, kind: str) -> None:
+        """All compute reading this group has been issued (its buffer may be reused after it runs)."""
+
+
+class KVCache:
+    """Static cache: k, v of shape [layers, B, K, max_seq, D], filled slot by slot."""
+
+    def __init__(self, cfg: LlamaConfig, batch: int, max_seq: int, dtype: torch.dtype, device):
+        shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_seq, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_seq = max_seq
+
+    @staticmethod
+    def nbytes(cfg: LlamaConfig, batch: int, max_seq: int, dtype: torch.dtype) -> int:
+        elem = torch.tensor([], dtype=dtype).element_size()
+        return 2 * cfg.num_layers * batch * cfg.num_kv_heads * max_seq * cfg.head_dim * elem
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
+    """Inverse frequencies [D/2] in float32, with Llama-3.1's 'llama3' scaling when configured."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv_freq
+    low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+    high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / rs.factor, inv_freq)
+    smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+        rs.high_freq_factor - rs.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalize in float32, cast back, then scale: the order Hugging Face Llama uses.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight.to(x.dtype) * xf.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _w(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+class Llama:
+    def __init__(self, cfg: LlamaConfig, resident: ResidentWeights, weights: WeightSource,
+                 dtype: torch.dtype, device: torch.device | str):
+        self.cfg, self.resident, self.weights = cfg, resident, weights
+        self.dtype, self.device = dtype, torch.device(device)
+        self.inv_freq = rope_inv_freq(cfg).to(self.device)
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[..., None] * self.inv_freq           # [B, T, D/2] in float32
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(self.dtype)[:, None], emb.sin().to(self.dtype)[:, None]  # [B, 1, T, D]
+
+    def _attention(self, x, w: AttnWeights, layer, cache: KVCache, start, cos, sin, mask):
+        cfg, (B, T, _) = self.cfg, x.shape
+        h = rms_norm(x, w.input_norm, cfg.rms_norm_eps)
+        q = F.linear(h, _w(w.q, self.dtype)).view(B, T, cfg.num_heads, cfg.head_dim).transpose(1, 2)
+        k = F.linear(h, _w(w.k, self.dtype)).view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        v = F.linear(h, _w(w.v, self.dtype)).view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        end = start + T
+        cache.k[layer, :, :, start:end] = k
+        cache.v[layer, :, :, start:end] = v
+        keys, values = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]   # [B, K, S, D]
+        rep = cfg.num_heads // cfg.num_kv_heads
+        if rep > 1:
+            keys = keys[:, :, None].expand(B, cfg.num_kv_heads, rep, end, cfg.head_dim).reshape(
+                B, cfg.num_heads, end, cfg.head_dim)
+            values = values[:, :, None].expand(B, cfg.num_kv_heads, rep, end, cfg.head_dim).reshape(
+                B, cfg.num_heads, end, cfg.head_dim)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)     # [B, H, T, D]
+        out = out.transpose(1, 2).reshape(B, T, cfg.q_size)
+        return x + F.linear(out, _w(w.o, self.dtype))
+
+    def _ffn(self, x, w: FfnWeights):
+        h = rms_norm(x, w.post_norm, self.cfg.rms_norm_eps)
+        gated = F.silu(F.linear(h, _w(w.gate, self.dtype))) * F.linear(h, _w(w.up, self.dtype))
+        return x + F.linear(gated, _w(w.down, self.dtype))
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        table = self.resident.embed
+        rows = table[tokens.to(table.device)]          # gathered where the table lives
+        return rows.to(device=self.device, dtype=self.dtype, non_blocking=True)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: int,
+                key_valid: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        """tokens, positions: [B, T] filling cache slots start..start+T-1; key_valid: [B, max_seq].
+
+        Returns float32 logits [B, V] for the last position, or [B, T, V] with all_logits.
+        """
+        cfg = self.cfg
+        B, T = tokens.shape
+        end = start + T
+        slots = torch.arange(start, end, device=self.device)
+        causal = slots[:, None] >= torch.arange(end, device=self.device)[None, :]          # [T, S]
+        mask = causal[None] & key_valid[:, None, :end]                                      # [B, T, S]
+        mask = mask | (slots[:, None] == torch.arange(end, device=self.device)[None, :])[None]  # pad rows see themselves
+        mask = mask[:, None]                                                                # [B, 1, T, S]
+        cos, sin = self._rope(positions)
+        x = self.embed(tokens)
+        for layer in range(cfg.num_layers):
+            x = self._attention(x, self.weights.attn(layer), layer, cache, start, cos, sin, mask)
+            self.weights.release(layer, "attn")
+            x = self._ffn(x, self.weights.ffn(layer))
+            self.weights.release(layer, "ffn")
+        if not all_logits:
+            x = x[:, -1]
+        x = rms_norm(x, self.resident.final_norm, cfg.rms_norm_eps)
+        return F.linear(x, _w(self.resident.lm_head, self.dtype)).float()

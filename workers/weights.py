@@ -1,0 +1,49 @@
+"""Byte buffers -> typed weight tensors, following a GroupLayout. No copies: views only."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from checkpoint.errors import RingllmError
+from checkpoint.layout import GroupLayout
+from checkpoint.safetensors_index import TensorExtent
+from workers.model import AttnWeights, FfnWeights
+
+TORCH_DTYPE = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+DTYPE_NAMES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def typed_view(buf: torch.Tensor, offset: int, extent: TensorExtent) -> torch.Tensor:
+    """View bytes buf[offset : offset + extent.nbytes] (uint8) as the extent's dtype and shape."""
+    raw = buf[offset:offset + extent.nbytes]
+    return raw.view(TORCH_DTYPE[extent.dtype]).view(extent.shape)
+
+
+def group_weights(buf: torch.Tensor, group: GroupLayout) -> AttnWeights | FfnWeights:
+    """Weights of one group as views into its flat buffer (uint8, group.nbytes long)."""
+    views = [typed_view(buf, e.buf_offset, e.extent) for e in group.entries]
+    return AttnWeights(*views) if group.kind == "attn" else FfnWeights(*views)
+
+
+def read_extent_into(dst: torch.Tensor, extent: TensorExtent) -> None:
+    """Buffered read of one tensor's bytes into a uint8 CPU tensor (the resident path only)."""
+    view = memoryview(dst.numpy())
+    fd = os.open(extent.path, os.O_RDONLY)
+    try:
+        done = 0
+        while done < extent.nbytes:
+            n = os.preadv(fd, [view[done:extent.nbytes]], extent.offset + done)
+            if n <= 0:
+                raise RingllmError(f"{extent.path}: unexpected end of file reading tensor {extent.name}")
+            done += n
+    except OSError as err:
+        raise RingllmError(f"{extent.path}: read error in tensor {extent.name} ({err.strerror})") from None
+    finally:
+        os.close(fd)
+
+
+def load_tensor(extent: TensorExtent) -> torch.Tensor:
+    raw = torch.empty(extent.nbytes, dtype=torch.uint8)
+    read_extent_into(raw, extent)
+    return typed_view(raw, 0, extent)
