@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny random Llama checkpoints written by transformers, the demo model."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY_BASE = dict(
+    vocab_size=128, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+    rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
+    bos_token_id=1, eos_token_id=2,
+)
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+
+
+def make_hf_checkpoint(path: Path, seed: int = 0, dtype=torch.float32, max_shard_size=None, **overrides):
+    """Write a random-weight Llama checkpoint with transformers; return the transformers model (float32)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fields = {**TINY_BASE, **overrides}
+    rope_scaling = fields.pop("rope_scaling", None)
+    config = LlamaConfig(**fields)
+    if rope_scaling is not None:
+        # transformers 5 keeps rope settings in rope_parameters; 4 in rope_scaling
+        if hasattr(config, "rope_parameters") and config.rope_parameters is not None:
+            config.rope_parameters = {**rope_scaling, "rope_theta": fields["rope_theta"]}
+        else:
+            config.rope_scaling = rope_scaling
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():   # random norms too, so that a norm wired to the wrong place shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    model = model.to(dtype)
+    kwargs = {"safe_serialization": True}
+    if max_shard_size is not None:
+        kwargs["max_shard_size"] = max_shard_size
+    model.save_pretrained(path, **kwargs)
+    return model.float()
+
+
+def write_tokenizer(path: Path, vocab_size: int = 128) -> None:
+    """A word-level tokenizer.json with a tiny chat template, enough to drive the CLI."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for i in range(3, vocab_size):
+        vocab[f"w{i}"] = i
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": "</s>",
+        "chat_template": "{{ bos_token }}{% for m in messages %}w5 {{ m['content'] }} w6 {% endfor %}"
+                         "{% if add_generation_prompt %}w7{% endif %}",
+    }))
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """(model_dir, transformers model) for the default tiny config, with a tokenizer."""
+    d = tmp_path / "tiny"
+    model = make_hf_checkpoint(d)
+    write_tokenizer(d)
+    return d, model
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir():
+    from coordinator.cli import default_cache_dir
+    from tools.demo_model import ensure_demo_model
+
+    return ensure_demo_model(default_cache_dir())

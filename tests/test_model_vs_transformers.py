@@ -1,0 +1,133 @@
+"""The plain-torch Llama against transformers' LlamaForCausalLM (float32, CPU, same weights)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from checkpoint.layout import load_layout
+from tests.conftest import LLAMA3_ROPE, make_hf_checkpoint
+from workers.generation import Sampler, SamplingParams, generate
+from workers.model import KVCache, Llama
+from workers.resident import ResidentSource, load_resident_weights
+
+CPU = torch.device("cpu")
+
+
+def ringllm_model(model_dir, dtype=torch.float32):
+    layout = load_layout(model_dir)
+    return Llama(layout.config, load_resident_weights(layout, dtype, CPU),
+                 ResidentSource(layout, dtype, CPU), dtype, CPU)
+
+
+def full_logits(model: Llama, tokens: torch.Tensor) -> torch.Tensor:
+    B, T = tokens.shape
+    cache = KVCache(model.cfg, B, T, model.dtype, CPU)
+    positions = torch.arange(T)[None].expand(B, T)
+    return model.forward(tokens, positions, cache, 0, torch.ones(B, T, dtype=torch.bool), all_logits=True)
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+CONFIGS = {
+    "gqa_untied": {},
+    "tied": {"tie_word_embeddings": True},
+    "mha_odd_layers": {"num_key_value_heads": 4, "num_hidden_layers": 5},
+    "llama3_rope": {"rope_scaling": LLAMA3_ROPE, "rope_theta": 500000.0, "num_hidden_layers": 1},
+    "mqa_wide_head": {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 48,
+                      "num_hidden_layers": 7},
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_logits_match_transformers(tmp_path, name):
+    hf = make_hf_checkpoint(tmp_path / name, seed=len(name), **CONFIGS[name])
+    ours = ringllm_model(tmp_path / name)
+    tokens = torch.randint(0, 128, (2, 150), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(tokens).logits
+    got = full_logits(ours, tokens)
+    assert got.shape == ref.shape
+    assert rel_err(got, ref) < 1e-5, name
+
+
+def test_llama3_rope_scaling_matters(tmp_path):
+    """A sanity check on the test above: without the scaling the logits at long range differ."""
+    d = tmp_path / "r"
+    hf = make_hf_checkpoint(d, rope_scaling=LLAMA3_ROPE, rope_theta=500000.0)
+    cfg = json.loads((d / "config.json").read_text())
+    for key in ("rope_scaling", "rope_parameters"):
+        if cfg.get(key) and cfg[key].get("rope_type") == "llama3":
+            cfg[key] = {"rope_type": "default", "rope_theta": 500000.0} if key == "rope_parameters" else None
+    (d / "config.json").write_text(json.dumps(cfg))
+    tokens = torch.randint(0, 128, (1, 200), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = hf(tokens).logits
+    assert rel_err(full_logits(ringllm_model(d), tokens), ref) > 1e-3
+
+
+def test_layer_straddling_shards(tmp_path):
+    d = tmp_path / "sharded"
+    hf = make_hf_checkpoint(d, max_shard_size="40KB", num_hidden_layers=4)
+    index = json.loads((d / "model.safetensors.index.json").read_text())["weight_map"]
+    files_per_layer = [{f for n, f in index.items() if n.startswith(f"model.layers.{i}.")} for i in range(4)]
+    assert any(len(files) > 1 for files in files_per_layer), "no layer straddles two shards"
+    tokens = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = hf(tokens).logits
+    assert rel_err(full_logits(ringllm_model(d), tokens), ref) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_checkpoints(tmp_path, dtype):
+    """bf16/fp16 files: computing in float32 from them matches transformers upcast to float32."""
+    d = tmp_path / str(dtype)
+    hf = make_hf_checkpoint(d, dtype=dtype)   # returned upcast: the same rounded weights in fp32
+    assert load_layout(d).dtype == {torch.bfloat16: "BF16", torch.float16: "F16"}[dtype]
+    tokens = torch.randint(0, 128, (1, 30), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = hf(tokens).logits
+    assert rel_err(full_logits(ringllm_model(d, torch.float32), tokens), ref) < 1e-5
+    native = full_logits(ringllm_model(d, dtype), tokens)   # computing in the file's dtype: close
+    assert rel_err(native, ref) < 5e-2
+
+
+def test_padded_batch_decode_matches_single_prompts(tmp_path):
+    """Left-padded batch prefill + KV-cache decode == each prompt alone through transformers."""
+    d = tmp_path / "b"
+    hf = make_hf_checkpoint(d, num_hidden_layers=2)
+    ours = ringllm_model(d)
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (9, 3, 6)]
+    new = generate(ours, prompts, 12, Sampler(SamplingParams(), CPU), eos_ids=[])
+    for prompt, got in zip(prompts, new):
+        seq = list(prompt)
+        with torch.no_grad():
+            for _ in range(12):
+                seq.append(int(hf(torch.tensor([seq])).logits[0, -1].argmax()))
+        assert got == seq[len(prompt):]
+
+
+def test_smollm2_greedy_32_tokens_match_transformers(demo_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from checkpoint.text import TextCodec
+
+    hf = AutoModelForCausalLM.from_pretrained(demo_model_dir, dtype=torch.float32).eval()
+    ours = ringllm_model(demo_model_dir, torch.float32)
+    codec = TextCodec(demo_model_dir, ours.cfg)
+    prompt = codec.encode("Write a short poem about the sea.", chat=True)
+    got = generate(ours, [prompt], 32, Sampler(SamplingParams(), CPU), eos_ids=[])[0]
+    ids, ref = torch.tensor([prompt]), []
+    with torch.no_grad():
+        out = hf(ids, use_cache=True)
+        for _ in range(32):
+            tok = out.logits[0, -1].argmax()
+            ref.append(int(tok))
+            out = hf(tok.view(1, 1), past_key_values=out.past_key_values, use_cache=True)
+    assert got == ref
+    assert "Paris" in codec.decode(generate(ours, [codec.encode("What is the capital of France?", True)], 16,
+                                            Sampler(SamplingParams(), CPU), codec.eos_ids)[0])
