@@ -40,6 +40,14 @@ def _add_generate(sub) -> None:
                    help="compute dtype (default: the checkpoint's)")
     p.add_argument("--resident", action="store_true",
                    help="load every weight in this process (the in-process reference engine)")
+    p.add_argument("--loaders", type=int, default=None,
+                   help="loader processes (default: from the CPU count and the disk)")
+    p.add_argument("--gpu-mem", default=None,
+                   help="cap on what the GPU process allocates, e.g. 24GiB (checked before the run)")
+    p.add_argument("--preset", choices=("conservative", "balanced", "aggressive"), default=None,
+                   help="the user guide's presets (24/40/80 GB GPU classes)")
+    p.add_argument("--set", dest="params", action="append", default=[], metavar="NAME=VALUE",
+                   help="set an engine parameter by its guide name, e.g. --set CPU_CAP_VALUE=16")
     p.add_argument("-v", "--verbose", action="store_true")
 
 
@@ -93,12 +101,6 @@ def cmd_generate(args) -> int:
             f"prompt of {longest} tokens + --max-new-tokens {args.max_new_tokens} exceeds the model's "
             f"context of {cfg.max_position_embeddings} tokens")
 
-    t0 = time.perf_counter()
-    model = Llama(cfg, load_resident_weights(layout, dtype, device),
-                  ResidentSource(layout, dtype, device), dtype, device)
-    log.info("loaded %s (%d layers, %s) on %s in %.1f s", model_dir, cfg.num_layers, layout.dtype,
-             device, time.perf_counter() - t0)
-
     streaming = len(prompts) == 1
     decoder = StreamDecoder(codec)
 
@@ -108,8 +110,16 @@ def cmd_generate(args) -> int:
             sys.stdout.flush()
 
     t1 = time.perf_counter()
-    outputs = generate(model, prompts, args.max_new_tokens, Sampler(sampling, device), codec.eos_ids,
-                       on_tokens, cfg.max_position_embeddings)
+    if args.resident:
+        model = Llama(cfg, load_resident_weights(layout, dtype, device),
+                      ResidentSource(layout, dtype, device), dtype, device)
+        log.info("loaded %s (%d layers, %s) on %s in %.1f s", model_dir, cfg.num_layers, layout.dtype,
+                 device, time.perf_counter() - t1)
+        t1 = time.perf_counter()
+        outputs = generate(model, prompts, args.max_new_tokens, Sampler(sampling, device), codec.eos_ids,
+                           on_tokens, cfg.max_position_embeddings)
+    else:
+        outputs = run_streaming(args, layout, model_dir, prompts, sampling, codec.eos_ids, device, dtype, on_tokens)
     elapsed = time.perf_counter() - t1
     if streaming:
         sys.stdout.write("\n")
@@ -118,8 +128,52 @@ def cmd_generate(args) -> int:
             sys.stdout.write(f"--- [{i}] ---\n{codec.decode(ids)}\n")
     sys.stdout.flush()
     n = sum(len(o) for o in outputs)
-    log.info("generated %d tokens in %.2f s (%.1f tokens/s, prefill included)", n, elapsed, n / elapsed)
+    if args.resident:
+        log.info("generated %d tokens in %.2f s (%.1f tokens/s, prefill included)", n, elapsed, n / elapsed)
     return 0
+
+
+def build_engine_config(args, model_dir):
+    from coordinator.config import build_config, default_loader_count, env_parameters, parse_bytes
+
+    overrides = {}
+    for item in args.params:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise RingllmError(f"--set {item!r}: expected NAME=VALUE")
+        overrides[name.strip()] = value.strip()
+    return build_config(
+        preset=args.preset, env=env_parameters(), overrides=overrides,
+        loaders=args.loaders if args.loaders is not None else default_loader_count(model_dir),
+        gpu_mem=parse_bytes(args.gpu_mem) if args.gpu_mem is not None else None)
+
+
+def run_streaming(args, layout, model_dir, prompts, sampling, eos_ids, device, dtype, on_tokens):
+    """The default engine: supervisor + coordinator + loaders + GPU process over the shared ring."""
+    from coordinator.supervisor import Supervisor
+    from workers.memory_plan import check_gpu_cap, plan_gpu_memory
+
+    engine = build_engine_config(args, model_dir)
+    dtype_name = str(dtype).removeprefix("torch.")
+    max_seq = max(len(p) for p in prompts) + args.max_new_tokens
+    plan = plan_gpu_memory(layout, engine, len(prompts), max_seq, dtype_name, embed_on_host=device.type == "cuda")
+    check_gpu_cap(plan, engine.gpu_mem, engine)
+    sup = Supervisor(layout, engine, device.type, dtype_name, verbose=args.verbose)
+    result = sup.run(prompts, args.max_new_tokens, sampling, eos_ids, on_tokens)
+    log_summary(result)
+    return result.outputs
+
+
+def log_summary(result) -> None:
+    g, c = result.gpu, result.coordinator
+    secs = g.get("seconds") or float("nan")
+    n = g.get("new_tokens", 0)
+    log.info("summary: %d tokens in %.2f s (%.2f tokens/s); ring hits %d, misses %d; disk read %.1f MiB; "
+             "copied to %s %.1f MiB; compute waited for weights %.2f s%s",
+             n, secs, n / secs if secs else 0.0, c.get("ring_hits", 0), c.get("ring_misses", 0),
+             c.get("disk_bytes", 0) / 2**20, result.gpu_info.get("device", "device"),
+             g.get("h2d_bytes", 0) / 2**20, g.get("wait_seconds", 0.0),
+             f"; loader restarts {result.loader_restarts}" if result.loader_restarts else "")
 
 
 def main(argv: list[str] | None = None) -> int:

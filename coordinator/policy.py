@@ -1,0 +1,249 @@
+"""The coordinator's decisions as pure objects: which layer goes into which ring slot, when a slot
+may be evicted, which loader reads which chunk. No processes, no I/O: tests drive them directly.
+
+Steps. The GPU process walks layers 0..N-1 once per forward pass, pass after pass; a *step* is
+`pass * N + layer`, so steps only grow while layers wrap mod N.
+
+Window. With compute at step c (layer i = c mod N), the user's window is the CPU_CAP_VALUE layers
+starting CPU_RING_OFFSET after i: {(i + offset + k) mod N : k < cap}. The layers between compute
+and the window's start are usually on the GPU or being copied already; if they are not (start-up,
+a slow disk) they come first. So the ring's targets are the layers of steps c .. c+offset+cap-1
+that the GPU has not yet been handed, nearest first, plus any step the GPU explicitly wants.
+WSM_CPU_RING_MODE=0 stops the window at the end of the current pass instead of wrapping.
+
+Slots. The ring has CPU_CAP_VALUE slots. A slot the GPU was handed ("held") is never evicted or
+reused until the GPU releases it. Eviction frees READY, unheld slots whose layer is not a
+target: layers in the back margin (the WSM_CPU_BACK_MARGIN layers just behind compute) go last,
+otherwise the layer whose next use is farthest goes first. It starts when resident layers exceed
+WSM_CPU_CACHE_HWM_LAYERS, or when a target needs a slot and none is free (with the default
+HWM = cap + 3 the ring's size is the effective high-water mark), and goes down to
+WSM_CPU_CACHE_LWM_LAYERS.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from shm.ring import FREE, LOADING, READY
+
+
+@dataclass
+class SlotInfo:
+    state: int = FREE
+    layer: int = -1
+    generation: int = 0
+    held: int = 0          # steps handed to the GPU and not yet released
+
+
+@dataclass(frozen=True)
+class Load:
+    slot: int
+    generation: int
+    layer: int
+
+
+@dataclass(frozen=True)
+class Offer:
+    step: int
+    layer: int
+    slot: int
+    generation: int
+
+
+class ProtocolError(RuntimeError):
+    """A peer broke the protocol (released a slot it did not hold, with a stale generation...)."""
+
+
+@dataclass
+class PolicyStats:
+    hits: int = 0          # wanted steps whose layer was already in the ring
+    misses: int = 0        # wanted steps that had to wait for a load
+    loads: int = 0
+    evictions: int = 0
+
+
+class RingPolicy:
+    def __init__(self, num_layers: int, slots: int, offset: int, cap: int, ring_mode: int = 1,
+                 hwm: int | None = None, lwm: int | None = None, back_margin: int = 0):
+        self.n, self.offset, self.cap, self.ring_mode = num_layers, offset, cap, ring_mode
+        self.slots = [SlotInfo() for _ in range(slots)]
+        self.hwm = hwm if hwm is not None else slots
+        self.lwm = lwm if lwm is not None else max(0, slots - 1)
+        self.back_margin = back_margin
+        self.layer_slot: dict[int, int] = {}     # layer -> slot (LOADING or READY)
+        self.compute_step = 0
+        self.wants: dict[int, bool] = {}          # step -> was it a hit when asked (not yet offered)
+        self.handed: set[int] = set()             # steps offered to the GPU (pruned behind compute)
+        self.stats = PolicyStats()
+
+    # --- events --------------------------------------------------------------------------------
+    def want(self, step: int, compute_step: int) -> None:
+        self._advance(compute_step)
+        if step in self.handed or step in self.wants:
+            return
+        slot = self.layer_slot.get(step % self.n)
+        self.wants[step] = slot is not None and self.slots[slot].state == READY
+
+    def release(self, step: int, slot: int, generation: int, compute_step: int) -> None:
+        info = self.slots[slot]
+        if info.held <= 0 or info.generation != generation:
+            raise ProtocolError(f"release of slot {slot} gen {generation} (step {step}) that is not held "
+                                f"(held={info.held}, gen={info.generation})")
+        info.held -= 1
+        self._advance(compute_step)
+
+    def loaded(self, slot: int, generation: int) -> None:
+        info = self.slots[slot]
+        if info.state != LOADING or info.generation != generation:
+            raise ProtocolError(f"slot {slot} gen {generation} finished loading but is "
+                                f"{info.state}/gen {info.generation}")
+        info.state = READY
+
+    def _advance(self, compute_step: int) -> None:
+        if compute_step > self.compute_step:
+            self.compute_step = compute_step
+            self.handed = {s for s in self.handed if s >= compute_step}
+
+    # --- decisions -----------------------------------------------------------------------------
+    def window(self) -> list[int]:
+        """The user's window at the current compute layer (for logs and monitors)."""
+        i = self.compute_step % self.n
+        layers = [i + self.offset + k for k in range(self.cap)]
+        if not self.ring_mode:
+            layers = [l for l in layers if l < self.n]
+        return [l % self.n for l in layers]
+
+    def target_layers(self) -> list[int]:
+        c = self.compute_step
+        end = c + self.offset + self.cap
+        if not self.ring_mode:
+            end = min(end, (c // self.n + 1) * self.n)
+        steps = sorted(set(range(c, end)) | set(self.wants))
+        out, seen = [], set()
+        for s in steps:
+            layer = s % self.n
+            if s in self.handed or layer in seen:
+                continue
+            seen.add(layer)
+            out.append(layer)
+        return out
+
+    def _next_use(self, layer: int) -> int:
+        return (layer - self.compute_step) % self.n
+
+    def _eviction_order(self, targets: set[int]) -> list[int]:
+        i = self.compute_step % self.n
+        margin = {(i - k) % self.n for k in range(1, self.back_margin + 1)}
+        candidates = [s for s, info in enumerate(self.slots)
+                      if info.state == READY and info.held == 0 and info.layer not in targets]
+        # back-margin layers last; otherwise the farthest next use first
+        return sorted(candidates, key=lambda s: (self.slots[s].layer in margin,
+                                                 -self._next_use(self.slots[s].layer)))
+
+    def _evict(self, slot: int) -> None:
+        info = self.slots[slot]
+        del self.layer_slot[info.layer]
+        info.state, info.layer = FREE, -1
+        self.stats.evictions += 1
+
+    def _resident(self) -> int:
+        return sum(1 for info in self.slots if info.state != FREE)
+
+    def _evict_down_to_lwm(self, targets: set[int], at_least_one: bool) -> None:
+        order = self._eviction_order(targets)
+        for n, slot in enumerate(order):
+            if self._resident() <= self.lwm and not (at_least_one and n == 0):
+                break
+            self._evict(slot)
+
+    def schedule(self) -> tuple[list[Load], list[Offer]]:
+        """Loads to start (nearest target first) and wanted steps to hand to the GPU."""
+        targets = self.target_layers()
+        target_set = set(targets)
+        loads: list[Load] = []
+        if self._resident() > self.hwm:
+            self._evict_down_to_lwm(target_set, at_least_one=False)
+        for layer in targets:
+            if layer in self.layer_slot:
+                continue
+            free = next((s for s, info in enumerate(self.slots) if info.state == FREE), None)
+            if free is None:
+                self._evict_down_to_lwm(target_set, at_least_one=True)
+                free = next((s for s, info in enumerate(self.slots) if info.state == FREE), None)
+                if free is None:
+                    break   # every slot is a nearer target or held: wait for a release
+            info = self.slots[free]
+            info.state, info.layer, info.generation = LOADING, layer, info.generation + 1
+            self.layer_slot[layer] = free
+            self.stats.loads += 1
+            loads.append(Load(free, info.generation, layer))
+        offers: list[Offer] = []
+        for step in sorted(self.wants):
+            slot = self.layer_slot.get(step % self.n)
+            if slot is None or self.slots[slot].state != READY:
+                continue
+            info = self.slots[slot]
+            info.held += 1
+            if self.wants.pop(step):
+                self.stats.hits += 1
+            else:
+                self.stats.misses += 1
+            self.handed.add(step)
+            offers.append(Offer(step, info.layer, slot, info.generation))
+        return loads, offers
+
+
+@dataclass
+class ChunkJob:
+    job: int
+    slot: int
+    generation: int
+    chunk: object          # shm.slot_plan.Chunk
+
+
+class JobDispatcher:
+    """Chunks waiting to be read, and which loader holds which; at most `depth` per loader."""
+
+    def __init__(self, num_loaders: int, depth: int = 2):
+        self.depth = depth
+        self.queue: deque[ChunkJob] = deque()
+        self.in_flight: list[dict[int, ChunkJob]] = [dict() for _ in range(num_loaders)]
+        self.remaining: dict[tuple[int, int], int] = {}   # (slot, gen) -> chunks not yet done
+        self._next_job = 0
+
+    def add_load(self, slot: int, generation: int, chunks: list) -> None:
+        self.remaining[(slot, generation)] = len(chunks)
+        for chunk in chunks:
+            self.queue.append(ChunkJob(self._next_job, slot, generation, chunk))
+            self._next_job += 1
+
+    def assign(self) -> list[tuple[int, ChunkJob]]:
+        """(loader, job) pairs to send now: fill the least busy loaders first."""
+        out = []
+        while self.queue:
+            loader = min(range(len(self.in_flight)), key=lambda k: len(self.in_flight[k]))
+            if len(self.in_flight[loader]) >= self.depth:
+                break
+            job = self.queue.popleft()
+            self.in_flight[loader][job.job] = job
+            out.append((loader, job))
+        return out
+
+    def done(self, loader: int, job_id: int) -> tuple[int, int] | None:
+        """Mark a chunk read; return (slot, gen) when that was the slot's last chunk."""
+        job = self.in_flight[loader].pop(job_id, None)
+        if job is None:
+            return None          # a chunk re-queued after its loader was presumed dead
+        key = (job.slot, job.generation)
+        self.remaining[key] -= 1
+        if self.remaining[key] == 0:
+            del self.remaining[key]
+            return key
+        return None
+
+    def requeue_loader(self, loader: int) -> int:
+        """The loader died: its chunks go back to the front of the queue. Returns how many."""
+        jobs = sorted(self.in_flight[loader].values(), key=lambda j: j.job)
+        self.in_flight[loader] = {}
+        self.queue.extendleft(reversed(jobs))
+        return len(jobs)

@@ -1,0 +1,142 @@
+"""Coordinator process: runs RingPolicy against real messages and keeps the ring header current.
+
+Loop: take one message (short timeout), apply it, schedule, send what can be sent without
+blocking (an Outbox per queue), log the window when it moves. It never blocks on a peer.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+from coordinator.policy import JobDispatcher, ProtocolError, RingPolicy
+from shm.channel import (Channel, ChunkDone, Fatal, LoaderRestarted, Outbox, ReadJob, Ready, Release,
+                         Shutdown, SlotReady, Stats, StatsRequest, Want)
+from shm.ring import LOADING, READY, Ring
+from shm.slot_plan import LayerPlan
+from workers.process_setup import child_start, parent_alive
+
+log = logging.getLogger("ringllm.coord")
+WINDOW_LOG_INTERVAL_S = 1.0
+
+
+@dataclass(frozen=True)
+class CoordinatorArgs:
+    parent_pid: int
+    ring_name: str
+    inbox: str
+    gpu_queue: str
+    sup_queue: str
+    loader_queues: tuple
+    num_layers: int
+    plans: tuple            # LayerPlan per layer
+    engine: object          # EngineConfig
+    verbose: bool = False
+
+
+class Coordinator:
+    def __init__(self, args: CoordinatorArgs, ring: Ring):
+        e = args.engine
+        self.args, self.ring = args, ring
+        self.policy = RingPolicy(args.num_layers, ring.slot_count, e.cpu_ring_offset, e.cpu_cap,
+                                 e.cpu_ring_mode, e.cpu_hwm, e.cpu_lwm, e.cpu_back_margin)
+        self.jobs = JobDispatcher(len(args.loader_queues))
+        self.chunks = [plan.chunks(e.chunk_bytes) for plan in args.plans]
+        self.loaders = [Outbox(Channel(q)) for q in args.loader_queues]
+        self.gpu = Outbox(Channel(args.gpu_queue))
+        self.sup = Channel(args.sup_queue)
+        self.bytes_read = 0
+        self.read_seconds = 0.0
+        self.buffered_reads = 0
+        self.logged_layer = None
+        self.logged_at = 0.0
+
+    def handle(self, msg) -> bool:
+        """Apply one message; False means shut down."""
+        if isinstance(msg, Want):
+            self.policy.want(msg.step, msg.compute_step)
+        elif isinstance(msg, Release):
+            self.policy.release(msg.step, msg.slot, msg.generation, msg.compute_step)
+        elif isinstance(msg, ChunkDone):
+            self.bytes_read += msg.nbytes
+            self.read_seconds += msg.seconds
+            self.buffered_reads += not msg.direct
+            finished = self.jobs.done(msg.loader, msg.job)
+            if finished is not None:
+                slot, gen = finished
+                self.policy.loaded(slot, gen)
+                self.ring.write_slot(slot, READY, self.policy.slots[slot].layer, gen)
+        elif isinstance(msg, LoaderRestarted):
+            n = self.jobs.requeue_loader(msg.index)
+            log.warning("loader %d was restarted; %d chunk(s) it held are read again", msg.index, n)
+        elif isinstance(msg, StatsRequest):
+            self.sup.send(Stats("coordinator", self.stats()))
+        elif isinstance(msg, Shutdown):
+            return False
+        return True
+
+    def step(self) -> None:
+        evicted_before = {s for s, info in enumerate(self.policy.slots) if info.state == READY}
+        loads, offers = self.policy.schedule()
+        for s in evicted_before:
+            info = self.policy.slots[s]
+            if info.state != READY:           # evicted: mirror it so monitors see a free slot
+                self.ring.write_slot(s, info.state, info.layer, info.generation)
+        for load in loads:
+            # Generation first, then any loader write: the GPU's copy check relies on this order.
+            self.ring.write_slot(load.slot, LOADING, load.layer, load.generation)
+            self.jobs.add_load(load.slot, load.generation, self.chunks[load.layer])
+        for loader, job in self.jobs.assign():
+            c = job.chunk
+            self.loaders[loader].put(ReadJob(job.job, job.slot, job.generation, c.path, c.file_offset,
+                                             c.length, c.slot_offset, c.needed))
+        for offer in offers:
+            self.gpu.put(SlotReady(offer.step, offer.layer, offer.slot, offer.generation))
+        for box in (*self.loaders, self.gpu):
+            box.flush()
+        self._log_window()
+
+    def _log_window(self) -> None:
+        layer = self.policy.compute_step % self.args.num_layers
+        now = time.monotonic()
+        if layer == self.logged_layer or now - self.logged_at < WINDOW_LOG_INTERVAL_S:
+            return
+        self.logged_layer, self.logged_at = layer, now
+        window, n = self.policy.window(), self.args.num_layers
+        if window:
+            log.info("[WSM] CPU ring window: advancing to layer %d (%d+%d -> %d..%d, wraps at %d)",
+                     layer, layer, self.args.engine.cpu_ring_offset, window[0], window[-1], n)
+
+    def stats(self) -> dict:
+        s = self.policy.stats
+        return {"ring_hits": s.hits, "ring_misses": s.misses, "ring_loads": s.loads,
+                "ring_evictions": s.evictions, "disk_bytes": self.bytes_read,
+                "disk_read_seconds": self.read_seconds, "buffered_chunks": self.buffered_reads}
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.gpu.pending or any(b.pending for b in self.loaders))
+
+
+def coordinator_main(args: CoordinatorArgs) -> None:
+    child_start("ringllm-coord", args.parent_pid, args.verbose)
+    ring = Ring.attach(args.ring_name)
+    inbox = Channel(args.inbox)
+    coord = Coordinator(args, ring)
+    try:
+        coord.sup.send(Ready("coordinator", 0, {"pid": os.getpid()}))
+        running = True
+        while running and parent_alive(args.parent_pid):
+            msg = inbox.receive(timeout=0.002 if coord.busy else 0.2)
+            try:
+                while msg is not None and running:
+                    running = coord.handle(msg)
+                    msg = inbox.receive(timeout=0) if running else None
+            except ProtocolError as err:
+                coord.sup.send(Fatal("coordinator", 0, f"protocol error: {err}"))
+                return
+            coord.step()
+    finally:
+        ring.close()
+        inbox.close()

@@ -1,0 +1,188 @@
+"""The message channel: one POSIX message queue per receiver, msgpack-encoded typed messages.
+
+Kernel defaults for non-root users are 10 messages a queue and 8 KiB a message, so: messages are
+small (a few integers), nothing big travels here (prompts go as process arguments), and the
+coordinator never blocks on a full queue (`try_send` + its own outbox).
+
+Wire format: msgpack array [PROTOCOL_VERSION, kind, field0, field1, ...] in dataclass field order.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import msgpack
+import posix_ipc
+
+PROTOCOL_VERSION = 1
+QUEUE_MESSAGES = 10
+MESSAGE_BYTES = 8192
+
+_KINDS: dict[int, type] = {}
+
+
+def message(kind: int):
+    def register(cls):
+        cls = dataclass(frozen=True)(cls)
+        assert kind not in _KINDS
+        cls.KIND = kind
+        _KINDS[kind] = cls
+        return cls
+    return register
+
+
+# --- children -> supervisor ------------------------------------------------------------------
+@message(1)
+class Ready:
+    role: str
+    index: int
+    info: dict = field(default_factory=dict)
+
+
+@message(2)
+class Fatal:
+    role: str
+    index: int
+    text: str
+
+
+@message(3)
+class Tokens:
+    tokens: list             # one new token per batch row
+
+
+@message(4)
+class Finished:
+    stats: dict
+
+
+@message(5)
+class Stats:
+    role: str
+    stats: dict
+
+
+# --- supervisor -> children ------------------------------------------------------------------
+@message(10)
+class Shutdown:
+    pass
+
+
+@message(11)
+class LoaderRestarted:
+    index: int
+
+
+@message(12)
+class StatsRequest:
+    pass
+
+
+# --- coordinator <-> loaders -----------------------------------------------------------------
+@message(20)
+class ReadJob:
+    job: int
+    slot: int
+    generation: int
+    path: str
+    file_offset: int
+    length: int
+    slot_offset: int
+    needed: int
+
+
+@message(21)
+class ChunkDone:
+    job: int
+    loader: int
+    nbytes: int
+    seconds: float
+    direct: bool
+
+
+# --- coordinator <-> GPU process -------------------------------------------------------------
+@message(30)
+class Want:
+    step: int                 # pass * num_layers + layer the GPU process will copy next
+    compute_step: int         # where compute is now
+
+
+@message(31)
+class SlotReady:
+    step: int
+    layer: int
+    slot: int
+    generation: int
+
+
+@message(32)
+class Release:
+    step: int
+    slot: int
+    generation: int
+    compute_step: int
+
+
+def encode(msg) -> bytes:
+    payload = [PROTOCOL_VERSION, msg.KIND, *(getattr(msg, f.name) for f in dataclasses.fields(msg))]
+    data = msgpack.packb(payload, use_bin_type=True)
+    if len(data) > MESSAGE_BYTES:
+        raise ValueError(f"{type(msg).__name__} message of {len(data)} bytes exceeds {MESSAGE_BYTES}")
+    return data
+
+
+def decode(data: bytes):
+    version, kind, *fields = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    if version != PROTOCOL_VERSION:
+        raise ValueError(f"message protocol {version}, expected {PROTOCOL_VERSION}")
+    return _KINDS[kind](*fields)
+
+
+class Channel:
+    """One queue end. The owner (supervisor) creates and unlinks; everyone else opens by name."""
+
+    def __init__(self, name: str, create: bool = False):
+        self.name = name
+        flags = posix_ipc.O_CREX if create else 0
+        self.queue = posix_ipc.MessageQueue(name, flags, mode=0o600, max_messages=QUEUE_MESSAGES,
+                                            max_message_size=MESSAGE_BYTES)
+
+    def send(self, msg, timeout: float | None = 5.0) -> None:
+        """Blocking send with a deadline: raises posix_ipc.BusyError if the receiver is stuck."""
+        self.queue.send(encode(msg), timeout=timeout)
+
+    def try_send(self, msg) -> bool:
+        try:
+            self.queue.send(encode(msg), timeout=0)
+            return True
+        except posix_ipc.BusyError:
+            return False
+
+    def receive(self, timeout: float):
+        """The next message, or None after `timeout` seconds."""
+        try:
+            data, _ = self.queue.receive(timeout=timeout)
+        except posix_ipc.BusyError:
+            return None
+        return decode(data)
+
+    def close(self) -> None:
+        try:
+            self.queue.close()
+        except posix_ipc.ExistentialError:
+            pass
+
+
+class Outbox:
+    """Messages waiting for room in a queue; flushed without ever blocking."""
+
+    def __init__(self, channel: Channel):
+        self.channel, self.pending = channel, []
+
+    def put(self, msg) -> None:
+        self.pending.append(msg)
+        self.flush()
+
+    def flush(self) -> None:
+        while self.pending and self.channel.try_send(self.pending[0]):
+            self.pending.pop(0)

@@ -1,0 +1,110 @@
+"""Names, ownership and sweeping of a run's shared resources (one shm segment, a few queues).
+
+Every name carries the run id `<supervisor pid>-<random hex>`, so two runs never collide. The
+supervisor writes a manifest `/dev/shm/ringllm-<run id>.manifest` (JSON: pid, segment, queues)
+before creating anything; the manifest is removed last. `/dev/mqueue` is usually not mounted, so
+the manifest is the only way a later run can find the queues a killed run left behind: `sweep()`
+unlinks everything listed in the manifests of runs whose supervisor is gone.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import posix_ipc
+
+SHM_DIR = Path("/dev/shm")
+PREFIX = "ringllm-"
+
+
+def new_run_id() -> str:
+    return f"{os.getpid()}-{secrets.token_hex(4)}"
+
+
+@dataclass
+class RunNames:
+    run_id: str
+    num_loaders: int
+    segment: str = field(init=False)
+    sup_queue: str = field(init=False)
+    coord_queue: str = field(init=False)
+    gpu_queue: str = field(init=False)
+    loader_queues: list[str] = field(init=False)
+
+    def __post_init__(self):
+        base = f"/{PREFIX}{self.run_id}"
+        self.segment = base + "-ring"
+        self.sup_queue = base + "-sup"
+        self.coord_queue = base + "-coord"
+        self.gpu_queue = base + "-gpu"
+        self.loader_queues = [f"{base}-load{i}" for i in range(self.num_loaders)]
+
+    @property
+    def queues(self) -> list[str]:
+        return [self.sup_queue, self.coord_queue, self.gpu_queue, *self.loader_queues]
+
+    @property
+    def segments(self) -> list[str]:
+        return [self.segment]
+
+    @property
+    def manifest_path(self) -> Path:
+        return SHM_DIR / f"{PREFIX}{self.run_id}.manifest"
+
+    def write_manifest(self) -> None:
+        tmp = self.manifest_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"pid": os.getpid(), "segments": self.segments, "queues": self.queues}))
+        tmp.rename(self.manifest_path)
+
+
+def unlink_all(segments: list[str], queues: list[str]) -> list[str]:
+    """Unlink what exists; return the names actually removed."""
+    removed = []
+    for name in segments:
+        try:
+            posix_ipc.unlink_shared_memory(name)
+            removed.append(name)
+        except posix_ipc.ExistentialError:
+            pass
+    for name in queues:
+        try:
+            posix_ipc.unlink_message_queue(name)
+            removed.append(name)
+        except posix_ipc.ExistentialError:
+            pass
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep(include_live: bool = False) -> list[str]:
+    """Remove the resources of runs whose supervisor is dead (or of every run, with include_live)."""
+    removed = []
+    for manifest in sorted(SHM_DIR.glob(f"{PREFIX}*.manifest")):
+        try:
+            info = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            info = None
+        if info is not None and _pid_alive(int(info.get("pid", 0))) and not include_live:
+            continue
+        if info is not None:
+            removed += unlink_all(info.get("segments", []), info.get("queues", []))
+        manifest.unlink(missing_ok=True)
+        removed.append(str(manifest))
+    return removed
+
+
+def leftover_names() -> list[str]:
+    """Everything of ours visible in /dev/shm (segments and manifests); for tests and `cleanup`."""
+    return sorted(p.name for p in SHM_DIR.glob(f"{PREFIX}*"))

@@ -1,0 +1,95 @@
+"""Where a layer's bytes go inside a ring slot, and which aligned reads put them there.
+
+A layer's tensors usually sit next to each other in one shard (safetensors orders names, so all
+of `model.layers.7.*` is contiguous), or in two when the layer straddles shards. For each shard
+we read the 4096-aligned superset of the layer's byte range with O_DIRECT straight into the slot,
+and remember the shift, so every tensor is a view at a known offset in the slot:
+
+    file:  ....|<-shift->[ layer 7 tensors ... ]<-pad->|....      (| = 4096 boundary)
+    slot:  [ read 0 (aligned superset, shard A) ][ read 1 (shard B) ]  ... unused tail
+
+A read is split into chunks of at most `chunk_bytes` so that K loaders share one layer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from checkpoint.layout import GROUP_KINDS, ModelLayout
+
+ALIGN = 4096
+DEFAULT_CHUNK_BYTES = 16 << 20
+MERGE_GAP = 1 << 20   # tensors of a layer closer than this in one file are read in one go
+
+
+def align_down(n: int, a: int = ALIGN) -> int:
+    return n // a * a
+
+
+def align_up(n: int, a: int = ALIGN) -> int:
+    return (n + a - 1) // a * a
+
+
+@dataclass(frozen=True)
+class SlotRead:
+    path: str
+    file_offset: int   # aligned
+    length: int        # aligned; may run past the end of the file (the read is then short)
+    slot_offset: int   # aligned
+    needed: int        # bytes of this read that hold tensor data (the read must reach them)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    index: int
+    path: str
+    file_offset: int
+    length: int
+    slot_offset: int
+    needed: int
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    layer: int
+    reads: tuple[SlotRead, ...]
+    tensor_slot_offset: dict          # tensor name -> offset of its first byte in the slot
+    nbytes: int                       # slot bytes used
+
+    def chunks(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[Chunk]:
+        chunk_bytes = max(ALIGN, align_down(chunk_bytes))
+        out = []
+        for r in self.reads:
+            for start in range(0, r.length, chunk_bytes):
+                length = min(chunk_bytes, r.length - start)
+                needed = max(0, min(length, r.needed - start))
+                out.append(Chunk(len(out), r.path, r.file_offset + start, length, r.slot_offset + start, needed))
+        return out
+
+
+def plan_layer(layout: ModelLayout, layer: int) -> LayerPlan:
+    extents = [e.extent for kind in GROUP_KINDS for e in layout.group(layer, kind).entries]
+    by_file: dict[str, list] = {}
+    for ext in extents:
+        by_file.setdefault(ext.path, []).append(ext)
+    reads, offsets, cursor = [], {}, 0
+    for path in sorted(by_file):
+        group = sorted(by_file[path], key=lambda e: e.offset)
+        runs = [[group[0]]]
+        for ext in group[1:]:
+            prev = runs[-1][-1]
+            if ext.offset - (prev.offset + prev.nbytes) <= MERGE_GAP:
+                runs[-1].append(ext)
+            else:
+                runs.append([ext])
+        for run in runs:
+            start = align_down(run[0].offset)
+            end = max(e.offset + e.nbytes for e in run)
+            reads.append(SlotRead(path, start, align_up(end) - start, cursor, end - start))
+            for e in run:
+                offsets[e.name] = cursor + (e.offset - start)
+            cursor += align_up(end) - start
+    return LayerPlan(layer, tuple(reads), offsets, cursor)
+
+
+def plan_model(layout: ModelLayout) -> list[LayerPlan]:
+    return [plan_layer(layout, i) for i in range(layout.config.num_layers)]

@@ -1,0 +1,126 @@
+"""GPU process: the only process that touches CUDA. Maps the ring, registers it with CUDA once,
+loads the resident weights, runs generation with a StreamingSource and reports tokens."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+from shm.channel import Channel, Fatal, Finished, Ready, Tokens
+from shm.ring import Ring, prefault
+from workers.process_setup import child_start
+
+log = logging.getLogger("ringllm.gpu")
+
+
+@dataclass(frozen=True)
+class GpuArgs:
+    parent_pid: int
+    ring_name: str
+    inbox: str
+    coord_queue: str
+    sup_queue: str
+    layout: object          # ModelLayout
+    plans: tuple            # LayerPlan per layer
+    engine: object          # EngineConfig
+    device: str
+    dtype: str              # "bfloat16" | "float16" | "float32"
+    prompts: tuple          # token ids per row
+    max_new_tokens: int
+    sampling: object        # SamplingParams
+    eos_ids: tuple
+    verbose: bool = False
+
+
+def _register(ring_tensor, nbytes: int) -> None:
+    import torch
+
+    err = torch.cuda.cudart().cudaHostRegister(ring_tensor.data_ptr(), nbytes, 0)
+    if int(err) != 0:
+        raise RuntimeError(f"cudaHostRegister of the {nbytes / 2**30:.1f} GiB ring failed (error {int(err)})")
+
+
+def _unregister(ring_tensor) -> None:
+    import torch
+
+    torch.cuda.cudart().cudaHostUnregister(ring_tensor.data_ptr())
+
+
+def gpu_main(args: GpuArgs) -> None:
+    child_start("ringllm-gpu", args.parent_pid, args.verbose)
+    import torch
+
+    from workers.generation import Sampler, generate
+    from workers.model import Llama
+    from workers.resident import load_resident_weights
+    from workers.streaming import InboxReader, StreamingSource
+    from workers.weights import DTYPE_NAMES
+
+    sup, coord, inbox = Channel(args.sup_queue), Channel(args.coord_queue), Channel(args.inbox)
+    ring = Ring.attach(args.ring_name)
+    ring_tensor = torch.frombuffer(ring.map, dtype=torch.uint8)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    registered = False
+    reader = InboxReader(inbox)
+    try:
+        info = {"pid": os.getpid(), "device": str(device)}
+        if cuda:
+            torch.cuda.set_device(device)
+            free, total = torch.cuda.mem_get_info(device)
+            info.update(name=torch.cuda.get_device_name(device), free_bytes=free, total_bytes=total)
+            if args.engine.gpu_mem is not None:
+                torch.cuda.set_per_process_memory_fraction(min(1.0, args.engine.gpu_mem / total), device)
+            t0 = time.perf_counter()
+            prefault(ring)
+            _register(ring_tensor, ring.nbytes)
+            registered = True
+            info["register_seconds"] = time.perf_counter() - t0
+        dtype = DTYPE_NAMES[args.dtype]
+        resident = load_resident_weights(args.layout, dtype, device, embed_on_host=cuda)
+        reader.start()
+        source = StreamingSource(args.layout, list(args.plans), args.engine, ring, ring_tensor, device,
+                                 coord, reader)
+        sup.send(Ready("gpu", 0, info))
+        model = Llama(args.layout.config, resident, source, dtype, device)
+        t_start = time.perf_counter()
+        if args.engine.warmup_layers:
+            source.warm_up(args.engine.warmup_layers)
+        first_token_at = []
+
+        def on_tokens(tokens):
+            if not first_token_at:
+                first_token_at.append(time.perf_counter())
+            sup.send(Tokens(tokens), timeout=args.engine.wait_timeout_s)
+
+        outputs = generate(model, [list(p) for p in args.prompts], args.max_new_tokens,
+                           Sampler(args.sampling, device), args.eos_ids, on_tokens,
+                           args.layout.config.max_position_embeddings)
+        if cuda:
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - t_start
+        s = source.stats
+        stats = {"new_tokens": sum(len(o) for o in outputs), "seconds": elapsed,
+                 "first_token_seconds": (first_token_at[0] - t_start) if first_token_at else None,
+                 "h2d_bytes": s.h2d_bytes, "h2d_copies": s.h2d_copies, "wait_seconds": s.wait_seconds,
+                 "waits": s.waits, "groups_served": s.groups_served,
+                 "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if cuda else None}
+        sup.send(Finished(stats), timeout=args.engine.wait_timeout_s)
+        reader.shutdown.wait(timeout=args.engine.wait_timeout_s)
+    except SystemExit:
+        raise
+    except BaseException as err:  # report, then exit non-zero: the supervisor ends the run
+        log.debug("GPU process failed", exc_info=True)
+        try:
+            sup.send(Fatal("gpu", 0, f"{type(err).__name__}: {err}"), timeout=2)
+        except Exception:
+            pass
+        raise SystemExit(1)
+    finally:
+        reader.stop.set()
+        if registered:
+            torch.cuda.synchronize(device)
+            _unregister(ring_tensor)
+        del ring_tensor
+        ring.close()

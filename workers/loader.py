@@ -1,0 +1,122 @@
+"""Loader process: reads checkpoint byte ranges straight into ring slots.
+
+Each ReadJob names an aligned file range and an aligned slot offset. With O_DIRECT the read goes
+from the SSD into the shared ring with no page-cache copy. A file system that refuses O_DIRECT
+(tmpfs says EINVAL) gets buffered reads instead, reported once per file.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+from shm.channel import Channel, ChunkDone, Fatal, LoaderRestarted, ReadJob, Ready, Shutdown
+from shm.ring import Ring
+from workers.process_setup import child_start, parent_alive
+
+log = logging.getLogger("ringllm.loader")
+
+
+@dataclass(frozen=True)
+class LoaderArgs:
+    index: int
+    parent_pid: int
+    ring_name: str
+    inbox: str
+    coord_queue: str
+    sup_queue: str
+    verbose: bool = False
+    fault_after_chunks: int = -1   # tests: raise EIO on this chunk (-1 = never)
+
+
+class FileCache:
+    """Open file descriptors by path, O_DIRECT where the file system allows it."""
+
+    def __init__(self):
+        self.fds: dict[str, tuple[int, bool]] = {}
+
+    def get(self, path: str) -> tuple[int, bool]:
+        if path not in self.fds:
+            try:
+                self.fds[path] = (os.open(path, os.O_RDONLY | os.O_DIRECT), True)
+            except OSError as err:
+                if err.errno != errno.EINVAL:
+                    raise
+                log.warning("%s: O_DIRECT refused by the file system, using buffered reads", path)
+                self.fds[path] = (os.open(path, os.O_RDONLY), False)
+        return self.fds[path]
+
+    def fall_back(self, path: str) -> tuple[int, bool]:
+        fd, _ = self.fds.pop(path)
+        os.close(fd)
+        log.warning("%s: O_DIRECT read refused, using buffered reads", path)
+        self.fds[path] = (os.open(path, os.O_RDONLY), False)
+        return self.fds[path]
+
+    def close(self):
+        for fd, _ in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def read_chunk(files: FileCache, ring_view: memoryview, base: int, job: ReadJob) -> tuple[int, bool]:
+    """Read one chunk into the ring; return (bytes read, whether O_DIRECT was used)."""
+    fd, direct = files.get(job.path)
+    dst = ring_view[base + job.slot_offset: base + job.slot_offset + job.length]
+    done = 0
+    while done < job.length:
+        try:
+            n = os.preadv(fd, [dst[done:]], job.file_offset + done)
+        except OSError as err:
+            if err.errno == errno.EINVAL and direct:
+                fd, direct = files.fall_back(job.path)
+                continue
+            raise
+        if n == 0:
+            break            # end of file: the aligned tail past it holds no tensor bytes
+        done += n
+        if direct and n % 4096:
+            break            # a short O_DIRECT read only happens at the end of the file
+    if done < job.needed:
+        raise OSError(errno.EIO, f"short read: {done} of {job.needed} bytes at offset {job.file_offset}")
+    return done, direct
+
+
+def loader_main(args: LoaderArgs) -> None:
+    name = f"ringllm-load{args.index}"
+    child_start(name, args.parent_pid, args.verbose)
+    ring = Ring.attach(args.ring_name)
+    inbox, coord, sup = Channel(args.inbox), Channel(args.coord_queue), Channel(args.sup_queue)
+    files = FileCache()
+    view = ring.view()
+    chunks = 0
+    try:
+        sup.send(Ready("loader", args.index, {"pid": os.getpid()}))
+        while parent_alive(args.parent_pid):
+            msg = inbox.receive(timeout=0.5)
+            if msg is None or isinstance(msg, LoaderRestarted):
+                continue
+            if isinstance(msg, Shutdown):
+                break
+            if not isinstance(msg, ReadJob):
+                continue
+            t0 = time.perf_counter()
+            try:
+                if chunks == args.fault_after_chunks:
+                    raise OSError(errno.EIO, "injected read error")
+                nbytes, direct = read_chunk(files, view, ring.slot_base(msg.slot), msg)
+            except OSError as err:
+                sup.send(Fatal("loader", args.index,
+                               f"{msg.path}: read error at offset {msg.file_offset} ({err.strerror or err})"))
+                return
+            chunks += 1
+            coord.send(ChunkDone(msg.job, args.index, nbytes, time.perf_counter() - t0, direct),
+                       timeout=30)
+    finally:
+        files.close()
+        view.release()
+        ring.close()
+        for ch in (inbox, coord, sup):
+            ch.close()
