@@ -31,6 +31,7 @@ class CoordinatorArgs:
     loader_queues: tuple
     num_layers: int
     plans: tuple            # LayerPlan per layer
+    files: tuple            # file table (shm.slot_plan.file_table)
     engine: object          # EngineConfig
     verbose: bool = False
 
@@ -43,6 +44,7 @@ class Coordinator:
                                  e.cpu_ring_mode, e.cpu_hwm, e.cpu_lwm, e.cpu_back_margin)
         self.jobs = JobDispatcher(len(args.loader_queues))
         self.chunks = [plan.chunks(e.chunk_bytes) for plan in args.plans]
+        self.file_index = {path: i for i, path in enumerate(args.files)}
         self.loaders = [Outbox(Channel(q)) for q in args.loader_queues]
         self.gpu = Outbox(Channel(args.gpu_queue))
         self.sup = Channel(args.sup_queue)
@@ -89,7 +91,7 @@ class Coordinator:
             self.jobs.add_load(load.slot, load.generation, self.chunks[load.layer])
         for loader, job in self.jobs.assign():
             c = job.chunk
-            self.loaders[loader].put(ReadJob(job.job, job.slot, job.generation, c.path, c.file_offset,
+            self.loaders[loader].put(ReadJob(job.job, job.slot, job.generation, self.file_index[c.path], c.file_offset,
                                              c.length, c.slot_offset, c.needed))
         for offer in offers:
             self.gpu.put(SlotReady(offer.step, offer.layer, offer.slot, offer.generation))
@@ -134,7 +136,7 @@ def coordinator_main(args: CoordinatorArgs) -> None:
                     running = coord.handle(msg)
                     msg = inbox.receive(timeout=0) if running else None
             except ProtocolError as err:
-                coord.sup.send(Fatal("coordinator", 0, f"protocol error: {err}"))
+                coord.sup.send(Fatal("coordinator", 0, f"protocol error: {err}"[:900]))
                 return
             coord.step()
     finally:

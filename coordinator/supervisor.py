@@ -13,10 +13,12 @@ that dies is restarted (its chunks are read again); one that keeps dying ends th
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
+import pickle
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -31,7 +33,7 @@ from coordinator.process import CoordinatorArgs, coordinator_main
 from shm.channel import Channel, Fatal, Finished, LoaderRestarted, Ready, Shutdown, Stats, StatsRequest, Tokens
 from shm.resources import SHM_DIR, RunNames, new_run_id, sweep, unlink_all
 from shm.ring import Ring, ring_bytes
-from shm.slot_plan import align_up, plan_model
+from shm.slot_plan import align_up, file_table, plan_model
 from workers.gpu_process import GpuArgs, gpu_main
 from workers.loader import LoaderArgs, loader_main
 
@@ -84,11 +86,11 @@ class Supervisor:
         self.fault_after_chunks = fault_after_chunks or {}   # tests: loader index -> chunk that fails
         self.layout, self.engine, self.device, self.dtype, self.verbose = layout, engine, device, dtype, verbose
         self.plans, self.slot_size, self.ring_total = plan_ring(layout, engine)
-        self.ctx = multiprocessing.get_context("spawn")
+        self.files = file_table(self.plans)
         self.names: RunNames | None = None
-        self.channels: list[Channel] = []
+        self.channels: dict[str, Channel] = {}
         self.ring: Ring | None = None
-        self.procs: dict[str, multiprocessing.Process] = {}
+        self.procs: dict[str, subprocess.Popen] = {}
         self.restarts: deque[float] = deque()
         self.result = RunResult()
 
@@ -131,26 +133,34 @@ class Supervisor:
         self.names = RunNames(new_run_id(), self.engine.loaders)
         self.names.write_manifest()   # before anything exists, so a kill at any point is sweepable
         self.ring = Ring.create(self.names.segment, self.engine.ring_slots, self.slot_size)
-        self.inbox = Channel(self.names.sup_queue, create=True)
-        self.channels = [self.inbox] + [Channel(q, create=True) for q in self.names.queues[1:]]
+        try:
+            for q in self.names.queues:
+                self.channels[q] = Channel(q, create=True)
+        except OSError as err:
+            raise RingllmError(
+                f"cannot create message queue ({err}); each run needs {len(self.names.queues)} queues and "
+                "all of a user's queues share RLIMIT_MSGQUEUE (ulimit -q): fewer --loaders or fewer "
+                "concurrent runs") from None
+        self.inbox = self.channels[self.names.sup_queue]
         log.info("ring: %d slots x %.1f MiB = %.2f GiB in %s; %d loader(s)", self.engine.ring_slots,
                  self.slot_size / 2**20, self.ring_total / 2**30, self.names.segment, self.engine.loaders)
 
     def _spawn(self, key: str, target, args) -> None:
-        proc = self.ctx.Process(target=target, args=(args,), name=key, daemon=True)
-        proc.start()
+        proc = subprocess.Popen([sys.executable, "-m", "workers.child"], stdin=subprocess.PIPE)
         self.procs[key] = proc
+        proc.stdin.write(pickle.dumps((target.__module__, target.__name__, args)))
+        proc.stdin.close()
 
     def _loader_args(self, index: int) -> LoaderArgs:
         n = self.names
         return LoaderArgs(index, os.getpid(), n.segment, n.loader_queues[index], n.coord_queue, n.sup_queue,
-                          self.verbose, self.fault_after_chunks.get(index, -1))
+                          tuple(self.files), self.verbose, self.fault_after_chunks.get(index, -1))
 
     def _start_all(self, prompts, max_new_tokens, sampling, eos_ids) -> None:
         n, pid = self.names, os.getpid()
         self._spawn("coordinator", coordinator_main, CoordinatorArgs(
             pid, n.segment, n.coord_queue, n.gpu_queue, n.sup_queue, tuple(n.loader_queues),
-            self.layout.config.num_layers, tuple(self.plans), self.engine, self.verbose))
+            self.layout.config.num_layers, tuple(self.plans), tuple(self.files), self.engine, self.verbose))
         for i in range(self.engine.loaders):
             self._spawn(f"loader{i}", loader_main, self._loader_args(i))
         self._spawn("gpu", gpu_main, GpuArgs(
@@ -185,9 +195,9 @@ class Supervisor:
     def _watch(self) -> None:
         """Notice dead children: restart a loader (within limits), end the run for anything else."""
         for key, proc in list(self.procs.items()):
-            if proc.is_alive():
+            code = proc.poll()
+            if code is None:
                 continue
-            code = proc.exitcode
             if not key.startswith("loader"):
                 raise RingllmError(f"the {key} process exited unexpectedly (exit code {code})")
             now = time.monotonic()
@@ -200,20 +210,14 @@ class Supervisor:
             index = int(key[len("loader"):])
             log.warning("%s died (exit code %s); starting a new one and re-reading its chunks", key, code)
             self.result.loader_restarts += 1
-            self._drain(self.names.loader_queues[index])
+            # Drop read jobs still queued for the dead loader: the coordinator re-issues all it held.
+            while self.channels[self.names.loader_queues[index]].receive(timeout=0) is not None:
+                pass
             self._spawn(key, loader_main, self._loader_args(index))
-            Channel(self.names.coord_queue).send(LoaderRestarted(index), timeout=5)
-
-    @staticmethod
-    def _drain(queue_name: str) -> None:
-        """Drop read jobs queued for a dead loader: the coordinator re-issues all it held."""
-        ch = Channel(queue_name)
-        while ch.receive(timeout=0) is not None:
-            pass
-        ch.close()
+            self.channels[self.names.coord_queue].send(LoaderRestarted(index), timeout=5)
 
     def _coordinator_stats(self) -> dict:
-        Channel(self.names.coord_queue).send(StatsRequest(), timeout=5)
+        self.channels[self.names.coord_queue].send(StatsRequest(), timeout=5)
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             msg = self.inbox.receive(timeout=0.1)
@@ -224,29 +228,33 @@ class Supervisor:
     def _stop(self) -> None:
         if not self.procs:
             return
-        for ch in self.channels[1:]:
-            try:
+        for name, ch in self.channels.items():
+            if name != self.names.sup_queue:
                 ch.try_send(Shutdown())
-            except Exception:
-                pass
-        deadline = time.monotonic() + STOP_DEADLINE_S
+        # one deadline for the polite request, one for SIGTERM, then SIGKILL
+        for signal_next in (lambda p: p.terminate(), lambda p: p.kill()):
+            deadline = time.monotonic() + STOP_DEADLINE_S
+            for proc in self.procs.values():
+                try:
+                    proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+            alive = [p for p in self.procs.values() if p.poll() is None]
+            if not alive:
+                break
+            for proc in alive:
+                signal_next(proc)
         for proc in self.procs.values():
-            proc.join(timeout=max(0.0, deadline - time.monotonic()))
-        for proc in self.procs.values():
-            if proc.is_alive():
-                proc.terminate()
-        deadline = time.monotonic() + STOP_DEADLINE_S
-        for proc in self.procs.values():
-            proc.join(timeout=max(0.0, deadline - time.monotonic()))
-            if proc.is_alive():
-                proc.kill()
-                proc.join(timeout=1)
+            try:
+                proc.wait(timeout=STOP_DEADLINE_S)
+            except subprocess.TimeoutExpired:
+                log.error("process %d did not exit after SIGKILL", proc.pid)
         self.procs.clear()
 
     def _unlink(self) -> None:
         if self.names is None:
             return
-        for ch in self.channels:
+        for ch in self.channels.values():
             ch.close()
         if self.ring is not None:
             self.ring.close()

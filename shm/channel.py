@@ -1,8 +1,10 @@
 """The message channel: one POSIX message queue per receiver, msgpack-encoded typed messages.
 
-Kernel defaults for non-root users are 10 messages a queue and 8 KiB a message, so: messages are
-small (a few integers), nothing big travels here (prompts go as process arguments), and the
-coordinator never blocks on a full queue (`try_send` + its own outbox).
+Kernel defaults for non-root users are 10 messages a queue and 8 KiB a message, and all queues of
+a user share RLIMIT_MSGQUEUE (800 KiB by default: only nine queues of 10 x 8 KiB). So our queues
+hold 10 messages of at most 1 KiB, messages are a few integers (files travel as an index into a
+table each process got at start; prompts go as process arguments), and the coordinator never
+blocks on a full queue (`try_send` + its own outbox).
 
 Wire format: msgpack array [PROTOCOL_VERSION, kind, field0, field1, ...] in dataclass field order.
 """
@@ -16,7 +18,7 @@ import posix_ipc
 
 PROTOCOL_VERSION = 1
 QUEUE_MESSAGES = 10
-MESSAGE_BYTES = 8192
+MESSAGE_BYTES = 1024
 
 _KINDS: dict[int, type] = {}
 
@@ -84,7 +86,7 @@ class ReadJob:
     job: int
     slot: int
     generation: int
-    path: str
+    file: int                 # index into the file table the loader got at start
     file_offset: int
     length: int
     slot_offset: int

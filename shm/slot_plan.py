@@ -93,3 +93,8 @@ def plan_layer(layout: ModelLayout, layer: int) -> LayerPlan:
 
 def plan_model(layout: ModelLayout) -> list[LayerPlan]:
     return [plan_layer(layout, i) for i in range(layout.config.num_layers)]
+
+
+def file_table(plans: list[LayerPlan]) -> list[str]:
+    """Every shard a read touches, in a fixed order: read jobs name files by index into it."""
+    return sorted({r.path for p in plans for r in p.reads})

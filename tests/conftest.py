@@ -77,3 +77,19 @@ def demo_model_dir():
     from tools.demo_model import ensure_demo_model
 
     return ensure_demo_model(default_cache_dir())
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_resources():
+    """After every test: no segment or manifest of ours in /dev/shm, no child process left."""
+    import psutil
+
+    from shm.resources import leftover_names
+
+    before = set(leftover_names())
+    yield
+    left = set(leftover_names()) - before
+    assert not left, f"left in /dev/shm: {sorted(left)}"
+    kids = [p for p in psutil.Process().children(recursive=True)
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not kids, f"child processes left: {[(p.pid, p.name()) for p in kids]}"

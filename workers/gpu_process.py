@@ -113,7 +113,7 @@ def gpu_main(args: GpuArgs) -> None:
     except BaseException as err:  # report, then exit non-zero: the supervisor ends the run
         log.debug("GPU process failed", exc_info=True)
         try:
-            sup.send(Fatal("gpu", 0, f"{type(err).__name__}: {err}"), timeout=2)
+            sup.send(Fatal("gpu", 0, f"{type(err).__name__}: {err}"[:900]), timeout=2)
         except Exception:
             pass
         raise SystemExit(1)

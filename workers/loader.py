@@ -27,6 +27,7 @@ class LoaderArgs:
     inbox: str
     coord_queue: str
     sup_queue: str
+    files: tuple              # the file table: ReadJob.file indexes it
     verbose: bool = False
     fault_after_chunks: int = -1   # tests: raise EIO on this chunk (-1 = never)
 
@@ -61,9 +62,9 @@ class FileCache:
         self.fds.clear()
 
 
-def read_chunk(files: FileCache, ring_view: memoryview, base: int, job: ReadJob) -> tuple[int, bool]:
-    """Read one chunk into the ring; return (bytes read, whether O_DIRECT was used)."""
-    fd, direct = files.get(job.path)
+def read_chunk(files: FileCache, path: str, ring_view: memoryview, base: int, job: ReadJob) -> tuple[int, bool]:
+    """Read one chunk of `path` into the ring; return (bytes read, whether O_DIRECT was used)."""
+    fd, direct = files.get(path)
     dst = ring_view[base + job.slot_offset: base + job.slot_offset + job.length]
     done = 0
     while done < job.length:
@@ -71,7 +72,7 @@ def read_chunk(files: FileCache, ring_view: memoryview, base: int, job: ReadJob)
             n = os.preadv(fd, [dst[done:]], job.file_offset + done)
         except OSError as err:
             if err.errno == errno.EINVAL and direct:
-                fd, direct = files.fall_back(job.path)
+                fd, direct = files.fall_back(path)
                 continue
             raise
         if n == 0:
@@ -103,13 +104,14 @@ def loader_main(args: LoaderArgs) -> None:
             if not isinstance(msg, ReadJob):
                 continue
             t0 = time.perf_counter()
+            path = args.files[msg.file]
             try:
                 if chunks == args.fault_after_chunks:
                     raise OSError(errno.EIO, "injected read error")
-                nbytes, direct = read_chunk(files, view, ring.slot_base(msg.slot), msg)
+                nbytes, direct = read_chunk(files, path, view, ring.slot_base(msg.slot), msg)
             except OSError as err:
                 sup.send(Fatal("loader", args.index,
-                               f"{msg.path}: read error at offset {msg.file_offset} ({err.strerror or err})"))
+                               f"{path}: read error at offset {msg.file_offset} ({err.strerror or err})"[-900:]))
                 return
             chunks += 1
             coord.send(ChunkDone(msg.job, args.index, nbytes, time.perf_counter() - t0, direct),

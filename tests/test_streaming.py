@@ -1,0 +1,134 @@
+"""The streaming pipeline (supervisor + coordinator + loaders + GPU process on device cpu) gives
+exactly the tokens of the in-process reference and of transformers, with a ring that wraps."""
+from __future__ import annotations
+
+import posix_ipc
+import psutil
+import pytest
+import torch
+
+from checkpoint.layout import load_layout
+from coordinator.config import build_config
+from coordinator.supervisor import Supervisor
+from tests.conftest import LLAMA3_ROPE, make_hf_checkpoint
+from workers.generation import Sampler, SamplingParams, generate
+from workers.model import Llama
+from workers.resident import ResidentSource, load_resident_weights
+
+CPU = torch.device("cpu")
+
+
+def resident_tokens(model_dir, prompts, max_new, dtype=torch.float32, eos=()):
+    layout = load_layout(model_dir)
+    model = Llama(layout.config, load_resident_weights(layout, dtype, CPU),
+                  ResidentSource(layout, dtype, CPU), dtype, CPU)
+    return generate(model, prompts, max_new, Sampler(SamplingParams(), CPU), eos)
+
+
+def hf_greedy(hf, prompt, max_new):
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(max_new):
+            seq.append(int(hf(torch.tensor([seq])).logits[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+def stream_tokens(model_dir, prompts, max_new, dtype="float32", eos=(), sampling=SamplingParams(),
+                  on_tokens=None, **engine):
+    layout = load_layout(model_dir)
+    cfg = build_config(**engine)
+    sup = Supervisor(layout, cfg, "cpu", dtype)
+    result = sup.run(prompts, max_new, sampling, eos, on_tokens or (lambda t: None))
+    assert_run_cleaned(sup)
+    return result
+
+
+def assert_run_cleaned(sup: Supervisor):
+    """Every resource this run created is gone, and so are its processes."""
+    for name in sup.names.queues:
+        with pytest.raises(posix_ipc.ExistentialError):
+            posix_ipc.MessageQueue(name)
+    for name in sup.names.segments:
+        with pytest.raises(posix_ipc.ExistentialError):
+            posix_ipc.SharedMemory(name)
+    assert not sup.names.manifest_path.exists()
+    assert [c for c in psutil.Process().children(recursive=True) if c.is_running()
+            and c.status() != psutil.STATUS_ZOMBIE] == []
+
+
+@pytest.mark.parametrize("loaders", [1, 4])
+def test_tiny_model_streams_like_reference_and_transformers(tmp_path, loaders):
+    d = tmp_path / "m"
+    hf = make_hf_checkpoint(d, num_hidden_layers=7, rope_scaling=LLAMA3_ROPE, max_shard_size="60KB")
+    gen = torch.Generator().manual_seed(loaders)
+    prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (11, 4)]
+    # ring of 3 slots for 7 layers: it must wrap and evict on every pass
+    result = stream_tokens(d, prompts, 10, loaders=loaders, cpu_cap=3, gpu_ahead_layers=2,
+                           cpu_ring_offset=1, chunk_bytes=4096)
+    assert result.outputs == resident_tokens(d, prompts, 10)
+    assert result.outputs == [hf_greedy(hf, p, 10) for p in prompts]
+    c = result.coordinator
+    assert c["ring_evictions"] > 0 and c["ring_loads"] > 7      # layers were read more than once
+    assert c["disk_bytes"] >= c["ring_loads"] * 4096
+    assert result.gpu["h2d_bytes"] > 0
+
+
+def test_processes_are_separate_and_named(tmp_path):
+    d = tmp_path / "m"
+    make_hf_checkpoint(d, num_hidden_layers=3)
+    seen = []
+
+    def look(tokens):
+        if not seen:
+            seen.extend(sorted(p.name() for p in psutil.Process().children(recursive=True)
+                               if p.name().startswith("ringllm")))
+
+    stream_tokens(d, [[5, 6, 7]], 3, loaders=3, on_tokens=look, cpu_cap=4)
+    assert seen == ["ringllm-coord", "ringllm-gpu", "ringllm-load0", "ringllm-load1", "ringllm-load2"]
+
+
+def test_smollm2_streamed_matches_reference_and_transformers(demo_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from checkpoint.text import TextCodec
+
+    layout = load_layout(demo_model_dir)
+    codec = TextCodec(demo_model_dir, layout.config)
+    prompt = codec.encode("Write a short poem about the sea.", chat=True)
+    # 30 layers through a 12-slot ring, two loaders
+    result = stream_tokens(demo_model_dir, [prompt], 32, loaders=2, cpu_cap=12)
+    assert result.outputs[0] == resident_tokens(demo_model_dir, [prompt], 32)[0]
+    hf = AutoModelForCausalLM.from_pretrained(demo_model_dir, dtype=torch.float32).eval()
+    ids, ref = torch.tensor([prompt]), []
+    with torch.no_grad():
+        out = hf(ids, use_cache=True)
+        for _ in range(32):
+            tok = out.logits[0, -1].argmax()
+            ref.append(int(tok))
+            out = hf(tok.view(1, 1), past_key_values=out.past_key_values, use_cache=True)
+    assert result.outputs[0] == ref
+
+
+def test_bf16_streamed_equals_bf16_reference(demo_model_dir):
+    """Same precision (the checkpoint's bf16) on both sides: identical tokens, EOS respected."""
+    from checkpoint.text import TextCodec
+
+    layout = load_layout(demo_model_dir)
+    codec = TextCodec(demo_model_dir, layout.config)
+    prompt = codec.encode("What is the capital of France?", chat=True)
+    streamed = stream_tokens(demo_model_dir, [prompt], 24, dtype="bfloat16", eos=codec.eos_ids, loaders=4,
+                             cpu_cap=5, gpu_ahead_layers=3)
+    reference = resident_tokens(demo_model_dir, [prompt], 24, torch.bfloat16, codec.eos_ids)
+    assert streamed.outputs == reference
+    assert "Paris" in codec.decode(streamed.outputs[0])
+
+
+def test_sampling_with_seed_matches_reference(tmp_path):
+    d = tmp_path / "m"
+    make_hf_checkpoint(d, num_hidden_layers=2)
+    params = SamplingParams(temperature=0.9, top_p=0.9, top_k=20, seed=123)
+    layout = load_layout(d)
+    model = Llama(layout.config, load_resident_weights(layout, torch.float32, CPU),
+                  ResidentSource(layout, torch.float32, CPU), torch.float32, CPU)
+    ref = generate(model, [[4, 5, 6]], 12, Sampler(params, CPU), ())
+    assert stream_tokens(d, [[4, 5, 6]], 12, sampling=params, cpu_cap=2, gpu_ahead_layers=1).outputs == ref
