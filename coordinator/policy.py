@@ -17,7 +17,9 @@ target: layers in the back margin (the WSM_CPU_BACK_MARGIN layers just behind co
 otherwise the layer whose next use is farthest goes first. It starts when resident layers exceed
 WSM_CPU_CACHE_HWM_LAYERS, or when a target needs a slot and none is free (with the default
 HWM = cap + 3 the ring's size is the effective high-water mark), and goes down to
-WSM_CPU_CACHE_LWM_LAYERS.
+WSM_CPU_CACHE_LWM_LAYERS. Should the slots still be short, a nearer target takes the slot of the
+farthest target the GPU does not hold yet. Wanted steps are handed out strictly in step order, so
+slots are always held by the steps compute needs first (no deadlock: see the randomized test).
 """
 from __future__ import annotations
 
@@ -146,6 +148,9 @@ class RingPolicy:
         info.state, info.layer = FREE, -1
         self.stats.evictions += 1
 
+    def _free_slot(self) -> int | None:
+        return next((s for s, info in enumerate(self.slots) if info.state == FREE), None)
+
     def _resident(self) -> int:
         return sum(1 for info in self.slots if info.state != FREE)
 
@@ -163,15 +168,21 @@ class RingPolicy:
         loads: list[Load] = []
         if self._resident() > self.hwm:
             self._evict_down_to_lwm(target_set, at_least_one=False)
-        for layer in targets:
+        for k, layer in enumerate(targets):
             if layer in self.layer_slot:
                 continue
-            free = next((s for s, info in enumerate(self.slots) if info.state == FREE), None)
+            free = self._free_slot()
             if free is None:
                 self._evict_down_to_lwm(target_set, at_least_one=True)
-                free = next((s for s, info in enumerate(self.slots) if info.state == FREE), None)
+                free = self._free_slot()
+            if free is None:
+                # Take the slot of a farther target that the GPU does not hold yet: the nearer
+                # layer is needed first (the farther one is read again later).
+                farther = [self.layer_slot[l] for l in reversed(targets[k + 1:]) if l in self.layer_slot]
+                free = next((s for s in farther if self.slots[s].state == READY and self.slots[s].held == 0), None)
                 if free is None:
-                    break   # every slot is a nearer target or held: wait for a release
+                    break   # every slot is held or loading a nearer layer: wait for a release
+                self._evict(free)
             info = self.slots[free]
             info.state, info.layer, info.generation = LOADING, layer, info.generation + 1
             self.layer_slot[layer] = free
@@ -181,7 +192,7 @@ class RingPolicy:
         for step in sorted(self.wants):
             slot = self.layer_slot.get(step % self.n)
             if slot is None or self.slots[slot].state != READY:
-                continue
+                break   # in step order only: a later step must never hold a slot an earlier one needs
             info = self.slots[slot]
             info.held += 1
             if self.wants.pop(step):
