@@ -82,8 +82,11 @@ class Terminated(BaseException):
 
 class Supervisor:
     def __init__(self, layout: ModelLayout, engine: EngineConfig, device: str, dtype: str,
-                 verbose: bool = False, fault_after_chunks: dict | None = None):
-        self.fault_after_chunks = fault_after_chunks or {}   # tests: loader index -> chunk that fails
+                 verbose: bool = False, fault_after_chunks: dict | None = None,
+                 chaos: tuple[int, float] = (0, 0.0)):
+        # tests only: loader index -> chunk number that fails; (seed, max delay) of random delays
+        self.fault_after_chunks = fault_after_chunks or {}
+        self.chaos = chaos
         self.layout, self.engine, self.device, self.dtype, self.verbose = layout, engine, device, dtype, verbose
         self.plans, self.slot_size, self.ring_total = plan_ring(layout, engine)
         self.files = file_table(self.plans)
@@ -154,7 +157,7 @@ class Supervisor:
     def _loader_args(self, index: int) -> LoaderArgs:
         n = self.names
         return LoaderArgs(index, os.getpid(), n.segment, n.loader_queues[index], n.coord_queue, n.sup_queue,
-                          tuple(self.files), self.verbose, self.fault_after_chunks.get(index, -1))
+                          tuple(self.files), self.verbose, self.fault_after_chunks.get(index, -1), *self.chaos)
 
     def _start_all(self, prompts, max_new_tokens, sampling, eos_ids) -> None:
         n, pid = self.names, os.getpid()
@@ -166,7 +169,7 @@ class Supervisor:
         self._spawn("gpu", gpu_main, GpuArgs(
             pid, n.segment, n.gpu_queue, n.coord_queue, n.sup_queue, self.layout, tuple(self.plans),
             self.engine, self.device, self.dtype, tuple(tuple(p) for p in prompts), max_new_tokens,
-            sampling, tuple(eos_ids), self.verbose))
+            sampling, tuple(eos_ids), self.verbose, *self.chaos))
 
     def _serve(self, on_tokens) -> None:
         ready: set[str] = set()

@@ -132,3 +132,35 @@ def test_sampling_with_seed_matches_reference(tmp_path):
                   ResidentSource(layout, torch.float32, CPU), torch.float32, CPU)
     ref = generate(model, [[4, 5, 6]], 12, Sampler(params, CPU), ())
     assert stream_tokens(d, [[4, 5, 6]], 12, sampling=params, cpu_cap=2, gpu_ahead_layers=1).outputs == ref
+
+
+@pytest.mark.parametrize("run", range(3))
+def test_stress_random_delays(tmp_path, run):
+    """Random delays in every loader and in the GPU process, a 2-slot ring over 5 layers, many
+    small chunks: the protocol still delivers exactly the reference tokens."""
+    import random
+
+    seed = random.randrange(2**31)
+    print(f"chaos seed={seed}")
+    d = tmp_path / "m"
+    make_hf_checkpoint(d, num_hidden_layers=5, seed=run)
+    prompts = [[3, 9, 27, 81 % 128], [5, 25]]
+    layout = load_layout(d)
+    sup = Supervisor(layout, build_config(loaders=3, cpu_cap=2, gpu_ahead_layers=random.Random(seed).randint(1, 2),
+                                          cpu_ring_offset=1, chunk_bytes=4096),
+                     "cpu", "float32", chaos=(seed, 0.004))
+    result = sup.run(prompts, 6, SamplingParams(), (), lambda t: None)
+    assert_run_cleaned(sup)
+    assert result.outputs == resident_tokens(d, prompts, 6), f"chaos seed={seed}"
+
+
+def test_loader_read_error_ends_run_cleanly(tmp_path):
+    from checkpoint.errors import RingllmError
+
+    d = tmp_path / "m"
+    make_hf_checkpoint(d, num_hidden_layers=3)
+    sup = Supervisor(load_layout(d), build_config(loaders=2, cpu_cap=2, gpu_ahead_layers=1), "cpu", "float32",
+                     fault_after_chunks={0: 1, 1: 1})
+    with pytest.raises(RingllmError, match=r"loader\d: .*model.safetensors: read error .*injected"):
+        sup.run([[4, 5]], 4, SamplingParams(), (), lambda t: None)
+    assert_run_cleaned(sup)

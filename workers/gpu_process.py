@@ -31,6 +31,8 @@ class GpuArgs:
     sampling: object        # SamplingParams
     eos_ids: tuple
     verbose: bool = False
+    chaos_seed: int = 0            # tests: random delay before serving each group
+    chaos_delay_s: float = 0.0
 
 
 def _register(ring_tensor, nbytes: int) -> None:
@@ -81,7 +83,7 @@ def gpu_main(args: GpuArgs) -> None:
         resident = load_resident_weights(args.layout, dtype, device, embed_on_host=cuda)
         reader.start()
         source = StreamingSource(args.layout, list(args.plans), args.engine, ring, ring_tensor, device,
-                                 coord, reader)
+                                 coord, reader, chaos=(args.chaos_seed, args.chaos_delay_s))
         sup.send(Ready("gpu", 0, info))
         model = Llama(args.layout.config, resident, source, dtype, device)
         t_start = time.perf_counter()

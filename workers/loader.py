@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import random
 import time
 from dataclasses import dataclass
 
@@ -30,6 +31,8 @@ class LoaderArgs:
     files: tuple              # the file table: ReadJob.file indexes it
     verbose: bool = False
     fault_after_chunks: int = -1   # tests: raise EIO on this chunk (-1 = never)
+    chaos_seed: int = 0            # tests: random delay before each chunk, up to chaos_delay_s
+    chaos_delay_s: float = 0.0
 
 
 class FileCache:
@@ -93,6 +96,7 @@ def loader_main(args: LoaderArgs) -> None:
     files = FileCache()
     view = ring.view()
     chunks = 0
+    chaos = random.Random(args.chaos_seed * 1000 + args.index)
     try:
         sup.send(Ready("loader", args.index, {"pid": os.getpid()}))
         while parent_alive(args.parent_pid):
@@ -103,6 +107,8 @@ def loader_main(args: LoaderArgs) -> None:
                 break
             if not isinstance(msg, ReadJob):
                 continue
+            if args.chaos_delay_s:
+                time.sleep(chaos.uniform(0, args.chaos_delay_s))
             t0 = time.perf_counter()
             path = args.files[msg.file]
             try:

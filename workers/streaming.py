@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -95,7 +96,8 @@ class InboxReader(threading.Thread):
 
 class StreamingSource:
     def __init__(self, layout: ModelLayout, plans: list[LayerPlan], engine, ring: Ring,
-                 ring_tensor: torch.Tensor, device: torch.device, coord: Channel, inbox: InboxReader):
+                 ring_tensor: torch.Tensor, device: torch.device, coord: Channel, inbox: InboxReader,
+                 chaos: tuple[int, float] = (0, 0.0)):
         self.layout, self.plans, self.engine = layout, plans, engine
         self.ring, self.ring_tensor, self.device = ring, ring_tensor, device
         self.coord, self.inbox = coord, inbox
@@ -119,6 +121,7 @@ class StreamingSource:
         self.released: set[int] = set()
         self.stats = StreamStats()
         self.logged_at = 0.0
+        self.chaos_rng, self.chaos_delay = random.Random(chaos[0]), chaos[1]   # tests only
 
     @staticmethod
     def buffer_bytes(layout: ModelLayout, engine) -> int:
@@ -151,6 +154,8 @@ class StreamingSource:
             raise RuntimeError(f"model asked for layer {layer} {GROUP_KINDS[kind_index]}, "
                                f"expected group {g} (layer {step % self.n})")
         self.step = step
+        if self.chaos_delay:
+            time.sleep(self.chaos_rng.uniform(0, self.chaos_delay))
         t0 = time.perf_counter()
         deadline = t0 + self.engine.wait_timeout_s
         waited = False
