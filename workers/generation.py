@@ -80,22 +80,24 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], max_new_tokens: int
     cache = KVCache(model.cfg, batch, total, model.dtype, device)
 
     logits = model.forward(tokens, positions, cache, 0, key_valid)
-    eos = torch.tensor(sorted(set(eos_ids)) or [-1], device=device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    eos = set(eos_ids)
+    pad_token = min(eos) if eos else 0
+    finished = [False] * batch
     out: list[list[int]] = [[] for _ in prompts]
     last_pos = positions[:, -1]
     for step in range(max_new_tokens):
-        nxt = sampler(logits)
-        nxt = torch.where(finished, eos[0].expand_as(nxt), nxt) if step else nxt
-        step_tokens = nxt.tolist()
+        step_tokens = sampler(logits).tolist()       # one host sync per token, not per layer
         for row, tok in enumerate(step_tokens):
-            if not finished[row]:
+            if finished[row]:
+                step_tokens[row] = pad_token         # finished rows keep feeding EOS
+            else:
                 out[row].append(tok)
+                finished[row] = tok in eos
         if on_tokens is not None:
             on_tokens(step_tokens)
-        finished |= torch.isin(nxt, eos)
-        if bool(finished.all()) or step == max_new_tokens - 1:
+        if all(finished) or step == max_new_tokens - 1:
             break
         last_pos = last_pos + 1
+        nxt = torch.tensor(step_tokens, device=device)
         logits = model.forward(nxt[:, None], last_pos[:, None], cache, longest + step, key_valid)
     return out

@@ -33,6 +33,7 @@ class GpuArgs:
     verbose: bool = False
     chaos_seed: int = 0            # tests: random delay before serving each group
     chaos_delay_s: float = 0.0
+    profile_trace: str | None = None   # write a Chrome trace (torch.profiler) of the generation here
 
 
 def _register(ring_tensor, nbytes: int) -> None:
@@ -71,6 +72,7 @@ def gpu_main(args: GpuArgs) -> None:
         if cuda:
             torch.cuda.set_device(device)
             free, total = torch.cuda.mem_get_info(device)
+            torch.cuda.reset_peak_memory_stats(device)
             info.update(name=torch.cuda.get_device_name(device), free_bytes=free, total_bytes=total)
             if args.engine.gpu_mem is not None:
                 torch.cuda.set_per_process_memory_fraction(min(1.0, args.engine.gpu_mem / total), device)
@@ -79,6 +81,8 @@ def gpu_main(args: GpuArgs) -> None:
             _register(ring_tensor, ring.nbytes)
             registered = True
             info["register_seconds"] = time.perf_counter() - t0
+            # torch must see the ring as page-locked, or non_blocking copies from it go synchronous
+            info["ring_pinned"] = bool(ring_tensor[:1].is_pinned())
         dtype = DTYPE_NAMES[args.dtype]
         resident = load_resident_weights(args.layout, dtype, device, embed_on_host=cuda)
         reader.start()
@@ -96,9 +100,20 @@ def gpu_main(args: GpuArgs) -> None:
                 first_token_at.append(time.perf_counter())
             sup.send(Tokens(tokens), timeout=args.engine.wait_timeout_s)
 
+        profiler = None
+        if args.profile_trace:
+            from torch.profiler import ProfilerActivity, profile
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+            profiler = profile(activities=activities)
+            profiler.__enter__()
         outputs = generate(model, [list(p) for p in args.prompts], args.max_new_tokens,
                            Sampler(args.sampling, device), args.eos_ids, on_tokens,
                            args.layout.config.max_position_embeddings)
+        if profiler is not None:
+            if cuda:
+                torch.cuda.synchronize(device)
+            profiler.__exit__(None, None, None)
+            profiler.export_chrome_trace(args.profile_trace)
         if cuda:
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - t_start
