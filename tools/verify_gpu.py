@@ -27,6 +27,7 @@ def make_checkpoint(path: Path, dtype, seed: int, **fields):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     rope = fields.pop("rope_scaling", None)
+    shard = fields.pop("_shard", "2GB")
     config = LlamaConfig(**fields)
     if rope:
         if getattr(config, "rope_parameters", None) is not None:
@@ -41,7 +42,7 @@ def make_checkpoint(path: Path, dtype, seed: int, **fields):
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
     model = model.to(dtype)
-    model.save_pretrained(path, safe_serialization=True, max_shard_size=fields.get("_shard", "2GB"))
+    model.save_pretrained(path, safe_serialization=True, max_shard_size=shard)
     return model
 
 
@@ -114,10 +115,28 @@ def overlap_from_trace(path: str) -> dict:
         while i < len(merged) and merged[i][0] < e:
             overlapped += max(0.0, min(e, merged[i][1]) - max(s, merged[i][0]))
             i += 1
+    # and the other direction: how much compute time had a copy running beside it
+    copies_sorted = sorted(copies)
+    cmerged = []
+    for s, e, _ in copies_sorted:
+        if cmerged and s <= cmerged[-1][1]:
+            cmerged[-1][1] = max(cmerged[-1][1], e)
+        else:
+            cmerged.append([s, e])
+    cstarts = [m[0] for m in cmerged]
+    kernel_total = kernel_overlapped = 0.0
+    for s, e, _ in kernels:
+        kernel_total += e - s
+        i = max(0, bisect.bisect_right(cstarts, s) - 1)
+        while i < len(cmerged) and cmerged[i][0] < e:
+            kernel_overlapped += max(0.0, min(e, cmerged[i][1]) - max(s, cmerged[i][0]))
+            i += 1
     copy_streams = sorted({str(c[2]) for c in copies})
     kernel_streams = sorted({str(k[2]) for k in kernels})
     return {"h2d_copies": len(copies), "h2d_ms": total / 1e3, "overlapped_ms": overlapped / 1e3,
             "overlap_fraction": overlapped / total if total else 0.0, "kernels": len(kernels),
+            "kernel_ms": kernel_total / 1e3, "kernel_overlapped_ms": kernel_overlapped / 1e3,
+            "kernel_overlap_fraction": kernel_overlapped / kernel_total if kernel_total else 0.0,
             "copy_streams": copy_streams, "kernel_streams": kernel_streams}
 
 
@@ -181,8 +200,10 @@ def main() -> int:
     lines += [f"| {c} | {'yes' if ok else 'NO'} | {pinned} |" for c, ok, pinned in rows]
     lines += ["", f"Overlap (medium bf16, K=4, profiler trace of the GPU process): {ov['h2d_copies']} host-to-device "
               f"copies, {ov['h2d_ms']:.1f} ms of copy time, {ov['overlapped_ms']:.1f} ms of it "
-              f"({100 * ov['overlap_fraction']:.1f}%) while a compute kernel ran; copy streams {ov['copy_streams']}, "
-              f"kernel streams {ov['kernel_streams']}."]
+              f"({100 * ov['overlap_fraction']:.1f}%) while a compute kernel ran; {ov['kernels']} kernels, "
+              f"{ov['kernel_ms']:.1f} ms of compute, {ov['kernel_overlapped_ms']:.1f} ms of it "
+              f"({100 * ov['kernel_overlap_fraction']:.1f}%) with a copy in flight; copy streams "
+              f"{ov['copy_streams']}, kernel streams {ov['kernel_streams']}."]
     text = "\n".join(lines) + "\n"
     (args.out / "verify_gpu.md").write_text(text)
     (args.out / "verify_gpu.json").write_text(json.dumps(report, indent=1))
