@@ -65,6 +65,8 @@ def gpu_main(args: GpuArgs) -> None:
     ring_tensor = torch.frombuffer(ring.map, dtype=torch.uint8)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
+    if cuda and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     registered = False
     reader = InboxReader(inbox)
     try:
