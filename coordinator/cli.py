@@ -193,6 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ringllm: interrupted", file=sys.stderr)
         return 130
+    except BaseException as err:
+        from coordinator.supervisor import Terminated
+        if isinstance(err, Terminated):
+            print("ringllm: terminated", file=sys.stderr)
+            return 143
+        raise
     return 2
 
 

@@ -15,7 +15,7 @@ from shm.channel import (Channel, ChunkDone, Fatal, LoaderRestarted, Outbox, Rea
                          Shutdown, SlotReady, Stats, StatsRequest, Want)
 from shm.ring import LOADING, READY, Ring
 from shm.slot_plan import LayerPlan
-from workers.process_setup import child_start, parent_alive
+from workers.process_setup import child_start, parent_alive, stop_requested
 
 log = logging.getLogger("ringllm.coord")
 WINDOW_LOG_INTERVAL_S = 1.0
@@ -129,7 +129,7 @@ def coordinator_main(args: CoordinatorArgs) -> None:
     try:
         coord.sup.send(Ready("coordinator", 0, {"pid": os.getpid()}))
         running = True
-        while running and parent_alive(args.parent_pid):
+        while running and parent_alive(args.parent_pid) and not stop_requested():
             msg = inbox.receive(timeout=0.002 if coord.busy else 0.2)
             try:
                 while msg is not None and running:

@@ -97,6 +97,7 @@ class Supervisor:
         self.procs: dict[str, subprocess.Popen] = {}
         self.restarts: deque[float] = deque()
         self.result = RunResult()
+        self.signalled: int | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------
     def run(self, prompts, max_new_tokens: int, sampling, eos_ids,
@@ -105,8 +106,9 @@ class Supervisor:
         swept = sweep()
         if swept:
             log.info("removed %d resource(s) left by an earlier run that was killed", len(swept))
-        previous = signal.getsignal(signal.SIGTERM)
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
         try:
             self._create()
             self._start_all(prompts, max_new_tokens, sampling, eos_ids)
@@ -127,11 +129,20 @@ class Supervisor:
         finally:
             self._stop()
             self._unlink()
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
-    @staticmethod
-    def _on_sigterm(signum, frame):
-        raise Terminated()
+    def _on_signal(self, signum, frame):
+        # Remember it as well as raising: a signal that lands inside a message-queue wait comes
+        # back from posix_ipc as SignalError, which replaces the exception raised here.
+        self.signalled = signum
+        self._raise_if_signalled()
+
+    def _raise_if_signalled(self):
+        if self.signalled == signal.SIGTERM:
+            raise Terminated()
+        if self.signalled == signal.SIGINT:
+            raise KeyboardInterrupt()
 
     def _create(self) -> None:
         self.names = RunNames(new_run_id(), self.engine.loaders)
@@ -177,6 +188,7 @@ class Supervisor:
         started = time.monotonic()
         while True:
             msg = self.inbox.receive(timeout=0.1)
+            self._raise_if_signalled()
             if isinstance(msg, Ready):
                 ready.add(f"{msg.role}{msg.index if msg.role == 'loader' else ''}")
                 if msg.role == "gpu":

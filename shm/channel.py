@@ -151,7 +151,13 @@ class Channel:
 
     def send(self, msg, timeout: float | None = 5.0) -> None:
         """Blocking send with a deadline: raises posix_ipc.BusyError if the receiver is stuck."""
-        self.queue.send(encode(msg), timeout=timeout)
+        data = encode(msg)
+        while True:
+            try:
+                self.queue.send(data, timeout=timeout)
+                return
+            except posix_ipc.SignalError:
+                continue   # interrupted by a signal whose handler did not raise: try again
 
     def try_send(self, msg) -> bool:
         try:
@@ -164,7 +170,8 @@ class Channel:
         """The next message, or None after `timeout` seconds."""
         try:
             data, _ = self.queue.receive(timeout=timeout)
-        except posix_ipc.BusyError:
+        except (posix_ipc.BusyError, posix_ipc.SignalError):
+            # SignalError: a signal arrived while waiting; Python runs its handler right after this
             return None
         return decode(data)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from shm.channel import Channel, ChunkDone, Fatal, LoaderRestarted, ReadJob, Ready, Shutdown
 from shm.ring import Ring
-from workers.process_setup import child_start, parent_alive
+from workers.process_setup import child_start, parent_alive, stop_requested
 
 log = logging.getLogger("ringllm.loader")
 
@@ -99,7 +99,7 @@ def loader_main(args: LoaderArgs) -> None:
     chaos = random.Random(args.chaos_seed * 1000 + args.index)
     try:
         sup.send(Ready("loader", args.index, {"pid": os.getpid()}))
-        while parent_alive(args.parent_pid):
+        while parent_alive(args.parent_pid) and not stop_requested():
             msg = inbox.receive(timeout=0.5)
             if msg is None or isinstance(msg, LoaderRestarted):
                 continue

@@ -25,13 +25,28 @@ class ParentGone(SystemExit):
     pass
 
 
+_stop_requested = False
+
+
+def _on_sigterm(signum, frame):
+    # Remember it as well as raising: inside a message-queue wait posix_ipc replaces the
+    # exception with SignalError, so loops also poll stop_requested().
+    global _stop_requested
+    _stop_requested = True
+    sys.exit(143)
+
+
+def stop_requested() -> bool:
+    return _stop_requested
+
+
 def child_start(name: str, parent_pid: int, verbose: bool = False) -> None:
     set_process_name(name)
     # SIGINT reaches the whole foreground process group; the supervisor decides what happens.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # SIGTERM (from the supervisor, or from the kernel when the supervisor dies) -> SystemExit,
     # so that `finally` blocks run.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)

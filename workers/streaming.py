@@ -32,6 +32,7 @@ from shm.channel import Channel, Release, Shutdown, SlotReady, Want
 from shm.ring import READY, Ring
 from shm.slot_plan import LayerPlan
 from workers.model import AttnWeights, FfnWeights
+from workers.process_setup import stop_requested
 from workers.weights import group_weights
 
 log = logging.getLogger("ringllm.gpu")
@@ -165,6 +166,8 @@ class StreamingSource:
             if gc is not None:
                 break
             waited = True
+            if stop_requested():
+                raise SystemExit(143)
             if time.perf_counter() > deadline:
                 raise StreamStalled(
                     f"layer {layer} ({GROUP_KINDS[kind_index]}) not in the ring after "
