@@ -30,6 +30,7 @@ PARAMETERS = {
     "max_cached_layers": "max_cached_layers",
     "cpu_cache_layers": "cpu_cap",                # alias of CPU_CAP_VALUE
     "warmup_layers": "warmup_layers",
+    "GPU_RESIDENT_LAYERS": "gpu_resident_layers",  # ringllm's own: -1 = as many as fit
 }
 
 # The guide's presets: (GPU_AHEAD_LAYERS, GPU_MAX_GROUPS, CPU_CAP_VALUE, CPU_RING_OFFSET)
@@ -56,6 +57,7 @@ class EngineConfig:
     prefetch_distance: int = 0
     max_cached_layers: int = 8
     warmup_layers: int = 0
+    gpu_resident_layers: int = -1     # layers kept on the GPU for the whole run; -1 = auto (cuda: what fits)
     loaders: int = 2
     chunk_bytes: int = 16 << 20
     gpu_mem: int | None = None        # bytes the GPU process may allocate; None = no cap
@@ -155,6 +157,7 @@ def validate(cfg: EngineConfig) -> None:
     need(cfg.cpu_back_margin >= 0, f"WSM_CPU_BACK_MARGIN={cfg.cpu_back_margin}: must be >= 0")
     need(cfg.prefetch_distance >= 0, f"prefetch_distance={cfg.prefetch_distance}: must be >= 0")
     need(cfg.warmup_layers >= 0, f"warmup_layers={cfg.warmup_layers}: must be >= 0")
+    need(cfg.gpu_resident_layers >= -1, f"GPU_RESIDENT_LAYERS={cfg.gpu_resident_layers}: must be >= 0, or -1 for auto")
     need(cfg.loaders >= 1, f"--loaders {cfg.loaders}: at least one loader is needed")
     need(cfg.loaders <= 64, f"--loaders {cfg.loaders}: at most 64")
     need(cfg.chunk_bytes >= 4096, f"chunk size {cfg.chunk_bytes}: must be >= 4096")

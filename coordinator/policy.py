@@ -75,6 +75,7 @@ class RingPolicy:
         self.layer_slot: dict[int, int] = {}     # layer -> slot (LOADING or READY)
         self.compute_step = 0
         self.wants: dict[int, bool] = {}          # step -> was it a hit when asked (not yet offered)
+        self.streamed_layers = num_layers         # layers >= this stay on the GPU: never targets
         self.handed: set[int] = set()             # steps offered to the GPU (pruned behind compute)
         self.stats = PolicyStats()
 
@@ -107,6 +108,13 @@ class RingPolicy:
             self.handed = {s for s in self.handed if s >= compute_step}
 
     # --- decisions -----------------------------------------------------------------------------
+    def set_resident(self, first: int) -> None:
+        """Layers first..N-1 live on the GPU; free their slots and never load them again."""
+        self.streamed_layers = first
+        for s, info in enumerate(self.slots):
+            if info.state == READY and info.layer >= first and info.held == 0:
+                self._evict(s)
+
     def window(self) -> list[int]:
         """The user's window at the current compute layer (for logs and monitors)."""
         i = self.compute_step % self.n
@@ -124,7 +132,7 @@ class RingPolicy:
         out, seen = [], set()
         for s in steps:
             layer = s % self.n
-            if s in self.handed or layer in seen:
+            if s in self.handed or layer in seen or layer >= self.streamed_layers:
                 continue
             seen.add(layer)
             out.append(layer)

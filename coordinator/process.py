@@ -11,9 +11,10 @@ import time
 from dataclasses import dataclass
 
 from coordinator.policy import JobDispatcher, ProtocolError, RingPolicy
-from shm.channel import (Channel, ChunkDone, Fatal, LoaderRestarted, Outbox, ReadJob, Ready, Release,
+from shm.channel import (Channel, ChunkDone, Fatal, LoaderRestarted, Mark, Outbox, ReadJob, Ready, Release,
+                         ResidentLayers,
                          Shutdown, SlotReady, Stats, StatsRequest, Want)
-from shm.ring import LOADING, READY, Ring
+from shm.ring import Ring
 from shm.slot_plan import LayerPlan
 from workers.process_setup import child_start, parent_alive, stop_requested
 
@@ -53,6 +54,9 @@ class Coordinator:
         self.buffered_reads = 0
         self.logged_layer = None
         self.logged_at = 0.0
+        self.mark: dict | None = None
+        self.started = False          # no loads until the GPU process said which layers stream
+        self.header = [ring.read_slot(s) for s in range(ring.slot_count)]
 
     def handle(self, msg) -> bool:
         """Apply one message; False means shut down."""
@@ -66,28 +70,37 @@ class Coordinator:
             self.buffered_reads += not msg.direct
             finished = self.jobs.done(msg.loader, msg.job)
             if finished is not None:
-                slot, gen = finished
-                self.policy.loaded(slot, gen)
-                self.ring.write_slot(slot, READY, self.policy.slots[slot].layer, gen)
+                self.policy.loaded(*finished)
         elif isinstance(msg, LoaderRestarted):
             n = self.jobs.requeue_loader(msg.index)
             log.warning("loader %d was restarted; %d chunk(s) it held are read again", msg.index, n)
+        elif isinstance(msg, ResidentLayers):
+            self.policy.set_resident(msg.first)
+            self.started = True
+        elif isinstance(msg, Mark):
+            self.mark = self.counters()
         elif isinstance(msg, StatsRequest):
             self.sup.send(Stats("coordinator", self.stats()))
         elif isinstance(msg, Shutdown):
             return False
         return True
 
+    def _sync_header(self) -> None:
+        """Mirror the policy's slot table into the ring header (state, layer, generation)."""
+        for s, info in enumerate(self.policy.slots):
+            record = (info.state, info.layer, info.generation)
+            if self.header[s] != record:
+                self.ring.write_slot(s, *record)
+                self.header[s] = record
+
     def step(self) -> None:
-        evicted_before = {s for s, info in enumerate(self.policy.slots) if info.state == READY}
+        if not self.started:
+            return
         loads, offers = self.policy.schedule()
-        for s in evicted_before:
-            info = self.policy.slots[s]
-            if info.state != READY:           # evicted: mirror it so monitors see a free slot
-                self.ring.write_slot(s, info.state, info.layer, info.generation)
+        # The header first: a reassigned slot's new generation is visible before any loader
+        # writes into it, and READY before the GPU process is told (its copy check relies on both).
+        self._sync_header()
         for load in loads:
-            # Generation first, then any loader write: the GPU's copy check relies on this order.
-            self.ring.write_slot(load.slot, LOADING, load.layer, load.generation)
             self.jobs.add_load(load.slot, load.generation, self.chunks[load.layer])
         for loader, job in self.jobs.assign():
             c = job.chunk
@@ -110,11 +123,18 @@ class Coordinator:
             log.info("[WSM] CPU ring window: advancing to layer %d (%d+%d -> %d..%d, wraps at %d)",
                      layer, layer, self.args.engine.cpu_ring_offset, window[0], window[-1], n)
 
-    def stats(self) -> dict:
+    def counters(self) -> dict:
         s = self.policy.stats
         return {"ring_hits": s.hits, "ring_misses": s.misses, "ring_loads": s.loads,
                 "ring_evictions": s.evictions, "disk_bytes": self.bytes_read,
                 "disk_read_seconds": self.read_seconds, "buffered_chunks": self.buffered_reads}
+
+    def stats(self) -> dict:
+        """Totals, and with a Mark the same counters since it (key 'since_mark')."""
+        now = self.counters()
+        if self.mark is not None:
+            now["since_mark"] = {k: now[k] - self.mark[k] for k in self.mark}
+        return now
 
     @property
     def busy(self) -> bool:

@@ -83,8 +83,9 @@ class Terminated(BaseException):
 class Supervisor:
     def __init__(self, layout: ModelLayout, engine: EngineConfig, device: str, dtype: str,
                  verbose: bool = False, fault_after_chunks: dict | None = None,
-                 chaos: tuple[int, float] = (0, 0.0), profile_trace: str | None = None):
-        self.profile_trace = profile_trace
+                 chaos: tuple[int, float] = (0, 0.0), profile_trace: str | None = None,
+                 warm_passes: int = 0):
+        self.profile_trace, self.warm_passes = profile_trace, warm_passes
         # tests only: loader index -> chunk number that fails; (seed, max delay) of random delays
         self.fault_after_chunks = fault_after_chunks or {}
         self.chaos = chaos
@@ -181,7 +182,8 @@ class Supervisor:
         self._spawn("gpu", gpu_main, GpuArgs(
             pid, n.segment, n.gpu_queue, n.coord_queue, n.sup_queue, self.layout, tuple(self.plans),
             self.engine, self.device, self.dtype, tuple(tuple(p) for p in prompts), max_new_tokens,
-            sampling, tuple(eos_ids), self.verbose, *self.chaos, profile_trace=self.profile_trace))
+            sampling, tuple(eos_ids), self.verbose, *self.chaos, profile_trace=self.profile_trace,
+            warm_passes=self.warm_passes))
 
     def _serve(self, on_tokens) -> None:
         ready: set[str] = set()

@@ -125,6 +125,17 @@ class Release:
     compute_step: int
 
 
+@message(34)
+class ResidentLayers:
+    """Layers first..N-1 stay on the GPU for the whole run: the ring never needs them."""
+    first: int
+
+
+@message(33)
+class Mark:
+    """The timed part of a run starts: the coordinator reports its counters since this point too."""
+
+
 def encode(msg) -> bytes:
     payload = [PROTOCOL_VERSION, msg.KIND, *(getattr(msg, f.name) for f in dataclasses.fields(msg))]
     data = msgpack.packb(payload, use_bin_type=True)

@@ -164,3 +164,22 @@ def test_loader_read_error_ends_run_cleanly(tmp_path):
     with pytest.raises(RingllmError, match=r"loader\d: .*model.safetensors: read error .*injected"):
         sup.run([[4, 5]], 4, SamplingParams(), (), lambda t: None)
     assert_run_cleaned(sup)
+
+
+@pytest.mark.parametrize("resident", [3, 7])
+def test_gpu_resident_layers(tmp_path, resident):
+    """Layers kept on the GPU are never read into the ring; tokens are unchanged."""
+    d = tmp_path / "m"
+    make_hf_checkpoint(d, num_hidden_layers=7, seed=9)
+    prompts = [[7, 8, 9, 10]]
+    result = stream_tokens(d, prompts, 5, loaders=2, cpu_cap=2, gpu_ahead_layers=1, gpu_resident_layers=resident)
+    assert result.outputs == resident_tokens(d, prompts, 5)
+    layout = load_layout(d)
+    layer_bytes = sum(e.extent.nbytes for g in layout.groups[0] for e in g.entries)
+    passes = 5   # prefill + 4 decode steps
+    if resident == 7:
+        assert result.coordinator["ring_loads"] == 0 and result.gpu["h2d_bytes"] == 0
+    else:   # the 4 streamed layers each pass, plus what was prefetched for a pass that never came
+        assert passes * 4 * layer_bytes <= result.gpu["h2d_bytes"] <= (passes * 4 + 2) * layer_bytes
+        assert result.coordinator["ring_loads"] <= passes * 4 + 2
+    assert result.gpu_info["resident_layers"] == resident

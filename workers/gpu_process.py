@@ -7,7 +7,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from shm.channel import Channel, Fatal, Finished, Ready, Tokens
+from shm.channel import Channel, Fatal, Finished, Mark, Ready, ResidentLayers, Tokens
 from shm.ring import Ring, prefault
 from workers.process_setup import child_start
 
@@ -34,6 +34,7 @@ class GpuArgs:
     chaos_seed: int = 0            # tests: random delay before serving each group
     chaos_delay_s: float = 0.0
     profile_trace: str | None = None   # write a Chrome trace (torch.profiler) of the generation here
+    warm_passes: int = 0           # bench: untimed 1-token forward passes first (fills the ring)
 
 
 def _register(ring_tensor, nbytes: int) -> None:
@@ -50,13 +51,30 @@ def _unregister(ring_tensor) -> None:
     torch.cuda.cudart().cudaHostUnregister(ring_tensor.data_ptr())
 
 
+def resident_layer_count(args: GpuArgs, free_bytes: int | None) -> int:
+    """GPU_RESIDENT_LAYERS, or with -1 (auto) as many layers as fit beside the streaming working
+    set: under --gpu-mem when given, else in 90% of the free memory; none on the CPU."""
+    from workers.memory_plan import plan_gpu_memory
+
+    n = args.layout.config.num_layers
+    if args.engine.gpu_resident_layers >= 0:
+        return min(n, args.engine.gpu_resident_layers)
+    if free_bytes is None:
+        return 0
+    budget = args.engine.gpu_mem if args.engine.gpu_mem is not None else int(0.9 * free_bytes)
+    max_seq = max(len(p) for p in args.prompts) + args.max_new_tokens
+    plan = plan_gpu_memory(args.layout, args.engine, len(args.prompts), max_seq, args.dtype, embed_on_host=True)
+    layer_bytes = max(sum(g.nbytes for g in pair) for pair in args.layout.groups)
+    return max(0, min(n, (budget - plan.total) // layer_bytes))
+
+
 def gpu_main(args: GpuArgs) -> None:
     child_start("ringllm-gpu", args.parent_pid, args.verbose)
     import torch
 
     from workers.generation import Sampler, generate
     from workers.model import Llama
-    from workers.resident import load_resident_weights
+    from workers.resident import load_groups, load_resident_weights
     from workers.streaming import InboxReader, StreamingSource
     from workers.weights import DTYPE_NAMES
 
@@ -86,20 +104,35 @@ def gpu_main(args: GpuArgs) -> None:
             # torch must see the ring as page-locked, or non_blocking copies from it go synchronous
             info["ring_pinned"] = bool(ring_tensor[:1].is_pinned())
         dtype = DTYPE_NAMES[args.dtype]
+        n = args.layout.config.num_layers
+        keep = resident_layer_count(args, info.get("free_bytes"))
+        # first thing the coordinator hears: it starts filling the ring only after this
+        coord.send(ResidentLayers(n - keep), timeout=args.engine.wait_timeout_s)
         resident = load_resident_weights(args.layout, dtype, device, embed_on_host=cuda)
+        t0 = time.perf_counter()
+        resident_groups = load_groups(args.layout, range(n - keep, n), dtype, device)
+        info.update(resident_layers=keep, resident_load_seconds=time.perf_counter() - t0)
+        if keep:
+            log.info("layers %d..%d stay on the GPU (%d of %d); the other %d stream", n - keep, n - 1, keep, n, n - keep)
         reader.start()
         source = StreamingSource(args.layout, list(args.plans), args.engine, ring, ring_tensor, device,
-                                 coord, reader, chaos=(args.chaos_seed, args.chaos_delay_s))
+                                 coord, reader, resident=resident_groups, chaos=(args.chaos_seed, args.chaos_delay_s))
         sup.send(Ready("gpu", 0, info))
         model = Llama(args.layout.config, resident, source, dtype, device)
+        for _ in range(args.warm_passes):
+            generate(model, [[0]], 1, Sampler(args.sampling, device), ())
+        if args.warm_passes:
+            if cuda:
+                torch.cuda.synchronize(device)
+            source.reset_stats()
+            coord.send(Mark(), timeout=args.engine.wait_timeout_s)   # timed part starts here
         t_start = time.perf_counter()
         if args.engine.warmup_layers:
             source.warm_up(args.engine.warmup_layers)
-        first_token_at = []
+        token_at = []
 
         def on_tokens(tokens):
-            if not first_token_at:
-                first_token_at.append(time.perf_counter())
+            token_at.append(time.perf_counter())   # after sampling: the pass is complete
             sup.send(Tokens(tokens), timeout=args.engine.wait_timeout_s)
 
         profiler = None
@@ -121,7 +154,10 @@ def gpu_main(args: GpuArgs) -> None:
         elapsed = time.perf_counter() - t_start
         s = source.stats
         stats = {"new_tokens": sum(len(o) for o in outputs), "seconds": elapsed,
-                 "first_token_seconds": (first_token_at[0] - t_start) if first_token_at else None,
+                 "first_token_seconds": (token_at[0] - t_start) if token_at else None,
+                 # decode: from the first token (end of prefill) to the last
+                 "decode_steps": max(0, len(token_at) - 1),
+                 "decode_seconds": (token_at[-1] - token_at[0]) if len(token_at) > 1 else 0.0,
                  "h2d_bytes": s.h2d_bytes, "h2d_copies": s.h2d_copies, "wait_seconds": s.wait_seconds,
                  "waits": s.waits, "groups_served": s.groups_served,
                  "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if cuda else None}

@@ -30,22 +30,28 @@ def load_resident_weights(layout: ModelLayout, dtype: torch.dtype, device: torch
     return ResidentWeights(embed, norm, lm_head)
 
 
+def load_groups(layout: ModelLayout, layers, dtype: torch.dtype, device: torch.device) -> dict:
+    """{layer: {"attn": AttnWeights, "ffn": FfnWeights}} on the device, in the compute dtype."""
+    groups = {}
+    for layer in layers:
+        per_kind = {}
+        for kind in GROUP_KINDS:
+            group = layout.group(layer, kind)
+            buf = torch.empty(group.nbytes, dtype=torch.uint8)
+            for e in group.entries:
+                read_extent_into(buf[e.buf_offset:e.buf_offset + e.extent.nbytes], e.extent)
+            weights = group_weights(buf, group)
+            # Convert once here rather than on every use when compute dtype differs.
+            per_kind[kind] = type(weights)(*(w.to(device=device, dtype=dtype) for w in weights))
+        groups[layer] = per_kind
+    return groups
+
+
 class ResidentSource:
     """WeightSource holding every group on the device."""
 
     def __init__(self, layout: ModelLayout, dtype: torch.dtype, device: torch.device):
-        self.groups: list[dict[str, AttnWeights | FfnWeights]] = []
-        for layer in range(layout.config.num_layers):
-            per_kind = {}
-            for kind in GROUP_KINDS:
-                group = layout.group(layer, kind)
-                buf = torch.empty(group.nbytes, dtype=torch.uint8)
-                for e in group.entries:
-                    read_extent_into(buf[e.buf_offset:e.buf_offset + e.extent.nbytes], e.extent)
-                weights = group_weights(buf, group)
-                # Convert once here rather than on every use when compute dtype differs.
-                per_kind[kind] = type(weights)(*(w.to(device=device, dtype=dtype) for w in weights))
-            self.groups.append(per_kind)
+        self.groups = load_groups(layout, range(layout.config.num_layers), dtype, device)
 
     def attn(self, layer: int) -> AttnWeights:
         return self.groups[layer]["attn"]

@@ -98,11 +98,15 @@ class InboxReader(threading.Thread):
 class StreamingSource:
     def __init__(self, layout: ModelLayout, plans: list[LayerPlan], engine, ring: Ring,
                  ring_tensor: torch.Tensor, device: torch.device, coord: Channel, inbox: InboxReader,
-                 chaos: tuple[int, float] = (0, 0.0)):
+                 resident: dict | None = None, chaos: tuple[int, float] = (0, 0.0)):
         self.layout, self.plans, self.engine = layout, plans, engine
         self.ring, self.ring_tensor, self.device = ring, ring_tensor, device
         self.coord, self.inbox = coord, inbox
         self.n = layout.config.num_layers
+        # layers first_resident..N-1 stay on the GPU (loaded once); only the others stream
+        self.resident = resident or {}
+        self.first_resident = self.n - len(self.resident)
+        assert sorted(self.resident) == list(range(self.first_resident, self.n))
         self.cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         n_attn, n_ffn = engine.group_budget
@@ -130,6 +134,9 @@ class StreamingSource:
         sizes = layout.max_group_bytes
         return n_attn * sizes["attn"] + n_ffn * sizes["ffn"]
 
+    def reset_stats(self) -> None:
+        self.stats = StreamStats()
+
     # --- the WeightSource interface ------------------------------------------------------------
     def attn(self, layer: int) -> AttnWeights:
         return self._acquire(layer, 0)
@@ -139,7 +146,9 @@ class StreamingSource:
 
     def release(self, layer: int, kind: str) -> None:
         g = self.consumed
-        gc = self.copies.pop(g)
+        gc = self.copies.pop(g, None)
+        if gc is None:                       # a GPU-resident group: nothing to recycle
+            return
         if self.cuda:
             ev = torch.cuda.Event()
             ev.record(torch.cuda.current_stream(self.device))
@@ -155,6 +164,11 @@ class StreamingSource:
             raise RuntimeError(f"model asked for layer {layer} {GROUP_KINDS[kind_index]}, "
                                f"expected group {g} (layer {step % self.n})")
         self.step = step
+        if layer >= self.first_resident:
+            self.consumed = g
+            self.stats.groups_served += 1
+            self._pump()
+            return self.resident[layer][GROUP_KINDS[kind_index]]
         if self.chaos_delay:
             time.sleep(self.chaos_rng.uniform(0, self.chaos_delay))
         t0 = time.perf_counter()
@@ -201,23 +215,39 @@ class StreamingSource:
         except queue.Empty:
             pass
 
+    def _streamed(self, step: int) -> bool:
+        return step % self.n < self.first_resident
+
+    def _horizon(self, compute: int, ahead: int) -> int:
+        """The step `ahead` streamed steps past compute (resident layers do not count)."""
+        if self.first_resident == 0:
+            return compute + ahead
+        step, seen = compute, 0
+        while seen < ahead:
+            step += 1
+            seen += self._streamed(step)
+        return step
+
     def _pump(self) -> None:
         self._receive(timeout=0)
         compute = max(self.step, 0)
-        horizon = compute + self.engine.lookahead_layers
+        horizon = self._horizon(compute, self.engine.lookahead_layers)
         while self.wanted_upto < horizon:
             self.wanted_upto += 1
-            self.coord.send(Want(self.wanted_upto, compute), timeout=self.engine.wait_timeout_s)
+            if self._streamed(self.wanted_upto):
+                self.coord.send(Want(self.wanted_upto, compute), timeout=self.engine.wait_timeout_s)
         self._issue_copies(compute)
         self._release_slots()
         self._log_groups()
 
     def _issue_copies(self, compute: int) -> None:
+        if self.first_resident == 0:
+            return
         backlog = sum(1 for gc in self.copies.values() if not gc.complete())
-        last_g = 2 * (compute + self.engine.balance_ahead) + 1
+        last_g = 2 * self._horizon(compute, self.engine.balance_ahead) + 1
         first_pending = None
         for g in range(self.consumed + 1, last_g + 1):
-            if g in self.copies:
+            if g in self.copies or not self._streamed(g // 2):
                 continue
             step, kind = g // 2, GROUP_KINDS[g % 2]
             if first_pending is None:
@@ -285,8 +315,11 @@ class StreamingSource:
 
     def warm_up(self, layers: int) -> None:
         """warmup_layers: have the first layers' groups on the GPU before the first token."""
+        if self.first_resident == 0:
+            return                           # everything is resident already
         deadline = time.perf_counter() + self.engine.wait_timeout_s
-        want = min(2 * layers, 2 * (self.engine.balance_ahead + 1), sum(len(b) for b in self.buffers.values()))
+        ahead = min(layers, self.engine.balance_ahead + 1, self.first_resident)
+        want = min(2 * ahead, sum(len(b) for b in self.buffers.values()))
         while sum(1 for gc in self.copies.values() if gc.complete()) < want:
             if time.perf_counter() > deadline:
                 raise StreamStalled(f"warm-up of {layers} layers did not finish in {self.engine.wait_timeout_s:.0f} s")
@@ -300,5 +333,6 @@ class StreamingSource:
         self.logged_at = now
         used = {k: len(b) - len(self.free[k]) for k, b in self.buffers.items()}
         total = sum(len(b) for b in self.buffers.values())
-        log.info("[WSM] GPU groups: %d/%d used (attn=%d, ffn=%d)", used["attn"] + used["ffn"], total,
-                 used["attn"], used["ffn"])
+        log.info("[WSM] GPU groups: %d/%d used (attn=%d, ffn=%d)%s", used["attn"] + used["ffn"], total,
+                 used["attn"], used["ffn"],
+                 f"; layers {self.first_resident}..{self.n - 1} resident" if self.resident else "")
