@@ -58,6 +58,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     sub.add_parser("pull-demo", help="import the built-in demo model (SmolLM2-135M-Instruct) into the cache")
+
+    mk = sub.add_parser("make-checkpoint", help="write a random-weight Llama checkpoint at real sizes")
+    mk.add_argument("--shape", default="llama-3.1-70b", help="llama-3.1-70b, llama-3.1-8b or tiny")
+    mk.add_argument("--layers", type=int, default=None, help="layers to write (default: the shape's)")
+    mk.add_argument("--out", type=Path, required=True)
+    mk.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    mk.add_argument("--shard-size", default="5GB", help="shard size (default 5GB, as published)")
+    mk.add_argument("--seed", type=int, default=0)
+
+    b = sub.add_parser("bench", help="measure ringllm against this machine's floor and against peers")
+    b.add_argument("--model", type=Path, required=True)
+    b.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    b.add_argument("--gpu-mem", default="24GiB", help="GPU cap for ringllm and every peer (default 24GiB)")
+    b.add_argument("--loaders", type=int, default=None)
+    b.add_argument("--decode-tokens", type=int, default=4)
+    b.add_argument("--prompt-tokens", type=int, default=128)
+    b.add_argument("--prefill-tokens", type=int, default=2048)
+    b.add_argument("--peers", default="accelerate,naive,airllm", help="comma-separated; '' for none")
+    b.add_argument("--preset", choices=("conservative", "balanced", "aggressive"), default=None)
+    b.add_argument("--set", dest="params", action="append", default=[], metavar="NAME=VALUE")
+    b.add_argument("--json", type=Path, default=None, help="write the full report here")
+    b.add_argument("-v", "--verbose", action="store_true")
     return parser
 
 
@@ -148,6 +170,7 @@ def build_engine_config(args, model_dir):
         gpu_mem=parse_bytes(args.gpu_mem) if args.gpu_mem is not None else None)
 
 
+
 def run_streaming(args, layout, model_dir, prompts, sampling, eos_ids, device, dtype, on_tokens):
     """The default engine: supervisor + coordinator + loaders + GPU process over the shared ring."""
     from coordinator.supervisor import Supervisor
@@ -176,6 +199,25 @@ def log_summary(result) -> None:
              f"; loader restarts {result.loader_restarts}" if result.loader_restarts else "")
 
 
+def cmd_bench(args) -> int:
+    import json
+
+    import torch
+
+    from coordinator.config import parse_bytes
+    from tools.bench import bench, format_table
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    engine = build_engine_config(args, args.model)
+    report = bench(args.model, device, parse_bytes(args.gpu_mem), engine, args.decode_tokens, args.prompt_tokens,
+                   args.prefill_tokens, [p for p in args.peers.split(",") if p],
+                   log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(format_table(report))
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=1, default=str))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
@@ -183,6 +225,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return cmd_generate(args)
+        if args.command == "make-checkpoint":
+            from coordinator.config import parse_bytes
+            from tools.make_checkpoint import make_checkpoint
+            print(make_checkpoint(args.out, args.shape, args.layers, args.dtype, parse_bytes(args.shard_size), args.seed))
+            return 0
+        if args.command == "bench":
+            return cmd_bench(args)
         if args.command == "pull-demo":
             from tools.demo_model import ensure_demo_model
             print(ensure_demo_model(default_cache_dir()))

@@ -48,4 +48,4 @@ def test_gpu_mem_cap_too_small_names_the_minimum(tmp_path):
     r = ringllm("generate", "--model", str(d), "--device", "cpu", "--gpu-mem", "1MiB", "--max-new-tokens", "2")
     assert r.returncode == 1
     last = r.stderr.strip().splitlines()[-1]
-    assert "--gpu-mem 0.00 GiB is below the minimum working set of" in last
+    assert "--gpu-mem 1.0 MiB is below the minimum working set of" in last

@@ -54,7 +54,7 @@ def _unregister(ring_tensor) -> None:
 def resident_layer_count(args: GpuArgs, free_bytes: int | None) -> int:
     """GPU_RESIDENT_LAYERS, or with -1 (auto) as many layers as fit beside the streaming working
     set: under --gpu-mem when given, else in 90% of the free memory; none on the CPU."""
-    from workers.memory_plan import plan_gpu_memory
+    from workers.memory_plan import layers_that_fit, plan_gpu_memory
 
     n = args.layout.config.num_layers
     if args.engine.gpu_resident_layers >= 0:
@@ -64,8 +64,7 @@ def resident_layer_count(args: GpuArgs, free_bytes: int | None) -> int:
     budget = args.engine.gpu_mem if args.engine.gpu_mem is not None else int(0.9 * free_bytes)
     max_seq = max(len(p) for p in args.prompts) + args.max_new_tokens
     plan = plan_gpu_memory(args.layout, args.engine, len(args.prompts), max_seq, args.dtype, embed_on_host=True)
-    layer_bytes = max(sum(g.nbytes for g in pair) for pair in args.layout.groups)
-    return max(0, min(n, (budget - plan.total) // layer_bytes))
+    return layers_that_fit(args.layout, plan, budget)
 
 
 def gpu_main(args: GpuArgs) -> None:

@@ -42,17 +42,26 @@ def plan_gpu_memory(layout: ModelLayout, engine, batch: int, max_seq: int, dtype
                          sizes["attn"] + sizes["ffn"], kv, workspace)
 
 
+def layers_that_fit(layout: ModelLayout, plan: GpuMemoryPlan, budget: int) -> int:
+    """How many whole layers can stay on the GPU beside the streaming working set."""
+    layer_bytes = max(sum(g.nbytes for g in pair) for pair in layout.groups)
+    return max(0, min(layout.config.num_layers, (budget - plan.total) // layer_bytes))
+
+
+def fmt_bytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def check_gpu_cap(plan: GpuMemoryPlan, cap: int | None, engine) -> None:
     if cap is None:
         return
-    gib = 2 ** 30
-    parts = (f"resident {plan.resident / gib:.2f} + group buffers {plan.group_buffers / gib:.2f} + "
-             f"KV cache {plan.kv_cache / gib:.2f} + workspace {plan.workspace / gib:.2f} GiB")
+    parts = (f"resident {fmt_bytes(plan.resident)} + group buffers {fmt_bytes(plan.group_buffers)} + "
+             f"KV cache {fmt_bytes(plan.kv_cache)} + workspace {fmt_bytes(plan.workspace)}")
     if plan.minimum > cap:
         raise RingllmError(
-            f"--gpu-mem {cap / gib:.2f} GiB is below the minimum working set of {plan.minimum / gib:.2f} GiB "
+            f"--gpu-mem {fmt_bytes(cap)} is below the minimum working set of {fmt_bytes(plan.minimum)} "
             f"(one attn and one ffn group buffer; {parts})")
     if plan.total > cap:
         raise RingllmError(
-            f"--gpu-mem {cap / gib:.2f} GiB is too small for GPU_MAX_GROUPS={engine.gpu_max_groups} "
-            f"({plan.total / gib:.2f} GiB: {parts}); lower GPU_MAX_GROUPS or raise --gpu-mem")
+            f"--gpu-mem {fmt_bytes(cap)} is too small for GPU_MAX_GROUPS={engine.gpu_max_groups} "
+            f"({fmt_bytes(plan.total)}: {parts}); lower GPU_MAX_GROUPS or raise --gpu-mem")

@@ -1,0 +1,47 @@
+"""The bench runs on CPU in CI with a tiny checkpoint, so that it never rots."""
+from __future__ import annotations
+
+import json
+
+from coordinator.cli import main
+from tools.make_checkpoint import make_checkpoint
+
+
+def test_make_checkpoint_is_a_valid_sharded_hf_checkpoint(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from checkpoint.layout import load_layout
+
+    d = make_checkpoint(tmp_path / "c", "tiny", 3, shard_bytes=30_000, progress=False)
+    names = sorted(p.name for p in d.glob("*.safetensors"))
+    assert len(names) > 2 and names[0] == f"model-00001-of-{len(names):05d}.safetensors"
+    layout = load_layout(d)
+    assert layout.config.num_layers == 3 and layout.dtype == "BF16" and layout.config.rope_scaling
+    hf = AutoModelForCausalLM.from_pretrained(d)          # transformers reads it too
+    assert hf.config.num_hidden_layers == 3
+    assert AutoTokenizer.from_pretrained(d)("t5 t6")["input_ids"] == [5, 6]
+
+
+def test_bench_on_cpu(tmp_path, capsys):
+    d = make_checkpoint(tmp_path / "c", "tiny", 6, shard_bytes=60_000, progress=False)
+    out = tmp_path / "r.json"
+    code = main(["bench", "--model", str(d), "--device", "cpu", "--gpu-mem", "300MiB", "--decode-tokens", "4",
+                 "--prompt-tokens", "16", "--prefill-tokens", "64", "--peers", "naive,accelerate", "--loaders", "2",
+                 "--set", "CPU_CAP_VALUE=3", "--set", "GPU_AHEAD_LAYERS=1", "--set", "GPU_RESIDENT_LAYERS=2",
+                 "--json", str(out)])
+    assert code == 0
+    table = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    rows = {r["name"]: r for r in report["rows"]}
+    assert set(rows) == {"ringllm decode DRAM-fed", "ringllm decode disk-fed", "ringllm prefill 64 DRAM-fed",
+                         "naive", "accelerate"}
+    for name in ("ringllm decode DRAM-fed", "ringllm decode disk-fed", "ringllm prefill 64 DRAM-fed", "naive"):
+        assert rows[name]["seconds"] > 0 and rows[name]["floor"] > 0 and rows[name]["ratio"] > 0, name
+    assert rows["naive"]["note"] == "same tokens as ringllm: yes"      # same model code: exact
+    assert "needs a CUDA device" in rows["accelerate"]["note"]
+    assert report["resident_layers"] == 2 and report["streamed_layers"] == 4
+    dram = report["runs"]["decode DRAM-fed"]["coordinator"]["since_mark"]
+    assert dram["disk_bytes"] == 0                         # the timed part never touched the disk
+    disk = report["runs"]["decode disk-fed"]["coordinator"]["since_mark"]
+    assert disk["disk_bytes"] > 0
+    assert "floor/ach" in table and "ringllm decode DRAM-fed" in table

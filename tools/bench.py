@@ -1,0 +1,358 @@
+"""`ringllm bench`: ringllm against the physical floor of this machine, and against the peers.
+
+In one run, first the ceilings of the machine: pinned host-to-device GB/s (8 GiB of back-to-back
+copies on one stream), O_DIRECT read GB/s of the checkpoint's disk with K threads, and one
+layer's compute time (decode at batch 1, and a long prefill). Then ringllm on the checkpoint
+under the GPU cap, in two placements:
+
+  DRAM-fed  the ring holds every streamed layer (after one untimed pass fills it)
+  disk-fed  the ring is smaller than the streamed layers, so every pass reads them from disk
+
+    floor per token = max(streamed bytes / H2D GB/s, disk bytes / disk GB/s, layers x compute)
+
+Each row reports seconds per token, effective GB/s, the floor, and floor/achieved. Then the
+peers (tools.bench_peers) on the same checkpoint, prompt and cap.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from checkpoint.layout import ModelLayout
+from coordinator.config import EngineConfig
+from shm.slot_plan import file_table, plan_model
+
+GIB = 2 ** 30
+
+
+@dataclass
+class Ceilings:
+    device: str
+    h2d_gbps: float
+    disk_gbps: float
+    disk_direct: bool
+    disk_threads: int
+    disk_bytes: int
+    layer_decode_ms: float
+    layer_prefill_ms: float
+    prefill_tokens: int
+
+
+# --- ceilings -----------------------------------------------------------------------------------
+def measure_h2d(device: torch.device, total: int = 8 * GIB) -> float:
+    """GB/s of back-to-back copies from pinned host memory (plain memcpy on the CPU)."""
+    chunk = min(GIB, total)
+    if device.type == "cuda":
+        host = torch.empty(chunk, dtype=torch.uint8, pin_memory=True)
+        host.fill_(1)
+        dst = torch.empty(chunk, dtype=torch.uint8, device=device)
+        dst.copy_(host, non_blocking=True)
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(total // chunk):
+            dst.copy_(host, non_blocking=True)
+        end.record()
+        end.synchronize()
+        seconds = start.elapsed_time(end) / 1e3
+        del host, dst
+        torch.cuda.empty_cache()
+    else:
+        host, dst = torch.ones(chunk, dtype=torch.uint8), torch.empty(chunk, dtype=torch.uint8)
+        dst.copy_(host)
+        t0 = time.perf_counter()
+        for _ in range(total // chunk):
+            dst.copy_(host)
+        seconds = time.perf_counter() - t0
+    return (total // chunk) * chunk / seconds / 1e9
+
+
+def drop_page_cache() -> bool:
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("1\n")
+        return True
+    except OSError:
+        return False
+
+
+def measure_disk(files: list[str], threads: int, max_bytes: int, max_seconds: float = 10.0,
+                 chunk: int = 16 << 20) -> tuple[float, bool, int]:
+    """GB/s reading the shards with O_DIRECT in `chunk` pieces from `threads` threads, as the
+    loaders do (buffered only where O_DIRECT is refused). Returns (GB/s, direct, bytes)."""
+    jobs = [(f, off) for f in files for off in range(0, os.path.getsize(f), chunk)]
+    jobs = jobs[: max(1, max_bytes // chunk)]
+    lock, done, direct_used = threading.Lock(), [0], [True]
+    deadline = time.perf_counter() + max_seconds
+
+    def worker():
+        buf = mmap.mmap(-1, chunk)
+        view = memoryview(buf)
+        fds = {}
+        while time.perf_counter() < deadline:
+            with lock:
+                if not jobs:
+                    break
+                path, off = jobs.pop(0)
+            if path not in fds:
+                try:
+                    fds[path] = os.open(path, os.O_RDONLY | os.O_DIRECT)
+                except OSError:
+                    fds[path] = os.open(path, os.O_RDONLY)
+                    direct_used[0] = False
+            n = os.preadv(fds[path], [view], off)
+            with lock:
+                done[0] += n
+        for fd in fds.values():
+            os.close(fd)
+        view.release()
+        buf.close()
+
+    pool = [threading.Thread(target=worker) for _ in range(threads)]
+    t0 = time.perf_counter()
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return done[0] / (time.perf_counter() - t0) / 1e9, direct_used[0], done[0]
+
+
+def measure_layer_compute(layout: ModelLayout, device: torch.device, dtype: torch.dtype,
+                          prompt_tokens: int, prefill_tokens: int) -> tuple[float, float]:
+    """Median ms of one layer (attn + ffn) at batch 1: a decode step after `prompt_tokens`, and a
+    `prefill_tokens` prefill."""
+    from workers.model import KVCache, Llama, ResidentWeights
+    from workers.resident import load_groups
+
+    cfg = replace(layout.config, num_layers=1)
+    groups = load_groups(layout, [0], dtype, device)[0]
+
+    class OneLayer:
+        def attn(self, layer):
+            return groups["attn"]
+
+        def ffn(self, layer):
+            return groups["ffn"]
+
+        def release(self, layer, kind):
+            pass
+
+    model = Llama(cfg, ResidentWeights(None, None, None), OneLayer(), dtype, device)
+    results = []
+    for tokens, start in ((1, prompt_tokens), (prefill_tokens, 0)):
+        cache = KVCache(cfg, 1, start + tokens, dtype, device)
+        valid = torch.ones(1, start + tokens, dtype=torch.bool, device=device)
+        x = torch.randn(1, tokens, cfg.hidden_size, device=device, dtype=dtype)
+        pos = torch.arange(start, start + tokens, device=device)[None]
+        cos, sin = model._rope(pos)
+        slots = torch.arange(start, start + tokens, device=device)
+        mask = (slots[:, None] >= torch.arange(start + tokens, device=device)[None, :])[None, None]
+        times = []
+        for _ in range(7):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                y = model._attention(x, groups["attn"], 0, cache, start, cos, sin, mask)
+                model._ffn(y, groups["ffn"])
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        results.append(statistics.median(times[2:]) * 1e3)
+    del groups
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return results[0], results[1]
+
+
+# --- ringllm runs --------------------------------------------------------------------------------
+def streamed_bytes(layout: ModelLayout, resident: int) -> int:
+    """Weight bytes that cross to the GPU each pass: every layer not kept there."""
+    n = layout.config.num_layers
+    return sum(e.extent.nbytes for layer in range(n - resident) for g in layout.groups[layer] for e in g.entries)
+
+
+def run_ringllm(layout, engine: EngineConfig, device: str, dtype: str, prompt, new_tokens: int):
+    from coordinator.supervisor import Supervisor
+    from workers.generation import SamplingParams
+
+    sup = Supervisor(layout, engine, device, dtype, warm_passes=1)
+    result = sup.run([prompt], new_tokens, SamplingParams(), (), lambda t: None)
+    g, c = result.gpu, result.coordinator
+    since = c.get("since_mark", c)
+    return {"tokens": result.outputs[0], "gpu": g, "coordinator": c, "gpu_info": result.gpu_info,
+            "passes": new_tokens, "disk_bytes_timed": since.get("disk_bytes", 0),
+            "ring": {"slots": engine.cpu_cap, "resident_layers": engine.gpu_resident_layers}}
+
+
+@dataclass
+class Row:
+    name: str
+    seconds: float | None            # per token (decode) or for the prefill
+    floor: float | None
+    bound: str = ""
+    gbps: float | None = None        # effective GB/s across the relevant link
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def ratio(self):
+        return self.floor / self.seconds if self.floor and self.seconds else None
+
+
+def floor_of(copy_bytes, disk_bytes, compute_s, c: Ceilings) -> tuple[float, str]:
+    terms = {"H2D": copy_bytes / (c.h2d_gbps * 1e9), "disk": disk_bytes / (c.disk_gbps * 1e9),
+             "compute": compute_s}
+    bound = max(terms, key=terms.get)
+    return terms[bound], bound
+
+
+# --- the whole bench ---------------------------------------------------------------------------
+def bench(model_dir: Path, device: str, gpu_mem: int, engine: EngineConfig, decode_tokens: int = 4,
+          prompt_tokens: int = 128, prefill_tokens: int = 2048, peers=("accelerate", "naive", "airllm"),
+          disk_decode_tokens: int | None = None, log=print, partial_json: Path | None = None) -> dict:
+    from checkpoint.layout import load_layout
+    from workers.memory_plan import check_gpu_cap, layers_that_fit, plan_gpu_memory
+    from workers.weights import TORCH_DTYPE
+
+    layout = load_layout(model_dir)
+    cfg = layout.config
+    n = cfg.num_layers
+    dev = torch.device(device)
+    dtype = TORCH_DTYPE[layout.dtype]
+    dtype_name = str(dtype).removeprefix("torch.")
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, cfg.vocab_size, (prompt_tokens,), generator=gen).tolist()
+    long_prompt = torch.randint(3, cfg.vocab_size, (prefill_tokens,), generator=gen).tolist()
+
+    # the placement: what stays on the GPU under the cap, what streams
+    max_seq = max(prompt_tokens + decode_tokens, prefill_tokens + 1)
+    plan = plan_gpu_memory(layout, engine, 1, max_seq, dtype_name, embed_on_host=dev.type == "cuda")
+    check_gpu_cap(plan, gpu_mem, engine)
+    resident = layers_that_fit(layout, plan, gpu_mem) if engine.gpu_resident_layers < 0 else engine.gpu_resident_layers
+    resident = min(resident, n - 1)          # keep at least one layer streaming: that is what we measure
+    streamed = n - resident
+    copy_bytes = streamed_bytes(layout, resident)
+    log(f"[bench] {model_dir}: {n} layers, {layout.dtype}; under --gpu-mem {gpu_mem / GIB:.1f} GiB "
+        f"{resident} stay on the GPU, {streamed} stream ({copy_bytes / 1e9:.2f} GB a pass)")
+
+    log("[bench] measuring ceilings: H2D, disk, layer compute")
+    h2d = measure_h2d(dev, 8 * GIB if dev.type == "cuda" else GIB)
+    drop_page_cache()
+    files = file_table(plan_model(layout))
+    disk, direct, disk_read = measure_disk(files, engine.loaders, max_bytes=min(8 * GIB, copy_bytes * 2))
+    dec_ms, pre_ms = measure_layer_compute(layout, dev, dtype, prompt_tokens, prefill_tokens)
+    ceil = Ceilings(torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", h2d, disk, direct,
+                    engine.loaders, disk_read, dec_ms, pre_ms, prefill_tokens)
+    log(f"[bench] H2D {h2d:.1f} GB/s; disk {disk:.2f} GB/s ({'O_DIRECT' if direct else 'buffered'}, "
+        f"{engine.loaders} threads); layer compute {dec_ms:.2f} ms decode, {pre_ms:.2f} ms prefill {prefill_tokens}")
+
+    rows, runs = [], {}
+
+    def save_partial():
+        if partial_json is not None:   # a long bench that is cut off still leaves what it measured
+            Path(partial_json).write_text(json.dumps({"ceilings": asdict(ceil), "rows": [asdict(r) for r in rows],
+                                                      "runs": runs, "resident_layers": resident}, default=str))
+
+    save_partial()
+    lookahead = engine.lookahead_layers
+    dram = replace(engine, cpu_cap=max(streamed, lookahead), gpu_resident_layers=resident, gpu_mem=gpu_mem)
+    disk_cap = max(lookahead, min(streamed - 1, streamed // 2)) if streamed > lookahead else None
+    scenarios = [("decode DRAM-fed", dram, prompt, decode_tokens)]
+    if disk_cap is not None:
+        disk_engine = replace(dram, cpu_cap=disk_cap, cpu_hwm=disk_cap + 3, cpu_lwm=max(0, disk_cap - 3))
+        scenarios.append(("decode disk-fed", disk_engine, prompt, disk_decode_tokens or max(2, decode_tokens // 2)))
+    scenarios.append((f"prefill {prefill_tokens} DRAM-fed", dram, long_prompt, 1))
+    for name, eng, p, new in scenarios:
+        log(f"[bench] ringllm {name}: ring {eng.cpu_cap} slots, {new} new token(s)")
+        r = run_ringllm(layout, eng, device, dtype_name, p, new)
+        runs[name] = r
+        g = r["gpu"]
+        if name.startswith("prefill"):
+            achieved = g["first_token_seconds"]
+            floor, bound = floor_of(copy_bytes, 0, n * pre_ms / 1e3, ceil)
+            rows.append(Row(f"ringllm {name}", achieved, floor, bound, copy_bytes / achieved / 1e9))
+            save_partial()
+            continue
+        achieved = g["decode_seconds"] / g["decode_steps"] if g["decode_steps"] else None
+        disk_per_pass = r["disk_bytes_timed"] / r["passes"]
+        floor, bound = floor_of(copy_bytes, disk_per_pass, n * dec_ms / 1e3, ceil)
+        row = Row(f"ringllm {name}", achieved, floor, bound, copy_bytes / achieved / 1e9 if achieved else None)
+        if name.endswith("disk-fed") and achieved:
+            used = disk_per_pass / achieved / 1e9
+            row.note = f"disk {used:.2f} GB/s = {used / disk:.2f} of the O_DIRECT ceiling"
+            row.extra = {"disk_gbps_used": used, "disk_ceiling_fraction": used / disk}
+        rows.append(row)
+        save_partial()
+
+    reference_tokens = runs["decode DRAM-fed"]["tokens"]
+    peer_results = {}
+    for peer in peers:
+        if peer in ("accelerate", "airllm") and dev.type != "cuda":
+            peer_results[peer] = {"skipped": "needs a CUDA device"}
+        else:
+            log(f"[bench] peer {peer}")
+            peer_results[peer] = run_peer(peer, model_dir, prompt, decode_tokens, gpu_mem, device)
+        res = peer_results[peer]
+        spt = res.get("seconds_per_token")
+        floor, bound = floor_of(copy_bytes, 0, n * dec_ms / 1e3, ceil)
+        same = res.get("tokens") == reference_tokens[:len(res.get("tokens") or [])] if res.get("tokens") else None
+        note = res.get("skipped") or res.get("error") or (f"same tokens as ringllm: {'yes' if same else 'no'}")
+        rows.append(Row(f"{peer}", spt, floor if spt else None, bound, copy_bytes / spt / 1e9 if spt else None, note))
+        save_partial()
+
+    ours = next(r.seconds for r in rows if r.name == "ringllm decode DRAM-fed")
+    speedups = {r.name: r.seconds / ours for r in rows if r.seconds and not r.name.startswith("ringllm")}
+    return {"model": str(model_dir), "layers": n, "resident_layers": resident, "streamed_layers": streamed,
+            "streamed_bytes_per_pass": copy_bytes, "gpu_mem": gpu_mem, "engine": asdict(engine),
+            "ceilings": asdict(ceil), "rows": [dict(asdict(r), ratio=r.ratio) for r in rows],
+            "speedup_vs_peers": speedups, "runs": runs, "peers": peer_results,
+            "peak_gpu_bytes": {k: v["gpu"].get("peak_gpu_bytes") for k, v in runs.items()}}
+
+
+def run_peer(peer: str, model_dir: Path, prompt, new_tokens: int, gpu_mem: int, device: str,
+             timeout: float = 600) -> dict:
+    cmd = [sys.executable, "-m", "tools.bench_peers", peer, "--model", str(model_dir), "--prompt",
+           ",".join(map(str, prompt)), "--new-tokens", str(new_tokens), "--gpu-mem", str(gpu_mem),
+           "--device", device, "--scratch", str(Path(model_dir).parent)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    for line in done.stdout.splitlines():
+        if line.startswith("PEER-RESULT "):
+            return json.loads(line[len("PEER-RESULT "):])
+    return {"error": f"exit {done.returncode}: {done.stderr.strip()[-500:]}"}
+
+
+def format_table(report: dict) -> str:
+    c = report["ceilings"]
+    lines = [f"device {c['device']}; H2D {c['h2d_gbps']:.1f} GB/s; disk {c['disk_gbps']:.2f} GB/s "
+             f"({'O_DIRECT' if c['disk_direct'] else 'buffered'}, {c['disk_threads']} threads); layer compute "
+             f"{c['layer_decode_ms']:.2f} ms decode / {c['layer_prefill_ms']:.2f} ms prefill {c['prefill_tokens']}",
+             f"{report['layers']} layers: {report['resident_layers']} on the GPU, {report['streamed_layers']} streamed "
+             f"({report['streamed_bytes_per_pass'] / 1e9:.2f} GB a pass), GPU cap {report['gpu_mem'] / GIB:.1f} GiB",
+             "",
+             f"{'run':<34}{'s/token':>10}{'GB/s':>8}{'floor s':>10}{'bound':>9}{'floor/ach':>11}  note",
+             "-" * 100]
+    for r in report["rows"]:
+        def f(v, fmt):
+            return format(v, fmt) if v is not None else "-"
+        lines.append(f"{r['name']:<34}{f(r['seconds'], '10.3f')}{f(r['gbps'], '8.1f')}{f(r['floor'], '10.3f')}"
+                     f"{r['bound'] if r['floor'] else '-':>9}{f(r['ratio'], '11.3f')}  {r['note']}")
+    if report["speedup_vs_peers"]:
+        lines.append("")
+        lines.append("ringllm DRAM-fed decode is " + ", ".join(
+            f"{v:.1f}x {k}" for k, v in report["speedup_vs_peers"].items()) + " (tokens/s)")
+    return "\n".join(lines)
