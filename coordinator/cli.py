@@ -211,7 +211,7 @@ def cmd_bench(args) -> int:
     engine = build_engine_config(args, args.model)
     report = bench(args.model, device, parse_bytes(args.gpu_mem), engine, args.decode_tokens, args.prompt_tokens,
                    args.prefill_tokens, [p for p in args.peers.split(",") if p],
-                   log=lambda m: print(m, file=sys.stderr, flush=True))
+                   log=lambda m: print(m, file=sys.stderr, flush=True), loaders_fixed=args.loaders is not None)
     print(format_table(report))
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=1, default=str))

@@ -189,10 +189,21 @@ def _is_rotational(path) -> bool:
 
 def default_loader_count(model_dir) -> int:
     """One loader for a spinning disk; for SSDs, enough parallel reads to fill NVMe queues,
-    bounded by the cores (each loader is a mostly-sleeping process)."""
-    if _is_rotational(model_dir):
+    bounded by the cores (each loader is a mostly-sleeping process). Virtual disks (virtio,
+    Xen) call themselves rotational whatever backs them, so they count as SSDs."""
+    if _is_rotational(model_dir) and not _is_virtual_disk(model_dir):
         return 1
     return max(2, min(8, (os.cpu_count() or 2) // 2))
+
+
+def _is_virtual_disk(path) -> bool:
+    try:
+        dev = os.stat(path).st_dev
+        real = os.path.realpath(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
+    except OSError:
+        return False
+    name = os.path.basename(real.rstrip("/"))
+    return "virtio" in real or name.startswith(("vd", "xvd"))
 
 
 def parse_bytes(text: str) -> int:

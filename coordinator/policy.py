@@ -75,7 +75,7 @@ class RingPolicy:
         self.layer_slot: dict[int, int] = {}     # layer -> slot (LOADING or READY)
         self.compute_step = 0
         self.wants: dict[int, bool] = {}          # step -> was it a hit when asked (not yet offered)
-        self.streamed_layers = num_layers         # layers >= this stay on the GPU: never targets
+        self.resident_layers = 0                  # layers below this stay on the GPU: never targets
         self.handed: set[int] = set()             # steps offered to the GPU (pruned behind compute)
         self.stats = PolicyStats()
 
@@ -108,11 +108,11 @@ class RingPolicy:
             self.handed = {s for s in self.handed if s >= compute_step}
 
     # --- decisions -----------------------------------------------------------------------------
-    def set_resident(self, first: int) -> None:
-        """Layers first..N-1 live on the GPU; free their slots and never load them again."""
-        self.streamed_layers = first
+    def set_resident(self, count: int) -> None:
+        """Layers 0..count-1 live on the GPU; free their slots and never load them again."""
+        self.resident_layers = count
         for s, info in enumerate(self.slots):
-            if info.state == READY and info.layer >= first and info.held == 0:
+            if info.state == READY and info.layer < count and info.held == 0:
                 self._evict(s)
 
     def window(self) -> list[int]:
@@ -132,7 +132,7 @@ class RingPolicy:
         out, seen = [], set()
         for s in steps:
             layer = s % self.n
-            if s in self.handed or layer in seen or layer >= self.streamed_layers:
+            if s in self.handed or layer in seen or layer < self.resident_layers:
                 continue
             seen.add(layer)
             out.append(layer)

@@ -75,7 +75,7 @@ class Coordinator:
             n = self.jobs.requeue_loader(msg.index)
             log.warning("loader %d was restarted; %d chunk(s) it held are read again", msg.index, n)
         elif isinstance(msg, ResidentLayers):
-            self.policy.set_resident(msg.first)
+            self.policy.set_resident(msg.count)
             self.started = True
         elif isinstance(msg, Mark):
             self.mark = self.counters()

@@ -84,8 +84,8 @@ class Supervisor:
     def __init__(self, layout: ModelLayout, engine: EngineConfig, device: str, dtype: str,
                  verbose: bool = False, fault_after_chunks: dict | None = None,
                  chaos: tuple[int, float] = (0, 0.0), profile_trace: str | None = None,
-                 warm_passes: int = 0):
-        self.profile_trace, self.warm_passes = profile_trace, warm_passes
+                 fill_ring_first: bool = False):
+        self.profile_trace, self.fill_ring_first = profile_trace, fill_ring_first
         # tests only: loader index -> chunk number that fails; (seed, max delay) of random delays
         self.fault_after_chunks = fault_after_chunks or {}
         self.chaos = chaos
@@ -183,7 +183,7 @@ class Supervisor:
             pid, n.segment, n.gpu_queue, n.coord_queue, n.sup_queue, self.layout, tuple(self.plans),
             self.engine, self.device, self.dtype, tuple(tuple(p) for p in prompts), max_new_tokens,
             sampling, tuple(eos_ids), self.verbose, *self.chaos, profile_trace=self.profile_trace,
-            warm_passes=self.warm_passes))
+            fill_ring_first=self.fill_ring_first))
 
     def _serve(self, on_tokens) -> None:
         ready: set[str] = set()

@@ -127,8 +127,8 @@ class Release:
 
 @message(34)
 class ResidentLayers:
-    """Layers first..N-1 stay on the GPU for the whole run: the ring never needs them."""
-    first: int
+    """Layers 0..count-1 stay on the GPU for the whole run: the ring never needs them."""
+    count: int
 
 
 @message(33)

@@ -111,11 +111,13 @@ def run_airllm(args, prompt):
     except ImportError as err:
         return {"skipped": f"AirLLM is not installed ({err})"}
     size = sum(p.stat().st_size for p in Path(args.model).glob("*.safetensors"))
-    split_dir = Path(tempfile.mkdtemp(prefix="airllm-", dir=args.scratch))
-    if shutil.disk_usage(split_dir).free < size * 1.05:
-        shutil.rmtree(split_dir, ignore_errors=True)
-        return {"skipped": f"AirLLM needs a per-layer copy of the checkpoint ({size / 1e9:.1f} GB) and "
-                           f"{args.scratch} has {shutil.disk_usage(args.scratch).free / 1e9:.1f} GB free"}
+    # AirLLM writes a per-layer copy of the checkpoint: beside it if the disk has room, else in
+    # /dev/shm (RAM; that only makes AirLLM's reads faster)
+    places = [p for p in (args.scratch, "/dev/shm") if shutil.disk_usage(p).free > size * 1.05]
+    if not places:
+        return {"skipped": f"AirLLM needs a per-layer copy of the checkpoint ({size / 1e9:.1f} GB); neither "
+                           f"{args.scratch} nor /dev/shm has that much free"}
+    split_dir = Path(tempfile.mkdtemp(prefix="airllm-", dir=places[0]))
     try:
         t0 = time.perf_counter()
         model = AutoModel.from_pretrained(str(args.model), layer_shards_saving_path=str(split_dir))
@@ -129,7 +131,8 @@ def run_airllm(args, prompt):
         # each new token is one full pass over the layers, prefill included
         return {"load_seconds": load, "seconds_per_token": elapsed / max(1, len(tokens)), "tokens": tokens,
                 "peak_gpu_bytes": torch.cuda.max_memory_allocated(),
-                "note": "seconds per token = whole generate / new tokens (each is one pass over all layers)"}
+                "note": "seconds per token = whole generate / new tokens (each is one pass over all layers)",
+                "split_dir": str(split_dir.parent)}
     finally:
         shutil.rmtree(split_dir, ignore_errors=True)
 

@@ -79,7 +79,9 @@ def streamed(model_dir, prompts, max_new, dtype_name, trace=None, **engine):
     from coordinator.supervisor import Supervisor
     from workers.generation import SamplingParams
 
-    sup = Supervisor(load_layout(model_dir), build_config(**engine), "cuda", dtype_name, profile_trace=trace)
+    # stream every layer (no GPU-resident ones): the pipeline is what is being verified
+    sup = Supervisor(load_layout(model_dir), build_config(gpu_resident_layers=0, **engine), "cuda", dtype_name,
+                     profile_trace=trace)
     t0 = time.perf_counter()
     result = sup.run(prompts, max_new, SamplingParams(), (), lambda t: None)
     result.wall_seconds = time.perf_counter() - t0

@@ -34,7 +34,7 @@ class GpuArgs:
     chaos_seed: int = 0            # tests: random delay before serving each group
     chaos_delay_s: float = 0.0
     profile_trace: str | None = None   # write a Chrome trace (torch.profiler) of the generation here
-    warm_passes: int = 0           # bench: untimed 1-token forward passes first (fills the ring)
+    fill_ring_first: bool = False  # bench: wait until the ring holds what it can before timing starts
 
 
 def _register(ring_tensor, nbytes: int) -> None:
@@ -65,6 +65,18 @@ def resident_layer_count(args: GpuArgs, free_bytes: int | None) -> int:
     max_seq = max(len(p) for p in args.prompts) + args.max_new_tokens
     plan = plan_gpu_memory(args.layout, args.engine, len(args.prompts), max_seq, args.dtype, embed_on_host=True)
     return layers_that_fit(args.layout, plan, budget)
+
+
+def wait_for_ring(ring: Ring, slots: int, timeout_s: float) -> None:
+    """Block until `slots` ring slots are READY (the bench times a warm ring)."""
+    from shm.ring import READY
+
+    # a big ring takes a while from disk: allow 100 MB/s at the least
+    deadline = time.monotonic() + max(timeout_s, ring.nbytes / 100e6)
+    while sum(ring.read_slot(s)[0] == READY for s in range(ring.slot_count)) < slots:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the ring did not fill {slots} slots in time")
+        time.sleep(0.05)
 
 
 def gpu_main(args: GpuArgs) -> None:
@@ -106,24 +118,20 @@ def gpu_main(args: GpuArgs) -> None:
         n = args.layout.config.num_layers
         keep = resident_layer_count(args, info.get("free_bytes"))
         # first thing the coordinator hears: it starts filling the ring only after this
-        coord.send(ResidentLayers(n - keep), timeout=args.engine.wait_timeout_s)
+        coord.send(ResidentLayers(keep), timeout=args.engine.wait_timeout_s)
         resident = load_resident_weights(args.layout, dtype, device, embed_on_host=cuda)
         t0 = time.perf_counter()
-        resident_groups = load_groups(args.layout, range(n - keep, n), dtype, device)
+        resident_groups = load_groups(args.layout, range(keep), dtype, device)
         info.update(resident_layers=keep, resident_load_seconds=time.perf_counter() - t0)
         if keep:
-            log.info("layers %d..%d stay on the GPU (%d of %d); the other %d stream", n - keep, n - 1, keep, n, n - keep)
+            log.info("layers 0..%d stay on the GPU (%d of %d); the other %d stream", keep - 1, keep, n, n - keep)
         reader.start()
         source = StreamingSource(args.layout, list(args.plans), args.engine, ring, ring_tensor, device,
                                  coord, reader, resident=resident_groups, chaos=(args.chaos_seed, args.chaos_delay_s))
         sup.send(Ready("gpu", 0, info))
         model = Llama(args.layout.config, resident, source, dtype, device)
-        for _ in range(args.warm_passes):
-            generate(model, [[0]], 1, Sampler(args.sampling, device), ())
-        if args.warm_passes:
-            if cuda:
-                torch.cuda.synchronize(device)
-            source.reset_stats()
+        if args.fill_ring_first:
+            wait_for_ring(ring, min(ring.slot_count, n - keep), args.engine.wait_timeout_s)
             coord.send(Mark(), timeout=args.engine.wait_timeout_s)   # timed part starts here
         t_start = time.perf_counter()
         if args.engine.warmup_layers:

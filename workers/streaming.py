@@ -103,10 +103,12 @@ class StreamingSource:
         self.ring, self.ring_tensor, self.device = ring, ring_tensor, device
         self.coord, self.inbox = coord, inbox
         self.n = layout.config.num_layers
-        # layers first_resident..N-1 stay on the GPU (loaded once); only the others stream
+        # layers 0..R-1 stay on the GPU (loaded once) and only the others stream. Resident layers
+        # come first in the pass so that their compute overlaps the copies of the streamed ones.
         self.resident = resident or {}
-        self.first_resident = self.n - len(self.resident)
-        assert sorted(self.resident) == list(range(self.first_resident, self.n))
+        self.resident_count = len(self.resident)
+        self.streamed_count = self.n - self.resident_count
+        assert sorted(self.resident) == list(range(self.resident_count))
         self.cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         n_attn, n_ffn = engine.group_budget
@@ -164,7 +166,7 @@ class StreamingSource:
             raise RuntimeError(f"model asked for layer {layer} {GROUP_KINDS[kind_index]}, "
                                f"expected group {g} (layer {step % self.n})")
         self.step = step
-        if layer >= self.first_resident:
+        if layer < self.resident_count:
             self.consumed = g
             self.stats.groups_served += 1
             self._pump()
@@ -216,12 +218,14 @@ class StreamingSource:
             pass
 
     def _streamed(self, step: int) -> bool:
-        return step % self.n < self.first_resident
+        return step % self.n >= self.resident_count
 
     def _horizon(self, compute: int, ahead: int) -> int:
         """The step `ahead` streamed steps past compute (resident layers do not count)."""
-        if self.first_resident == 0:
+        if self.resident_count == 0:
             return compute + ahead
+        if self.streamed_count == 0:
+            return compute                   # nothing streams: nothing to ask for
         step, seen = compute, 0
         while seen < ahead:
             step += 1
@@ -241,7 +245,7 @@ class StreamingSource:
         self._log_groups()
 
     def _issue_copies(self, compute: int) -> None:
-        if self.first_resident == 0:
+        if self.streamed_count == 0:
             return
         backlog = sum(1 for gc in self.copies.values() if not gc.complete())
         last_g = 2 * self._horizon(compute, self.engine.balance_ahead) + 1
@@ -315,10 +319,10 @@ class StreamingSource:
 
     def warm_up(self, layers: int) -> None:
         """warmup_layers: have the first layers' groups on the GPU before the first token."""
-        if self.first_resident == 0:
+        if self.streamed_count == 0:
             return                           # everything is resident already
         deadline = time.perf_counter() + self.engine.wait_timeout_s
-        ahead = min(layers, self.engine.balance_ahead + 1, self.first_resident)
+        ahead = min(layers, self.engine.balance_ahead + 1, self.streamed_count)
         want = min(2 * ahead, sum(len(b) for b in self.buffers.values()))
         while sum(1 for gc in self.copies.values() if gc.complete()) < want:
             if time.perf_counter() > deadline:
@@ -335,4 +339,4 @@ class StreamingSource:
         total = sum(len(b) for b in self.buffers.values())
         log.info("[WSM] GPU groups: %d/%d used (attn=%d, ffn=%d)%s", used["attn"] + used["ffn"], total,
                  used["attn"], used["ffn"],
-                 f"; layers {self.first_resident}..{self.n - 1} resident" if self.resident else "")
+                 f"; layers 0..{self.resident_count - 1} resident" if self.resident else "")
