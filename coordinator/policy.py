@@ -124,13 +124,21 @@ class RingPolicy:
         return [l % self.n for l in layers]
 
     def target_layers(self) -> list[int]:
+        """Layers to hold, nearest first: the streamed steps from compute on, up to
+        offset + cap of them (GPU-resident layers need no slot and do not count), plus wants."""
         c = self.compute_step
-        end = c + self.offset + self.cap
-        if not self.ring_mode:
-            end = min(end, (c // self.n + 1) * self.n)
-        steps = sorted(set(range(c, end)) | set(self.wants))
+        horizon = self.offset + self.cap
+        pass_end = (c // self.n + 1) * self.n
+        steps, step = [], c
+        if self.resident_layers < self.n:
+            while len(steps) < horizon and step < c + 2 * self.n:
+                if not self.ring_mode and step >= pass_end:
+                    break
+                if step % self.n >= self.resident_layers:
+                    steps.append(step)
+                step += 1
         out, seen = [], set()
-        for s in steps:
+        for s in sorted(set(steps) | set(self.wants)):
             layer = s % self.n
             if s in self.handed or layer in seen or layer < self.resident_layers:
                 continue

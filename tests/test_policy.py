@@ -166,3 +166,14 @@ def test_randomized_protocol_simulation(case):
             compute += 1
             p.release(o.step, o.slot, o.generation, compute)
     assert compute >= 6 * n, f"stalled at step {compute} (seed={seed})"
+
+
+def test_resident_layers_do_not_count_in_the_window():
+    """With layers 0..8 on the GPU, a 13-slot ring fills with all 13 streamed layers at start."""
+    p = RingPolicy(num_layers=22, slots=13, offset=4, cap=13)
+    p.set_resident(9)
+    assert p.target_layers()[:13] == list(range(9, 22))
+    assert load_all(p) == list(range(9, 22))
+    p2 = RingPolicy(num_layers=22, slots=13, offset=0, cap=13, ring_mode=0)
+    p2.set_resident(20)
+    assert p2.target_layers() == [20, 21]
