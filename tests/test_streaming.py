@@ -181,5 +181,6 @@ def test_gpu_resident_layers(tmp_path, resident):
         assert result.coordinator["ring_loads"] == 0 and result.gpu["h2d_bytes"] == 0
     else:   # the 4 streamed layers each pass, plus what was prefetched for a pass that never came
         assert passes * 4 * layer_bytes <= result.gpu["h2d_bytes"] <= (passes * 4 + 2) * layer_bytes
-        assert result.coordinator["ring_loads"] <= passes * 4 + 2
+        # each streamed layer once a pass, plus at most one window (offset 4 + cap 2) read ahead
+        assert passes * 4 <= result.coordinator["ring_loads"] <= passes * 4 + 4 + 2
     assert result.gpu_info["resident_layers"] == resident
