@@ -145,6 +145,26 @@ class Llama:
         return rows.to(device=self.device, dtype=self.dtype, non_blocking=True)
 
     @torch.inference_mode()
+    def warm_up_kernels(self, batch: int, prompt_len: int, attn: AttnWeights, ffn: FfnWeights) -> None:
+        """Run one layer of a prefill and of a decode step on throwaway data, so that one-time
+        costs (kernel loading, library handles, workspaces) are paid now and not in the first pass."""
+        from dataclasses import replace
+
+        one = replace(self.cfg, num_layers=1)
+        cache = KVCache(one, batch, prompt_len + 1, self.dtype, self.device)
+        for tokens, start in ((prompt_len, 0), (1, prompt_len)):
+            end = start + tokens
+            x = torch.zeros(batch, tokens, self.cfg.hidden_size, dtype=self.dtype, device=self.device)
+            pos = torch.arange(start, end, device=self.device)[None].expand(batch, tokens)
+            cos, sin = self._rope(pos)
+            slots = torch.arange(start, end, device=self.device)
+            mask = (slots[:, None] >= torch.arange(end, device=self.device)[None, :])[None, None]
+            x = self._attention(x, attn, 0, cache, start, cos, sin, mask.expand(batch, 1, tokens, end))
+            x = self._ffn(x, ffn)
+        x = rms_norm(x[:, -1], self.resident.final_norm, self.cfg.rms_norm_eps)
+        F.linear(x, _w(self.resident.lm_head, self.dtype)).float().argmax(-1).tolist()
+
+    @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: int,
                 key_valid: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
         """tokens, positions: [B, T] filling cache slots start..start+T-1; key_valid: [B, max_seq].
