@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     sub.add_parser("pull-demo", help="import the built-in demo model (SmolLM2-135M-Instruct) into the cache")
 
+    cl = sub.add_parser("cleanup", help="remove what killed runs left: shared memory, message queues, processes")
+    cl.add_argument("--all", action="store_true", help="also the resources of runs that are still alive")
+
     mk = sub.add_parser("make-checkpoint", help="write a random-weight Llama checkpoint at real sizes")
     mk.add_argument("--shape", default="llama-3.1-70b", help="llama-3.1-70b, llama-3.1-8b or tiny")
     mk.add_argument("--layers", type=int, default=None, help="layers to write (default: the shape's)")
@@ -199,6 +202,24 @@ def log_summary(result) -> None:
              f"; loader restarts {result.loader_restarts}" if result.loader_restarts else "")
 
 
+def cmd_cleanup(args) -> int:
+    import psutil
+
+    from shm.resources import orphan_processes, sweep
+
+    procs = orphan_processes()
+    for proc in procs:
+        proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=3)
+    for proc in alive:
+        proc.kill()
+    removed = sweep(include_live=args.all)
+    for name in removed:
+        print(f"removed {name}")
+    print(f"ringllm cleanup: {len(removed)} resource(s) removed, {len(procs)} orphan process(es) stopped")
+    return 0
+
+
 def cmd_bench(args) -> int:
     import json
 
@@ -220,6 +241,9 @@ def cmd_bench(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None and args.command in ("generate", "bench"):
+        from workers.process_setup import set_process_name
+        set_process_name("ringllm-sup")   # what ps shows for the supervisor (not when embedded)
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
                         format="[ringllm] %(message)s", stream=sys.stderr)
     try:
@@ -232,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "bench":
             return cmd_bench(args)
+        if args.command == "cleanup":
+            return cmd_cleanup(args)
         if args.command == "pull-demo":
             from tools.demo_model import ensure_demo_model
             print(ensure_demo_model(default_cache_dir()))

@@ -14,7 +14,7 @@ from coordinator.policy import JobDispatcher, ProtocolError, RingPolicy
 from shm.channel import (Channel, ChunkDone, Fatal, LoaderRestarted, Mark, Outbox, ReadJob, Ready, Release,
                          ResidentLayers,
                          Shutdown, SlotReady, Stats, StatsRequest, Want)
-from shm.ring import Ring
+from shm.ring import READY, Ring
 from shm.slot_plan import LayerPlan
 from workers.process_setup import child_start, parent_alive, stop_requested
 
@@ -35,6 +35,7 @@ class CoordinatorArgs:
     files: tuple            # file table (shm.slot_plan.file_table)
     engine: object          # EngineConfig
     verbose: bool = False
+    tamper_at_offer: int = -1   # tests: rewrite this offer's slot generation in the header first
 
 
 class Coordinator:
@@ -56,6 +57,7 @@ class Coordinator:
         self.logged_at = 0.0
         self.mark: dict | None = None
         self.started = False          # no loads until the GPU process said which layers stream
+        self.offers_sent = 0
         self.header = [ring.read_slot(s) for s in range(ring.slot_count)]
 
     def handle(self, msg) -> bool:
@@ -107,6 +109,10 @@ class Coordinator:
             self.loaders[loader].put(ReadJob(job.job, job.slot, job.generation, self.file_index[c.path], c.file_offset,
                                              c.length, c.slot_offset, c.needed))
         for offer in offers:
+            if self.offers_sent == self.args.tamper_at_offer:
+                # tests: the slot is "rewritten" between the offer and the GPU's copy
+                self.ring.write_slot(offer.slot, READY, offer.layer, offer.generation + 1)
+            self.offers_sent += 1
             self.gpu.put(SlotReady(offer.step, offer.layer, offer.slot, offer.generation))
         for box in (*self.loaders, self.gpu):
             box.flush()

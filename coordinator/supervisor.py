@@ -84,11 +84,14 @@ class Supervisor:
     def __init__(self, layout: ModelLayout, engine: EngineConfig, device: str, dtype: str,
                  verbose: bool = False, fault_after_chunks: dict | None = None,
                  chaos: tuple[int, float] = (0, 0.0), profile_trace: str | None = None,
-                 fill_ring_first: bool = False):
+                 fill_ring_first: bool = False, crash_loaders_at: int = -1, tamper_at_offer: int = -1):
         self.profile_trace, self.fill_ring_first = profile_trace, fill_ring_first
-        # tests only: loader index -> chunk number that fails; (seed, max delay) of random delays
+        # Fault injection for tests only: loader index -> chunk number that fails to read;
+        # (seed, max delay) of random delays; every loader dies at this chunk; the coordinator
+        # rewrites a slot's generation in the header just before this offer.
         self.fault_after_chunks = fault_after_chunks or {}
         self.chaos = chaos
+        self.crash_loaders_at, self.tamper_at_offer = crash_loaders_at, tamper_at_offer
         self.layout, self.engine, self.device, self.dtype, self.verbose = layout, engine, device, dtype, verbose
         self.plans, self.slot_size, self.ring_total = plan_ring(layout, engine)
         self.files = file_table(self.plans)
@@ -170,13 +173,15 @@ class Supervisor:
     def _loader_args(self, index: int) -> LoaderArgs:
         n = self.names
         return LoaderArgs(index, os.getpid(), n.segment, n.loader_queues[index], n.coord_queue, n.sup_queue,
-                          tuple(self.files), self.verbose, self.fault_after_chunks.get(index, -1), *self.chaos)
+                          tuple(self.files), self.verbose, self.fault_after_chunks.get(index, -1), *self.chaos,
+                          crash_on_chunk=self.crash_loaders_at)
 
     def _start_all(self, prompts, max_new_tokens, sampling, eos_ids) -> None:
         n, pid = self.names, os.getpid()
         self._spawn("coordinator", coordinator_main, CoordinatorArgs(
             pid, n.segment, n.coord_queue, n.gpu_queue, n.sup_queue, tuple(n.loader_queues),
-            self.layout.config.num_layers, tuple(self.plans), tuple(self.files), self.engine, self.verbose))
+            self.layout.config.num_layers, tuple(self.plans), tuple(self.files), self.engine, self.verbose,
+            tamper_at_offer=self.tamper_at_offer))
         for i in range(self.engine.loaders):
             self._spawn(f"loader{i}", loader_main, self._loader_args(i))
         self._spawn("gpu", gpu_main, GpuArgs(

@@ -105,6 +105,23 @@ def sweep(include_live: bool = False) -> list[str]:
     return removed
 
 
+def orphan_processes() -> list:
+    """ringllm children whose supervisor is gone (re-parented to init or a subreaper)."""
+    import psutil
+
+    out = []
+    for proc in psutil.process_iter(["name", "ppid"]):
+        name = proc.info["name"] or ""
+        if name.startswith("ringllm-") and name != "ringllm-sup":
+            try:
+                parent = proc.parent()
+            except psutil.Error:
+                continue
+            if parent is None or not (parent.name() or "").startswith(("python", "ringllm")):
+                out.append(proc)
+    return out
+
+
 def leftover_names() -> list[str]:
     """Everything of ours visible in /dev/shm (segments and manifests); for tests and `cleanup`."""
     return sorted(p.name for p in SHM_DIR.glob(f"{PREFIX}*"))

@@ -33,6 +33,7 @@ class LoaderArgs:
     fault_after_chunks: int = -1   # tests: raise EIO on this chunk (-1 = never)
     chaos_seed: int = 0            # tests: random delay before each chunk, up to chaos_delay_s
     chaos_delay_s: float = 0.0
+    crash_on_chunk: int = -1       # tests: die (exit 1, no goodbye) when this chunk arrives
 
 
 class FileCache:
@@ -109,6 +110,8 @@ def loader_main(args: LoaderArgs) -> None:
                 continue
             if args.chaos_delay_s:
                 time.sleep(chaos.uniform(0, args.chaos_delay_s))
+            if chunks == args.crash_on_chunk:
+                os._exit(1)
             t0 = time.perf_counter()
             path = args.files[msg.file]
             try:

@@ -1,0 +1,177 @@
+"""Faults: loaders that keep dying, torn slot data, a killed supervisor, bad parameters and
+limits, two runs at once. Every case: a clear message, the right exit, nothing left behind."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import posix_ipc
+import psutil
+import pytest
+
+from checkpoint.errors import RingllmError
+from checkpoint.layout import load_layout
+from coordinator.config import build_config
+from coordinator.supervisor import Supervisor
+from tests.conftest import make_hf_checkpoint, write_tokenizer
+from tests.test_lifecycle import ALL, assert_nothing_left, long_run_model, start, wait_for_children  # noqa: F401
+from tests.test_streaming import assert_run_cleaned, resident_tokens
+from workers.generation import SamplingParams
+
+
+@pytest.fixture
+def small(tmp_path):
+    d = tmp_path / "small"
+    make_hf_checkpoint(d, num_hidden_layers=4)
+    write_tokenizer(d)
+    return d
+
+
+def cli(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "coordinator.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_loader_that_keeps_dying_ends_the_run(small):
+    sup = Supervisor(load_layout(small), build_config(loaders=2, cpu_cap=2, gpu_ahead_layers=1), "cpu", "float32",
+                     crash_loaders_at=1)
+    t0 = time.monotonic()
+    with pytest.raises(RingllmError, match=r"loader\d died 4 times within a minute .*giving up"):
+        sup.run([[4, 5, 6]], 8, SamplingParams(), (), lambda t: None)
+    assert time.monotonic() - t0 < 60
+    assert_run_cleaned(sup)
+
+
+def test_torn_slot_stops_the_run_before_compute(small):
+    sup = Supervisor(load_layout(small), build_config(loaders=1, cpu_cap=2, gpu_ahead_layers=1), "cpu", "float32",
+                     tamper_at_offer=3)
+    tokens = []
+    with pytest.raises(RingllmError, match=r"gpu: TornCopy: ring slot \d changed under a copy of layer 3 \w+: "
+                                           r"expected generation \d+, found \d+"):
+        sup.run([[4, 5, 6]], 8, SamplingParams(), (), tokens.append)
+    assert tokens == []           # offer 3 is layer 3 of the prefill: no token was produced
+    assert_run_cleaned(sup)
+
+
+def test_killed_supervisor_children_exit_and_cleanup_sweeps(long_run_model):
+    proc = start(long_run_model)
+    kids, run_id = wait_for_children(proc, ALL)
+    proc.kill()                                  # SIGKILL: no finally, no cleanup
+    proc.wait()
+    gone, alive = psutil.wait_procs(list(kids.values()), timeout=10)
+    assert not alive, f"children outlived the supervisor: {alive}"
+    assert Path(f"/dev/shm/ringllm-{run_id}.manifest").exists()       # left behind, as expected
+    posix_ipc.MessageQueue(f"/ringllm-{run_id}-coord").close()          # still there
+    r = cli("cleanup")
+    assert r.returncode == 0, r.stderr
+    assert f"/ringllm-{run_id}-ring" in r.stdout
+    assert_nothing_left(run_id, kids)
+
+
+def test_next_start_sweeps_a_killed_run(long_run_model, small):
+    proc = start(long_run_model)
+    kids, run_id = wait_for_children(proc, ALL)
+    proc.kill()
+    proc.wait()
+    psutil.wait_procs(list(kids.values()), timeout=10)
+    r = cli("generate", "--model", str(small), "--device", "cpu", "--no-chat", "--prompt", "w5", "--max-new-tokens", "2")
+    assert r.returncode == 0, r.stderr
+    assert "removed" in r.stderr and "left by an earlier run" in r.stderr
+    assert_nothing_left(run_id, kids)
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_while_starting(long_run_model, sig, code):
+    """Right after the processes exist: loaders and GPU process are still starting up."""
+    proc = start(long_run_model)
+    kids, run_id = wait_for_children(proc, ALL)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == code, err
+    assert_nothing_left(run_id, kids)
+
+
+def test_signal_during_prefill(tmp_path):
+    """A long prompt through a slow pipeline; the signal lands before the first token."""
+    d = tmp_path / "p"
+    make_hf_checkpoint(d, num_hidden_layers=6, hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
+                       num_key_value_heads=4, head_dim=64, max_position_embeddings=4096)
+    write_tokenizer(d)
+    prompt = " ".join(f"w{3 + i % 100}" for i in range(3000))
+    proc = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "generate", "--model", str(d), "--device", "cpu",
+                             "--no-chat", "--prompt", prompt, "--max-new-tokens", "50", "--loaders", "1",
+                             "--set", "CPU_CAP_VALUE=2", "--set", "GPU_AHEAD_LAYERS=1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    kids, run_id = wait_for_children(proc, ("ringllm-coord", "ringllm-gpu", "ringllm-load0"))
+    time.sleep(5.0)          # started, inside the 3000-token prefill (over 10 s on 2 cores)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143, err
+    assert out == ""         # no token yet: the signal landed before the prefill finished
+    assert_nothing_left(run_id, kids)
+
+
+def test_two_runs_at_once_do_not_interfere(small):
+    args = ["generate", "--model", str(small), "--device", "cpu", "--no-chat", "--prompt", "w7 w8 w9",
+            "--max-new-tokens", "20", "--loaders", "2", "--set", "CPU_CAP_VALUE=2", "--set", "GPU_AHEAD_LAYERS=1"]
+    procs = [subprocess.Popen([sys.executable, "-m", "coordinator.cli", *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1] for o in outs]
+    ref = cli("generate", "--model", str(small), "--device", "cpu", "--no-chat", "--prompt", "w7 w8 w9",
+              "--max-new-tokens", "20", "--resident")
+    assert outs[0][0] == outs[1][0] == ref.stdout
+
+
+def error_line(r):
+    lines = [l for l in r.stderr.splitlines() if l.startswith("ringllm: error:")]
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("params,needle", [
+    (["--set", "WSM_CPU_CACHE_LWM_LAYERS=9", "--set", "WSM_CPU_CACHE_HWM_LAYERS=5"],
+     "WSM_CPU_CACHE_LWM_LAYERS=9 must be below WSM_CPU_CACHE_HWM_LAYERS=5"),
+    (["--set", "CPU_CAP_VALUE=2", "--set", "GPU_AHEAD_LAYERS=4"],
+     "CPU_CAP_VALUE=2 is smaller than the GPU look-ahead of 4 layers"),
+    (["--loaders", "0"], "--loaders 0: at least one loader is needed"),
+    (["--set", "CPU_CAP_VALUE=many"], "CPU_CAP_VALUE='many' (--set): must be an integer"),
+    (["--set", "NO_SUCH_KNOB=1"], "unknown parameter NO_SUCH_KNOB"),
+    (["--set", "CPU_CAP_VALUE=200000"], "of DRAM is available"),
+])
+def test_bad_parameters_and_limits(small, params, needle):
+    r = cli("generate", "--model", str(small), "--device", "cpu", "--max-new-tokens", "2", *params)
+    assert needle in error_line(r)
+    assert not list(Path("/dev/shm").glob("ringllm-*"))
+
+
+def test_unsupported_config(small):
+    cfg = json.loads((small / "config.json").read_text())
+    cfg["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
+    cfg.pop("rope_parameters", None)
+    (small / "config.json").write_text(json.dumps(cfg))
+    assert "rope scaling type 'yarn' is not supported" in error_line(
+        cli("generate", "--model", str(small), "--device", "cpu"))
+
+
+def test_missing_shard_named_in_index(tmp_path):
+    d = tmp_path / "s"
+    make_hf_checkpoint(d, max_shard_size="40KB", num_hidden_layers=2)
+    write_tokenizer(d)
+    victim = sorted(d.glob("*.safetensors"))[1]
+    victim.unlink()
+    assert f"{victim}: shard named in model.safetensors.index.json is missing" in error_line(
+        cli("generate", "--model", str(d), "--device", "cpu"))
+
+
+def test_shard_that_is_a_directory_is_unreadable(tmp_path):
+    d = tmp_path / "s"
+    make_hf_checkpoint(d, num_hidden_layers=2)
+    write_tokenizer(d)
+    (d / "model.safetensors").unlink()
+    (d / "model.safetensors").mkdir()
+    assert "model.safetensors: cannot read" in error_line(cli("generate", "--model", str(d), "--device", "cpu"))
