@@ -44,10 +44,14 @@ def _add_generate(sub) -> None:
                    help="loader processes (default: from the CPU count and the disk)")
     p.add_argument("--gpu-mem", default=None,
                    help="cap on what the GPU process allocates, e.g. 24GiB (checked before the run)")
-    p.add_argument("--preset", choices=("conservative", "balanced", "aggressive"), default=None,
-                   help="the user guide's presets (24/40/80 GB GPU classes)")
+    p.add_argument("--preset", choices=("conservative", "balanced", "aggressive", "auto"), default=None,
+                   help="the user guide's presets (24/40/80 GB GPU classes), or auto: chosen for this machine")
+    p.add_argument("--measure", action="store_true", help="with --preset auto: also measure disk and H2D GB/s")
+    p.add_argument("--dram-limit", default=None, help="with --preset auto: DRAM the ring may use (default: available)")
     p.add_argument("--set", dest="params", action="append", default=[], metavar="NAME=VALUE",
                    help="set an engine parameter by its guide name, e.g. --set CPU_CAP_VALUE=16")
+    p.add_argument("--metrics-json", type=Path, default=None,
+                   help="write the run's metrics here at the end (tokens/s, ring, bytes, memory)")
     p.add_argument("-v", "--verbose", action="store_true")
 
 
@@ -58,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     sub.add_parser("pull-demo", help="import the built-in demo model (SmolLM2-135M-Instruct) into the cache")
+
+    tp = sub.add_parser("top", help="watch a running ringllm: window, ring slots, loaders, copies, tokens/s")
+    tp.add_argument("--run", default=None, help="run id (default: the newest live run)")
+    tp.add_argument("--interval", type=float, default=0.5)
+    tp.add_argument("--once", action="store_true", help="print one snapshot and exit")
 
     cl = sub.add_parser("cleanup", help="remove what killed runs left: shared memory, message queues, processes")
     cl.add_argument("--all", action="store_true", help="also the resources of runs that are still alive")
@@ -167,10 +176,82 @@ def build_engine_config(args, model_dir):
         if not sep:
             raise RingllmError(f"--set {item!r}: expected NAME=VALUE")
         overrides[name.strip()] = value.strip()
+    loaders = args.loaders if args.loaders is not None else default_loader_count(model_dir)
+    gpu_mem = parse_bytes(args.gpu_mem) if args.gpu_mem is not None else None
+    preset_values = None
+    if args.preset == "auto":
+        preset_values = auto_preset(args, model_dir, loaders, gpu_mem)
+        if args.loaders is None:
+            loaders = preset_values.pop("loaders")
+        else:
+            preset_values.pop("loaders")
     return build_config(
-        preset=args.preset, env=env_parameters(), overrides=overrides,
-        loaders=args.loaders if args.loaders is not None else default_loader_count(model_dir),
-        gpu_mem=parse_bytes(args.gpu_mem) if args.gpu_mem is not None else None)
+        preset=None if args.preset == "auto" else args.preset, preset_values=preset_values, env=env_parameters(),
+        overrides=overrides, loaders=loaders, gpu_mem=gpu_mem)
+
+
+def auto_preset(args, model_dir, loaders: int, gpu_mem: int | None) -> dict:
+    """--preset auto: measure what is asked, choose, print the choices with their reasons."""
+    import psutil
+
+    from checkpoint.layout import load_layout
+    from coordinator.autotune import Machine, auto_tune
+    from coordinator.config import parse_bytes
+
+    layout = load_layout(model_dir)
+    device = getattr(args, "device", None) or ("cuda" if _cuda_available() else "cpu")
+    dram = psutil.virtual_memory().available
+    if args.dram_limit is not None:
+        dram = min(dram, parse_bytes(args.dram_limit))
+    if gpu_mem is not None:
+        budget = gpu_mem
+    elif device == "cuda":
+        budget = int(0.9 * _free_gpu_bytes())
+    else:
+        budget = dram // 2          # on the CPU the "GPU" memory is DRAM too
+    h2d = disk = None
+    if args.measure:
+        from tools.bench import measure_disk
+        from shm.slot_plan import file_table, plan_model
+        files = file_table(plan_model(layout))
+        per = {k: measure_disk(files, k, max_bytes=2 * 2**30, max_seconds=3.0)[0] for k in (1, 2, 4, 8)}
+        loaders = max(per, key=per.get)
+        disk = per[loaders]
+        h2d = _measure_h2d(device)
+    machine = Machine(budget, dram, loaders, h2d, disk)
+    prompt_len = 2048 if not getattr(args, "prompt", None) else 4096
+    max_seq = min(layout.config.max_position_embeddings,
+                  getattr(args, "max_new_tokens", 256) + prompt_len)
+    values, reasons = auto_tune(layout, machine, 1, max_seq, layout_dtype_name(layout), device == "cuda")
+    print(f"[ringllm] --preset auto for {model_dir} on {device}:", file=sys.stderr)
+    for line in reasons:
+        print(f"[ringllm]   {line}", file=sys.stderr)
+    return values
+
+
+def layout_dtype_name(layout) -> str:
+    return {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[layout.dtype]
+
+
+def _cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def _free_gpu_bytes() -> int:
+    """Free GPU memory, asked of a short-lived process: the supervisor keeps no CUDA context."""
+    import subprocess
+    out = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.mem_get_info()[0])"],
+                         capture_output=True, text=True, timeout=120)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def _measure_h2d(device: str) -> float:
+    import subprocess
+    code = ("import torch; from tools.bench import measure_h2d; "
+            f"print(measure_h2d(torch.device('{device}'), {8 * 2**30 if device == 'cuda' else 2**30}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 
@@ -187,7 +268,40 @@ def run_streaming(args, layout, model_dir, prompts, sampling, eos_ids, device, d
     sup = Supervisor(layout, engine, device.type, dtype_name, verbose=args.verbose)
     result = sup.run(prompts, args.max_new_tokens, sampling, eos_ids, on_tokens)
     log_summary(result)
+    if args.metrics_json is not None:
+        import json
+        args.metrics_json.write_text(json.dumps(run_metrics(result, engine), indent=1) + "\n")
     return result.outputs
+
+
+def run_metrics(result, engine) -> dict:
+    """The end-of-run metrics (`--metrics-json`): one flat, documented dictionary."""
+    g, c, info = result.gpu, result.coordinator, result.gpu_info
+    secs = g.get("seconds") or 0.0
+    steps = g.get("decode_steps") or 0
+    read_s = c.get("disk_read_seconds") or 0.0
+    return {
+        "device": info.get("name") or info.get("device"),
+        "new_tokens": g.get("new_tokens", 0),
+        "seconds": secs,
+        "tokens_per_second": g.get("new_tokens", 0) / secs if secs else None,
+        "seconds_per_token": g["decode_seconds"] / steps if steps else None,
+        "time_to_first_token_s": g.get("first_token_seconds"),
+        "ring_hits": c.get("ring_hits"), "ring_misses": c.get("ring_misses"),
+        "ring_loads": c.get("ring_loads"), "ring_evictions": c.get("ring_evictions"),
+        "disk_bytes": c.get("disk_bytes"),
+        "disk_gbps": c.get("disk_bytes", 0) / secs / 1e9 if secs else None,
+        "disk_gbps_per_reader_busy": c.get("disk_bytes", 0) / read_s / 1e9 if read_s else None,
+        "h2d_bytes": g.get("h2d_bytes"),
+        "h2d_gbps": g.get("h2d_bytes", 0) / secs / 1e9 if secs else None,
+        "wait_for_weights_s": g.get("wait_seconds"),
+        "peak_gpu_bytes": g.get("peak_gpu_bytes"),
+        "gpu_resident_layers": info.get("resident_layers"),
+        "pinned_bytes": max((p["peak_locked"] for p in result.processes.values()), default=0),
+        "processes": result.processes,
+        "loader_restarts": result.loader_restarts,
+        "engine": engine.as_dict(),
+    }
 
 
 def log_summary(result) -> None:
@@ -256,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "bench":
             return cmd_bench(args)
+        if args.command == "top":
+            from tools.top import run_top
+            return run_top(args.run, args.interval, args.once)
         if args.command == "cleanup":
             return cmd_cleanup(args)
         if args.command == "pull-demo":

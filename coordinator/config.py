@@ -90,14 +90,16 @@ def _parse_int(name: str, value: str, source: str) -> int:
 
 
 def build_config(preset: str | None = None, env: dict | None = None, overrides: dict | None = None,
-                 **flags) -> EngineConfig:
-    """preset < env (user's names) < overrides (user's names, from --set) < flags (field names)."""
+                 preset_values: dict | None = None, **flags) -> EngineConfig:
+    """preset (or preset_values, from --preset auto) < env (user's names) < overrides (user's
+    names, from --set) < flags (field names)."""
     values: dict = {}
     given: dict[str, tuple[str, int, str]] = {}   # field -> (name, value, source) for alias checks
     if preset is not None:
         if preset not in PRESETS:
             raise RingllmError(f"--preset {preset!r}: one of {', '.join(PRESETS)}")
         values.update(PRESETS[preset])
+    values.update(preset_values or {})
 
     def apply(source: str, mapping: dict, layer_given: dict):
         for name, raw in mapping.items():

@@ -15,6 +15,7 @@ from shm.channel import (Channel, ChunkDone, Fatal, LoaderRestarted, Mark, Outbo
                          ResidentLayers,
                          Shutdown, SlotReady, Stats, StatsRequest, Want)
 from shm.ring import READY, Ring
+from shm.stats import StatsPage
 from shm.slot_plan import LayerPlan
 from workers.process_setup import child_start, parent_alive, stop_requested
 
@@ -36,6 +37,7 @@ class CoordinatorArgs:
     engine: object          # EngineConfig
     verbose: bool = False
     tamper_at_offer: int = -1   # tests: rewrite this offer's slot generation in the header first
+    stats_name: str = ""        # the run's stats page (shm.stats)
 
 
 class Coordinator:
@@ -58,6 +60,7 @@ class Coordinator:
         self.mark: dict | None = None
         self.started = False          # no loads until the GPU process said which layers stream
         self.offers_sent = 0
+        self.page = StatsPage(args.stats_name) if args.stats_name else None
         self.header = [ring.read_slot(s) for s in range(ring.slot_count)]
 
     def handle(self, msg) -> bool:
@@ -117,6 +120,11 @@ class Coordinator:
         for box in (*self.loaders, self.gpu):
             box.flush()
         self._log_window()
+        if self.page is not None:
+            window, st = self.policy.window(), self.policy.stats
+            self.page.coordinator(self.policy.compute_step, window[0] if window else -1,
+                                  window[-1] if window else -1, st.hits, st.misses, self.bytes_read,
+                                  self.args.engine.cpu_cap, self.args.engine.cpu_ring_offset)
 
     def _log_window(self) -> None:
         layer = self.policy.compute_step % self.args.num_layers

@@ -33,6 +33,7 @@ from coordinator.process import CoordinatorArgs, coordinator_main
 from shm.channel import Channel, Fatal, Finished, LoaderRestarted, Ready, Shutdown, Stats, StatsRequest, Tokens
 from shm.resources import SHM_DIR, RunNames, new_run_id, sweep, unlink_all
 from shm.ring import Ring, ring_bytes
+from shm.stats import DONE, RUNNING, StatsPage
 from shm.slot_plan import align_up, file_table, plan_model
 from workers.gpu_process import GpuArgs, gpu_main
 from workers.loader import LoaderArgs, loader_main
@@ -52,6 +53,22 @@ class RunResult:
     coordinator: dict = field(default_factory=dict)
     gpu_info: dict = field(default_factory=dict)
     loader_restarts: int = 0
+    processes: dict = field(default_factory=dict)   # role -> pid, peak RSS, peak locked (pinned) bytes
+
+
+def _memory_of(pid: int) -> tuple[int, int]:
+    """(RSS, VmLck) of a process in bytes; VmLck counts pinned pages (cudaHostRegister, mlock)."""
+    rss = locked = 0
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    rss = int(line.split()[1]) * 1024
+                elif line.startswith("VmLck:"):
+                    locked = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return rss, locked
 
 
 def plan_ring(layout: ModelLayout, engine: EngineConfig):
@@ -102,6 +119,8 @@ class Supervisor:
         self.restarts: deque[float] = deque()
         self.result = RunResult()
         self.signalled: int | None = None
+        self.page: StatsPage | None = None
+        self.tokens_seen = 0
 
     # --- lifecycle -----------------------------------------------------------------------------
     def run(self, prompts, max_new_tokens: int, sampling, eos_ids,
@@ -161,6 +180,9 @@ class Supervisor:
                 "all of a user's queues share RLIMIT_MSGQUEUE (ulimit -q): fewer --loaders or fewer "
                 "concurrent runs") from None
         self.inbox = self.channels[self.names.sup_queue]
+        self.page = StatsPage(self.names.stats_segment, create=True, layers=self.layout.config.num_layers,
+                              loaders=self.engine.loaders, slots=self.engine.ring_slots)
+        self.page.supervisor(0, os.getpid())
         log.info("ring: %d slots x %.1f MiB = %.2f GiB in %s; %d loader(s)", self.engine.ring_slots,
                  self.slot_size / 2**20, self.ring_total / 2**30, self.names.segment, self.engine.loaders)
 
@@ -174,21 +196,21 @@ class Supervisor:
         n = self.names
         return LoaderArgs(index, os.getpid(), n.segment, n.loader_queues[index], n.coord_queue, n.sup_queue,
                           tuple(self.files), self.verbose, self.fault_after_chunks.get(index, -1), *self.chaos,
-                          crash_on_chunk=self.crash_loaders_at)
+                          crash_on_chunk=self.crash_loaders_at, stats_name=n.stats_segment)
 
     def _start_all(self, prompts, max_new_tokens, sampling, eos_ids) -> None:
         n, pid = self.names, os.getpid()
         self._spawn("coordinator", coordinator_main, CoordinatorArgs(
             pid, n.segment, n.coord_queue, n.gpu_queue, n.sup_queue, tuple(n.loader_queues),
             self.layout.config.num_layers, tuple(self.plans), tuple(self.files), self.engine, self.verbose,
-            tamper_at_offer=self.tamper_at_offer))
+            tamper_at_offer=self.tamper_at_offer, stats_name=n.stats_segment))
         for i in range(self.engine.loaders):
             self._spawn(f"loader{i}", loader_main, self._loader_args(i))
         self._spawn("gpu", gpu_main, GpuArgs(
             pid, n.segment, n.gpu_queue, n.coord_queue, n.sup_queue, self.layout, tuple(self.plans),
             self.engine, self.device, self.dtype, tuple(tuple(p) for p in prompts), max_new_tokens,
             sampling, tuple(eos_ids), self.verbose, *self.chaos, profile_trace=self.profile_trace,
-            fill_ring_first=self.fill_ring_first))
+            fill_ring_first=self.fill_ring_first, stats_name=n.stats_segment))
 
     def _serve(self, on_tokens) -> None:
         ready: set[str] = set()
@@ -200,20 +222,39 @@ class Supervisor:
                 ready.add(f"{msg.role}{msg.index if msg.role == 'loader' else ''}")
                 if msg.role == "gpu":
                     self.result.gpu_info = msg.info
+                    self.page.set_status(RUNNING)
                     if msg.info.get("name"):
                         log.info("GPU process ready on %s (%s, %.1f GiB free)", msg.info["name"], msg.info["device"],
                                  msg.info.get("free_bytes", 0) / 2**30)
             elif isinstance(msg, Tokens):
+                self.tokens_seen += 1
+                self.page.supervisor(self.tokens_seen, os.getpid())
                 on_tokens(msg.tokens)
             elif isinstance(msg, Fatal):
                 raise RingllmError(f"{msg.role}{msg.index if msg.role == 'loader' else ''}: {msg.text}")
             elif isinstance(msg, Finished):
+                self._sampled_at = 0.0
+                self._sample_memory()
                 self.result.gpu = msg.stats
                 self.result.coordinator = self._coordinator_stats()
                 return
             self._watch()
+            self._sample_memory()
             if "gpu" not in ready and time.monotonic() - started > STARTUP_TIMEOUT_S:
                 raise RingllmError(f"the GPU process did not become ready within {STARTUP_TIMEOUT_S:.0f} s")
+
+    def _sample_memory(self) -> None:
+        now = time.monotonic()
+        if now - getattr(self, "_sampled_at", 0.0) < 1.0:
+            return
+        self._sampled_at = now
+        for key, proc in [("supervisor", None), *self.procs.items()]:
+            pid = os.getpid() if proc is None else proc.pid
+            rss, locked = _memory_of(pid)
+            entry = self.result.processes.setdefault(key, {"pid": pid, "peak_rss": 0, "peak_locked": 0})
+            entry["pid"] = pid
+            entry["peak_rss"] = max(entry["peak_rss"], rss)
+            entry["peak_locked"] = max(entry["peak_locked"], locked)
 
     def _watch(self) -> None:
         """Notice dead children: restart a loader (within limits), end the run for anything else."""
@@ -277,6 +318,9 @@ class Supervisor:
     def _unlink(self) -> None:
         if self.names is None:
             return
+        if self.page is not None:
+            self.page.set_status(DONE)    # a watching `ringllm top` sees the end before the page goes
+            self.page.close()
         for ch in self.channels.values():
             ch.close()
         if self.ring is not None:

@@ -29,6 +29,7 @@ class RunNames:
     run_id: str
     num_loaders: int
     segment: str = field(init=False)
+    stats_segment: str = field(init=False)
     sup_queue: str = field(init=False)
     coord_queue: str = field(init=False)
     gpu_queue: str = field(init=False)
@@ -37,6 +38,7 @@ class RunNames:
     def __post_init__(self):
         base = f"/{PREFIX}{self.run_id}"
         self.segment = base + "-ring"
+        self.stats_segment = base + "-stats"
         self.sup_queue = base + "-sup"
         self.coord_queue = base + "-coord"
         self.gpu_queue = base + "-gpu"
@@ -48,7 +50,7 @@ class RunNames:
 
     @property
     def segments(self) -> list[str]:
-        return [self.segment]
+        return [self.segment, self.stats_segment]
 
     @property
     def manifest_path(self) -> Path:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from shm.channel import Channel, Fatal, Finished, Mark, Ready, ResidentLayers, Tokens
 from shm.ring import Ring, prefault
+from shm.stats import StatsPage
 from workers.process_setup import child_start
 
 log = logging.getLogger("ringllm.gpu")
@@ -35,6 +36,7 @@ class GpuArgs:
     chaos_delay_s: float = 0.0
     profile_trace: str | None = None   # write a Chrome trace (torch.profiler) of the generation here
     fill_ring_first: bool = False  # bench: wait until the ring holds what it can before timing starts
+    stats_name: str = ""           # the run's stats page (shm.stats)
 
 
 def _register(ring_tensor, nbytes: int) -> None:
@@ -126,8 +128,10 @@ def gpu_main(args: GpuArgs) -> None:
         if keep:
             log.info("layers 0..%d stay on the GPU (%d of %d); the other %d stream", keep - 1, keep, n, n - keep)
         reader.start()
+        page = StatsPage(args.stats_name) if args.stats_name else None
         source = StreamingSource(args.layout, list(args.plans), args.engine, ring, ring_tensor, device,
-                                 coord, reader, resident=resident_groups, chaos=(args.chaos_seed, args.chaos_delay_s))
+                                 coord, reader, resident=resident_groups, chaos=(args.chaos_seed, args.chaos_delay_s),
+                                 stats_page=page)
         sup.send(Ready("gpu", 0, info))
         model = Llama(args.layout.config, resident, source, dtype, device)
         # Pay the one-time kernel costs now, while the loaders fill the ring, not in the first pass.
@@ -148,6 +152,8 @@ def gpu_main(args: GpuArgs) -> None:
 
         def on_tokens(tokens):
             token_at.append(time.perf_counter())   # after sampling: the pass is complete
+            source.tokens += 1
+            source.publish(force=True)
             sup.send(Tokens(tokens), timeout=args.engine.wait_timeout_s)
 
         profiler = None

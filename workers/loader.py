@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from shm.channel import Channel, ChunkDone, Fatal, LoaderRestarted, ReadJob, Ready, Shutdown
 from shm.ring import Ring
+from shm.stats import StatsPage
 from workers.process_setup import child_start, parent_alive, stop_requested
 
 log = logging.getLogger("ringllm.loader")
@@ -34,6 +35,7 @@ class LoaderArgs:
     chaos_seed: int = 0            # tests: random delay before each chunk, up to chaos_delay_s
     chaos_delay_s: float = 0.0
     crash_on_chunk: int = -1       # tests: die (exit 1, no goodbye) when this chunk arrives
+    stats_name: str = ""           # the run's stats page (shm.stats)
 
 
 class FileCache:
@@ -97,6 +99,8 @@ def loader_main(args: LoaderArgs) -> None:
     files = FileCache()
     view = ring.view()
     chunks = 0
+    total_bytes, busy = 0, 0.0
+    page = StatsPage(args.stats_name) if args.stats_name else None
     chaos = random.Random(args.chaos_seed * 1000 + args.index)
     try:
         sup.send(Ready("loader", args.index, {"pid": os.getpid()}))
@@ -123,6 +127,10 @@ def loader_main(args: LoaderArgs) -> None:
                                f"{path}: read error at offset {msg.file_offset} ({err.strerror or err})"[-900:]))
                 return
             chunks += 1
+            total_bytes += nbytes
+            busy += time.perf_counter() - t0
+            if page is not None:
+                page.loader(args.index, total_bytes, busy, chunks)
             coord.send(ChunkDone(msg.job, args.index, nbytes, time.perf_counter() - t0, direct),
                        timeout=30)
     finally:

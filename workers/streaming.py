@@ -98,7 +98,7 @@ class InboxReader(threading.Thread):
 class StreamingSource:
     def __init__(self, layout: ModelLayout, plans: list[LayerPlan], engine, ring: Ring,
                  ring_tensor: torch.Tensor, device: torch.device, coord: Channel, inbox: InboxReader,
-                 resident: dict | None = None, chaos: tuple[int, float] = (0, 0.0)):
+                 resident: dict | None = None, chaos: tuple[int, float] = (0, 0.0), stats_page=None):
         self.layout, self.plans, self.engine = layout, plans, engine
         self.ring, self.ring_tensor, self.device = ring, ring_tensor, device
         self.coord, self.inbox = coord, inbox
@@ -129,6 +129,7 @@ class StreamingSource:
         self.stats = StreamStats()
         self.logged_at = 0.0
         self.chaos_rng, self.chaos_delay = random.Random(chaos[0]), chaos[1]   # tests only
+        self.page, self.published_at, self.tokens = stats_page, 0.0, 0
 
     @staticmethod
     def buffer_bytes(layout: ModelLayout, engine) -> int:
@@ -243,6 +244,19 @@ class StreamingSource:
         self._issue_copies(compute)
         self._release_slots()
         self._log_groups()
+        self.publish()
+
+    def publish(self, force: bool = False) -> None:
+        """Update the stats page for `ringllm top` (at most 20 times a second)."""
+        now = time.monotonic()
+        if self.page is None or (not force and now - self.published_at < 0.05):
+            return
+        self.published_at = now
+        in_flight = sum(1 for gc in self.copies.values() if not gc.complete())
+        used = sum(len(b) - len(self.free[k]) for k, b in self.buffers.items())
+        total = sum(len(b) for b in self.buffers.values())
+        self.page.gpu(self.tokens, self.stats.h2d_bytes, in_flight, used, total, self.resident_count,
+                      self.stats.wait_seconds, max(self.step, 0))
 
     def _issue_copies(self, compute: int) -> None:
         if self.streamed_count == 0:
