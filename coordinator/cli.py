@@ -167,7 +167,7 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def build_engine_config(args, model_dir):
+def build_engine_config(args, model_dir, max_seq: int = 2048):
     from coordinator.config import build_config, default_loader_count, env_parameters, parse_bytes
 
     overrides = {}
@@ -180,7 +180,7 @@ def build_engine_config(args, model_dir):
     gpu_mem = parse_bytes(args.gpu_mem) if args.gpu_mem is not None else None
     preset_values = None
     if args.preset == "auto":
-        preset_values = auto_preset(args, model_dir, loaders, gpu_mem)
+        preset_values = auto_preset(args, model_dir, loaders, gpu_mem, max_seq)
         if args.loaders is None:
             loaders = preset_values.pop("loaders")
         else:
@@ -190,7 +190,7 @@ def build_engine_config(args, model_dir):
         overrides=overrides, loaders=loaders, gpu_mem=gpu_mem)
 
 
-def auto_preset(args, model_dir, loaders: int, gpu_mem: int | None) -> dict:
+def auto_preset(args, model_dir, loaders: int, gpu_mem: int | None, max_seq: int) -> dict:
     """--preset auto: measure what is asked, choose, print the choices with their reasons."""
     import psutil
 
@@ -219,9 +219,6 @@ def auto_preset(args, model_dir, loaders: int, gpu_mem: int | None) -> dict:
         disk = per[loaders]
         h2d = _measure_h2d(device)
     machine = Machine(budget, dram, loaders, h2d, disk)
-    prompt_len = 2048 if not getattr(args, "prompt", None) else 4096
-    max_seq = min(layout.config.max_position_embeddings,
-                  getattr(args, "max_new_tokens", 256) + prompt_len)
     values, reasons = auto_tune(layout, machine, 1, max_seq, layout_dtype_name(layout), device == "cuda")
     print(f"[ringllm] --preset auto for {model_dir} on {device}:", file=sys.stderr)
     for line in reasons:
@@ -260,9 +257,9 @@ def run_streaming(args, layout, model_dir, prompts, sampling, eos_ids, device, d
     from coordinator.supervisor import Supervisor
     from workers.memory_plan import check_gpu_cap, plan_gpu_memory
 
-    engine = build_engine_config(args, model_dir)
-    dtype_name = str(dtype).removeprefix("torch.")
     max_seq = max(len(p) for p in prompts) + args.max_new_tokens
+    engine = build_engine_config(args, model_dir, max_seq)
+    dtype_name = str(dtype).removeprefix("torch.")
     plan = plan_gpu_memory(layout, engine, len(prompts), max_seq, dtype_name, embed_on_host=device.type == "cuda")
     check_gpu_cap(plan, engine.gpu_mem, engine)
     sup = Supervisor(layout, engine, device.type, dtype_name, verbose=args.verbose)
@@ -343,7 +340,7 @@ def cmd_bench(args) -> int:
     from tools.bench import bench, format_table
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    engine = build_engine_config(args, args.model)
+    engine = build_engine_config(args, args.model, max(args.prompt_tokens + args.decode_tokens, args.prefill_tokens + 1))
     report = bench(args.model, device, parse_bytes(args.gpu_mem), engine, args.decode_tokens, args.prompt_tokens,
                    args.prefill_tokens, [p for p in args.peers.split(",") if p],
                    log=lambda m: print(m, file=sys.stderr, flush=True), loaders_fixed=args.loaders is not None)

@@ -212,12 +212,39 @@ class Supervisor:
             sampling, tuple(eos_ids), self.verbose, *self.chaos, profile_trace=self.profile_trace,
             fill_ring_first=self.fill_ring_first, stats_name=n.stats_segment))
 
+    def _first_pass_bar(self):
+        """A progress bar on stderr for the first pass (slow on a big model: the ring fills from
+        disk), only on a terminal; returns (update, stop)."""
+        if not sys.stderr.isatty():
+            return (lambda: None), (lambda: None)
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        n = self.layout.config.num_layers
+        bar = Progress(TextColumn("first pass"), BarColumn(), TextColumn("layer {task.completed:.0f}/{task.total:.0f}"),
+                       TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+        task = bar.add_task("first pass", total=n)
+        bar.start()
+
+        def update():
+            bar.update(task, completed=min(n, self.page.read()["coord"]["step"]))
+        return update, bar.stop
+
     def _serve(self, on_tokens) -> None:
         ready: set[str] = set()
         started = time.monotonic()
+        bar_update, bar_stop = self._first_pass_bar()
+        try:
+            self._serve_loop(on_tokens, ready, started, bar_update, bar_stop)
+        finally:
+            bar_stop()
+
+    def _serve_loop(self, on_tokens, ready, started, bar_update, bar_stop) -> None:
         while True:
             msg = self.inbox.receive(timeout=0.1)
             self._raise_if_signalled()
+            if not self.tokens_seen:
+                bar_update()
             if isinstance(msg, Ready):
                 ready.add(f"{msg.role}{msg.index if msg.role == 'loader' else ''}")
                 if msg.role == "gpu":
@@ -227,6 +254,8 @@ class Supervisor:
                         log.info("GPU process ready on %s (%s, %.1f GiB free)", msg.info["name"], msg.info["device"],
                                  msg.info.get("free_bytes", 0) / 2**30)
             elif isinstance(msg, Tokens):
+                if not self.tokens_seen:
+                    bar_stop()
                 self.tokens_seen += 1
                 self.page.supervisor(self.tokens_seen, os.getpid())
                 on_tokens(msg.tokens)

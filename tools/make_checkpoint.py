@@ -91,7 +91,9 @@ def write_tokenizer(out: Path, vocab_size: int) -> None:
 
 def make_checkpoint(out: Path, shape_name: str, layers: int | None = None, dtype_name: str = "bfloat16",
                     shard_bytes: int = 5 * 10**9, seed: int = 0, device: str | None = None,
-                    progress: bool = True) -> Path:
+                    progress: bool = True, sparse: bool = False) -> Path:
+    """sparse=True writes the headers and leaves the data as holes (zeros): real sizes, no disk
+    space, no time; for tests that plan with real shapes."""
     if shape_name not in SHAPES:
         raise RingllmError(f"--shape {shape_name!r}: one of {', '.join(SHAPES)}")
     shape = dict(SHAPES[shape_name])
@@ -121,6 +123,9 @@ def make_checkpoint(out: Path, shape_name: str, layers: int | None = None, dtype
         raw += b" " * (-len(raw) % 8)
         with open(out / fname, "wb") as f:
             f.write(struct.pack("<Q", len(raw)) + raw)
+            if sparse:
+                f.truncate(8 + len(raw) + offset)
+                continue
             for name, shp in shard:
                 t = _random(shp, dtype, device, gen).cpu()
                 f.write(memoryview(t.view(torch.uint8).numpy()))
