@@ -88,6 +88,27 @@ def streamed(model_dir, prompts, max_new, dtype_name, trace=None, **engine):
     return result
 
 
+def _covered(spans, others) -> tuple[float, float]:
+    """(total length of `spans`, the part of it that lies inside the union of `others`)."""
+    import bisect
+
+    merged = []
+    for s, e, _ in sorted(others):
+        if merged and s <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], e)
+        else:
+            merged.append([s, e])
+    starts = [m[0] for m in merged]
+    total = covered = 0.0
+    for s, e, _ in spans:
+        total += e - s
+        i = max(0, bisect.bisect_right(starts, s) - 1)
+        while i < len(merged) and merged[i][0] < e:
+            covered += max(0.0, min(e, merged[i][1]) - max(s, merged[i][0]))
+            i += 1
+    return total, covered
+
+
 def overlap_from_trace(path: str) -> dict:
     """Share of HtoD memcpy time that overlaps compute kernels (on another stream)."""
     events = json.load(open(path))["traceEvents"]
@@ -101,38 +122,8 @@ def overlap_from_trace(path: str) -> dict:
             copies.append(span)
         elif cat == "kernel":
             kernels.append(span)
-    kernels.sort()
-    merged = []
-    for s, e, _ in kernels:
-        if merged and s <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], e)
-        else:
-            merged.append([s, e])
-    import bisect
-    starts = [m[0] for m in merged]
-    total = overlapped = 0.0
-    for s, e, _ in copies:
-        total += e - s
-        i = max(0, bisect.bisect_right(starts, s) - 1)
-        while i < len(merged) and merged[i][0] < e:
-            overlapped += max(0.0, min(e, merged[i][1]) - max(s, merged[i][0]))
-            i += 1
-    # and the other direction: how much compute time had a copy running beside it
-    copies_sorted = sorted(copies)
-    cmerged = []
-    for s, e, _ in copies_sorted:
-        if cmerged and s <= cmerged[-1][1]:
-            cmerged[-1][1] = max(cmerged[-1][1], e)
-        else:
-            cmerged.append([s, e])
-    cstarts = [m[0] for m in cmerged]
-    kernel_total = kernel_overlapped = 0.0
-    for s, e, _ in kernels:
-        kernel_total += e - s
-        i = max(0, bisect.bisect_right(cstarts, s) - 1)
-        while i < len(cmerged) and cmerged[i][0] < e:
-            kernel_overlapped += max(0.0, min(e, cmerged[i][1]) - max(s, cmerged[i][0]))
-            i += 1
+    total, overlapped = _covered(copies, kernels)            # copy time with compute beside it
+    kernel_total, kernel_overlapped = _covered(kernels, copies)   # compute time with a copy beside it
     copy_streams = sorted({str(c[2]) for c in copies})
     kernel_streams = sorted({str(k[2]) for k in kernels})
     return {"h2d_copies": len(copies), "h2d_ms": total / 1e3, "overlapped_ms": overlapped / 1e3,
