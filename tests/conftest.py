@@ -62,6 +62,18 @@ def write_tokenizer(path: Path, vocab_size: int = 128) -> None:
     }))
 
 
+def hf_greedy_cached(hf, prompt, steps: int) -> list[int]:
+    """transformers' own greedy decode with its KV cache (no EOS stop): the reference tokens."""
+    ids, out = torch.tensor([prompt]), []
+    with torch.no_grad():
+        step = hf(ids, use_cache=True)
+        for _ in range(steps):
+            tok = step.logits[0, -1].argmax()
+            out.append(int(tok))
+            step = hf(tok.view(1, 1), past_key_values=step.past_key_values, use_cache=True)
+    return out
+
+
 @pytest.fixture
 def tiny_checkpoint(tmp_path):
     """(model_dir, transformers model) for the default tiny config, with a tokenizer."""

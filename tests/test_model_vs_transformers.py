@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from checkpoint.layout import load_layout
-from tests.conftest import LLAMA3_ROPE, make_hf_checkpoint
+from tests.conftest import LLAMA3_ROPE, hf_greedy_cached, make_hf_checkpoint
 from workers.generation import Sampler, SamplingParams, generate
 from workers.model import KVCache, Llama
 from workers.resident import ResidentSource, load_resident_weights
@@ -121,13 +121,6 @@ def test_smollm2_greedy_32_tokens_match_transformers(demo_model_dir):
     codec = TextCodec(demo_model_dir, ours.cfg)
     prompt = codec.encode("Write a short poem about the sea.", chat=True)
     got = generate(ours, [prompt], 32, Sampler(SamplingParams(), CPU), eos_ids=[])[0]
-    ids, ref = torch.tensor([prompt]), []
-    with torch.no_grad():
-        out = hf(ids, use_cache=True)
-        for _ in range(32):
-            tok = out.logits[0, -1].argmax()
-            ref.append(int(tok))
-            out = hf(tok.view(1, 1), past_key_values=out.past_key_values, use_cache=True)
-    assert got == ref
+    assert got == hf_greedy_cached(hf, prompt, 32)
     assert "Paris" in codec.decode(generate(ours, [codec.encode("What is the capital of France?", True)], 16,
                                             Sampler(SamplingParams(), CPU), codec.eos_ids)[0])

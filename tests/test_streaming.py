@@ -10,7 +10,7 @@ import torch
 from checkpoint.layout import load_layout
 from coordinator.config import build_config
 from coordinator.supervisor import Supervisor
-from tests.conftest import LLAMA3_ROPE, make_hf_checkpoint
+from tests.conftest import LLAMA3_ROPE, hf_greedy_cached, make_hf_checkpoint
 from workers.generation import Sampler, SamplingParams, generate
 from workers.model import Llama
 from workers.resident import ResidentSource, load_resident_weights
@@ -99,14 +99,7 @@ def test_smollm2_streamed_matches_reference_and_transformers(demo_model_dir):
     result = stream_tokens(demo_model_dir, [prompt], 32, loaders=2, cpu_cap=12)
     assert result.outputs[0] == resident_tokens(demo_model_dir, [prompt], 32)[0]
     hf = AutoModelForCausalLM.from_pretrained(demo_model_dir, dtype=torch.float32).eval()
-    ids, ref = torch.tensor([prompt]), []
-    with torch.no_grad():
-        out = hf(ids, use_cache=True)
-        for _ in range(32):
-            tok = out.logits[0, -1].argmax()
-            ref.append(int(tok))
-            out = hf(tok.view(1, 1), past_key_values=out.past_key_values, use_cache=True)
-    assert result.outputs[0] == ref
+    assert result.outputs[0] == hf_greedy_cached(hf, prompt, 32)
 
 
 def test_bf16_streamed_equals_bf16_reference(demo_model_dir):
