@@ -65,18 +65,13 @@ class RunNames:
 def unlink_all(segments: list[str], queues: list[str]) -> list[str]:
     """Unlink what exists; return the names actually removed."""
     removed = []
-    for name in segments:
-        try:
-            posix_ipc.unlink_shared_memory(name)
-            removed.append(name)
-        except posix_ipc.ExistentialError:
-            pass
-    for name in queues:
-        try:
-            posix_ipc.unlink_message_queue(name)
-            removed.append(name)
-        except posix_ipc.ExistentialError:
-            pass
+    for names, unlink in ((segments, posix_ipc.unlink_shared_memory), (queues, posix_ipc.unlink_message_queue)):
+        for name in names:
+            try:
+                unlink(name)
+                removed.append(name)
+            except posix_ipc.ExistentialError:
+                pass
     return removed
 
 

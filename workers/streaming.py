@@ -137,9 +137,6 @@ class StreamingSource:
         sizes = layout.max_group_bytes
         return n_attn * sizes["attn"] + n_ffn * sizes["ffn"]
 
-    def reset_stats(self) -> None:
-        self.stats = StreamStats()
-
     # --- the WeightSource interface ------------------------------------------------------------
     def attn(self, layer: int) -> AttnWeights:
         return self._acquire(layer, 0)
@@ -252,16 +249,20 @@ class StreamingSource:
         if self.page is None or (not force and now - self.published_at < 0.05):
             return
         self.published_at = now
-        in_flight = sum(1 for gc in self.copies.values() if not gc.complete())
+        in_flight = self._in_flight()
         used = sum(len(b) - len(self.free[k]) for k, b in self.buffers.items())
         total = sum(len(b) for b in self.buffers.values())
         self.page.gpu(self.tokens, self.stats.h2d_bytes, in_flight, used, total, self.resident_count,
                       self.stats.wait_seconds, max(self.step, 0))
 
+    def _in_flight(self) -> int:
+        """Group copies issued and not yet complete (the copy stream's backlog)."""
+        return sum(1 for gc in self.copies.values() if not gc.complete())
+
     def _issue_copies(self, compute: int) -> None:
         if self.streamed_count == 0:
             return
-        backlog = sum(1 for gc in self.copies.values() if not gc.complete())
+        backlog = self._in_flight()
         last_g = 2 * self._horizon(compute, self.engine.balance_ahead) + 1
         first_pending = None
         for g in range(self.consumed + 1, last_g + 1):
