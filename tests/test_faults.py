@@ -107,7 +107,15 @@ def test_signal_during_prefill(tmp_path):
                              "--set", "CPU_CAP_VALUE=2", "--set", "GPU_AHEAD_LAYERS=1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     kids, run_id = wait_for_children(proc, ("ringllm-coord", "ringllm-gpu", "ringllm-load0"))
-    time.sleep(5.0)          # started, inside the 3000-token prefill (over 10 s on 2 cores)
+    # The GPU process reports ready (stats page: RUNNING) right before the 3000-token prefill,
+    # which takes seconds here: signal then, with no token produced yet.
+    from shm.stats import RUNNING, StatsPage
+    page = StatsPage(f"/ringllm-{run_id}-stats")
+    deadline = time.monotonic() + 60
+    while page.read()["status"] != RUNNING and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert page.read()["tokens"] == 0
+    page.close()
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 143, err
