@@ -294,7 +294,13 @@ def run_metrics(result, engine) -> dict:
         "wait_for_weights_s": g.get("wait_seconds"),
         "peak_gpu_bytes": g.get("peak_gpu_bytes"),
         "gpu_resident_layers": info.get("resident_layers"),
-        "pinned_bytes": max((p["peak_locked"] for p in result.processes.values()), default=0),
+        # pinned (page-locked) host memory: what the GPU process registered with CUDA, the peak
+        # seen (machine-wide FOLL_PIN counters, else per-process VmLck/VmPin), and what was still
+        # pinned after every process exited (0 = all returned; None where the kernel cannot say)
+        "pinned_registered_bytes": info.get("registered_bytes", 0),
+        "pinned_bytes": max([result.pinned_peak_bytes or 0,
+                             *(max(p["peak_locked"], p["peak_pinned"]) for p in result.processes.values())]),
+        "pinned_left_after_run_bytes": result.pinned_left_bytes,
         "processes": result.processes,
         "loader_restarts": result.loader_restarts,
         "engine": engine.as_dict(),

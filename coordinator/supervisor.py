@@ -31,7 +31,7 @@ from checkpoint.layout import ModelLayout
 from coordinator.config import EngineConfig
 from coordinator.process import CoordinatorArgs, coordinator_main
 from shm.channel import Channel, Fatal, Finished, LoaderRestarted, Ready, Shutdown, Stats, StatsRequest, Tokens
-from shm.resources import SHM_DIR, RunNames, new_run_id, sweep, unlink_all
+from shm.resources import SHM_DIR, RunNames, new_run_id, sweep, system_pinned_bytes, unlink_all
 from shm.ring import Ring, ring_bytes
 from shm.stats import DONE, RUNNING, StatsPage
 from shm.slot_plan import align_up, file_table, plan_model
@@ -53,22 +53,26 @@ class RunResult:
     coordinator: dict = field(default_factory=dict)
     gpu_info: dict = field(default_factory=dict)
     loader_restarts: int = 0
-    processes: dict = field(default_factory=dict)   # role -> pid, peak RSS, peak locked (pinned) bytes
+    processes: dict = field(default_factory=dict)   # role -> pid, peak RSS, peak VmLck, peak VmPin
+    # machine-wide pinned bytes (shm.resources.system_pinned_bytes) above the level before the run:
+    # the peak while it ran, and what is left once every process has exited (0: all returned)
+    pinned_peak_bytes: int | None = None
+    pinned_left_bytes: int | None = None
 
 
-def _memory_of(pid: int) -> tuple[int, int]:
-    """(RSS, VmLck) of a process in bytes; VmLck counts pinned pages (cudaHostRegister, mlock)."""
-    rss = locked = 0
+def _memory_of(pid: int) -> dict[str, int]:
+    """RSS, VmLck (mlock) and VmPin (pages pinned by drivers that account for them) in bytes."""
+    fields = {"VmRSS:": "rss", "VmLck:": "locked", "VmPin:": "pinned"}
+    out = dict.fromkeys(fields.values(), 0)
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
-                    rss = int(line.split()[1]) * 1024
-                elif line.startswith("VmLck:"):
-                    locked = int(line.split()[1]) * 1024
+                key = fields.get(line.split(":", 1)[0] + ":")
+                if key:
+                    out[key] = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return rss, locked
+    return out
 
 
 def plan_ring(layout: ModelLayout, engine: EngineConfig):
@@ -121,11 +125,14 @@ class Supervisor:
         self.signalled: int | None = None
         self.page: StatsPage | None = None
         self.tokens_seen = 0
+        self._sampled_at = 0.0
+        self._pinned_before: int | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------
     def run(self, prompts, max_new_tokens: int, sampling, eos_ids,
             on_tokens: Callable[[list], None]) -> RunResult:
         check_dram(self.ring_total, self.engine)
+        self._pinned_before = system_pinned_bytes()
         swept = sweep()
         if swept:
             log.info("removed %d resource(s) left by an earlier run that was killed", len(swept))
@@ -152,6 +159,7 @@ class Supervisor:
         finally:
             self._stop()
             self._unlink()
+            self._account_pinned(final=True)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
@@ -274,16 +282,30 @@ class Supervisor:
 
     def _sample_memory(self) -> None:
         now = time.monotonic()
-        if now - getattr(self, "_sampled_at", 0.0) < 1.0:
+        if now - self._sampled_at < 1.0:
             return
         self._sampled_at = now
         for key, proc in [("supervisor", None), *self.procs.items()]:
             pid = os.getpid() if proc is None else proc.pid
-            rss, locked = _memory_of(pid)
-            entry = self.result.processes.setdefault(key, {"pid": pid, "peak_rss": 0, "peak_locked": 0})
+            mem = _memory_of(pid)
+            entry = self.result.processes.setdefault(key, {"pid": pid, "peak_rss": 0, "peak_locked": 0,
+                                                           "peak_pinned": 0})
             entry["pid"] = pid
-            entry["peak_rss"] = max(entry["peak_rss"], rss)
-            entry["peak_locked"] = max(entry["peak_locked"], locked)
+            entry["peak_rss"] = max(entry["peak_rss"], mem["rss"])
+            entry["peak_locked"] = max(entry["peak_locked"], mem["locked"])
+            entry["peak_pinned"] = max(entry["peak_pinned"], mem["pinned"])
+        self._account_pinned()
+
+    def _account_pinned(self, final: bool = False) -> None:
+        """Machine-wide pinned bytes against the level before the run (other pinning on the
+        machine shows up too; the GPU machines we verify on run nothing else)."""
+        now = system_pinned_bytes()
+        if now is None or self._pinned_before is None:
+            return
+        above = max(0, now - self._pinned_before)
+        self.result.pinned_peak_bytes = max(self.result.pinned_peak_bytes or 0, above)
+        if final:
+            self.result.pinned_left_bytes = above
 
     def _watch(self) -> None:
         """Notice dead children: restart a loader (within limits), end the run for anything else."""

@@ -122,3 +122,21 @@ def orphan_processes() -> list:
 def leftover_names() -> list[str]:
     """Everything of ours visible in /dev/shm (segments and manifests); for tests and `cleanup`."""
     return sorted(p.name for p in SHM_DIR.glob(f"{PREFIX}*"))
+
+
+def system_pinned_bytes() -> int | None:
+    """Bytes of user memory pinned by drivers right now, machine-wide: the kernel's FOLL_PIN
+    counters in /proc/vmstat (pin_user_pages, which cudaHostRegister uses in current NVIDIA
+    drivers, moves them; VmLck does not). None where the kernel does not keep them."""
+    counts = {}
+    try:
+        with open("/proc/vmstat") as f:
+            for line in f:
+                key, _, value = line.partition(" ")
+                if key in ("nr_foll_pin_acquired", "nr_foll_pin_released"):
+                    counts[key] = int(value)
+    except OSError:
+        return None
+    if len(counts) != 2:
+        return None
+    return (counts["nr_foll_pin_acquired"] - counts["nr_foll_pin_released"]) * os.sysconf("SC_PAGE_SIZE")

@@ -93,15 +93,20 @@ def demo_model_dir():
 
 @pytest.fixture(autouse=True)
 def no_leftover_resources():
-    """After every test: no segment or manifest of ours in /dev/shm, no child process left."""
+    """After every test: no segment or manifest of ours in /dev/shm, no child process left, and
+    on a GPU machine no more pinned host memory than before (the ring's registration returned)."""
     import psutil
 
-    from shm.resources import leftover_names
+    from shm.resources import leftover_names, system_pinned_bytes
 
     before = set(leftover_names())
+    pinned_before = system_pinned_bytes() if torch.cuda.is_available() else None
     yield
     left = set(leftover_names()) - before
     assert not left, f"left in /dev/shm: {sorted(left)}"
     kids = [p for p in psutil.Process().children(recursive=True)
             if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not kids, f"child processes left: {[(p.pid, p.name()) for p in kids]}"
+    if pinned_before is not None:
+        pinned = system_pinned_bytes() - pinned_before
+        assert pinned <= 0, f"{pinned / 2**20:.1f} MiB of host memory still pinned after the test"

@@ -49,3 +49,37 @@ def test_gpu_mem_cap_too_small_names_the_minimum(tmp_path):
     assert r.returncode == 1
     last = r.stderr.strip().splitlines()[-1]
     assert "--gpu-mem 1.0 MiB is below the minimum working set of" in last
+
+
+def test_metrics_json_agrees_with_the_checkpoint_and_the_output(tmp_path):
+    """--metrics-json: the byte counts against the checkpoint's own tensor sizes (read here with
+    safetensors), the token count against what was printed, one entry per process."""
+    import json
+    import math
+
+    from safetensors import safe_open
+
+    d = tmp_path / "m"
+    make_hf_checkpoint(d, num_hidden_layers=4)
+    write_tokenizer(d)
+    with safe_open(str(d / "model.safetensors"), "pt") as f:
+        layer_bytes = sum(math.prod(f.get_slice(k).get_shape()) * 4 for k in f.keys() if k.startswith("model.layers."))
+    out = tmp_path / "metrics.json"
+    r = ringllm("generate", "--model", str(d), "--device", "cpu", "--prompt", "w9 w10", "--max-new-tokens", "6",
+                "--loaders", "2", "--set", "CPU_CAP_VALUE=4", "--metrics-json", str(out))
+    assert r.returncode == 0, r.stderr
+    m = json.loads(out.read_text())
+    printed = r.stdout.split()
+    assert m["new_tokens"] == len(printed) == 6
+    assert m["tokens_per_second"] == m["new_tokens"] / m["seconds"] and m["seconds_per_token"] > 0
+    assert 0 < m["time_to_first_token_s"] <= m["seconds"]
+    # the ring holds all 4 layers: each is read from disk once (plus O_DIRECT alignment at the edges)
+    assert m["ring_loads"] == 4 and m["ring_evictions"] == 0
+    assert layer_bytes <= m["disk_bytes"] < layer_bytes + 4 * 2 * 2 * 4096
+    # every pass copies every streamed layer (6 passes; the look-ahead may start part of a 7th)
+    assert 6 * layer_bytes <= m["h2d_bytes"] <= 7 * layer_bytes
+    assert set(m["processes"]) == {"supervisor", "coordinator", "loader0", "loader1", "gpu"}
+    assert len({p["pid"] for p in m["processes"].values()}) == 5
+    assert all(p["peak_rss"] > 0 for p in m["processes"].values())
+    assert m["pinned_registered_bytes"] == 0 and m["pinned_left_after_run_bytes"] in (0, None)
+    assert m["engine"]["loaders"] == 2 and m["engine"]["cpu_cap"] == 4

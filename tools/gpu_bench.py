@@ -19,6 +19,25 @@ LAYER_BYTES_70B = 1_711_308_800      # one 70B layer in bf16 (attn 0.30 GB + ffn
 RESIDENT_BYTES_70B = 2 * 128256 * 8192 * 2
 
 
+def bench_checkpoint(scratch: Path, layers: int | None = None, max_layers: int = 22,
+                     reserve_gb: float = 6.0) -> tuple[Path, float]:
+    """The 70B-shaped checkpoint with as many layers as the disk holds (made once, then reused);
+    returns its directory and the seconds it took to write."""
+    from tools.make_checkpoint import make_checkpoint
+
+    scratch.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(scratch).free
+    layers = layers or int(min(max_layers, (free - reserve_gb * 1e9 - RESIDENT_BYTES_70B) // LAYER_BYTES_70B))
+    model = scratch / f"llama70b-{layers}L"
+    t0 = time.perf_counter()
+    if not (model / "config.json").exists():
+        make_checkpoint(model, "llama-3.1-70b", layers, progress=False)
+    made = time.perf_counter() - t0
+    print(f"[gpu_bench] {layers} layers of 70B shape in {model} ({made:.0f} s to write; "
+          f"disk had {free / 1e9:.0f} GB free)", flush=True)
+    return model, made
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
@@ -36,17 +55,8 @@ def main() -> int:
 
     from coordinator.config import build_config, default_loader_count, parse_bytes
     from tools.bench import bench, format_table
-    from tools.make_checkpoint import make_checkpoint
 
-    free = shutil.disk_usage(args.scratch).free
-    layers = args.layers or int(min(args.max_layers, (free - args.reserve_gb * 1e9 - RESIDENT_BYTES_70B) // LAYER_BYTES_70B))
-    model = args.scratch / f"llama70b-{layers}L"
-    t0 = time.perf_counter()
-    if not (model / "config.json").exists():
-        make_checkpoint(model, "llama-3.1-70b", layers, progress=False)
-    made = time.perf_counter() - t0
-    print(f"[gpu_bench] {layers} layers of 70B shape written to {model} in {made:.0f} s "
-          f"(disk had {free / 1e9:.0f} GB free)", flush=True)
+    model, made = bench_checkpoint(args.scratch, args.layers, args.max_layers, args.reserve_gb)
 
     engine = build_config(preset=args.preset, loaders=default_loader_count(model))
     report = bench(model, "cuda", parse_bytes(args.gpu_mem), engine, decode_tokens=args.decode_tokens,

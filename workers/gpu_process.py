@@ -50,7 +50,9 @@ def _register(ring_tensor, nbytes: int) -> None:
 def _unregister(ring_tensor) -> None:
     import torch
 
-    torch.cuda.cudart().cudaHostUnregister(ring_tensor.data_ptr())
+    err = torch.cuda.cudart().cudaHostUnregister(ring_tensor.data_ptr())
+    if int(err) != 0:   # the pages stay pinned until this process exits
+        log.error("cudaHostUnregister of the ring failed (error %d)", int(err))
 
 
 def resident_layer_count(args: GpuArgs, free_bytes: int | None) -> int:
@@ -113,6 +115,7 @@ def gpu_main(args: GpuArgs) -> None:
             prefault(ring)
             _register(ring_tensor, ring.nbytes)
             registered = True
+            info["registered_bytes"] = ring.nbytes
             info["register_seconds"] = time.perf_counter() - t0
             # torch must see the ring as page-locked, or non_blocking copies from it go synchronous
             info["ring_pinned"] = bool(ring_tensor[:1].is_pinned())

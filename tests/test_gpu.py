@@ -1,0 +1,38 @@
+"""On a CUDA machine only (the GPU machine runs these; CI has no GPU and skips them): the
+registered ring is really pinned while the run lasts and every pinned byte is returned after it."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from shm.resources import system_pinned_bytes
+from tests.conftest import make_hf_checkpoint, write_tokenizer
+from tests.test_cli_streaming import ringllm
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the GPU machine)")
+
+
+def test_pinned_ring_is_returned_and_tokens_match_the_cpu(tmp_path):
+    d = tmp_path / "m"
+    make_hf_checkpoint(d, num_hidden_layers=6)
+    write_tokenizer(d)
+    common = ["generate", "--model", str(d), "--prompt", "w3 w4 w5", "--max-new-tokens", "8",
+              "--loaders", "2", "--set", "CPU_CAP_VALUE=3", "--set", "GPU_AHEAD_LAYERS=1",
+              "--set", "GPU_RESIDENT_LAYERS=0"]
+    before = system_pinned_bytes()
+    out = tmp_path / "metrics.json"
+    gpu = ringllm(*common, "--device", "cuda", "--metrics-json", str(out), timeout=300)
+    assert gpu.returncode == 0, gpu.stderr
+    after = system_pinned_bytes()
+    cpu = ringllm(*common, "--device", "cpu")
+    assert cpu.returncode == 0, cpu.stderr
+    assert gpu.stdout == cpu.stdout and gpu.stdout.strip()
+    m = json.loads(out.read_text())
+    assert m["pinned_registered_bytes"] > 0
+    # the measurement sees the registration (machine-wide FOLL_PIN counters, or VmLck/VmPin)
+    assert m["pinned_bytes"] >= m["pinned_registered_bytes"]
+    assert m["pinned_left_after_run_bytes"] in (0, None)
+    if before is not None:
+        assert after <= before, f"{(after - before) / 2**20:.1f} MiB still pinned after the run"
