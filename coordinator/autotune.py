@@ -75,7 +75,7 @@ def auto_tune(layout: ModelLayout, machine: Machine, batch: int, max_seq: int, d
     reasons.append(f"CPU_CAP_VALUE={cap}: {why}")
     offset = min(ahead, max(0, cap - 1))
     reasons.append(f"CPU_RING_OFFSET={offset}: the window starts where the GPU look-ahead ends")
-    reasons.append(f"loaders={machine.loaders}: " + (f"best reader count measured on the disk ({machine.disk_gbps:.2f} GB/s)"
+    reasons.append(f"loaders={machine.loaders}: " + (f"the most readers within 10% of the best rate measured on the disk ({machine.disk_gbps:.2f} GB/s)"
                                                     if machine.disk_gbps else "from the CPU count and the disk type"))
     if machine.h2d_gbps:
         copy = streamed * layer / (machine.h2d_gbps * 1e9)

@@ -58,6 +58,11 @@ class RunResult:
     # the peak while it ran, and what is left once every process has exited (0: all returned)
     pinned_peak_bytes: int | None = None
     pinned_left_bytes: int | None = None
+    # wall clock from the supervisor's start: GPU process ready (resident layers loaded, kernels
+    # warm), first token printed, everything stopped and removed
+    startup_wall_s: float | None = None
+    first_token_wall_s: float | None = None
+    wall_s: float | None = None
 
 
 def _memory_of(pid: int) -> dict[str, int]:
@@ -127,11 +132,13 @@ class Supervisor:
         self.tokens_seen = 0
         self._sampled_at = 0.0
         self._pinned_before: int | None = None
+        self._run_started = time.monotonic()
 
     # --- lifecycle -----------------------------------------------------------------------------
     def run(self, prompts, max_new_tokens: int, sampling, eos_ids,
             on_tokens: Callable[[list], None]) -> RunResult:
         check_dram(self.ring_total, self.engine)
+        self._run_started = time.monotonic()
         self._pinned_before = system_pinned_bytes()
         swept = sweep()
         if swept:
@@ -160,6 +167,7 @@ class Supervisor:
             self._stop()
             self._unlink()
             self._account_pinned(final=True)
+            self.result.wall_s = time.monotonic() - self._run_started
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
@@ -256,6 +264,7 @@ class Supervisor:
             if isinstance(msg, Ready):
                 ready.add(f"{msg.role}{msg.index if msg.role == 'loader' else ''}")
                 if msg.role == "gpu":
+                    self.result.startup_wall_s = time.monotonic() - self._run_started
                     self.result.gpu_info = msg.info
                     self.page.set_status(RUNNING)
                     if msg.info.get("name"):
@@ -264,6 +273,7 @@ class Supervisor:
             elif isinstance(msg, Tokens):
                 if not self.tokens_seen:
                     bar_stop()
+                    self.result.first_token_wall_s = time.monotonic() - self._run_started
                 self.tokens_seen += 1
                 self.page.supervisor(self.tokens_seen, os.getpid())
                 on_tokens(msg.tokens)

@@ -73,6 +73,7 @@ def test_metrics_json_agrees_with_the_checkpoint_and_the_output(tmp_path):
     assert m["new_tokens"] == len(printed) == 6
     assert m["tokens_per_second"] == m["new_tokens"] / m["seconds"] and m["seconds_per_token"] > 0
     assert 0 < m["time_to_first_token_s"] <= m["seconds"]
+    assert 0 < m["startup_s"] < m["first_token_wall_s"] < m["wall_s"]
     # the ring holds all 4 layers: each is read from disk once (plus O_DIRECT alignment at the edges)
     assert m["ring_loads"] == 4 and m["ring_evictions"] == 0
     assert layer_bytes <= m["disk_bytes"] < layer_bytes + 4 * 2 * 2 * 4096
