@@ -9,8 +9,8 @@
    checkpoint: the printed choices, the metrics, and a trace of the pinned bytes (the GPU
    process's VmLck/VmPin and the machine-wide FOLL_PIN counters) sampled while it runs and after.
 3. The same with the bench's settings (`--preset conservative`), which is disk-fed here.
-Everything lands in OUT_DIR: pytest.txt, <name>.stderr, <name>.stdout, metrics-<name>.json,
-pinned-<name>.json and summary.json.
+Everything lands in OUT_DIR: pytest.txt, summary.json, and per run <name>.log (the tokens and
+the log lines), metrics-<name>.json and pinned-<name>.json.
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def sample_pinned(proc: subprocess.Popen, trace: list, stop: threading.Event) ->
 def generate(name: str, model: Path, out: Path, extra: list[str], new_tokens: int) -> dict:
     from shm.resources import system_pinned_bytes
 
-    prompt = out / "prompt.txt"
+    prompt = model / "prompt.txt"
     prompt.write_text(" ".join(f"t{3 + i}" for i in range(PROMPT_WORDS)))
     metrics = out / f"metrics-{name}.json"
     cmd = [sys.executable, "-m", "coordinator.cli", "generate", "--model", str(model), "--prompt-file", str(prompt),
@@ -59,8 +59,8 @@ def generate(name: str, model: Path, out: Path, extra: list[str], new_tokens: in
     trace: list = []
     stop = threading.Event()
     t0 = time.monotonic()
-    with open(out / f"{name}.stdout", "w") as so, open(out / f"{name}.stderr", "w") as se:
-        proc = subprocess.Popen(cmd, stdout=so, stderr=se)
+    with open(out / f"{name}.log", "w") as log:     # the tokens, then the log lines
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         sampler = threading.Thread(target=sample_pinned, args=(proc, trace, stop), daemon=True)
         sampler.start()
         code = proc.wait()
