@@ -31,7 +31,7 @@ from checkpoint.layout import ModelLayout
 from coordinator.config import EngineConfig
 from coordinator.process import CoordinatorArgs, coordinator_main
 from shm.channel import Channel, Fatal, Finished, LoaderRestarted, Ready, Shutdown, Stats, StatsRequest, Tokens
-from shm.resources import SHM_DIR, RunNames, new_run_id, sweep, system_pinned_bytes, unlink_all
+from shm.resources import SHM_DIR, RunNames, new_run_id, pinned_above, sweep, system_pinned_bytes, unlink_all
 from shm.ring import Ring, ring_bytes
 from shm.stats import DONE, RUNNING, StatsPage
 from shm.slot_plan import align_up, file_table, plan_model
@@ -315,7 +315,7 @@ class Supervisor:
         above = max(0, now - self._pinned_before)
         self.result.pinned_peak_bytes = max(self.result.pinned_peak_bytes or 0, above)
         if final:
-            self.result.pinned_left_bytes = above
+            self.result.pinned_left_bytes = pinned_above(self._pinned_before) if above else 0
 
     def _watch(self) -> None:
         """Notice dead children: restart a loader (within limits), end the run for anything else."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -140,3 +141,15 @@ def system_pinned_bytes() -> int | None:
     if len(counts) != 2:
         return None
     return (counts["nr_foll_pin_acquired"] - counts["nr_foll_pin_released"]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def pinned_above(baseline: int, settle_s: float = 2.0) -> int:
+    """Machine-wide pinned bytes above `baseline`, given up to `settle_s` to fall back: a GPU
+    driver returns a dead process's last pinned pages from its own deferred work, a moment after
+    the process has been reaped."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        above = max(0, (system_pinned_bytes() or 0) - baseline)
+        if above == 0 or time.monotonic() >= deadline:
+            return above
+        time.sleep(0.05)

@@ -97,7 +97,7 @@ def no_leftover_resources():
     on a GPU machine no more pinned host memory than before (the ring's registration returned)."""
     import psutil
 
-    from shm.resources import leftover_names, system_pinned_bytes
+    from shm.resources import leftover_names, pinned_above, system_pinned_bytes
 
     before = set(leftover_names())
     pinned_before = system_pinned_bytes() if torch.cuda.is_available() else None
@@ -108,5 +108,5 @@ def no_leftover_resources():
             if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not kids, f"child processes left: {[(p.pid, p.name()) for p in kids]}"
     if pinned_before is not None:
-        pinned = system_pinned_bytes() - pinned_before
-        assert pinned <= 0, f"{pinned / 2**20:.1f} MiB of host memory still pinned after the test"
+        pinned = pinned_above(pinned_before)
+        assert pinned == 0, f"{pinned / 2**20:.2f} MiB of host memory still pinned after the test"

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from shm.resources import system_pinned_bytes
+from shm.resources import pinned_above, system_pinned_bytes
 from tests.conftest import make_hf_checkpoint, write_tokenizer
 from tests.test_cli_streaming import ringllm
 
@@ -25,7 +25,7 @@ def test_pinned_ring_is_returned_and_tokens_match_the_cpu(tmp_path):
     out = tmp_path / "metrics.json"
     gpu = ringllm(*common, "--device", "cuda", "--metrics-json", str(out), timeout=300)
     assert gpu.returncode == 0, gpu.stderr
-    after = system_pinned_bytes()
+    after = pinned_above(before) if before is not None else None
     cpu = ringllm(*common, "--device", "cpu")
     assert cpu.returncode == 0, cpu.stderr
     assert gpu.stdout == cpu.stdout and gpu.stdout.strip()
@@ -35,4 +35,4 @@ def test_pinned_ring_is_returned_and_tokens_match_the_cpu(tmp_path):
     assert m["pinned_bytes"] >= m["pinned_registered_bytes"]
     assert m["pinned_left_after_run_bytes"] in (0, None)
     if before is not None:
-        assert after <= before, f"{(after - before) / 2**20:.1f} MiB still pinned after the run"
+        assert after == 0, f"{after / 2**20:.2f} MiB still pinned after the run"
