@@ -314,8 +314,9 @@ class Supervisor:
             return
         above = max(0, now - self._pinned_before)
         self.result.pinned_peak_bytes = max(self.result.pinned_peak_bytes or 0, above)
-        if final:
-            self.result.pinned_left_bytes = pinned_above(self._pinned_before) if above else 0
+        if final:   # on a GPU, give the driver its moment to return the last pages
+            settle = above and self.device == "cuda"
+            self.result.pinned_left_bytes = pinned_above(self._pinned_before) if settle else above
 
     def _watch(self) -> None:
         """Notice dead children: restart a loader (within limits), end the run for anything else."""
