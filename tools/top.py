@@ -19,7 +19,7 @@ from pathlib import Path
 import posix_ipc
 
 from checkpoint.errors import RingllmError
-from shm.resources import PREFIX, SHM_DIR, _pid_alive
+from shm.resources import PREFIX, SHM_DIR, _pid_alive, system_pinned_bytes
 from shm.ring import LOADING, READY, SLOT_FMT, SLOT_RECORD, SLOTS_AT, header_bytes
 from shm.stats import DONE, StatsPage
 
@@ -50,7 +50,7 @@ class RingHeader:
         return [struct.unpack_from(SLOT_FMT, self.map, SLOTS_AT + i * SLOT_RECORD) for i in range(self.slots)]
 
 
-def snapshot_lines(s: dict, prev: dict | None, dt: float, states) -> list[str]:
+def snapshot_lines(s: dict, prev: dict | None, dt: float, states, pinned: int | None = None) -> list[str]:
     c, g, n = s["coord"], s["gpu"], max(1, s["layers"])
     step = max(c["step"], g["step"])
     lines = [f"ringllm run (supervisor pid {s['pid']}), {n} layers, {s['slots']} ring slots, "
@@ -71,7 +71,8 @@ def snapshot_lines(s: dict, prev: dict | None, dt: float, states) -> list[str]:
     lines.append(f"copy queue {g['in_flight']}, GPU groups {g['used']}/{g['total']}, to GPU {h2d:.2f} GB/s, "
                  f"compute waited {g['wait_s']:.2f} s")
     tps = (g["tokens"] - (prev["gpu"]["tokens"] if prev else g["tokens"])) / dt if dt else 0.0
-    lines.append(f"tokens {g['tokens']}, {tps:.2f} tokens/s")
+    lines.append(f"tokens {g['tokens']}, {tps:.2f} tokens/s"
+                 + (f"; host memory pinned (machine-wide) {pinned / 2**30:.2f} GiB" if pinned is not None else ""))
     return lines
 
 
@@ -96,7 +97,7 @@ def run_top(run_id: str | None = None, interval: float = 0.5, once: bool = False
             except (ValueError, OSError):
                 break
             now = time.monotonic()
-            lines = snapshot_lines(s, prev, now - prev_t if prev else 0.0, states)
+            lines = snapshot_lines(s, prev, now - prev_t if prev else 0.0, states, system_pinned_bytes())
             if live is not None:
                 from rich.text import Text
                 live.update(Text("\n".join(lines)))
