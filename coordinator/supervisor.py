@@ -65,7 +65,7 @@ class RunResult:
     wall_s: float | None = None
 
 
-def _memory_of(pid: int) -> dict[str, int]:
+def process_memory(pid: int) -> dict[str, int]:
     """RSS, VmLck (mlock) and VmPin (pages pinned by drivers that account for them) in bytes."""
     fields = {"VmRSS:": "rss", "VmLck:": "locked", "VmPin:": "pinned"}
     out = dict.fromkeys(fields.values(), 0)
@@ -297,7 +297,7 @@ class Supervisor:
         self._sampled_at = now
         for key, proc in [("supervisor", None), *self.procs.items()]:
             pid = os.getpid() if proc is None else proc.pid
-            mem = _memory_of(pid)
+            mem = process_memory(pid)
             entry = self.result.processes.setdefault(key, {"pid": pid, "peak_rss": 0, "peak_locked": 0,
                                                            "peak_pinned": 0})
             entry["pid"] = pid

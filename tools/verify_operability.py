@@ -30,7 +30,7 @@ def sample_pinned(proc: subprocess.Popen, trace: list, stop: threading.Event) ->
     """Every 0.25 s: seconds since start, the GPU process's VmLck and VmPin, machine-wide pinned."""
     import psutil
 
-    from coordinator.supervisor import _memory_of
+    from coordinator.supervisor import process_memory
     from shm.resources import system_pinned_bytes
 
     t0 = time.monotonic()
@@ -41,7 +41,7 @@ def sample_pinned(proc: subprocess.Popen, trace: list, stop: threading.Event) ->
                         if c.name() == "ringllm-gpu"), None)
         except psutil.Error:
             pass
-        mem = _memory_of(gpu.pid) if gpu else {"locked": 0, "pinned": 0}
+        mem = process_memory(gpu.pid) if gpu else {"locked": 0, "pinned": 0}
         trace.append({"t": round(time.monotonic() - t0, 2), "gpu_vmlck": mem["locked"], "gpu_vmpin": mem["pinned"],
                       "system_pinned": system_pinned_bytes()})
         stop.wait(0.25)
