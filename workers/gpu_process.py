@@ -134,7 +134,7 @@ def gpu_main(args: GpuArgs) -> None:
         page = StatsPage(args.stats_name) if args.stats_name else None
         source = StreamingSource(args.layout, list(args.plans), args.engine, ring, ring_tensor, device,
                                  coord, reader, resident=resident_groups, chaos=(args.chaos_seed, args.chaos_delay_s),
-                                 stats_page=page)
+                                 stats_page=page, passes=args.max_new_tokens)
         sup.send(Ready("gpu", 0, info))
         model = Llama(args.layout.config, resident, source, dtype, device)
         # Pay the one-time kernel costs now, while the loaders fill the ring, not in the first pass.

@@ -98,7 +98,8 @@ class InboxReader(threading.Thread):
 class StreamingSource:
     def __init__(self, layout: ModelLayout, plans: list[LayerPlan], engine, ring: Ring,
                  ring_tensor: torch.Tensor, device: torch.device, coord: Channel, inbox: InboxReader,
-                 resident: dict | None = None, chaos: tuple[int, float] = (0, 0.0), stats_page=None):
+                 resident: dict | None = None, chaos: tuple[int, float] = (0, 0.0), stats_page=None,
+                 passes: int | None = None):
         self.layout, self.plans, self.engine = layout, plans, engine
         self.ring, self.ring_tensor, self.device = ring, ring_tensor, device
         self.coord, self.inbox = coord, inbox
@@ -121,6 +122,9 @@ class StreamingSource:
         }
         self.free = {kind: list(bufs) for kind, bufs in self.buffers.items()}
         self.step = -1                       # compute step of the group being served
+        # the generation's last step (max_new_tokens passes): nothing past it is asked for or
+        # copied; a run that stops early at EOS may still have fetched a little ahead
+        self.last_step = passes * self.n - 1 if passes else None
         self.consumed = -1                   # group index (2*step + kind) last handed out
         self.wanted_upto = -1
         self.offered: dict[int, SlotReady] = {}     # step -> where its layer is in the ring
@@ -219,16 +223,18 @@ class StreamingSource:
         return step % self.n >= self.resident_count
 
     def _horizon(self, compute: int, ahead: int) -> int:
-        """The step `ahead` streamed steps past compute (resident layers do not count)."""
+        """The step `ahead` streamed steps past compute (resident layers do not count), but never
+        past the generation's last step."""
         if self.resident_count == 0:
-            return compute + ahead
-        if self.streamed_count == 0:
+            step = compute + ahead
+        elif self.streamed_count == 0:
             return compute                   # nothing streams: nothing to ask for
-        step, seen = compute, 0
-        while seen < ahead:
-            step += 1
-            seen += self._streamed(step)
-        return step
+        else:
+            step, seen = compute, 0
+            while seen < ahead:
+                step += 1
+                seen += self._streamed(step)
+        return step if self.last_step is None else max(compute, min(step, self.last_step))
 
     def _pump(self) -> None:
         self._receive(timeout=0)
