@@ -237,6 +237,9 @@ class JobDispatcher:
         self.in_flight: list[dict[int, ChunkJob]] = [dict() for _ in range(num_loaders)]
         self.remaining: dict[tuple[int, int], int] = {}   # (slot, gen) -> chunks not yet done
         self._next_job = 0
+        # reports of a chunk its loader no longer holds: one chunk read twice, and the second read
+        # could land after the slot went to another layer. Loader epochs keep this at 0.
+        self.stale_reports = 0
 
     def add_load(self, slot: int, generation: int, chunks: list) -> None:
         self.remaining[(slot, generation)] = len(chunks)
@@ -260,7 +263,8 @@ class JobDispatcher:
         """Mark a chunk read; return (slot, gen) when that was the slot's last chunk."""
         job = self.in_flight[loader].pop(job_id, None)
         if job is None:
-            return None          # a chunk re-queued after its loader was presumed dead
+            self.stale_reports += 1
+            return None
         key = (job.slot, job.generation)
         self.remaining[key] -= 1
         if self.remaining[key] == 0:

@@ -50,6 +50,7 @@ class Coordinator:
         self.chunks = [plan.chunks(e.chunk_bytes) for plan in args.plans]
         self.file_index = {path: i for i, path in enumerate(args.files)}
         self.loaders = [Outbox(Channel(q)) for q in args.loader_queues]
+        self.loader_epochs = [0] * len(args.loader_queues)   # which incarnation of each loader runs
         self.gpu = Outbox(Channel(args.gpu_queue))
         self.sup = Channel(args.sup_queue)
         self.bytes_read = 0
@@ -77,6 +78,7 @@ class Coordinator:
             if finished is not None:
                 self.policy.loaded(*finished)
         elif isinstance(msg, LoaderRestarted):
+            self.loader_epochs[msg.index] = msg.epoch     # jobs sent before now are skipped by the new one
             n = self.jobs.requeue_loader(msg.index)
             log.warning("loader %d was restarted; %d chunk(s) it held are read again", msg.index, n)
         elif isinstance(msg, ResidentLayers):
@@ -110,7 +112,7 @@ class Coordinator:
         for loader, job in self.jobs.assign():
             c = job.chunk
             self.loaders[loader].put(ReadJob(job.job, job.slot, job.generation, self.file_index[c.path], c.file_offset,
-                                             c.length, c.slot_offset, c.needed))
+                                             c.length, c.slot_offset, c.needed, self.loader_epochs[loader]))
         for offer in offers:
             if self.offers_sent == self.args.tamper_at_offer:
                 # tests: the slot is "rewritten" between the offer and the GPU's copy
@@ -141,7 +143,8 @@ class Coordinator:
         s = self.policy.stats
         return {"ring_hits": s.hits, "ring_misses": s.misses, "ring_loads": s.loads,
                 "ring_evictions": s.evictions, "disk_bytes": self.bytes_read,
-                "disk_read_seconds": self.read_seconds, "buffered_chunks": self.buffered_reads}
+                "disk_read_seconds": self.read_seconds, "buffered_chunks": self.buffered_reads,
+                "stale_chunk_reports": self.jobs.stale_reports}
 
     def stats(self) -> dict:
         """Totals, and with a Mark the same counters since it (key 'since_mark')."""

@@ -110,7 +110,8 @@ class Supervisor:
     def __init__(self, layout: ModelLayout, engine: EngineConfig, device: str, dtype: str,
                  verbose: bool = False, fault_after_chunks: dict | None = None,
                  chaos: tuple[int, float] = (0, 0.0), profile_trace: str | None = None,
-                 fill_ring_first: bool = False, crash_loaders_at: int = -1, tamper_at_offer: int = -1):
+                 fill_ring_first: bool = False, crash_loaders_at: int = -1, tamper_at_offer: int = -1,
+                 kill_loader_when_ready: int = -1, restart_notice_delay_s: float = 0.0):
         self.profile_trace, self.fill_ring_first = profile_trace, fill_ring_first
         # Fault injection for tests only: loader index -> chunk number that fails to read;
         # (seed, max delay) of random delays; every loader dies at this chunk; the coordinator
@@ -118,6 +119,9 @@ class Supervisor:
         self.fault_after_chunks = fault_after_chunks or {}
         self.chaos = chaos
         self.crash_loaders_at, self.tamper_at_offer = crash_loaders_at, tamper_at_offer
+        # SIGKILL this loader once, as soon as it is ready; hold back the restart notice to the
+        # coordinator this long (it keeps sending the dead loader work meanwhile)
+        self.kill_loader_when_ready, self.restart_notice_delay_s = kill_loader_when_ready, restart_notice_delay_s
         self.layout, self.engine, self.device, self.dtype, self.verbose = layout, engine, device, dtype, verbose
         self.plans, self.slot_size, self.ring_total = plan_ring(layout, engine)
         self.files = file_table(self.plans)
@@ -126,6 +130,7 @@ class Supervisor:
         self.ring: Ring | None = None
         self.procs: dict[str, subprocess.Popen] = {}
         self.restarts: deque[float] = deque()
+        self.loader_epochs = [0] * engine.loaders
         self.result = RunResult()
         self.signalled: int | None = None
         self.page: StatsPage | None = None
@@ -212,7 +217,8 @@ class Supervisor:
         n = self.names
         return LoaderArgs(index, os.getpid(), n.segment, n.loader_queues[index], n.coord_queue, n.sup_queue,
                           tuple(self.files), self.verbose, self.fault_after_chunks.get(index, -1), *self.chaos,
-                          crash_on_chunk=self.crash_loaders_at, stats_name=n.stats_segment)
+                          crash_on_chunk=self.crash_loaders_at, stats_name=n.stats_segment,
+                          epoch=self.loader_epochs[index])
 
     def _start_all(self, prompts, max_new_tokens, sampling, eos_ids) -> None:
         n, pid = self.names, os.getpid()
@@ -263,6 +269,9 @@ class Supervisor:
                 bar_update()
             if isinstance(msg, Ready):
                 ready.add(f"{msg.role}{msg.index if msg.role == 'loader' else ''}")
+                if msg.role == "loader" and msg.index == self.kill_loader_when_ready \
+                        and self.loader_epochs[msg.index] == 0:
+                    os.kill(msg.info["pid"], signal.SIGKILL)
                 if msg.role == "gpu":
                     self.result.startup_wall_s = time.monotonic() - self._run_started
                     self.result.gpu_info = msg.info
@@ -336,11 +345,13 @@ class Supervisor:
             index = int(key[len("loader"):])
             log.warning("%s died (exit code %s); starting a new one and re-reading its chunks", key, code)
             self.result.loader_restarts += 1
-            # Drop read jobs still queued for the dead loader: the coordinator re-issues all it held.
-            while self.channels[self.names.loader_queues[index]].receive(timeout=0) is not None:
-                pass
+            # The new process has the next epoch: it skips the jobs still queued for the dead one
+            # (the coordinator may even add some before it hears of the restart) and the
+            # coordinator re-issues everything the dead one held under the new epoch.
+            self.loader_epochs[index] += 1
             self._spawn(key, loader_main, self._loader_args(index))
-            self.channels[self.names.coord_queue].send(LoaderRestarted(index), timeout=5)
+            time.sleep(self.restart_notice_delay_s)
+            self.channels[self.names.coord_queue].send(LoaderRestarted(index, self.loader_epochs[index]), timeout=5)
 
     def _coordinator_stats(self) -> dict:
         self.channels[self.names.coord_queue].send(StatsRequest(), timeout=5)

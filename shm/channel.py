@@ -73,6 +73,7 @@ class Shutdown:
 @message(11)
 class LoaderRestarted:
     index: int
+    epoch: int                # the new process's incarnation number (1 for the first restart)
 
 
 @message(12)
@@ -91,6 +92,7 @@ class ReadJob:
     length: int
     slot_offset: int
     needed: int
+    epoch: int = 0            # the loader incarnation it is meant for: an older one's jobs are skipped
 
 
 @message(21)

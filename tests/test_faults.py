@@ -183,3 +183,18 @@ def test_shard_that_is_a_directory_is_unreadable(tmp_path):
     (d / "model.safetensors").unlink()
     (d / "model.safetensors").mkdir()
     assert "model.safetensors: cannot read" in error_line(cli("generate", "--model", str(d), "--device", "cpu"))
+
+
+def test_work_sent_to_a_dead_loader_is_read_once(small):
+    """The coordinator keeps sending a dead loader work until it hears of the restart; the new
+    process must leave those jobs to the re-issue, or a chunk is read twice and the late copy can
+    land in a slot that already holds another layer (wrong tokens, no error)."""
+    layout = load_layout(small)
+    engine = build_config(loaders=2, cpu_cap=2, gpu_ahead_layers=1, chunk_bytes=8192)
+    sup = Supervisor(layout, engine, "cpu", "float32", chaos=(7, 0.005),
+                     kill_loader_when_ready=1, restart_notice_delay_s=1.5)
+    result = sup.run([[4, 5, 6]], 12, SamplingParams(), (), lambda t: None)
+    assert result.outputs == resident_tokens(small, [[4, 5, 6]], 12)
+    assert result.loader_restarts == 1
+    assert result.coordinator["stale_chunk_reports"] == 0
+    assert_run_cleaned(sup)

@@ -36,6 +36,7 @@ class LoaderArgs:
     chaos_delay_s: float = 0.0
     crash_on_chunk: int = -1       # tests: die (exit 1, no goodbye) when this chunk arrives
     stats_name: str = ""           # the run's stats page (shm.stats)
+    epoch: int = 0                 # restarts of this loader index so far: jobs for another epoch are stale
 
 
 class FileCache:
@@ -111,6 +112,10 @@ def loader_main(args: LoaderArgs) -> None:
             if isinstance(msg, Shutdown):
                 break
             if not isinstance(msg, ReadJob):
+                continue
+            if msg.epoch != args.epoch:
+                # sent to the process this one replaces; the coordinator re-issues it with our
+                # epoch. Reading it too could land after its slot had been given to another layer.
                 continue
             if args.chaos_delay_s:
                 time.sleep(chaos.uniform(0, args.chaos_delay_s))
