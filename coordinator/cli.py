@@ -308,6 +308,7 @@ def run_metrics(result, engine) -> dict:
         "pinned_left_after_run_bytes": result.pinned_left_bytes,
         "processes": result.processes,
         "loader_restarts": result.loader_restarts,
+        "stale_chunk_reports": c.get("stale_chunk_reports"),   # chunks read twice; always 0
         "engine": engine.as_dict(),
     }
 

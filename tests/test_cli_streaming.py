@@ -84,3 +84,4 @@ def test_metrics_json_agrees_with_the_checkpoint_and_the_output(tmp_path):
     assert all(p["peak_rss"] > 0 for p in m["processes"].values())
     assert m["pinned_registered_bytes"] == 0 and m["pinned_left_after_run_bytes"] in (0, None)
     assert m["engine"]["loaders"] == 2 and m["engine"]["cpu_cap"] == 4
+    assert m["loader_restarts"] == 0 and m["stale_chunk_reports"] == 0
