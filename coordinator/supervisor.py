@@ -67,12 +67,12 @@ class RunResult:
 
 def process_memory(pid: int) -> dict[str, int]:
     """RSS, VmLck (mlock) and VmPin (pages pinned by drivers that account for them) in bytes."""
-    fields = {"VmRSS:": "rss", "VmLck:": "locked", "VmPin:": "pinned"}
+    fields = {"VmRSS": "rss", "VmLck": "locked", "VmPin": "pinned"}
     out = dict.fromkeys(fields.values(), 0)
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                key = fields.get(line.split(":", 1)[0] + ":")
+                key = fields.get(line.split(":", 1)[0])
                 if key:
                     out[key] = int(line.split()[1]) * 1024
     except OSError:

@@ -62,6 +62,32 @@ def write_tokenizer(path: Path, vocab_size: int = 128) -> None:
     }))
 
 
+def make_model_dir(path: Path, **kwargs) -> Path:
+    """A tiny checkpoint written by transformers, with a tokenizer: a directory `ringllm
+    generate --model` takes. kwargs go to make_hf_checkpoint."""
+    make_hf_checkpoint(path, **kwargs)
+    write_tokenizer(path)
+    return path
+
+
+def layer_tensor_bytes(model_dir: Path, first_layer: int = 0) -> int:
+    """Bytes of the decoder layers' tensors from `first_layer` on, read from the safetensors
+    files themselves (independent of ringllm's own layout code)."""
+    import math
+
+    from safetensors import safe_open
+
+    itemsize = {"F32": 4, "BF16": 2, "F16": 2}
+    total = 0
+    for shard in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            for k in f.keys():
+                if k.startswith("model.layers.") and int(k.split(".")[2]) >= first_layer:
+                    t = f.get_slice(k)
+                    total += math.prod(t.get_shape()) * itemsize[t.get_dtype()]
+    return total
+
+
 def hf_greedy_cached(hf, prompt, steps: int) -> list[int]:
     """transformers' own greedy decode with its KV cache (no EOS stop): the reference tokens."""
     ids, out = torch.tensor([prompt]), []

@@ -7,7 +7,7 @@ import struct
 import pytest
 
 from coordinator.cli import main
-from tests.conftest import make_hf_checkpoint, write_tokenizer
+from tests.conftest import make_model_dir
 
 
 def run_cli(capsys, *args):
@@ -29,8 +29,7 @@ def expect_error(capsys, model_dir, *needles, extra=()):
 @pytest.fixture
 def ckpt(tmp_path):
     d = tmp_path / "m"
-    make_hf_checkpoint(d, num_hidden_layers=2)
-    write_tokenizer(d)
+    make_model_dir(d, num_hidden_layers=2)
     return d
 
 
@@ -106,8 +105,7 @@ def test_header_length_beyond_file(capsys, ckpt):
 
 def test_duplicated_tensor(capsys, tmp_path):
     d = tmp_path / "s"
-    make_hf_checkpoint(d, max_shard_size="40KB", num_hidden_layers=2)
-    write_tokenizer(d)
+    make_model_dir(d, max_shard_size="40KB", num_hidden_layers=2)
     shards = sorted(d.glob("*.safetensors"))
     first = json.loads(shards[0].read_bytes()[8:8 + struct.unpack("<Q", shards[0].read_bytes()[:8])[0]])
     name = next(n for n in first if n != "__metadata__")

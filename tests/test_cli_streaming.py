@@ -4,7 +4,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tests.conftest import make_hf_checkpoint, write_tokenizer
+from tests.conftest import layer_tensor_bytes, make_model_dir
 
 
 def ringllm(*args, env=None, timeout=120):
@@ -14,8 +14,7 @@ def ringllm(*args, env=None, timeout=120):
 
 def test_generate_streams_by_default_and_matches_resident(tmp_path):
     d = tmp_path / "m"
-    make_hf_checkpoint(d, num_hidden_layers=4)
-    write_tokenizer(d)
+    make_model_dir(d, num_hidden_layers=4)
     common = ["generate", "--model", str(d), "--device", "cpu", "--prompt", "w9 w10 w11", "--max-new-tokens", "12"]
     streamed = ringllm(*common, "--loaders", "2", "--set", "CPU_CAP_VALUE=2", "--set", "GPU_AHEAD_LAYERS=1")
     resident = ringllm(*common, "--resident")
@@ -30,8 +29,7 @@ def test_environment_parameters_and_contradictions(tmp_path):
     import os
 
     d = tmp_path / "m"
-    make_hf_checkpoint(d, num_hidden_layers=2)
-    write_tokenizer(d)
+    make_model_dir(d, num_hidden_layers=2)
     env = {**os.environ, "GPU_AHEAD_LAYERS": "2", "group_prefetch_depth": "3"}
     r = ringllm("generate", "--model", str(d), "--device", "cpu", "--max-new-tokens", "2", env=env)
     assert r.returncode == 1
@@ -43,8 +41,7 @@ def test_environment_parameters_and_contradictions(tmp_path):
 
 def test_gpu_mem_cap_too_small_names_the_minimum(tmp_path):
     d = tmp_path / "m"
-    make_hf_checkpoint(d, num_hidden_layers=2)
-    write_tokenizer(d)
+    make_model_dir(d, num_hidden_layers=2)
     r = ringllm("generate", "--model", str(d), "--device", "cpu", "--gpu-mem", "1MiB", "--max-new-tokens", "2")
     assert r.returncode == 1
     last = r.stderr.strip().splitlines()[-1]
@@ -55,15 +52,10 @@ def test_metrics_json_agrees_with_the_checkpoint_and_the_output(tmp_path):
     """--metrics-json: the byte counts against the checkpoint's own tensor sizes (read here with
     safetensors), the token count against what was printed, one entry per process."""
     import json
-    import math
-
-    from safetensors import safe_open
 
     d = tmp_path / "m"
-    make_hf_checkpoint(d, num_hidden_layers=4)
-    write_tokenizer(d)
-    with safe_open(str(d / "model.safetensors"), "pt") as f:
-        layer_bytes = sum(math.prod(f.get_slice(k).get_shape()) * 4 for k in f.keys() if k.startswith("model.layers."))
+    make_model_dir(d, num_hidden_layers=4)
+    layer_bytes = layer_tensor_bytes(d)
     out = tmp_path / "metrics.json"
     r = ringllm("generate", "--model", str(d), "--device", "cpu", "--prompt", "w9 w10", "--max-new-tokens", "6",
                 "--loaders", "2", "--set", "CPU_CAP_VALUE=4", "--metrics-json", str(out))

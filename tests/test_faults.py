@@ -17,7 +17,7 @@ from checkpoint.errors import RingllmError
 from checkpoint.layout import load_layout
 from coordinator.config import build_config
 from coordinator.supervisor import Supervisor
-from tests.conftest import make_hf_checkpoint, write_tokenizer
+from tests.conftest import make_model_dir
 from tests.test_lifecycle import ALL, assert_nothing_left, long_run_model, start, wait_for_children  # noqa: F401
 from tests.test_streaming import assert_run_cleaned, resident_tokens
 from workers.generation import SamplingParams
@@ -26,8 +26,7 @@ from workers.generation import SamplingParams
 @pytest.fixture
 def small(tmp_path):
     d = tmp_path / "small"
-    make_hf_checkpoint(d, num_hidden_layers=4)
-    write_tokenizer(d)
+    make_model_dir(d, num_hidden_layers=4)
     return d
 
 
@@ -98,9 +97,8 @@ def test_signal_while_starting(long_run_model, sig, code):
 def test_signal_during_prefill(tmp_path):
     """A long prompt through a slow pipeline; the signal lands before the first token."""
     d = tmp_path / "p"
-    make_hf_checkpoint(d, num_hidden_layers=6, hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
-                       num_key_value_heads=4, head_dim=64, max_position_embeddings=4096)
-    write_tokenizer(d)
+    make_model_dir(d, num_hidden_layers=6, hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
+                   num_key_value_heads=4, head_dim=64, max_position_embeddings=4096)
     prompt = " ".join(f"w{3 + i % 100}" for i in range(3000))
     proc = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "generate", "--model", str(d), "--device", "cpu",
                              "--no-chat", "--prompt", prompt, "--max-new-tokens", "50", "--loaders", "1",
@@ -168,8 +166,7 @@ def test_unsupported_config(small):
 
 def test_missing_shard_named_in_index(tmp_path):
     d = tmp_path / "s"
-    make_hf_checkpoint(d, max_shard_size="40KB", num_hidden_layers=2)
-    write_tokenizer(d)
+    make_model_dir(d, max_shard_size="40KB", num_hidden_layers=2)
     victim = sorted(d.glob("*.safetensors"))[1]
     victim.unlink()
     assert f"{victim}: shard named in model.safetensors.index.json is missing" in error_line(
@@ -178,8 +175,7 @@ def test_missing_shard_named_in_index(tmp_path):
 
 def test_shard_that_is_a_directory_is_unreadable(tmp_path):
     d = tmp_path / "s"
-    make_hf_checkpoint(d, num_hidden_layers=2)
-    write_tokenizer(d)
+    make_model_dir(d, num_hidden_layers=2)
     (d / "model.safetensors").unlink()
     (d / "model.safetensors").mkdir()
     assert "model.safetensors: cannot read" in error_line(cli("generate", "--model", str(d), "--device", "cpu"))

@@ -3,14 +3,12 @@ registered ring is really pinned while the run lasts and every pinned byte is re
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from shm.resources import pinned_above, system_pinned_bytes
-from tests.conftest import make_hf_checkpoint, write_tokenizer
+from tests.conftest import layer_tensor_bytes, make_model_dir
 from tests.test_cli_streaming import ringllm
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the GPU machine)")
@@ -19,8 +17,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.parametrize("resident", [0, 2])
 def test_pinned_ring_is_returned_and_tokens_match_the_cpu(tmp_path, resident):
     d = tmp_path / "m"
-    make_hf_checkpoint(d, num_hidden_layers=6)
-    write_tokenizer(d)
+    make_model_dir(d, num_hidden_layers=6)
     common = ["generate", "--model", str(d), "--prompt", "w3 w4 w5", "--max-new-tokens", "8",
               "--loaders", "2", "--set", "CPU_CAP_VALUE=3", "--set", "GPU_AHEAD_LAYERS=1",
               "--set", f"GPU_RESIDENT_LAYERS={resident}"]
@@ -34,10 +31,7 @@ def test_pinned_ring_is_returned_and_tokens_match_the_cpu(tmp_path, resident):
     assert gpu.stdout == cpu.stdout and gpu.stdout.strip()
     m = json.loads(out.read_text())
     # 8 passes copy each streamed layer once (the checkpoint's own sizes, read with safetensors)
-    with safe_open(str(d / "model.safetensors"), "pt") as f:
-        streamed = sum(math.prod(f.get_slice(k).get_shape()) * 4 for k in f.keys()
-                       if k.startswith("model.layers.") and int(k.split(".")[2]) >= resident)
-    assert m["gpu_resident_layers"] == resident and m["h2d_bytes"] == 8 * streamed
+    assert m["gpu_resident_layers"] == resident and m["h2d_bytes"] == 8 * layer_tensor_bytes(d, resident)
     assert m["pinned_registered_bytes"] > 0
     # the measurement sees the registration (machine-wide FOLL_PIN counters, or VmLck/VmPin)
     assert m["pinned_bytes"] >= m["pinned_registered_bytes"]

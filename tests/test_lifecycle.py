@@ -13,15 +13,14 @@ import posix_ipc
 import psutil
 import pytest
 
-from tests.conftest import make_hf_checkpoint, write_tokenizer
+from tests.conftest import make_model_dir
 
 
 @pytest.fixture
 def long_run_model(tmp_path):
     """A model whose runs take seconds: 8 layers through a 2-slot ring, no EOS token at all."""
     d = tmp_path / "m"
-    make_hf_checkpoint(d, num_hidden_layers=8, hidden_size=128, intermediate_size=256, max_position_embeddings=1024)
-    write_tokenizer(d)
+    make_model_dir(d, num_hidden_layers=8, hidden_size=128, intermediate_size=256, max_position_embeddings=1024)
     cfg = json.loads((d / "config.json").read_text())
     cfg["eos_token_id"] = None
     (d / "config.json").write_text(json.dumps(cfg))
