@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from checkpoint.errors import RingllmError
-from checkpoint.llama_config import LlamaConfig, load_llama_config
-from checkpoint.safetensors_index import DTYPE_BYTES, TensorExtent, index_checkpoint
+from ringllm.checkpoint.errors import RingllmError
+from ringllm.checkpoint.llama_config import LlamaConfig, load_llama_config
+from ringllm.checkpoint.safetensors_index import DTYPE_BYTES, TensorExtent, index_checkpoint
 
 GROUP_ALIGN = 256  # byte alignment of each tensor inside a group buffer (any dtype view is legal)
 

@@ -5,7 +5,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from checkpoint.errors import RingllmError
+from ringllm.checkpoint.errors import RingllmError
 
 SUPPORTED_DTYPES = ("bfloat16", "float16", "float32")
 

@@ -14,7 +14,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from checkpoint.errors import RingllmError
+from ringllm.checkpoint.errors import RingllmError
 
 # safetensors dtype tag -> bytes per element (only float dtypes are model weights)
 DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4}

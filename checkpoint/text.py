@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from checkpoint.errors import RingllmError
-from checkpoint.llama_config import LlamaConfig
+from ringllm.checkpoint.errors import RingllmError
+from ringllm.checkpoint.llama_config import LlamaConfig
 
 
 def _read_json(path: Path) -> dict:

@@ -1,1 +1,1 @@
-"""The control plane: the CLI/supervisor process and the coordinator's window policy."""
+"""The coordinator process and its window policy: which layer goes into which ring slot, when."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from shm.ring import FREE, LOADING, READY
+from ringllm.shm.ring import FREE, LOADING, READY
 
 
 @dataclass

@@ -10,14 +10,15 @@ import os
 import time
 from dataclasses import dataclass
 
-from coordinator.policy import JobDispatcher, ProtocolError, RingPolicy
-from shm.channel import (Channel, ChunkDone, Fatal, LoaderRestarted, Mark, Outbox, ReadJob, Ready, Release,
+from ringllm.faults import NO_FAULTS, FaultPlan
+from ringllm.coordinator.policy import JobDispatcher, ProtocolError, RingPolicy
+from ringllm.shm.channel import (Channel, ChunkDone, Fatal, LoaderRestarted, Mark, Outbox, ReadJob, Ready, Release,
                          ResidentLayers,
                          Shutdown, SlotReady, Stats, StatsRequest, Want)
-from shm.ring import READY, Ring
-from shm.stats import StatsPage
-from shm.slot_plan import LayerPlan
-from workers.process_setup import child_start, parent_alive, stop_requested
+from ringllm.shm.ring import READY, Ring
+from ringllm.shm.stats import StatsPage
+from ringllm.shm.slot_plan import LayerPlan
+from ringllm.workers.process_setup import child_start, parent_alive, stop_requested
 
 log = logging.getLogger("ringllm.coord")
 WINDOW_LOG_INTERVAL_S = 1.0
@@ -36,7 +37,7 @@ class CoordinatorArgs:
     files: tuple            # file table (shm.slot_plan.file_table)
     engine: object          # EngineConfig
     verbose: bool = False
-    tamper_at_offer: int = -1   # tests: rewrite this offer's slot generation in the header first
+    faults: FaultPlan = NO_FAULTS   # tests only
     stats_name: str = ""        # the run's stats page (shm.stats)
 
 
@@ -114,7 +115,7 @@ class Coordinator:
             self.loaders[loader].put(ReadJob(job.job, job.slot, job.generation, self.file_index[c.path], c.file_offset,
                                              c.length, c.slot_offset, c.needed, self.loader_epochs[loader]))
         for offer in offers:
-            if self.offers_sent == self.args.tamper_at_offer:
+            if self.offers_sent == self.args.faults.tamper_at_offer:
                 # tests: the slot is "rewritten" between the offer and the GPU's copy
                 self.ring.write_slot(offer.slot, READY, offer.layer, offer.generation + 1)
             self.offers_sent += 1

@@ -1,7 +1,8 @@
 """Names, ownership and sweeping of a run's shared resources (one shm segment, a few queues).
 
 Every name carries the run id `<supervisor pid>-<random hex>`, so two runs never collide. The
-supervisor writes a manifest `/dev/shm/ringllm-<run id>.manifest` (JSON: pid, segment, queues)
+supervisor writes a manifest `/dev/shm/ringllm-<run id>.manifest` (JSON: its pid, its parent's pid,
+segments, queues)
 before creating anything; the manifest is removed last. `/dev/mqueue` is usually not mounted, so
 the manifest is the only way a later run can find the queues a killed run left behind: `sweep()`
 unlinks everything listed in the manifests of runs whose supervisor is gone.
@@ -59,7 +60,8 @@ class RunNames:
 
     def write_manifest(self) -> None:
         tmp = self.manifest_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"pid": os.getpid(), "segments": self.segments, "queues": self.queues}))
+        tmp.write_text(json.dumps({"pid": os.getpid(), "parent": os.getppid(), "segments": self.segments,
+                                   "queues": self.queues}))
         tmp.rename(self.manifest_path)
 
 
@@ -123,6 +125,19 @@ def orphan_processes() -> list:
 def leftover_names() -> list[str]:
     """Everything of ours visible in /dev/shm (segments and manifests); for tests and `cleanup`."""
     return sorted(p.name for p in SHM_DIR.glob(f"{PREFIX}*"))
+
+
+def run_id_of(name: str) -> str | None:
+    """The run id `<pid>-<hex>` inside a /dev/shm name of ours (segment or manifest)."""
+    parts = name.removeprefix(PREFIX).split(".")[0].split("-")
+    return "-".join(parts[:2]) if len(parts) >= 2 and parts[0].isdigit() else None
+
+
+def read_manifest(run_id: str) -> dict | None:
+    try:
+        return json.loads((SHM_DIR / f"{PREFIX}{run_id}.manifest").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def system_pinned_bytes() -> int | None:

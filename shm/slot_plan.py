@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from checkpoint.layout import GROUP_KINDS, ModelLayout
+from ringllm.checkpoint.layout import GROUP_KINDS, ModelLayout
 
 ALIGN = 4096
 DEFAULT_CHUNK_BYTES = 16 << 20

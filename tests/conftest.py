@@ -111,25 +111,48 @@ def tiny_checkpoint(tmp_path):
 
 @pytest.fixture(scope="session")
 def demo_model_dir():
-    from coordinator.cli import default_cache_dir
-    from tools.demo_model import ensure_demo_model
+    from ringllm.cli import default_cache_dir
+    from ringllm.tools.demo_model import ensure_demo_model
 
     return ensure_demo_model(default_cache_dir())
 
 
+def own_leftovers(before: set[str]) -> list[str]:
+    """Names in /dev/shm that appeared since `before` and belong to a run this test process
+    started: in-process (the supervisor's pid is ours) or as a child command (its manifest names
+    us as the parent). Runs of other ringllm commands on the machine are not ours to judge. A
+    segment whose manifest is gone can only come from a cleanup bug; it counts as ours unless it
+    vanishes at a second look (another run finishing its own cleanup)."""
+    import os
+
+    from ringllm.shm.resources import leftover_names, read_manifest, run_id_of
+
+    me, own = os.getpid(), []
+    for name in sorted(set(leftover_names()) - before):
+        run = run_id_of(name)
+        if run is None:
+            continue
+        info = read_manifest(run)
+        if run.split("-")[0] == str(me) or (info is not None and info.get("parent") == me) or info is None:
+            own.append(name)
+    still_there = set(leftover_names())
+    return [n for n in own if n in still_there]
+
+
 @pytest.fixture(autouse=True)
 def no_leftover_resources():
-    """After every test: no segment or manifest of ours in /dev/shm, no child process left, and
-    on a GPU machine no more pinned host memory than before (the ring's registration returned)."""
+    """After every test: no segment or manifest of its own runs in /dev/shm, no child process
+    left, and on a GPU machine no more pinned host memory than before (the ring's registration
+    returned). Other ringllm runs alive on the machine are left alone."""
     import psutil
 
-    from shm.resources import leftover_names, pinned_above, system_pinned_bytes
+    from ringllm.shm.resources import leftover_names, pinned_above, system_pinned_bytes
 
     before = set(leftover_names())
     pinned_before = system_pinned_bytes() if torch.cuda.is_available() else None
     yield
-    left = set(leftover_names()) - before
-    assert not left, f"left in /dev/shm: {sorted(left)}"
+    left = own_leftovers(before)
+    assert not left, f"left in /dev/shm: {left}"
     kids = [p for p in psutil.Process().children(recursive=True)
             if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not kids, f"child processes left: {[(p.pid, p.name()) for p in kids]}"

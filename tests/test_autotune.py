@@ -6,10 +6,10 @@ import sys
 
 import pytest
 
-from checkpoint.layout import load_layout
-from coordinator.autotune import GIB, Machine, auto_tune
-from coordinator.config import build_config
-from tools.make_checkpoint import make_checkpoint
+from ringllm.checkpoint.layout import load_layout
+from ringllm.autotune import GIB, Machine, auto_tune
+from ringllm.config import build_config
+from ringllm.tools.make_checkpoint import make_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_small_gpu_lowers_the_look_ahead(l70):
 
 def test_preset_auto_on_cpu_prints_choices_and_runs(tmp_path):
     d = make_checkpoint(tmp_path / "t", "tiny", 4, progress=False)
-    common = [sys.executable, "-m", "coordinator.cli", "generate", "--model", str(d), "--device", "cpu", "--no-chat",
+    common = [sys.executable, "-m", "ringllm", "generate", "--model", str(d), "--device", "cpu", "--no-chat",
               "--prompt", "t5 t6", "--max-new-tokens", "6", "--preset", "auto"]
     a = subprocess.run(common + ["--gpu-mem", "300MiB"], capture_output=True, text=True, timeout=120)
     b = subprocess.run(common + ["--gpu-mem", "300MiB", "--set", "CPU_CAP_VALUE=3", "--set", "GPU_RESIDENT_LAYERS=1"],

@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from coordinator.cli import main
+from ringllm.cli import main
 from tests.conftest import make_model_dir
 
 

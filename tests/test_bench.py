@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import json
 
-from coordinator.cli import main
-from tools.make_checkpoint import make_checkpoint
+from ringllm.cli import main
+from ringllm.tools.make_checkpoint import make_checkpoint
 
 
 def test_make_checkpoint_is_a_valid_sharded_hf_checkpoint(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from checkpoint.layout import load_layout
+    from ringllm.checkpoint.layout import load_layout
 
     d = make_checkpoint(tmp_path / "c", "tiny", 3, shard_bytes=30_000, progress=False)
     names = sorted(p.name for p in d.glob("*.safetensors"))

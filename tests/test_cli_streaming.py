@@ -8,7 +8,7 @@ from tests.conftest import layer_tensor_bytes, make_model_dir
 
 
 def ringllm(*args, env=None, timeout=120):
-    return subprocess.run([sys.executable, "-m", "coordinator.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "ringllm", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
 
 

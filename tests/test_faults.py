@@ -13,14 +13,15 @@ import posix_ipc
 import psutil
 import pytest
 
-from checkpoint.errors import RingllmError
-from checkpoint.layout import load_layout
-from coordinator.config import build_config
-from coordinator.supervisor import Supervisor
+from ringllm.checkpoint.errors import RingllmError
+from ringllm.checkpoint.layout import load_layout
+from ringllm.config import build_config
+from ringllm.faults import FaultPlan
+from ringllm.supervisor.supervisor import Supervisor
 from tests.conftest import make_model_dir
 from tests.test_lifecycle import ALL, assert_nothing_left, long_run_model, start, wait_for_children  # noqa: F401
 from tests.test_streaming import assert_run_cleaned, resident_tokens
-from workers.generation import SamplingParams
+from ringllm.workers.generation import SamplingParams
 
 
 @pytest.fixture
@@ -31,13 +32,13 @@ def small(tmp_path):
 
 
 def cli(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "coordinator.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "ringllm", *args], capture_output=True, text=True,
                           timeout=timeout)
 
 
 def test_loader_that_keeps_dying_ends_the_run(small):
     sup = Supervisor(load_layout(small), build_config(loaders=2, cpu_cap=2, gpu_ahead_layers=1), "cpu", "float32",
-                     crash_loaders_at=1)
+                     faults=FaultPlan(crash_loaders_at_chunk=1))
     t0 = time.monotonic()
     with pytest.raises(RingllmError, match=r"loader\d died 4 times within a minute .*giving up"):
         sup.run([[4, 5, 6]], 8, SamplingParams(), (), lambda t: None)
@@ -47,7 +48,7 @@ def test_loader_that_keeps_dying_ends_the_run(small):
 
 def test_torn_slot_stops_the_run_before_compute(small):
     sup = Supervisor(load_layout(small), build_config(loaders=1, cpu_cap=2, gpu_ahead_layers=1), "cpu", "float32",
-                     tamper_at_offer=3)
+                     faults=FaultPlan(tamper_at_offer=3))
     tokens = []
     with pytest.raises(RingllmError, match=r"gpu: TornCopy: ring slot \d changed under a copy of layer 3 \w+: "
                                            r"expected generation \d+, found \d+"):
@@ -77,10 +78,19 @@ def test_next_start_sweeps_a_killed_run(long_run_model, small):
     proc.kill()
     proc.wait()
     psutil.wait_procs(list(kids.values()), timeout=10)
+    others_alive = other_ringllm_commands()
     r = cli("generate", "--model", str(small), "--device", "cpu", "--no-chat", "--prompt", "w5", "--max-new-tokens", "2")
     assert r.returncode == 0, r.stderr
-    assert "removed" in r.stderr and "left by an earlier run" in r.stderr
+    if not others_alive:   # else another ringllm start on this machine may have swept it first
+        assert "left by earlier run(s) that were killed" in r.stderr and run_id in r.stderr, r.stderr
     assert_nothing_left(run_id, kids)
+
+
+def other_ringllm_commands() -> list:
+    """ringllm supervisors on this machine that this test process did not start."""
+    import os
+    return [p for p in psutil.process_iter(["name", "ppid"])
+            if p.info["name"] == "ringllm-sup" and p.info["ppid"] != os.getpid()]
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
@@ -100,14 +110,14 @@ def test_signal_during_prefill(tmp_path):
     make_model_dir(d, num_hidden_layers=6, hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
                    num_key_value_heads=4, head_dim=64, max_position_embeddings=4096)
     prompt = " ".join(f"w{3 + i % 100}" for i in range(3000))
-    proc = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "generate", "--model", str(d), "--device", "cpu",
+    proc = subprocess.Popen([sys.executable, "-m", "ringllm", "generate", "--model", str(d), "--device", "cpu",
                              "--no-chat", "--prompt", prompt, "--max-new-tokens", "50", "--loaders", "1",
                              "--set", "CPU_CAP_VALUE=2", "--set", "GPU_AHEAD_LAYERS=1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     kids, run_id = wait_for_children(proc, ("ringllm-coord", "ringllm-gpu", "ringllm-load0"))
     # The GPU process reports ready (stats page: RUNNING) right before the 3000-token prefill,
     # which takes seconds here: signal then, with no token produced yet.
-    from shm.stats import RUNNING, StatsPage
+    from ringllm.shm.stats import RUNNING, StatsPage
     page = StatsPage(f"/ringllm-{run_id}-stats")
     deadline = time.monotonic() + 60
     while page.read()["status"] != RUNNING and time.monotonic() < deadline:
@@ -124,7 +134,7 @@ def test_signal_during_prefill(tmp_path):
 def test_two_runs_at_once_do_not_interfere(small):
     args = ["generate", "--model", str(small), "--device", "cpu", "--no-chat", "--prompt", "w7 w8 w9",
             "--max-new-tokens", "20", "--loaders", "2", "--set", "CPU_CAP_VALUE=2", "--set", "GPU_AHEAD_LAYERS=1"]
-    procs = [subprocess.Popen([sys.executable, "-m", "coordinator.cli", *args], stdout=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable, "-m", "ringllm", *args], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1] for o in outs]
@@ -151,8 +161,7 @@ def error_line(r):
 ])
 def test_bad_parameters_and_limits(small, params, needle):
     r = cli("generate", "--model", str(small), "--device", "cpu", "--max-new-tokens", "2", *params)
-    assert needle in error_line(r)
-    assert not list(Path("/dev/shm").glob("ringllm-*"))
+    assert needle in error_line(r)   # (the autouse fixture checks that this run created nothing)
 
 
 def test_unsupported_config(small):
@@ -187,8 +196,8 @@ def test_work_sent_to_a_dead_loader_is_read_once(small):
     land in a slot that already holds another layer (wrong tokens, no error)."""
     layout = load_layout(small)
     engine = build_config(loaders=2, cpu_cap=2, gpu_ahead_layers=1, chunk_bytes=8192)
-    sup = Supervisor(layout, engine, "cpu", "float32", chaos=(7, 0.005),
-                     kill_loader_when_ready=1, restart_notice_delay_s=1.5)
+    sup = Supervisor(layout, engine, "cpu", "float32", faults=FaultPlan(
+        chaos_seed=7, chaos_delay_s=0.005, kill_loader_when_ready=1, restart_notice_delay_s=1.5))
     result = sup.run([[4, 5, 6]], 12, SamplingParams(), (), lambda t: None)
     assert result.outputs == resident_tokens(small, [[4, 5, 6]], 12)
     assert result.loader_restarts == 1

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from shm.resources import pinned_above, system_pinned_bytes
+from ringllm.shm.resources import pinned_above, system_pinned_bytes
 from tests.conftest import layer_tensor_bytes, make_model_dir
 from tests.test_cli_streaming import ringllm
 

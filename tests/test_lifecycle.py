@@ -32,7 +32,7 @@ def long_run_model(tmp_path):
 
 def start(model_dir, *extra):
     return subprocess.Popen(
-        [sys.executable, "-m", "coordinator.cli", "generate", "--model", str(model_dir), "--device", "cpu",
+        [sys.executable, "-m", "ringllm", "generate", "--model", str(model_dir), "--device", "cpu",
          "--no-chat", "--prompt", "w5 w6", "--max-new-tokens", "400", "--loaders", "2",
          "--set", "CPU_CAP_VALUE=2", "--set", "GPU_AHEAD_LAYERS=1", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -106,7 +106,7 @@ def test_dead_gpu_or_coordinator_ends_the_run(long_run_model, victim):
 def test_killed_loader_is_restarted_and_tokens_are_unchanged(long_run_model):
     args = ("--max-new-tokens", "60")
     reference = subprocess.run(
-        [sys.executable, "-m", "coordinator.cli", "generate", "--model", str(long_run_model), "--device", "cpu",
+        [sys.executable, "-m", "ringllm", "generate", "--model", str(long_run_model), "--device", "cpu",
          "--no-chat", "--prompt", "w5 w6", "--resident", *args], capture_output=True, text=True, timeout=120)
     proc = start(long_run_model, *args)
     kids, run_id = wait_for_children(proc, ALL)

@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 
-from checkpoint.layout import load_layout
+from ringllm.checkpoint.layout import load_layout
 from tests.conftest import LLAMA3_ROPE, hf_greedy_cached, make_hf_checkpoint
-from workers.generation import Sampler, SamplingParams, generate
-from workers.model import KVCache, Llama
-from workers.resident import ResidentSource, load_resident_weights
+from ringllm.workers.generation import Sampler, SamplingParams, generate
+from ringllm.workers.model import KVCache, Llama
+from ringllm.workers.resident import ResidentSource, load_resident_weights
 
 CPU = torch.device("cpu")
 
@@ -114,7 +114,7 @@ def test_padded_batch_decode_matches_single_prompts(tmp_path):
 def test_smollm2_greedy_32_tokens_match_transformers(demo_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from checkpoint.text import TextCodec
+    from ringllm.checkpoint.text import TextCodec
 
     hf = AutoModelForCausalLM.from_pretrained(demo_model_dir, dtype=torch.float32).eval()
     ours = ringllm_model(demo_model_dir, torch.float32)

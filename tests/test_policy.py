@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from coordinator.policy import JobDispatcher, ProtocolError, RingPolicy
-from shm.ring import FREE, LOADING, READY
+from ringllm.coordinator.policy import JobDispatcher, ProtocolError, RingPolicy
+from ringllm.shm.ring import FREE, LOADING, READY
 
 
 def load_all(policy):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from workers.generation import Sampler, SamplingParams
+from ringllm.workers.generation import Sampler, SamplingParams
 
 CPU = torch.device("cpu")
 

@@ -7,13 +7,14 @@ import psutil
 import pytest
 import torch
 
-from checkpoint.layout import load_layout
-from coordinator.config import build_config
-from coordinator.supervisor import Supervisor
+from ringllm.checkpoint.layout import load_layout
+from ringllm.config import build_config
+from ringllm.faults import FaultPlan
+from ringllm.supervisor.supervisor import Supervisor
 from tests.conftest import LLAMA3_ROPE, hf_greedy_cached, make_hf_checkpoint
-from workers.generation import Sampler, SamplingParams, generate
-from workers.model import Llama
-from workers.resident import ResidentSource, load_resident_weights
+from ringllm.workers.generation import Sampler, SamplingParams, generate
+from ringllm.workers.model import Llama
+from ringllm.workers.resident import ResidentSource, load_resident_weights
 
 CPU = torch.device("cpu")
 
@@ -90,7 +91,7 @@ def test_processes_are_separate_and_named(tmp_path):
 def test_smollm2_streamed_matches_reference_and_transformers(demo_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from checkpoint.text import TextCodec
+    from ringllm.checkpoint.text import TextCodec
 
     layout = load_layout(demo_model_dir)
     codec = TextCodec(demo_model_dir, layout.config)
@@ -104,7 +105,7 @@ def test_smollm2_streamed_matches_reference_and_transformers(demo_model_dir):
 
 def test_bf16_streamed_equals_bf16_reference(demo_model_dir):
     """Same precision (the checkpoint's bf16) on both sides: identical tokens, EOS respected."""
-    from checkpoint.text import TextCodec
+    from ringllm.checkpoint.text import TextCodec
 
     layout = load_layout(demo_model_dir)
     codec = TextCodec(demo_model_dir, layout.config)
@@ -141,19 +142,19 @@ def test_stress_random_delays(tmp_path, run):
     layout = load_layout(d)
     sup = Supervisor(layout, build_config(loaders=3, cpu_cap=2, gpu_ahead_layers=random.Random(seed).randint(1, 2),
                                           cpu_ring_offset=1, chunk_bytes=4096),
-                     "cpu", "float32", chaos=(seed, 0.004))
+                     "cpu", "float32", faults=FaultPlan(chaos_seed=seed, chaos_delay_s=0.004))
     result = sup.run(prompts, 6, SamplingParams(), (), lambda t: None)
     assert_run_cleaned(sup)
     assert result.outputs == resident_tokens(d, prompts, 6), f"chaos seed={seed}"
 
 
 def test_loader_read_error_ends_run_cleanly(tmp_path):
-    from checkpoint.errors import RingllmError
+    from ringllm.checkpoint.errors import RingllmError
 
     d = tmp_path / "m"
     make_hf_checkpoint(d, num_hidden_layers=3)
     sup = Supervisor(load_layout(d), build_config(loaders=2, cpu_cap=2, gpu_ahead_layers=1), "cpu", "float32",
-                     fault_after_chunks={0: 1, 1: 1})
+                     faults=FaultPlan(read_errors=((0, 1), (1, 1))))
     with pytest.raises(RingllmError, match=r"loader\d: .*model.safetensors: read error .*injected"):
         sup.run([[4, 5]], 4, SamplingParams(), (), lambda t: None)
     assert_run_cleaned(sup)

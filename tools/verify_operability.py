@@ -1,6 +1,6 @@
 """GPU-machine check of the user-facing run (docs/operability-gpu.md), in one call:
 
-    python3 -m tools.verify_operability --out OUT_DIR [--gpu-mem 24GiB]
+    python3 -m ringllm.tools.verify_operability --out OUT_DIR [--gpu-mem 24GiB]
 
 1. The CUDA tests (tests/test_gpu.py and the CLI tests, whose resource fixture also checks the
    machine's pinned memory after each test): the ring is pinned while a run lasts, every pinned
@@ -30,8 +30,8 @@ def sample_pinned(proc: subprocess.Popen, trace: list, stop: threading.Event) ->
     """Every 0.25 s: seconds since start, the GPU process's VmLck and VmPin, machine-wide pinned."""
     import psutil
 
-    from coordinator.supervisor import process_memory
-    from shm.resources import system_pinned_bytes
+    from ringllm.supervisor.supervisor import process_memory
+    from ringllm.shm.resources import system_pinned_bytes
 
     t0 = time.monotonic()
     while not stop.is_set():
@@ -48,12 +48,12 @@ def sample_pinned(proc: subprocess.Popen, trace: list, stop: threading.Event) ->
 
 
 def generate(name: str, model: Path, out: Path, extra: list[str], new_tokens: int) -> dict:
-    from shm.resources import system_pinned_bytes
+    from ringllm.shm.resources import system_pinned_bytes
 
     prompt = model / "prompt.txt"
     prompt.write_text(" ".join(f"t{3 + i}" for i in range(PROMPT_WORDS)))
     metrics = out / f"metrics-{name}.json"
-    cmd = [sys.executable, "-m", "coordinator.cli", "generate", "--model", str(model), "--prompt-file", str(prompt),
+    cmd = [sys.executable, "-m", "ringllm", "generate", "--model", str(model), "--prompt-file", str(prompt),
            "--no-chat", "--max-new-tokens", str(new_tokens), "--metrics-json", str(metrics), *extra]
     before = system_pinned_bytes()
     trace: list = []
@@ -91,7 +91,7 @@ def main() -> int:
     ap.add_argument("--skip-tests", action="store_true")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    from tools.gpu_bench import bench_checkpoint
+    from ringllm.tools.gpu_bench import bench_checkpoint
 
     summary = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if not args.skip_tests:

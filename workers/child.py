@@ -1,4 +1,4 @@
-"""Entry point of every child process: `python -m workers.child`, pickled (module, function,
+"""Entry point of every child process: `python -m ringllm.workers.child`, pickled (module, function,
 args) on stdin. Plain subprocesses rather than multiprocessing: no helper processes, no
 re-import of the caller's __main__, and the supervisor keeps full control of each child."""
 from __future__ import annotations

@@ -7,8 +7,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from checkpoint.errors import RingllmError
-from workers.model import KVCache, Llama
+from ringllm.checkpoint.errors import RingllmError
+from ringllm.workers.model import KVCache, Llama
 
 
 @dataclass(frozen=True)

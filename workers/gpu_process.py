@@ -7,10 +7,11 @@ import os
 import time
 from dataclasses import dataclass
 
-from shm.channel import Channel, Fatal, Finished, Mark, Ready, ResidentLayers, Tokens
-from shm.ring import Ring, prefault
-from shm.stats import StatsPage
-from workers.process_setup import child_start
+from ringllm.faults import NO_FAULTS, FaultPlan
+from ringllm.shm.channel import Channel, Fatal, Finished, Mark, Ready, ResidentLayers, Tokens
+from ringllm.shm.ring import Ring, prefault
+from ringllm.shm.stats import StatsPage
+from ringllm.workers.process_setup import child_start
 
 log = logging.getLogger("ringllm.gpu")
 
@@ -32,8 +33,7 @@ class GpuArgs:
     sampling: object        # SamplingParams
     eos_ids: tuple
     verbose: bool = False
-    chaos_seed: int = 0            # tests: random delay before serving each group
-    chaos_delay_s: float = 0.0
+    faults: FaultPlan = NO_FAULTS  # tests only (a random delay before serving each group)
     profile_trace: str | None = None   # write a Chrome trace (torch.profiler) of the generation here
     fill_ring_first: bool = False  # bench: wait until the ring holds what it can before timing starts
     stats_name: str = ""           # the run's stats page (shm.stats)
@@ -58,7 +58,7 @@ def _unregister(ring_tensor) -> None:
 def resident_layer_count(args: GpuArgs, free_bytes: int | None) -> int:
     """GPU_RESIDENT_LAYERS, or with -1 (auto) as many layers as fit beside the streaming working
     set: under --gpu-mem when given, else in 90% of the free memory; none on the CPU."""
-    from workers.memory_plan import layers_that_fit, plan_gpu_memory
+    from ringllm.workers.memory_plan import layers_that_fit, plan_gpu_memory
 
     n = args.layout.config.num_layers
     if args.engine.gpu_resident_layers >= 0:
@@ -73,7 +73,7 @@ def resident_layer_count(args: GpuArgs, free_bytes: int | None) -> int:
 
 def wait_for_ring(ring: Ring, slots: int, timeout_s: float) -> None:
     """Block until `slots` ring slots are READY (the bench times a warm ring)."""
-    from shm.ring import READY
+    from ringllm.shm.ring import READY
 
     # a big ring takes a while from disk: allow 100 MB/s at the least
     deadline = time.monotonic() + max(timeout_s, ring.nbytes / 100e6)
@@ -87,11 +87,11 @@ def gpu_main(args: GpuArgs) -> None:
     child_start("ringllm-gpu", args.parent_pid, args.verbose)
     import torch
 
-    from workers.generation import Sampler, generate
-    from workers.model import Llama
-    from workers.resident import load_groups, load_resident_weights
-    from workers.streaming import InboxReader, StreamingSource
-    from workers.weights import DTYPE_NAMES, group_weights
+    from ringllm.workers.generation import Sampler, generate
+    from ringllm.workers.model import Llama
+    from ringllm.workers.resident import load_groups, load_resident_weights
+    from ringllm.workers.streaming import InboxReader, StreamingSource
+    from ringllm.workers.weights import DTYPE_NAMES, group_weights
 
     sup, coord, inbox = Channel(args.sup_queue), Channel(args.coord_queue), Channel(args.inbox)
     ring = Ring.attach(args.ring_name)
@@ -133,7 +133,7 @@ def gpu_main(args: GpuArgs) -> None:
         reader.start()
         page = StatsPage(args.stats_name) if args.stats_name else None
         source = StreamingSource(args.layout, list(args.plans), args.engine, ring, ring_tensor, device,
-                                 coord, reader, resident=resident_groups, chaos=(args.chaos_seed, args.chaos_delay_s),
+                                 coord, reader, resident=resident_groups, chaos=args.faults.chaos,
                                  stats_page=page, passes=args.max_new_tokens)
         sup.send(Ready("gpu", 0, info))
         model = Llama(args.layout.config, resident, source, dtype, device)

@@ -13,10 +13,11 @@ import random
 import time
 from dataclasses import dataclass
 
-from shm.channel import Channel, ChunkDone, Fatal, LoaderRestarted, ReadJob, Ready, Shutdown
-from shm.ring import Ring
-from shm.stats import StatsPage
-from workers.process_setup import child_start, parent_alive, stop_requested
+from ringllm.faults import NO_FAULTS, FaultPlan
+from ringllm.shm.channel import Channel, ChunkDone, Fatal, LoaderRestarted, ReadJob, Ready, Shutdown
+from ringllm.shm.ring import Ring
+from ringllm.shm.stats import StatsPage
+from ringllm.workers.process_setup import child_start, parent_alive, stop_requested
 
 log = logging.getLogger("ringllm.loader")
 
@@ -31,10 +32,7 @@ class LoaderArgs:
     sup_queue: str
     files: tuple              # the file table: ReadJob.file indexes it
     verbose: bool = False
-    fault_after_chunks: int = -1   # tests: raise EIO on this chunk (-1 = never)
-    chaos_seed: int = 0            # tests: random delay before each chunk, up to chaos_delay_s
-    chaos_delay_s: float = 0.0
-    crash_on_chunk: int = -1       # tests: die (exit 1, no goodbye) when this chunk arrives
+    faults: FaultPlan = NO_FAULTS  # tests only
     stats_name: str = ""           # the run's stats page (shm.stats)
     epoch: int = 0                 # restarts of this loader index so far: jobs for another epoch are stale
 
@@ -102,7 +100,8 @@ def loader_main(args: LoaderArgs) -> None:
     chunks = 0
     total_bytes, busy = 0, 0.0
     page = StatsPage(args.stats_name) if args.stats_name else None
-    chaos = random.Random(args.chaos_seed * 1000 + args.index)
+    chaos = random.Random(args.faults.chaos_seed * 1000 + args.index)
+    read_error_at = args.faults.read_error_chunk(args.index)
     try:
         sup.send(Ready("loader", args.index, {"pid": os.getpid()}))
         while parent_alive(args.parent_pid) and not stop_requested():
@@ -117,14 +116,14 @@ def loader_main(args: LoaderArgs) -> None:
                 # sent to the process this one replaces; the coordinator re-issues it with our
                 # epoch. Reading it too could land after its slot had been given to another layer.
                 continue
-            if args.chaos_delay_s:
-                time.sleep(chaos.uniform(0, args.chaos_delay_s))
-            if chunks == args.crash_on_chunk:
+            if args.faults.chaos_delay_s:
+                time.sleep(chaos.uniform(0, args.faults.chaos_delay_s))
+            if chunks == args.faults.crash_loaders_at_chunk:
                 os._exit(1)
             t0 = time.perf_counter()
             path = args.files[msg.file]
             try:
-                if chunks == args.fault_after_chunks:
+                if chunks == read_error_at:
                     raise OSError(errno.EIO, "injected read error")
                 nbytes, direct = read_chunk(files, path, view, ring.slot_base(msg.slot), msg)
             except OSError as err:

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from checkpoint.errors import RingllmError
-from checkpoint.layout import ModelLayout
+from ringllm.checkpoint.errors import RingllmError
+from ringllm.checkpoint.layout import ModelLayout
 
 WORKSPACE_SLACK = 256 << 20
 ELEM = {"bfloat16": 2, "float16": 2, "float32": 4}

@@ -16,7 +16,7 @@ from typing import NamedTuple, Protocol
 import torch
 import torch.nn.functional as F
 
-from checkpoint.llama_config import LlamaConfig
+from ringllm.checkpoint.llama_config import LlamaConfig
 
 
 class AttnWeights(NamedTuple):

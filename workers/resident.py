@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from checkpoint.layout import GROUP_KINDS, ModelLayout
-from workers.model import AttnWeights, FfnWeights, ResidentWeights
-from workers.weights import group_weights, load_tensor, read_extent_into
+from ringllm.checkpoint.layout import GROUP_KINDS, ModelLayout
+from ringllm.workers.model import AttnWeights, FfnWeights, ResidentWeights
+from ringllm.workers.weights import group_weights, load_tensor, read_extent_into
 
 
 def load_resident_weights(layout: ModelLayout, dtype: torch.dtype, device: torch.device,

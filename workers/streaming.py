@@ -27,13 +27,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from checkpoint.layout import GROUP_KINDS, ModelLayout
-from shm.channel import Channel, Release, Shutdown, SlotReady, Want
-from shm.ring import READY, Ring
-from shm.slot_plan import LayerPlan
-from workers.model import AttnWeights, FfnWeights
-from workers.process_setup import stop_requested
-from workers.weights import group_weights
+from ringllm.checkpoint.layout import GROUP_KINDS, ModelLayout
+from ringllm.shm.channel import Channel, Release, Shutdown, SlotReady, Want
+from ringllm.shm.ring import READY, Ring
+from ringllm.shm.slot_plan import LayerPlan
+from ringllm.workers.model import AttnWeights, FfnWeights
+from ringllm.workers.process_setup import stop_requested
+from ringllm.workers.weights import group_weights
 
 log = logging.getLogger("ringllm.gpu")
 GROUP_LOG_INTERVAL_S = 1.0

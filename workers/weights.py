@@ -5,10 +5,10 @@ import os
 
 import torch
 
-from checkpoint.errors import RingllmError
-from checkpoint.layout import GroupLayout
-from checkpoint.safetensors_index import TensorExtent
-from workers.model import AttnWeights, FfnWeights
+from ringllm.checkpoint.errors import RingllmError
+from ringllm.checkpoint.layout import GroupLayout
+from ringllm.checkpoint.safetensors_index import TensorExtent
+from ringllm.workers.model import AttnWeights, FfnWeights
 
 TORCH_DTYPE = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 DTYPE_NAMES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

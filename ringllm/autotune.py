@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from checkpoint.layout import ModelLayout
-from workers.memory_plan import fmt_bytes
+from ringllm.checkpoint.layout import ModelLayout
+from ringllm.workers.memory_plan import fmt_bytes
 
 GIB = 2 ** 30
 DRAM_HEADROOM = 4 * GIB       # left to the OS, the page cache and the processes themselves
@@ -28,8 +28,8 @@ class Machine:
 
 def auto_tune(layout: ModelLayout, machine: Machine, batch: int, max_seq: int, dtype: str,
               embed_on_host: bool) -> tuple[dict, list[str]]:
-    from coordinator.config import EngineConfig
-    from workers.memory_plan import layers_that_fit, plan_gpu_memory
+    from ringllm.config import EngineConfig
+    from ringllm.workers.memory_plan import layers_that_fit, plan_gpu_memory
 
     n = layout.config.num_layers
     sizes = layout.max_group_bytes

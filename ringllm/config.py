@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, fields
 
-from checkpoint.errors import RingllmError
+from ringllm.checkpoint.errors import RingllmError
 
 # name -> (field, type); field None for pure aliases handled below
 PARAMETERS = {

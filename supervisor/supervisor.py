@@ -26,17 +26,19 @@ from typing import Callable
 
 import psutil
 
-from checkpoint.errors import RingllmError
-from checkpoint.layout import ModelLayout
-from coordinator.config import EngineConfig
-from coordinator.process import CoordinatorArgs, coordinator_main
-from shm.channel import Channel, Fatal, Finished, LoaderRestarted, Ready, Shutdown, Stats, StatsRequest, Tokens
-from shm.resources import SHM_DIR, RunNames, new_run_id, pinned_above, sweep, system_pinned_bytes, unlink_all
-from shm.ring import Ring, ring_bytes
-from shm.stats import DONE, RUNNING, StatsPage
-from shm.slot_plan import align_up, file_table, plan_model
-from workers.gpu_process import GpuArgs, gpu_main
-from workers.loader import LoaderArgs, loader_main
+from ringllm.checkpoint.errors import RingllmError
+from ringllm.checkpoint.layout import ModelLayout
+from ringllm.config import EngineConfig
+from ringllm.faults import NO_FAULTS, FaultPlan
+from ringllm.coordinator.process import CoordinatorArgs, coordinator_main
+from ringllm.shm.channel import Channel, Fatal, Finished, LoaderRestarted, Ready, Shutdown, Stats, StatsRequest, Tokens
+from ringllm.shm.resources import (SHM_DIR, RunNames, new_run_id, pinned_above, run_id_of, sweep, system_pinned_bytes,
+                                   unlink_all)
+from ringllm.shm.ring import Ring, ring_bytes
+from ringllm.shm.stats import DONE, RUNNING, StatsPage
+from ringllm.shm.slot_plan import align_up, file_table, plan_model
+from ringllm.workers.gpu_process import GpuArgs, gpu_main
+from ringllm.workers.loader import LoaderArgs, loader_main
 
 log = logging.getLogger("ringllm")
 
@@ -108,20 +110,10 @@ class Terminated(BaseException):
 
 class Supervisor:
     def __init__(self, layout: ModelLayout, engine: EngineConfig, device: str, dtype: str,
-                 verbose: bool = False, fault_after_chunks: dict | None = None,
-                 chaos: tuple[int, float] = (0, 0.0), profile_trace: str | None = None,
-                 fill_ring_first: bool = False, crash_loaders_at: int = -1, tamper_at_offer: int = -1,
-                 kill_loader_when_ready: int = -1, restart_notice_delay_s: float = 0.0):
+                 verbose: bool = False, faults: FaultPlan = NO_FAULTS, profile_trace: str | None = None,
+                 fill_ring_first: bool = False):
         self.profile_trace, self.fill_ring_first = profile_trace, fill_ring_first
-        # Fault injection for tests only: loader index -> chunk number that fails to read;
-        # (seed, max delay) of random delays; every loader dies at this chunk; the coordinator
-        # rewrites a slot's generation in the header just before this offer.
-        self.fault_after_chunks = fault_after_chunks or {}
-        self.chaos = chaos
-        self.crash_loaders_at, self.tamper_at_offer = crash_loaders_at, tamper_at_offer
-        # SIGKILL this loader once, as soon as it is ready; hold back the restart notice to the
-        # coordinator this long (it keeps sending the dead loader work meanwhile)
-        self.kill_loader_when_ready, self.restart_notice_delay_s = kill_loader_when_ready, restart_notice_delay_s
+        self.faults = faults          # tests only (ringllm.faults)
         self.layout, self.engine, self.device, self.dtype, self.verbose = layout, engine, device, dtype, verbose
         self.plans, self.slot_size, self.ring_total = plan_ring(layout, engine)
         self.files = file_table(self.plans)
@@ -147,7 +139,8 @@ class Supervisor:
         self._pinned_before = system_pinned_bytes()
         swept = sweep()
         if swept:
-            log.info("removed %d resource(s) left by an earlier run that was killed", len(swept))
+            runs = sorted({run_id_of(name.rsplit("/", 1)[-1]) for name in swept} - {None})
+            log.info("removed %d resource(s) left by earlier run(s) that were killed: %s", len(swept), ", ".join(runs))
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
@@ -208,7 +201,7 @@ class Supervisor:
                  self.slot_size / 2**20, self.ring_total / 2**30, self.names.segment, self.engine.loaders)
 
     def _spawn(self, key: str, target, args) -> None:
-        proc = subprocess.Popen([sys.executable, "-m", "workers.child"], stdin=subprocess.PIPE)
+        proc = subprocess.Popen([sys.executable, "-m", "ringllm.workers.child"], stdin=subprocess.PIPE)
         self.procs[key] = proc
         proc.stdin.write(pickle.dumps((target.__module__, target.__name__, args)))
         proc.stdin.close()
@@ -216,8 +209,7 @@ class Supervisor:
     def _loader_args(self, index: int) -> LoaderArgs:
         n = self.names
         return LoaderArgs(index, os.getpid(), n.segment, n.loader_queues[index], n.coord_queue, n.sup_queue,
-                          tuple(self.files), self.verbose, self.fault_after_chunks.get(index, -1), *self.chaos,
-                          crash_on_chunk=self.crash_loaders_at, stats_name=n.stats_segment,
+                          tuple(self.files), self.verbose, faults=self.faults, stats_name=n.stats_segment,
                           epoch=self.loader_epochs[index])
 
     def _start_all(self, prompts, max_new_tokens, sampling, eos_ids) -> None:
@@ -225,13 +217,13 @@ class Supervisor:
         self._spawn("coordinator", coordinator_main, CoordinatorArgs(
             pid, n.segment, n.coord_queue, n.gpu_queue, n.sup_queue, tuple(n.loader_queues),
             self.layout.config.num_layers, tuple(self.plans), tuple(self.files), self.engine, self.verbose,
-            tamper_at_offer=self.tamper_at_offer, stats_name=n.stats_segment))
+            faults=self.faults, stats_name=n.stats_segment))
         for i in range(self.engine.loaders):
             self._spawn(f"loader{i}", loader_main, self._loader_args(i))
         self._spawn("gpu", gpu_main, GpuArgs(
             pid, n.segment, n.gpu_queue, n.coord_queue, n.sup_queue, self.layout, tuple(self.plans),
             self.engine, self.device, self.dtype, tuple(tuple(p) for p in prompts), max_new_tokens,
-            sampling, tuple(eos_ids), self.verbose, *self.chaos, profile_trace=self.profile_trace,
+            sampling, tuple(eos_ids), self.verbose, faults=self.faults, profile_trace=self.profile_trace,
             fill_ring_first=self.fill_ring_first, stats_name=n.stats_segment))
 
     def _first_pass_bar(self):
@@ -269,7 +261,7 @@ class Supervisor:
                 bar_update()
             if isinstance(msg, Ready):
                 ready.add(f"{msg.role}{msg.index if msg.role == 'loader' else ''}")
-                if msg.role == "loader" and msg.index == self.kill_loader_when_ready \
+                if msg.role == "loader" and msg.index == self.faults.kill_loader_when_ready \
                         and self.loader_epochs[msg.index] == 0:
                     os.kill(msg.info["pid"], signal.SIGKILL)
                 if msg.role == "gpu":
@@ -350,7 +342,7 @@ class Supervisor:
             # coordinator re-issues everything the dead one held under the new epoch.
             self.loader_epochs[index] += 1
             self._spawn(key, loader_main, self._loader_args(index))
-            time.sleep(self.restart_notice_delay_s)
+            time.sleep(self.faults.restart_notice_delay_s)
             self.channels[self.names.coord_queue].send(LoaderRestarted(index, self.loader_epochs[index]), timeout=5)
 
     def _coordinator_stats(self) -> dict:

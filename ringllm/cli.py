@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from checkpoint.errors import RingllmError
+from ringllm.checkpoint.errors import RingllmError
 
 log = logging.getLogger("ringllm")
 
@@ -107,13 +107,13 @@ def _prompts(args) -> list[str]:
 def cmd_generate(args) -> int:
     import torch
 
-    from checkpoint.layout import load_layout
-    from checkpoint.text import StreamDecoder, TextCodec
-    from tools.demo_model import ensure_demo_model
-    from workers.generation import Sampler, SamplingParams, generate
-    from workers.model import Llama
-    from workers.resident import ResidentSource, load_resident_weights
-    from workers.weights import DTYPE_NAMES, TORCH_DTYPE
+    from ringllm.checkpoint.layout import load_layout
+    from ringllm.checkpoint.text import StreamDecoder, TextCodec
+    from ringllm.tools.demo_model import ensure_demo_model
+    from ringllm.workers.generation import Sampler, SamplingParams, generate
+    from ringllm.workers.model import Llama
+    from ringllm.workers.resident import ResidentSource, load_resident_weights
+    from ringllm.workers.weights import DTYPE_NAMES, TORCH_DTYPE
 
     if args.max_new_tokens < 1:
         raise RingllmError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -168,7 +168,7 @@ def cmd_generate(args) -> int:
 
 
 def build_engine_config(args, model_dir, max_seq: int = 2048):
-    from coordinator.config import build_config, default_loader_count, env_parameters, parse_bytes
+    from ringllm.config import build_config, default_loader_count, env_parameters, parse_bytes
 
     overrides = {}
     for item in args.params:
@@ -194,9 +194,9 @@ def auto_preset(args, model_dir, loaders: int, gpu_mem: int | None, max_seq: int
     """--preset auto: measure what is asked, choose, print the choices with their reasons."""
     import psutil
 
-    from checkpoint.layout import load_layout
-    from coordinator.autotune import Machine, auto_tune
-    from coordinator.config import parse_bytes
+    from ringllm.checkpoint.layout import load_layout
+    from ringllm.autotune import Machine, auto_tune
+    from ringllm.config import parse_bytes
 
     layout = load_layout(model_dir)
     device = getattr(args, "device", None) or ("cuda" if _cuda_available() else "cpu")
@@ -211,8 +211,8 @@ def auto_preset(args, model_dir, loaders: int, gpu_mem: int | None, max_seq: int
         budget = dram // 2          # on the CPU the "GPU" memory is DRAM too
     h2d = disk = None
     if args.measure:
-        from tools.bench import measure_disk
-        from shm.slot_plan import file_table, plan_model
+        from ringllm.tools.bench import measure_disk
+        from ringllm.shm.slot_plan import file_table, plan_model
         files = file_table(plan_model(layout))
         per = {k: measure_disk(files, k, max_bytes=2 * 2**30, max_seconds=3.0)[0] for k in (1, 2, 4, 8)}
         # the most readers within 10% of the best: the rates are that noisy, and more reads in
@@ -247,7 +247,7 @@ def _free_gpu_bytes() -> int:
 
 def _measure_h2d(device: str) -> float:
     import subprocess
-    code = ("import torch; from tools.bench import measure_h2d; "
+    code = ("import torch; from ringllm.tools.bench import measure_h2d; "
             f"print(measure_h2d(torch.device('{device}'), {8 * 2**30 if device == 'cuda' else 2**30}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     return float(out.stdout.strip().splitlines()[-1])
@@ -256,8 +256,8 @@ def _measure_h2d(device: str) -> float:
 
 def run_streaming(args, layout, model_dir, prompts, sampling, eos_ids, device, dtype, on_tokens):
     """The default engine: supervisor + coordinator + loaders + GPU process over the shared ring."""
-    from coordinator.supervisor import Supervisor
-    from workers.memory_plan import check_gpu_cap, plan_gpu_memory
+    from ringllm.supervisor.supervisor import Supervisor
+    from ringllm.workers.memory_plan import check_gpu_cap, plan_gpu_memory
 
     max_seq = max(len(p) for p in prompts) + args.max_new_tokens
     engine = build_engine_config(args, model_dir, max_seq)
@@ -328,7 +328,7 @@ def log_summary(result) -> None:
 def cmd_cleanup(args) -> int:
     import psutil
 
-    from shm.resources import orphan_processes, sweep
+    from ringllm.shm.resources import orphan_processes, sweep
 
     procs = orphan_processes()
     for proc in procs:
@@ -348,8 +348,8 @@ def cmd_bench(args) -> int:
 
     import torch
 
-    from coordinator.config import parse_bytes
-    from tools.bench import bench, format_table
+    from ringllm.config import parse_bytes
+    from ringllm.tools.bench import bench, format_table
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     engine = build_engine_config(args, args.model, max(args.prompt_tokens + args.decode_tokens, args.prefill_tokens + 1))
@@ -365,7 +365,7 @@ def cmd_bench(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if argv is None and args.command in ("generate", "bench"):
-        from workers.process_setup import set_process_name
+        from ringllm.workers.process_setup import set_process_name
         set_process_name("ringllm-sup")   # what ps shows for the supervisor (not when embedded)
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
                         format="[ringllm] %(message)s", stream=sys.stderr)
@@ -373,19 +373,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             return cmd_generate(args)
         if args.command == "make-checkpoint":
-            from coordinator.config import parse_bytes
-            from tools.make_checkpoint import make_checkpoint
+            from ringllm.config import parse_bytes
+            from ringllm.tools.make_checkpoint import make_checkpoint
             print(make_checkpoint(args.out, args.shape, args.layers, args.dtype, parse_bytes(args.shard_size), args.seed))
             return 0
         if args.command == "bench":
             return cmd_bench(args)
         if args.command == "top":
-            from tools.top import run_top
+            from ringllm.tools.top import run_top
             return run_top(args.run, args.interval, args.once)
         if args.command == "cleanup":
             return cmd_cleanup(args)
         if args.command == "pull-demo":
-            from tools.demo_model import ensure_demo_model
+            from ringllm.tools.demo_model import ensure_demo_model
             print(ensure_demo_model(default_cache_dir()))
             return 0
     except RingllmError as err:
@@ -395,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         print("ringllm: interrupted", file=sys.stderr)
         return 130
     except BaseException as err:
-        from coordinator.supervisor import Terminated
+        from ringllm.supervisor.supervisor import Terminated
         if isinstance(err, Terminated):
             print("ringllm: terminated", file=sys.stderr)
             return 143

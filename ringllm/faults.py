@@ -1,0 +1,36 @@
+"""Fault injection for tests: one frozen plan, built by a test and handed to every process.
+
+A run without faults gets `NO_FAULTS`; nothing in the engine changes behaviour unless a field is
+set. Each field says which process acts on it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FaultPlan:
+    # loaders + GPU process: (seed, max seconds) of a random delay before each chunk / group
+    chaos_seed: int = 0
+    chaos_delay_s: float = 0.0
+    # loader: (loader index, chunk number) pairs whose read fails with EIO
+    read_errors: tuple[tuple[int, int], ...] = ()
+    # loader: every loader dies (exit 1, no goodbye) when this chunk number arrives
+    crash_loaders_at_chunk: int = -1
+    # coordinator: rewrite the slot's generation in the header just before this offer
+    tamper_at_offer: int = -1
+    # supervisor: SIGKILL this loader once, as soon as it is ready ...
+    kill_loader_when_ready: int = -1
+    # ... and hold back the restart notice to the coordinator this long
+    restart_notice_delay_s: float = 0.0
+
+    @property
+    def chaos(self) -> tuple[int, float]:
+        return self.chaos_seed, self.chaos_delay_s
+
+    def read_error_chunk(self, loader: int) -> int:
+        """The chunk number at which this loader's read fails, -1 for none."""
+        return next((chunk for index, chunk in self.read_errors if index == loader), -1)
+
+
+NO_FAULTS = FaultPlan()
