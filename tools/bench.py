@@ -77,6 +77,87 @@ def measure_h2d(device: torch.device, total: int = 8 * GIB) -> float:
     return (total // chunk) * chunk / seconds / 1e9
 
 
+def group_copy_runs(layout: ModelLayout, layer: int, kind: str) -> list[tuple[int, int]]:
+    """(slot offset, bytes) of the contiguous runs of one group's tensors inside its ring slot:
+    the fewest copies that move exactly the group's bytes (a 70B attn group is 2 runs, the input
+    norm and q/k/v/o; an ffn group is 1)."""
+    plan = plan_model_layer(layout, layer)
+    spans = sorted((plan.tensor_slot_offset[e.extent.name], e.extent.nbytes)
+                   for e in layout.group(layer, kind).entries)
+    runs = [list(spans[0])]
+    for start, nbytes in spans[1:]:
+        if start == runs[-1][0] + runs[-1][1]:
+            runs[-1][1] += nbytes
+        else:
+            runs.append([start, nbytes])
+    return [tuple(r) for r in runs]
+
+
+def measure_group_copies(layout: ModelLayout, layers: list[int], device: torch.device, group_budget: tuple[int, int],
+                         min_bytes: int = 8 * GIB, max_host_bytes: int = 8 * GIB) -> dict:
+    """The ceiling a perfect engine would reach: back-to-back copies of the real groups of the
+    streamed layers, in pass order, on one stream, from pinned host memory laid out as ring slots
+    into GPU group buffers sized by kind (as many as the engine has), nothing else running.
+    Passes repeat until `min_bytes` have moved. Returns GB/s and what was copied."""
+    from ringllm.shm.slot_plan import align_up
+
+    plans = {layer: plan_model_layer(layout, layer) for layer in layers}
+    slot = align_up(max(p.nbytes for p in plans.values()))
+    slots = max(1, min(len(layers), max_host_bytes // slot))
+    cuda = device.type == "cuda"
+    host = torch.empty(slots * slot, dtype=torch.uint8, pin_memory=cuda)
+    host.fill_(1)
+    sizes = layout.max_group_bytes
+    n_attn, n_ffn = group_budget
+    buffers = {"attn": [torch.empty(sizes["attn"], dtype=torch.uint8, device=device) for _ in range(max(1, n_attn))],
+               "ffn": [torch.empty(sizes["ffn"], dtype=torch.uint8, device=device) for _ in range(max(1, n_ffn))]}
+    work = []          # (src offset, dst kind, dst index, dst offset, bytes) per run, one pass
+    used = {"attn": 0, "ffn": 0}
+    for i, layer in enumerate(layers):
+        base = (i % slots) * slot
+        for kind in ("attn", "ffn"):
+            dst = used[kind] % len(buffers[kind])
+            used[kind] += 1
+            cursor = 0
+            for start, nbytes in group_copy_runs(layout, layer, kind):
+                work.append((base + start, kind, dst, cursor, nbytes))
+                cursor += nbytes
+    pass_bytes = sum(w[4] for w in work)
+    passes = max(1, -(-min_bytes // pass_bytes))
+
+    def one_pass():
+        for src, kind, dst, at, nbytes in work:
+            buffers[kind][dst][at:at + nbytes].copy_(host[src:src + nbytes], non_blocking=cuda)
+
+    if cuda:
+        stream = torch.cuda.Stream(device)
+        with torch.cuda.stream(stream):
+            one_pass()                                   # warm: first-touch costs out of the timing
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            for _ in range(passes):
+                one_pass()
+            end.record(stream)
+        end.synchronize()
+        seconds = start.elapsed_time(end) / 1e3
+    else:
+        one_pass()
+        t0 = time.perf_counter()
+        for _ in range(passes):
+            one_pass()
+        seconds = time.perf_counter() - t0
+    del host, buffers
+    if cuda:
+        torch.cuda.empty_cache()
+    return {"gbps": passes * pass_bytes / seconds / 1e9, "copies_per_pass": len(work), "pass_bytes": pass_bytes,
+            "passes": passes, "host_slots": slots}
+
+
+def plan_model_layer(layout: ModelLayout, layer: int):
+    from ringllm.shm.slot_plan import plan_layer
+    return plan_layer(layout, layer)
+
+
 def drop_page_cache() -> bool:
     try:
         os.sync()
