@@ -1,0 +1,37 @@
+"""Step arithmetic shared by both ends of the ring protocol (docs/PROTOCOL.md is the full page).
+
+A *step* is `pass * N + layer`: the GPU process walks layers 0..N-1 once per forward pass, pass
+after pass, so steps only grow while layers wrap mod N. Layers below `resident` stay on the GPU
+for the whole run and never stream. The coordinator's window (coordinator.policy) and the GPU
+process's look-ahead (workers.scheduler) both count *streamed* steps from the compute step with
+`streamed_steps`, so the two ends always agree on what "k layers ahead" means.
+"""
+from __future__ import annotations
+
+
+def streams(step: int, num_layers: int, resident: int) -> bool:
+    """Does this step's layer come through the ring (rather than stay on the GPU)?"""
+    return step % num_layers >= resident
+
+
+def streamed_steps(first: int, count: int, num_layers: int, resident: int, end: int | None = None) -> list[int]:
+    """The first `count` steps from `first` (inclusive) whose layer streams, stopping before
+    `end` when given. Empty when nothing streams."""
+    out: list[int] = []
+    if resident >= num_layers:
+        return out
+    step = first
+    while len(out) < count and (end is None or step < end):
+        if streams(step, num_layers, resident):
+            out.append(step)
+        step += 1
+    return out
+
+
+def step_ahead(compute: int, ahead: int, num_layers: int, resident: int, last_step: int | None = None) -> int:
+    """The step `ahead` streamed steps past `compute` (compute itself not counted), never past
+    `last_step` (the generation's last step) nor behind compute; compute itself when nothing
+    streams or ahead is 0."""
+    ahead_steps = streamed_steps(compute + 1, ahead, num_layers, resident)
+    step = ahead_steps[-1] if ahead_steps else compute
+    return step if last_step is None else max(compute, min(step, last_step))
