@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
-import re
 import signal
 import sys
 import time
@@ -14,13 +12,10 @@ from pathlib import Path
 
 from ringllm import __version__
 from ringllm.checkpoint.errors import RingllmError
+from ringllm.cli_input import (DEFAULT_PROMPT, MIN_TOP_INTERVAL_S, check_model_arg, check_output_path,
+                               check_top_interval, read_prompts)
 
 log = logging.getLogger("ringllm")
-
-MIN_TOP_INTERVAL_S = 0.05      # `ringllm top` refreshes no faster: below it, it only burns a core
-DEFAULT_PROMPT = "What is the capital of France?"
-# owner/name, as on the Hugging Face Hub: a --model value of this shape that is not on disk
-HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 def default_cache_dir() -> Path:
@@ -36,7 +31,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or action.default in (None, False, [], argparse.SUPPRESS):
+        # identity, not ==: a default of 0 or 0.0 is a value to show, unlike False (a flag's off)
+        nothing = action.default is None or action.default is False or action.default == [] \
+            or action.default is argparse.SUPPRESS
+        if "default" in text or nothing:
             return text
         return super()._get_help_string(action)
 
@@ -129,66 +127,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _decode_prompt(raw: bytes, label: str) -> str:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise RingllmError(f"{label}: not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}); "
-                           "prompts are read as UTF-8") from None
-    nul = text.find("\0")
-    if nul >= 0:
-        raise RingllmError(f"{label}: a binary file, not text (NUL byte at offset {nul})")
-    return text
-
-
-def _prompts(args) -> list[tuple[str, str]]:
-    """(label naming where the prompt came from, text) for every prompt."""
-    if args.prompt_file is not None:
-        if str(args.prompt_file) == "-":
-            label = "--prompt-file - (stdin)"
-            return [(label, _decode_prompt(sys.stdin.buffer.read(), label))]
-        try:
-            raw = args.prompt_file.read_bytes()
-        except OSError as err:
-            raise RingllmError(f"{args.prompt_file}: cannot read prompt file ({err.strerror})") from None
-        return [(str(args.prompt_file), _decode_prompt(raw, str(args.prompt_file)))]
-    if not args.prompt:
-        return [("the default prompt", DEFAULT_PROMPT)]
-    if len(args.prompt) == 1:
-        return [("--prompt", args.prompt[0])]
-    return [(f"--prompt #{i + 1}", text) for i, text in enumerate(args.prompt)]
-
-
-def check_model_arg(model: Path) -> None:
-    """A --model value that is not on disk but reads as a Hub id (owner/name) gets the way forward;
-    every other problem with the directory is load_layout's to name."""
-    if model.exists() or not HUB_ID.fullmatch(str(model)):
-        return
-    raise RingllmError(
-        f"{model}: no such directory. ringllm reads a local model directory; if {model} is a Hugging Face "
-        f"Hub id, download it first: hf download {model} --local-dir DIR (huggingface-cli download in "
-        "huggingface_hub < 1.0), then --model DIR")
-
-
-def check_output_path(path: Path, option: str) -> None:
-    """Fail before the run, not after it, when the file it will write cannot be written."""
-    parent = path.parent
-    if path.is_dir():
-        raise RingllmError(f"{option} {path}: is a directory; give a file name")
-    if not parent.is_dir():
-        what = "is not a directory" if parent.exists() else "does not exist"
-        raise RingllmError(f"{option} {path}: the directory {parent} {what}")
-    if path.exists() and not os.access(path, os.W_OK):
-        raise RingllmError(f"{option} {path}: the file is not writable")
-    if not path.exists() and not os.access(parent, os.W_OK | os.X_OK):
-        raise RingllmError(f"{option} {path}: the directory {parent} is not writable")
-
-
-def check_top_interval(interval: float) -> None:
-    if not (math.isfinite(interval) and interval >= MIN_TOP_INTERVAL_S):
-        raise RingllmError(f"--interval {interval:g}: must be at least {MIN_TOP_INTERVAL_S} seconds")
-
-
 def cmd_generate(args) -> int:
     import torch
 
@@ -208,7 +146,7 @@ def cmd_generate(args) -> int:
         check_output_path(args.metrics_json, "--metrics-json")
     if args.model is not None:
         check_model_arg(args.model)
-    texts = _prompts(args)
+    texts = read_prompts(args.prompt, args.prompt_file)
     model_dir = args.model if args.model is not None else ensure_demo_model(default_cache_dir())
     layout = load_layout(model_dir)
     codec = TextCodec(model_dir, layout.config)

@@ -220,7 +220,7 @@ def test_help_shows_every_default(monkeypatch, capsys, name, parser):
         flag = action.option_strings[-1]
         assert action.help, f"ringllm {name} {flag} has no help text"
         default = action.default
-        if default in (False, []):            # flags and repeatable options: off / none
+        if default is False or default == []:      # flags and repeatable options: off / none
             continue
         if default is None:
             if flag not in NOTHING_TO_DEFAULT:
