@@ -125,6 +125,9 @@ def _pack(layer: int, kind: str, entries: list[tuple[str, TensorExtent]]) -> Gro
 def load_layout(model_dir: Path | str) -> ModelLayout:
     """Read config.json and every shard header; validate names, shapes and dtypes against the config."""
     model_dir = Path(model_dir)
+    if model_dir.exists() and not model_dir.is_dir():
+        raise RingllmError(f"{model_dir}: is a file; a model directory is expected (the one that holds "
+                           "config.json, the *.safetensors files and tokenizer.json)")
     if not model_dir.is_dir():
         raise RingllmError(f"{model_dir}: model directory not found")
     cfg = load_llama_config(model_dir)

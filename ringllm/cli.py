@@ -4,11 +4,16 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
+from ringllm import __version__
 from ringllm.checkpoint.errors import RingllmError
+from ringllm.cli_input import (DEFAULT_PROMPT, MIN_TOP_INTERVAL_S, check_model_arg, check_output_path,
+                               check_top_interval, read_prompts)
 
 log = logging.getLogger("ringllm")
 
@@ -20,88 +25,106 @@ def default_cache_dir() -> Path:
     return Path(base) / "ringllm"
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows every option's default: argparse's "(default: X)" where there is a value to
+    show; an option whose default is computed (None) says it in its own help text."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        # identity, not ==: a default of 0 or 0.0 is a value to show, unlike False (a flag's off)
+        nothing = action.default is None or action.default is False or action.default == [] \
+            or action.default is argparse.SUPPRESS
+        if "default" in text or nothing:
+            return text
+        return super()._get_help_string(action)
+
+
 def _add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="generate text from a prompt",
+    p = sub.add_parser("generate", help="generate text from a prompt", formatter_class=HelpFormatter,
                        description="Generate a completion; tokens stream to stdout, logs go to stderr.")
     p.add_argument("--model", type=Path, help="Hugging Face Llama model directory "
                    "(default: the built-in SmolLM2-135M-Instruct, imported on first use)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt", action="append", help="prompt text; repeat for a batch of prompts")
-    src.add_argument("--prompt-file", type=Path, help="read the prompt from this file")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    src.add_argument("--prompt", action="append", help="prompt text; repeat for a batch of prompts "
+                     f"(default: {DEFAULT_PROMPT!r})")
+    src.add_argument("--prompt-file", type=Path, help="read the prompt from this file (UTF-8); - reads stdin")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="stop after this many new tokens")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1.0 = off")
+    p.add_argument("--top-k", type=int, default=0, help="top-k sampling; 0 = off")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling (default: random)")
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when available, else cpu")
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
-                   help="compute dtype (default: the checkpoint's)")
+                   help="compute dtype; auto = the checkpoint's")
     p.add_argument("--resident", action="store_true",
                    help="load every weight in this process (the in-process reference engine)")
     p.add_argument("--loaders", type=int, default=None,
                    help="loader processes (default: from the CPU count and the disk)")
-    p.add_argument("--gpu-mem", default=None,
-                   help="cap on what the GPU process allocates, e.g. 24GiB (checked before the run)")
+    p.add_argument("--gpu-mem", default=None, help="cap on what the GPU process allocates, e.g. 24GiB "
+                   "(checked before the run; default: no cap)")
     p.add_argument("--preset", choices=("conservative", "balanced", "aggressive", "auto"), default=None,
-                   help="the user guide's presets (24/40/80 GB GPU classes), or auto: chosen for this machine")
+                   help="the user guide's presets (24/40/80 GB GPU classes), or auto: chosen for this machine "
+                        "(default: none, the built-in parameter defaults)")
     p.add_argument("--measure", action="store_true", help="with --preset auto: also measure disk and H2D GB/s")
     p.add_argument("--dram-limit", default=None, help="with --preset auto: DRAM the ring may use (default: available)")
     p.add_argument("--set", dest="params", action="append", default=[], metavar="NAME=VALUE",
                    help="set an engine parameter by its guide name, e.g. --set CPU_CAP_VALUE=16")
     p.add_argument("--metrics-json", type=Path, default=None,
-                   help="write the run's metrics here at the end (tokens/s, ring, bytes, memory)")
-    p.add_argument("-v", "--verbose", action="store_true")
+                   help="write the run's metrics here at the end (tokens/s, ring, bytes, memory); "
+                        "checked for writability before the run")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ringllm", description=(
         "Run a Llama model far larger than your GPU by streaming its weights "
         "SSD -> pinned DRAM ring -> GPU."))
+    parser.add_argument("--version", action="version", version=f"ringllm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
-    sub.add_parser("pull-demo", help="import the built-in demo model (SmolLM2-135M-Instruct) into the cache")
+    sub.add_parser("pull-demo", help="import the built-in demo model (SmolLM2-135M-Instruct) into the cache",
+                   formatter_class=HelpFormatter)
 
-    tp = sub.add_parser("top", help="watch a running ringllm: window, ring slots, loaders, copies, tokens/s")
+    tp = sub.add_parser("top", help="watch a running ringllm: window, ring slots, loaders, copies, tokens/s",
+                        formatter_class=HelpFormatter)
     tp.add_argument("--run", default=None, help="run id (default: the newest live run)")
-    tp.add_argument("--interval", type=float, default=0.5)
+    tp.add_argument("--interval", type=float, default=0.5,
+                    help=f"seconds between refreshes, at least {MIN_TOP_INTERVAL_S}")
     tp.add_argument("--once", action="store_true", help="print one snapshot and exit")
 
-    cl = sub.add_parser("cleanup", help="remove what killed runs left: shared memory, message queues, processes")
+    cl = sub.add_parser("cleanup", help="remove what killed runs left: shared memory, message queues, processes",
+                        formatter_class=HelpFormatter)
     cl.add_argument("--all", action="store_true", help="also the resources of runs that are still alive")
 
-    mk = sub.add_parser("make-checkpoint", help="write a random-weight Llama checkpoint at real sizes")
+    mk = sub.add_parser("make-checkpoint", help="write a random-weight Llama checkpoint at real sizes",
+                        formatter_class=HelpFormatter)
     mk.add_argument("--shape", default="llama-3.1-70b", help="llama-3.1-70b, llama-3.1-8b or tiny")
     mk.add_argument("--layers", type=int, default=None, help="layers to write (default: the shape's)")
-    mk.add_argument("--out", type=Path, required=True)
-    mk.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    mk.add_argument("--out", type=Path, required=True, help="the checkpoint directory to write")
+    mk.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16", help="weight dtype")
     mk.add_argument("--shard-size", default="5GB", help="shard size (default 5GB, as published)")
-    mk.add_argument("--seed", type=int, default=0)
+    mk.add_argument("--seed", type=int, default=0, help="seed of the random weights")
 
-    b = sub.add_parser("bench", help="measure ringllm against this machine's floor and against peers")
-    b.add_argument("--model", type=Path, required=True)
-    b.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    b = sub.add_parser("bench", help="measure ringllm against this machine's floor and against peers",
+                       formatter_class=HelpFormatter)
+    b.add_argument("--model", type=Path, required=True, help="Hugging Face Llama model directory")
+    b.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available, else cpu")
     b.add_argument("--gpu-mem", default="24GiB", help="GPU cap for ringllm and every peer (default 24GiB)")
-    b.add_argument("--loaders", type=int, default=None)
-    b.add_argument("--decode-tokens", type=int, default=4)
-    b.add_argument("--prompt-tokens", type=int, default=128)
-    b.add_argument("--prefill-tokens", type=int, default=2048)
+    b.add_argument("--loaders", type=int, default=None,
+                   help="loader processes (default: from the CPU count and the disk, then measured)")
+    b.add_argument("--decode-tokens", type=int, default=4, help="tokens decoded per decode row")
+    b.add_argument("--prompt-tokens", type=int, default=128, help="prompt length before the decode rows")
+    b.add_argument("--prefill-tokens", type=int, default=2048, help="prompt length of the prefill row")
     b.add_argument("--peers", default="accelerate,naive,airllm", help="comma-separated; '' for none")
-    b.add_argument("--preset", choices=("conservative", "balanced", "aggressive"), default=None)
-    b.add_argument("--set", dest="params", action="append", default=[], metavar="NAME=VALUE")
+    b.add_argument("--preset", choices=("conservative", "balanced", "aggressive"), default=None,
+                   help="the user guide's presets (default: none, the built-in parameter defaults)")
+    b.add_argument("--set", dest="params", action="append", default=[], metavar="NAME=VALUE",
+                   help="set an engine parameter by its guide name")
     b.add_argument("--json", type=Path, default=None, help="write the full report here")
-    b.add_argument("-v", "--verbose", action="store_true")
+    b.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
-
-
-def _prompts(args) -> list[str]:
-    if args.prompt_file is not None:
-        try:
-            return [args.prompt_file.read_text()]
-        except OSError as err:
-            raise RingllmError(f"{args.prompt_file}: cannot read prompt file ({err.strerror})") from None
-    return args.prompt or ["What is the capital of France?"]
 
 
 def cmd_generate(args) -> int:
@@ -119,10 +142,20 @@ def cmd_generate(args) -> int:
         raise RingllmError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     sampling = SamplingParams(args.temperature, args.top_p, args.top_k, args.seed)
     sampling.validate()
+    if args.metrics_json is not None:
+        check_output_path(args.metrics_json, "--metrics-json")
+    if args.model is not None:
+        check_model_arg(args.model)
+    texts = read_prompts(args.prompt, args.prompt_file)
     model_dir = args.model if args.model is not None else ensure_demo_model(default_cache_dir())
     layout = load_layout(model_dir)
     codec = TextCodec(model_dir, layout.config)
-    prompts = [codec.encode(text, chat=not args.no_chat) for text in _prompts(args)]
+    prompts = []
+    for label, text in texts:
+        ids = codec.encode(text, chat=not args.no_chat)
+        if not ids:
+            raise RingllmError(f"{label}: the prompt is empty (no tokens{' with --no-chat' if args.no_chat else ''})")
+        prompts.append(ids)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -351,6 +384,9 @@ def cmd_bench(args) -> int:
     from ringllm.config import parse_bytes
     from ringllm.tools.bench import bench, format_table
 
+    check_model_arg(args.model)
+    if args.json is not None:
+        check_output_path(args.json, "--json")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     engine = build_engine_config(args, args.model, max(args.prompt_tokens + args.decode_tokens, args.prefill_tokens + 1))
     report = bench(args.model, device, parse_bytes(args.gpu_mem), engine, args.decode_tokens, args.prompt_tokens,
@@ -362,8 +398,30 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _stdout_to_devnull() -> None:
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):   # not a real file (embedded, captured): nothing to do
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def _quiet_torch_without_numpy() -> None:
+    """torch warns at import when numpy is missing. ringllm never converts tensors to numpy (it is
+    no dependency), so that warning is noise: silence it here and, through the environment they
+    inherit, in the child processes."""
+    message = "Failed to initialize NumPy"
+    warnings.filterwarnings("ignore", message=message, category=UserWarning)
+    inherited = os.environ.get("PYTHONWARNINGS")
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [inherited, f"ignore:{message}:UserWarning"]))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None:   # the command itself, not embedded in another program
+        _quiet_torch_without_numpy()
     if argv is None and args.command in ("generate", "bench"):
         from ringllm.workers.process_setup import set_process_name
         set_process_name("ringllm-sup")   # what ps shows for the supervisor (not when embedded)
@@ -381,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_bench(args)
         if args.command == "top":
             from ringllm.tools.top import run_top
+            check_top_interval(args.interval)
             return run_top(args.run, args.interval, args.once)
         if args.command == "cleanup":
             return cmd_cleanup(args)
@@ -394,6 +453,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ringllm: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of stdout went away (`ringllm generate | head`): end quietly like other tools
+        # once the run has cleaned up (the supervisor's finally has run by now). Python flushes
+        # stdout again at exit; point it at /dev/null so that flush cannot fail a second time.
+        _stdout_to_devnull()
+        return 128 + signal.SIGPIPE
     except BaseException as err:
         from ringllm.supervisor.supervisor import Terminated
         if isinstance(err, Terminated):

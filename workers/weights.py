@@ -1,6 +1,7 @@
 """Byte buffers -> typed weight tensors, following a GroupLayout. No copies: views only."""
 from __future__ import annotations
 
+import ctypes
 import os
 
 import torch
@@ -27,8 +28,10 @@ def group_weights(buf: torch.Tensor, group: GroupLayout) -> AttnWeights | FfnWei
 
 
 def read_extent_into(dst: torch.Tensor, extent: TensorExtent) -> None:
-    """Buffered read of one tensor's bytes into a uint8 CPU tensor (the resident path only)."""
-    view = memoryview(dst.numpy())
+    """Buffered read of one tensor's bytes into a contiguous uint8 CPU tensor (the resident path only)."""
+    # the tensor's memory as a writable buffer through ctypes: dst.numpy() would need numpy, which
+    # ringllm does not depend on
+    view = memoryview((ctypes.c_ubyte * dst.numel()).from_address(dst.data_ptr()))
     fd = os.open(extent.path, os.O_RDONLY)
     try:
         done = 0
