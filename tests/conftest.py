@@ -123,9 +123,10 @@ def own_leftovers(before: set[str]) -> list[str]:
     us as the parent). Runs of other ringllm commands on the machine are not ours to judge. A
     segment whose manifest is gone can only come from a cleanup bug; it counts as ours unless it
     vanishes at a second look (another run finishing its own cleanup)."""
+    import json
     import os
 
-    from ringllm.shm.resources import leftover_names, read_manifest, run_id_of
+    from ringllm.shm.resources import SHM_DIR, leftover_names, read_manifest, run_id_of
 
     me, own = os.getpid(), []
     for name in sorted(set(leftover_names()) - before):
@@ -133,6 +134,13 @@ def own_leftovers(before: set[str]) -> list[str]:
         if run is None:
             continue
         info = read_manifest(run)
+        if name.endswith(".tmp"):
+            # a manifest being written (tmp, then rename), maybe by another command on the
+            # machine: its manifest does not exist yet, so judge it by its own content
+            try:
+                info = json.loads((SHM_DIR / name).read_text())
+            except (OSError, ValueError):
+                info = {}       # gone or half written: only the pid in its name can make it ours
         if run.split("-")[0] == str(me) or (info is not None and info.get("parent") == me) or info is None:
             own.append(name)
     still_there = set(leftover_names())

@@ -1,4 +1,5 @@
-"""The plain-torch Llama against transformers' LlamaForCausalLM (float32, CPU, same weights)."""
+"""The plain-torch Llama against transformers' LlamaForCausalLM (CPU, same weights): float32 to
+1e-5, and bit-exact when both compute in the checkpoint's bf16/fp16."""
 from __future__ import annotations
 
 import json
@@ -93,6 +94,58 @@ def test_half_precision_checkpoints(tmp_path, dtype):
     assert rel_err(full_logits(ringllm_model(d, torch.float32), tokens), ref) < 1e-5
     native = full_logits(ringllm_model(d, dtype), tokens)   # computing in the file's dtype: close
     assert rel_err(native, ref) < 5e-2
+
+
+HALF = [torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape", [(64,), (5, 64), (2, 9, 64), (3, 4, 576)])
+@pytest.mark.parametrize("weight_dtype", ["same", "float32"])
+def test_rms_norm_bit_exact_with_transformers(dtype, shape, weight_dtype):
+    """In half precision the order of the casts decides the last bit: normalize in float32, cast
+    to the activation dtype, then multiply by the weight in that dtype (LlamaRMSNorm's order). A
+    float32 weight (a float32 checkpoint computed in bf16) is rounded to the compute dtype first,
+    as transformers does when it loads that checkpoint with dtype=bf16."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from ringllm.workers.model import rms_norm
+
+    hidden, eps = shape[-1], 1e-5
+    gen = torch.Generator().manual_seed(hidden + len(shape))
+    weight = torch.empty(hidden).uniform_(0.3, 3.0, generator=gen)
+    weight = weight if weight_dtype == "float32" else weight.to(dtype)
+    # activations of mixed scale, as after a few residual adds
+    x = (torch.randn(shape, generator=gen) * torch.empty(shape).uniform_(0.1, 20, generator=gen)).to(dtype)
+    ref_norm = LlamaRMSNorm(hidden, eps=eps).to(dtype)
+    with torch.no_grad():
+        ref_norm.weight.copy_(weight.to(dtype))
+        ref = ref_norm(x)
+    got = rms_norm(x, weight, eps)
+    assert got.dtype == ref.dtype == dtype
+    differ = (got != ref).sum().item()
+    assert differ == 0, f"{differ} of {ref.numel()} elements differ, max {(got.float() - ref.float()).abs().max()}"
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name", ["gqa_untied", "tied", "llama3_rope"])
+def test_half_precision_logits_bit_exact_with_transformers(tmp_path, dtype, name):
+    """Computing in the checkpoint's bf16/fp16: the whole model (prefill logits of every
+    position) is bit-identical to transformers loaded with that dtype on CPU. Both run the same
+    torch kernels on the same rounded values, so any difference is an operation done in another
+    order or precision (a norm, a cast, rotary in the wrong dtype). from_pretrained, not
+    model.to(dtype): the latter would also round transformers' float32 rotary frequencies."""
+    from transformers import LlamaForCausalLM
+
+    d = tmp_path / name
+    make_hf_checkpoint(d, seed=len(name), dtype=dtype, **CONFIGS[name])
+    hf = LlamaForCausalLM.from_pretrained(d, dtype=dtype).eval()
+    tokens = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        ref = hf(tokens).logits.float()
+    got = full_logits(ringllm_model(d, dtype), tokens)
+    differ = (got != ref).sum().item()
+    assert differ == 0, f"{differ} of {ref.numel()} logits differ, max {(got - ref).abs().max()}"
 
 
 def test_padded_batch_decode_matches_single_prompts(tmp_path):
