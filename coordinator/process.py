@@ -57,6 +57,8 @@ class Coordinator:
         self.bytes_read = 0
         self.read_seconds = 0.0
         self.buffered_reads = 0
+        self.fallback_reads = 0      # buffered although the file accepted O_DIRECT at open
+        self.skipped_reads = 0       # jobs a loader skipped: their slot had moved on
         self.logged_layer = None
         self.logged_at = 0.0
         self.mark: dict | None = None
@@ -71,10 +73,17 @@ class Coordinator:
             self.policy.want(msg.step, msg.compute_step)
         elif isinstance(msg, Release):
             self.policy.release(msg.step, msg.slot, msg.generation, msg.compute_step)
+        elif isinstance(msg, ChunkDone) and msg.skipped:
+            # The loader found the slot moved on before reading: a duplicate or stale job. A job
+            # we still wait for cannot be one (its slot stays LOADING until it is reported).
+            if msg.job in self.jobs.in_flight[msg.loader]:
+                raise ProtocolError(f"loader{msg.loader} skipped job {msg.job}, whose slot is still loading")
+            self.skipped_reads += 1
         elif isinstance(msg, ChunkDone):
             self.bytes_read += msg.nbytes
             self.read_seconds += msg.seconds
             self.buffered_reads += not msg.direct
+            self.fallback_reads += msg.fallback
             finished = self.jobs.done(msg.loader, msg.job)
             if finished is not None:
                 self.policy.loaded(*finished)
@@ -112,8 +121,10 @@ class Coordinator:
             self.jobs.add_load(load.slot, load.generation, self.chunks[load.layer])
         for loader, job in self.jobs.assign():
             c = job.chunk
-            self.loaders[loader].put(ReadJob(job.job, job.slot, job.generation, self.file_index[c.path], c.file_offset,
-                                             c.length, c.slot_offset, c.needed, self.loader_epochs[loader]))
+            layer = self.policy.slots[job.slot].layer    # a LOADING slot keeps its layer (never evicted)
+            self.loaders[loader].put(ReadJob(job.job, job.slot, job.generation, layer, self.file_index[c.path],
+                                             c.file_offset, c.length, c.slot_offset, c.needed,
+                                             self.loader_epochs[loader]))
         for offer in offers:
             if self.offers_sent == self.args.faults.tamper_at_offer:
                 # tests: the slot is "rewritten" between the offer and the GPU's copy
@@ -145,7 +156,8 @@ class Coordinator:
         return {"ring_hits": s.hits, "ring_misses": s.misses, "ring_loads": s.loads,
                 "ring_evictions": s.evictions, "disk_bytes": self.bytes_read,
                 "disk_read_seconds": self.read_seconds, "buffered_chunks": self.buffered_reads,
-                "stale_chunk_reports": self.jobs.stale_reports}
+                "direct_fallback_chunks": self.fallback_reads, "stale_chunk_reports": self.jobs.stale_reports,
+                "skipped_chunks": self.skipped_reads}
 
     def stats(self) -> dict:
         """Totals, and with a Mark the same counters since it (key 'since_mark')."""
@@ -174,7 +186,7 @@ def coordinator_main(args: CoordinatorArgs) -> None:
                     running = coord.handle(msg)
                     msg = inbox.receive(timeout=0) if running else None
             except ProtocolError as err:
-                coord.sup.send(Fatal("coordinator", 0, f"protocol error: {err}"[:900]))
+                coord.sup.send(Fatal("coordinator", 0, f"protocol error: {err}"))
                 return
             coord.step()
     finally:

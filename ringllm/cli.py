@@ -342,6 +342,9 @@ def run_metrics(result, engine) -> dict:
         "processes": result.processes,
         "loader_restarts": result.loader_restarts,
         "stale_chunk_reports": c.get("stale_chunk_reports"),   # chunks read twice; always 0
+        "buffered_chunks": c.get("buffered_chunks"),           # read without O_DIRECT (tmpfs, or a fallback)
+        "direct_fallback_chunks": c.get("direct_fallback_chunks"),  # ... on a file that took O_DIRECT: 0
+        "skipped_chunks": c.get("skipped_chunks"),             # jobs whose slot had moved on; 0
         "engine": engine.as_dict(),
     }
 

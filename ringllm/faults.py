@@ -17,6 +17,14 @@ class FaultPlan:
     read_errors: tuple[tuple[int, int], ...] = ()
     # loader: every loader dies (exit 1, no goodbye) when this chunk number arrives
     crash_loaders_at_chunk: int = -1
+    # loader: (loader index, chunk number, seconds). After reading that chunk and reporting it,
+    # the loader serves the same job again this much later: a duplicate job delivered late (its
+    # before-check must find the slot moved on, and skip it)
+    late_duplicate: tuple[int, int, float] = (-1, -1, 0.0)
+    # loader: (loader index, chunk number, seconds). As late_duplicate, but the duplicate passes
+    # its before-check at once, before the original is reported, and waits this long before it
+    # writes: meanwhile the slot completes, is evicted and is given to another layer
+    late_write: tuple[int, int, float] = (-1, -1, 0.0)
     # coordinator: rewrite the slot's generation in the header just before this offer
     tamper_at_offer: int = -1
     # supervisor: SIGKILL this loader once, as soon as it is ready ...
@@ -31,6 +39,14 @@ class FaultPlan:
     def read_error_chunk(self, loader: int) -> int:
         """The chunk number at which this loader's read fails, -1 for none."""
         return next((chunk for index, chunk in self.read_errors if index == loader), -1)
+
+    def duplicate_delay(self, loader: int, chunk: int) -> tuple[float, bool] | None:
+        """(seconds, whether the before-check is passed first) of a late duplicate of this
+        loader's chunk, or None."""
+        for (index, at, seconds), checked_first in ((self.late_duplicate, False), (self.late_write, True)):
+            if (index, at) == (loader, chunk):
+                return seconds, checked_first
+        return None
 
 
 NO_FAULTS = FaultPlan()

@@ -4,7 +4,10 @@ Kernel defaults for non-root users are 10 messages a queue and 8 KiB a message, 
 a user share RLIMIT_MSGQUEUE (800 KiB by default: only nine queues of 10 x 8 KiB). So our queues
 hold 10 messages of at most 1 KiB, messages are a few integers (files travel as an index into a
 table each process got at start; prompts go as process arguments), and the coordinator never
-blocks on a full queue (`try_send` + its own outbox).
+blocks on a full queue (`try_send` + its own outbox). The two messages whose size depends on the
+run keep to the cap themselves: a step's tokens travel as several `Tokens` messages of at most
+TOKEN_ROWS rows (`token_messages`, put together again by `TokenRows`), and a `Fatal` cuts its
+text to fit, by encoded bytes.
 
 Wire format: msgpack array [PROTOCOL_VERSION, kind, field0, field1, ...] in dataclass field order.
 """
@@ -16,7 +19,7 @@ from dataclasses import dataclass, field
 import msgpack
 import posix_ipc
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 QUEUE_MESSAGES = 10
 MESSAGE_BYTES = 1024
 
@@ -43,14 +46,66 @@ class Ready:
 
 @message(2)
 class Fatal:
+    """A child's last word. The text is cut here to fit the message cap, by encoded bytes,
+    keeping its start and its end, so any sender may pass any text (a report must never fail
+    on the path or error it names)."""
     role: str
     index: int
     text: str
 
+    def __post_init__(self):
+        empty = len(msgpack.packb([PROTOCOL_VERSION, self.KIND, self.role, self.index, ""], use_bin_type=True))
+        # an empty string's header is 1 byte, a longer one's up to 3 (str16)
+        object.__setattr__(self, "text", fit_text(self.text, MESSAGE_BYTES - empty - 2))
+
+
+def fit_text(text: str, room: int, marker: str = " ... ") -> str:
+    """`text` in at most `room` UTF-8 bytes: the start and the end, the middle cut out."""
+    # lone surrogates (file names that are not UTF-8) cannot be encoded: spell them out
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    data = text.encode("utf-8")
+    if len(data) <= room:
+        return text
+    keep = room - len(marker.encode("utf-8"))
+    head, tail = keep // 3, keep - keep // 3
+    # "ignore" drops a character cut in half at either edge, so the result stays within room
+    return data[:head].decode("utf-8", "ignore") + marker + data[len(data) - tail:].decode("utf-8", "ignore")
+
 
 @message(3)
 class Tokens:
-    tokens: list             # one new token per batch row
+    """One step's new tokens for rows first_row .. first_row + len(tokens) - 1 of total_rows."""
+    first_row: int
+    total_rows: int
+    tokens: list
+
+
+# Token ids are below 2**32 (5 msgpack bytes at most); the rest of a Tokens message takes < 24 bytes.
+TOKEN_ROWS = (MESSAGE_BYTES - 24) // 5
+
+
+def token_messages(tokens: list) -> list[Tokens]:
+    """A step's tokens (one per batch row), in as many messages as the cap needs."""
+    return [Tokens(first, len(tokens), tokens[first:first + TOKEN_ROWS])
+            for first in range(0, max(1, len(tokens)), TOKEN_ROWS)]
+
+
+class TokenRows:
+    """Puts each step's Tokens messages back together. They come in order: one sender (the GPU
+    process), one queue."""
+
+    def __init__(self):
+        self.rows: list = []
+
+    def add(self, msg: Tokens) -> list | None:
+        """The step's full token list once its last part arrived, else None."""
+        if msg.first_row != len(self.rows):
+            raise RuntimeError(f"Tokens for rows from {msg.first_row} arrived after {len(self.rows)} rows")
+        self.rows.extend(msg.tokens)
+        if len(self.rows) < msg.total_rows:
+            return None
+        rows, self.rows = self.rows, []
+        return rows
 
 
 @message(4)
@@ -87,6 +142,7 @@ class ReadJob:
     job: int
     slot: int
     generation: int
+    layer: int                # what the slot holds for this generation (for error reports)
     file: int                 # index into the file table the loader got at start
     file_offset: int
     length: int
@@ -102,6 +158,8 @@ class ChunkDone:
     nbytes: int
     seconds: float
     direct: bool
+    skipped: bool = False     # the slot had left (LOADING, generation) before the read: nothing written
+    fallback: bool = False    # read buffered although the file accepted O_DIRECT at open
 
 
 # --- coordinator <-> GPU process -------------------------------------------------------------

@@ -31,7 +31,8 @@ from ringllm.checkpoint.layout import ModelLayout
 from ringllm.config import EngineConfig
 from ringllm.faults import NO_FAULTS, FaultPlan
 from ringllm.coordinator.process import CoordinatorArgs, coordinator_main
-from ringllm.shm.channel import Channel, Fatal, Finished, LoaderRestarted, Ready, Shutdown, Stats, StatsRequest, Tokens
+from ringllm.shm.channel import (Channel, Fatal, Finished, LoaderRestarted, Ready, Shutdown, Stats, StatsRequest,
+                                 TokenRows, Tokens)
 from ringllm.shm.resources import (SHM_DIR, RunNames, new_run_id, pinned_above, run_id_of, sweep, system_pinned_bytes,
                                    unlink_all)
 from ringllm.shm.ring import Ring, ring_bytes
@@ -85,7 +86,7 @@ def process_memory(pid: int) -> dict[str, int]:
 def plan_ring(layout: ModelLayout, engine: EngineConfig):
     plans = plan_model(layout)
     slot_size = align_up(max(p.nbytes for p in plans))
-    return plans, slot_size, ring_bytes(engine.ring_slots, slot_size)
+    return plans, slot_size, ring_bytes(engine.ring_slots, slot_size, engine.loaders)
 
 
 def check_dram(total: int, engine: EngineConfig) -> None:
@@ -102,6 +103,19 @@ def check_dram(total: int, engine: EngineConfig) -> None:
         raise RingllmError(
             f"the ring needs {total / gib:.2f} GiB but {SHM_DIR} has {shm_free / gib:.2f} GiB free; "
             "lower CPU_CAP_VALUE or enlarge /dev/shm")
+
+
+def fallback_warning(coordinator: dict) -> str | None:
+    """The end-of-run warning when O_DIRECT reads fell back to buffered ones on files that had
+    accepted O_DIRECT at open (a refused read: misaligned), else None. Files whose file system
+    refuses O_DIRECT at open (tmpfs) are expected to read buffered and are reported at open."""
+    n = coordinator.get("direct_fallback_chunks") or 0
+    if not n:
+        return None
+    return (f"{n} chunk(s) were read with buffered I/O because O_DIRECT refused the read, on file(s) that "
+            "accepted O_DIRECT at open (a misaligned read; the loader log names the file). Tokens are not "
+            "affected, but each such byte is copied once more, through the page cache, whose pages then "
+            "compete with the ring for DRAM, and the disk is read below its O_DIRECT rate")
 
 
 class Terminated(BaseException):
@@ -184,7 +198,7 @@ class Supervisor:
     def _create(self) -> None:
         self.names = RunNames(new_run_id(), self.engine.loaders)
         self.names.write_manifest()   # before anything exists, so a kill at any point is sweepable
-        self.ring = Ring.create(self.names.segment, self.engine.ring_slots, self.slot_size)
+        self.ring = Ring.create(self.names.segment, self.engine.ring_slots, self.slot_size, self.engine.loaders)
         try:
             for q in self.names.queues:
                 self.channels[q] = Channel(q, create=True)
@@ -254,6 +268,7 @@ class Supervisor:
             bar_stop()
 
     def _serve_loop(self, on_tokens, ready, started, bar_update, bar_stop) -> None:
+        token_rows = TokenRows()
         while True:
             msg = self.inbox.receive(timeout=0.1)
             self._raise_if_signalled()
@@ -271,13 +286,14 @@ class Supervisor:
                     if msg.info.get("name"):
                         log.info("GPU process ready on %s (%s, %.1f GiB free)", msg.info["name"], msg.info["device"],
                                  msg.info.get("free_bytes", 0) / 2**30)
-            elif isinstance(msg, Tokens):
+            elif isinstance(msg, Tokens) and (tokens := token_rows.add(msg)) is not None:
+                # (a big batch's step comes in several Tokens messages: this is its last)
                 if not self.tokens_seen:
                     bar_stop()
                     self.result.first_token_wall_s = time.monotonic() - self._run_started
                 self.tokens_seen += 1
                 self.page.supervisor(self.tokens_seen, os.getpid())
-                on_tokens(msg.tokens)
+                on_tokens(tokens)
             elif isinstance(msg, Fatal):
                 raise RingllmError(f"{msg.role}{msg.index if msg.role == 'loader' else ''}: {msg.text}")
             elif isinstance(msg, Finished):
@@ -285,6 +301,9 @@ class Supervisor:
                 self._sample_memory()
                 self.result.gpu = msg.stats
                 self.result.coordinator = self._coordinator_stats()
+                warning = fallback_warning(self.result.coordinator)
+                if warning:
+                    log.warning("%s", warning)
                 return
             self._watch()
             self._sample_memory()
@@ -341,6 +360,9 @@ class Supervisor:
             # (the coordinator may even add some before it hears of the restart) and the
             # coordinator re-issues everything the dead one held under the new epoch.
             self.loader_epochs[index] += 1
+            # The dead process writes nothing more; a write record it left would read as a late
+            # write into its slot once that slot is reassigned (shm.ring: late writes).
+            self.ring.end_write(index)
             self._spawn(key, loader_main, self._loader_args(index))
             time.sleep(self.faults.restart_notice_delay_s)
             self.channels[self.names.coord_queue].send(LoaderRestarted(index, self.loader_epochs[index]), timeout=5)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import struct
 import sys
 import time
 from pathlib import Path
@@ -20,7 +19,8 @@ import posix_ipc
 
 from ringllm.checkpoint.errors import RingllmError
 from ringllm.shm.resources import PREFIX, SHM_DIR, _pid_alive, system_pinned_bytes
-from ringllm.shm.ring import LOADING, READY, SLOT_FMT, SLOT_RECORD, SLOTS_AT, header_bytes
+from ringllm.shm.ring import LOADING, READY, SlotTable, header_bytes
+from ringllm.shm.seqlock import TornRecord
 from ringllm.shm.stats import DONE, StatsPage
 
 
@@ -40,14 +40,18 @@ def find_run(run_id: str | None) -> dict:
 class RingHeader:
     """The slot table of a ring, mapped read-only without the slots themselves."""
 
-    def __init__(self, name: str, slots: int):
+    def __init__(self, name: str, slots: int, loaders: int):
         shm = posix_ipc.SharedMemory(name, 0)
-        self.map = mmap.mmap(shm.fd, header_bytes(slots), prot=mmap.PROT_READ)
+        self.map = mmap.mmap(shm.fd, header_bytes(slots, loaders), prot=mmap.PROT_READ)
         shm.close_fd()
-        self.slots = slots
+        self.table = SlotTable(self.map)
 
     def states(self) -> list[tuple[int, int, int]]:
-        return [struct.unpack_from(SLOT_FMT, self.map, SLOTS_AT + i * SLOT_RECORD) for i in range(self.slots)]
+        return [self.table.read_slot(i) for i in range(self.table.slot_count)]
+
+    def close(self) -> None:
+        self.table.release()
+        self.map.close()
 
 
 def snapshot_lines(s: dict, prev: dict | None, dt: float, states, pinned: int | None = None) -> list[str]:
@@ -81,7 +85,7 @@ def run_top(run_id: str | None = None, interval: float = 0.5, once: bool = False
     rid = run["run_id"]
     page = StatsPage(f"/{PREFIX}{rid}-stats")
     first = page.read()
-    ring = RingHeader(f"/{PREFIX}{rid}-ring", first["slots"])
+    ring = RingHeader(f"/{PREFIX}{rid}-ring", first["slots"], first["loaders"])
     live = None
     if sys.stdout.isatty() and not once:
         from rich.live import Live
@@ -94,7 +98,7 @@ def run_top(run_id: str | None = None, interval: float = 0.5, once: bool = False
             try:
                 s = page.read()
                 states = ring.states()
-            except (ValueError, OSError):
+            except (ValueError, OSError, TornRecord):   # the run is gone, or died mid-write
                 break
             now = time.monotonic()
             lines = snapshot_lines(s, prev, now - prev_t if prev else 0.0, states, system_pinned_bytes())
@@ -110,6 +114,7 @@ def run_top(run_id: str | None = None, interval: float = 0.5, once: bool = False
     finally:
         if live is not None:
             live.stop()
+        ring.close()
         page.close()
     print(f"ringllm top: run {rid} ended" if not once else "", file=sys.stderr)
     return 0

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 
 from ringllm.faults import NO_FAULTS, FaultPlan
-from ringllm.shm.channel import Channel, Fatal, Finished, Mark, Ready, ResidentLayers, Tokens
+from ringllm.shm.channel import Channel, Fatal, Finished, Mark, Ready, ResidentLayers, token_messages
 from ringllm.shm.ring import Ring, prefault
 from ringllm.shm.stats import StatsPage
 from ringllm.workers.process_setup import child_start
@@ -157,7 +157,8 @@ def gpu_main(args: GpuArgs) -> None:
             token_at.append(time.perf_counter())   # after sampling: the pass is complete
             source.tokens += 1
             source.publish(force=True)
-            sup.send(Tokens(tokens), timeout=args.engine.wait_timeout_s)
+            for part in token_messages(tokens):     # a big batch does not fit one message
+                sup.send(part, timeout=args.engine.wait_timeout_s)
 
         profiler = None
         if args.profile_trace:
@@ -192,7 +193,7 @@ def gpu_main(args: GpuArgs) -> None:
     except BaseException as err:  # report, then exit non-zero: the supervisor ends the run
         log.debug("GPU process failed", exc_info=True)
         try:
-            sup.send(Fatal("gpu", 0, f"{type(err).__name__}: {err}"[:900]), timeout=2)
+            sup.send(Fatal("gpu", 0, f"{type(err).__name__}: {err}"), timeout=2)   # Fatal fits the text
         except Exception:
             pass
         raise SystemExit(1)

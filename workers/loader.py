@@ -2,7 +2,13 @@
 
 Each ReadJob names an aligned file range and an aligned slot offset. With O_DIRECT the read goes
 from the SSD into the shared ring with no page-cache copy. A file system that refuses O_DIRECT
-(tmpfs says EINVAL) gets buffered reads instead, reported once per file.
+at open (tmpfs says EINVAL) gets buffered reads instead, reported once per file. A read that
+O_DIRECT refuses on a file that accepted it at open (a misaligned job) falls back too, but is
+counted (ChunkDone.fallback): the supervisor warns at the end of the run.
+
+Every write into the ring follows the late-write protocol of shm.ring (steps 1-5 there): a
+record "loader k is writing slot s for generation g", a check before and after the read that
+the slot still is (LOADING, g), a taint word and Fatal when the after-check fails.
 """
 from __future__ import annotations
 
@@ -12,10 +18,11 @@ import os
 import random
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from ringllm.faults import NO_FAULTS, FaultPlan
 from ringllm.shm.channel import Channel, ChunkDone, Fatal, LoaderRestarted, ReadJob, Ready, Shutdown
-from ringllm.shm.ring import Ring
+from ringllm.shm.ring import LOADING, STATE_NAMES, Ring
 from ringllm.shm.stats import StatsPage
 from ringllm.workers.process_setup import child_start, parent_alive, stop_requested
 
@@ -42,11 +49,13 @@ class FileCache:
 
     def __init__(self):
         self.fds: dict[str, tuple[int, bool]] = {}
+        self.direct_at_open: set[str] = set()      # files that accepted O_DIRECT when opened
 
     def get(self, path: str) -> tuple[int, bool]:
         if path not in self.fds:
             try:
                 self.fds[path] = (os.open(path, os.O_RDONLY | os.O_DIRECT), True)
+                self.direct_at_open.add(path)
             except OSError as err:
                 if err.errno != errno.EINVAL:
                     raise
@@ -57,7 +66,8 @@ class FileCache:
     def fall_back(self, path: str) -> tuple[int, bool]:
         fd, _ = self.fds.pop(path)
         os.close(fd)
-        log.warning("%s: O_DIRECT read refused, using buffered reads", path)
+        log.warning("%s: O_DIRECT read refused although the file accepted O_DIRECT at open (misaligned "
+                    "read?); using buffered reads", path)
         self.fds[path] = (os.open(path, os.O_RDONLY), False)
         return self.fds[path]
 
@@ -90,13 +100,64 @@ def read_chunk(files: FileCache, path: str, ring_view: memoryview, base: int, jo
     return done, direct
 
 
+class LateWrite(RuntimeError):
+    """A read landed in a slot that had left (LOADING, the job's generation)."""
+
+
+class SlotWriter:
+    """One loader's reads into the ring, under the late-write protocol (shm.ring, steps 1-5)."""
+
+    def __init__(self, index: int, ring: Ring, files: tuple):
+        self.index, self.ring, self.files = index, ring, files
+        self.fds = FileCache()
+        self.view = ring.view()
+
+    def loading(self, job: ReadJob) -> bool:
+        state, _, generation = self.ring.read_slot(job.slot)
+        return state == LOADING and generation == job.generation
+
+    def serve(self, job: ReadJob, before_write: Callable[[], None] | None = None) -> ChunkDone:
+        """Read one job into its slot. A job whose slot moved on is skipped (ChunkDone.skipped);
+        a read that may have landed after its slot moved on raises LateWrite.
+        before_write (tests): runs between the before-check and the read."""
+        t0 = time.perf_counter()
+        self.ring.begin_write(self.index, job.slot, job.generation)            # 1
+        late = False
+        try:
+            if not self.loading(job):                                           # 2
+                return ChunkDone(job.job, self.index, 0, 0.0, False, skipped=True)
+            if before_write is not None:
+                before_write()
+            path = self.files[job.file]
+            try:
+                nbytes, direct = read_chunk(self.fds, path, self.view, self.ring.slot_base(job.slot), job)   # 3
+            finally:
+                late = not self.loading(job)                                    # 4, after any byte written
+                if late:
+                    self.ring.taint(job.slot, self.index, job.generation)
+        finally:
+            self.ring.end_write(self.index)                                     # 5: after the taint
+        if late:
+            state, layer, generation = self.ring.read_slot(job.slot)
+            raise LateWrite(
+                f"late write into ring slot {job.slot}: loader{self.index} read layer {job.layer} (generation "
+                f"{job.generation}, {path} at offset {job.file_offset}) after the slot had moved on to layer "
+                f"{layer}, generation {generation} ({STATE_NAMES.get(state, state)}); stopping before compute "
+                "uses it")
+        return ChunkDone(job.job, self.index, nbytes, time.perf_counter() - t0, direct,
+                         fallback=not direct and path in self.fds.direct_at_open)
+
+    def close(self) -> None:
+        self.fds.close()
+        self.view.release()
+
+
 def loader_main(args: LoaderArgs) -> None:
     name = f"ringllm-load{args.index}"
     child_start(name, args.parent_pid, args.verbose)
     ring = Ring.attach(args.ring_name)
     inbox, coord, sup = Channel(args.inbox), Channel(args.coord_queue), Channel(args.sup_queue)
-    files = FileCache()
-    view = ring.view()
+    writer = SlotWriter(args.index, ring, args.files)
     chunks = 0
     total_bytes, busy = 0, 0.0
     page = StatsPage(args.stats_name) if args.stats_name else None
@@ -120,26 +181,44 @@ def loader_main(args: LoaderArgs) -> None:
                 time.sleep(chaos.uniform(0, args.faults.chaos_delay_s))
             if chunks == args.faults.crash_loaders_at_chunk:
                 os._exit(1)
-            t0 = time.perf_counter()
-            path = args.files[msg.file]
+            duplicate = args.faults.duplicate_delay(args.index, chunks)
             try:
                 if chunks == read_error_at:
                     raise OSError(errno.EIO, "injected read error")
-                nbytes, direct = read_chunk(files, path, view, ring.slot_base(msg.slot), msg)
+                done = writer.serve(msg)
+                if duplicate is not None:
+                    done = _late_duplicate(writer, msg, done, coord, *duplicate)
             except OSError as err:
-                sup.send(Fatal("loader", args.index,
-                               f"{path}: read error at offset {msg.file_offset} ({err.strerror or err})"[-900:]))
+                sup.send(Fatal("loader", args.index, f"{args.files[msg.file]}: read error at offset "
+                                                     f"{msg.file_offset} ({err.strerror or err})"))
+                return
+            except LateWrite as err:
+                sup.send(Fatal("loader", args.index, str(err)))
                 return
             chunks += 1
-            total_bytes += nbytes
-            busy += time.perf_counter() - t0
+            total_bytes += done.nbytes
+            busy += done.seconds
             if page is not None:
                 page.loader(args.index, total_bytes, busy, chunks)
-            coord.send(ChunkDone(msg.job, args.index, nbytes, time.perf_counter() - t0, direct),
-                       timeout=30)
+            coord.send(done, timeout=30)
     finally:
-        files.close()
-        view.release()
+        writer.close()
         ring.close()
         for ch in (inbox, coord, sup):
             ch.close()
+
+
+def _late_duplicate(writer: SlotWriter, job: ReadJob, done: ChunkDone, coord: Channel, seconds: float,
+                    checked_first: bool) -> ChunkDone:
+    """Tests (FaultPlan.late_duplicate / late_write): report `job` done, then serve it again,
+    `seconds` later; with checked_first the duplicate passes its before-check before the report
+    and only its write comes late. Returns the duplicate's report."""
+    if not checked_first:
+        coord.send(done, timeout=30)
+        time.sleep(seconds)
+        return writer.serve(job)
+
+    def report_then_wait():
+        coord.send(done, timeout=30)
+        time.sleep(seconds)
+    return writer.serve(job, before_write=report_then_wait)

@@ -12,7 +12,8 @@ and the slot's generation is still g, we send Release and forget the slot.
 
 The model asks for groups in forward order. Before it gets one, the host waits for that group's
 copy event (not a device synchronize: compute of the previous group keeps running) and checks
-the slot generation, so bytes from a reused slot can never reach compute.
+the slot generation and the loaders' write records and taint word (shm.ring: late writes), so
+bytes from a reused slot, or written into it late, can never reach compute.
 
 On device "cpu" copies are plain synchronous tensor copies; everything else is the same.
 """
@@ -311,11 +312,17 @@ class StreamingSource:
             buffer.buf[e.buf_offset:e.buf_offset + e.extent.nbytes].copy_(src, non_blocking=self.cuda)
 
     def _verify(self, gc: GroupCopy) -> None:
+        """After the copy completed, before compute may use it: the slot still holds what we were
+        told (shm.ring, step a) and no loader wrote into it late (steps b, c)."""
         state, layer, generation = self.ring.read_slot(gc.slot)
         if generation != gc.generation or state != READY or layer != gc.step % self.n:
             raise TornCopy(
                 f"ring slot {gc.slot} changed under a copy of layer {gc.step % self.n} {gc.kind}: "
                 f"expected generation {gc.generation}, found {generation} (state {state}, layer {layer})")
+        late = self.ring.late_write(gc.slot, gc.generation)
+        if late is not None:
+            raise TornCopy(f"ring slot {gc.slot} (layer {layer}, generation {generation}) under a copy of layer "
+                           f"{gc.step % self.n} {gc.kind}: {late}")
         gc.checked = True
 
     def _release_slots(self) -> None:
