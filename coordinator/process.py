@@ -10,11 +10,10 @@ import os
 import time
 from dataclasses import dataclass
 
-from ringllm.faults import NO_FAULTS, FaultPlan
 from ringllm.coordinator.policy import JobDispatcher, ProtocolError, RingPolicy
+from ringllm.faults import NO_FAULTS, FaultPlan
 from ringllm.shm.channel import (Channel, ChunkDone, Fatal, LoaderRestarted, Mark, Outbox, ReadJob, Ready, Release,
-                         ResidentLayers,
-                         Shutdown, SlotReady, Stats, StatsRequest, Want)
+                                 ResidentLayers, Shutdown, SlotReady, Stats, StatsRequest, Want)
 from ringllm.shm.ring import READY, Ring
 from ringllm.shm.stats import StatsPage
 from ringllm.shm.slot_plan import LayerPlan
@@ -42,7 +41,12 @@ class CoordinatorArgs:
 
 
 class Coordinator:
-    def __init__(self, args: CoordinatorArgs, ring: Ring):
+    """The coordinator's state and its two entry points, `handle` (one message) and `step` (act
+    on the policy's decisions). Transports come in from outside: coordinator_main gives it the
+    run's queues and ring; tests/test_scheduler.py drives it in-process against simulated
+    loaders and the GPU process's scheduler."""
+
+    def __init__(self, args: CoordinatorArgs, ring, loaders: list[Outbox], gpu: Outbox, sup: Channel):
         e = args.engine
         self.args, self.ring = args, ring
         self.policy = RingPolicy(args.num_layers, ring.slot_count, e.cpu_ring_offset, e.cpu_cap,
@@ -50,10 +54,10 @@ class Coordinator:
         self.jobs = JobDispatcher(len(args.loader_queues))
         self.chunks = [plan.chunks(e.chunk_bytes) for plan in args.plans]
         self.file_index = {path: i for i, path in enumerate(args.files)}
-        self.loaders = [Outbox(Channel(q)) for q in args.loader_queues]
-        self.loader_epochs = [0] * len(args.loader_queues)   # which incarnation of each loader runs
-        self.gpu = Outbox(Channel(args.gpu_queue))
-        self.sup = Channel(args.sup_queue)
+        self.loaders = loaders
+        self.loader_epochs = [0] * len(loaders)   # which incarnation of each loader runs
+        self.gpu = gpu
+        self.sup = sup
         self.bytes_read = 0
         self.read_seconds = 0.0
         self.buffered_reads = 0
@@ -175,7 +179,8 @@ def coordinator_main(args: CoordinatorArgs) -> None:
     child_start("ringllm-coord", args.parent_pid, args.verbose)
     ring = Ring.attach(args.ring_name)
     inbox = Channel(args.inbox)
-    coord = Coordinator(args, ring)
+    coord = Coordinator(args, ring, [Outbox(Channel(q)) for q in args.loader_queues], Outbox(Channel(args.gpu_queue)),
+                        Channel(args.sup_queue))
     try:
         coord.sup.send(Ready("coordinator", 0, {"pid": os.getpid()}))
         running = True

@@ -1,5 +1,6 @@
-"""The GPU process's scheduler (workers.scheduler) driven together with the coordinator's policy
-(coordinator.policy) and a simulated loader pool, over thousands of random seeds: random message
+"""The GPU process's scheduler (workers.scheduler) driven together with the real coordinator
+(coordinator.process.Coordinator and its policy, over in-process mailboxes) and a simulated loader
+pool, over thousands of random seeds: random message
 order and completion times, resident layers, warm-up, every look-ahead knob at its extremes, ring
 sizes from the minimum up. Each run must finish every pass (progress) and keep every invariant of
 docs/PROTOCOL.md, checked where it could break:
@@ -22,8 +23,11 @@ from collections import deque
 
 import pytest
 
-from ringllm.coordinator.policy import JobDispatcher, RingPolicy
-from ringllm.shm.ring import LOADING, READY
+from ringllm.config import EngineConfig
+from ringllm.coordinator.process import Coordinator, CoordinatorArgs
+from ringllm.shm.channel import ChunkDone, Release, ResidentLayers, Want
+from ringllm.shm.ring import FREE, LOADING, READY
+from ringllm.shm.slot_plan import LayerPlan, SlotRead
 from ringllm.workers.scheduler import KINDS, Lookahead, SlotOffer, StreamScheduler
 
 FIXED_SEEDS = range(3000)
@@ -34,6 +38,35 @@ class Stalled(AssertionError):
     pass
 
 
+class Mailbox:
+    """An Outbox / Channel stand-in: messages wait in `pending` until the simulation delivers them."""
+
+    def __init__(self):
+        self.pending: deque = deque()
+
+    def put(self, msg) -> None:
+        self.pending.append(msg)
+
+    send = put
+
+    def flush(self) -> None:
+        pass
+
+
+class Header:
+    """The ring header as the coordinator writes it (Ring.read_slot / write_slot)."""
+
+    def __init__(self, slots: int):
+        self.slot_count = slots
+        self.records = {s: (FREE, -1, 0) for s in range(slots)}
+
+    def read_slot(self, slot: int):
+        return self.records[slot]
+
+    def write_slot(self, slot: int, state: int, layer: int, generation: int) -> None:
+        self.records[slot] = (state, layer, generation)
+
+
 def random_setup(rng: random.Random) -> dict:
     n = rng.randint(1, 9)
     resident = rng.choice([0, 0, rng.randint(0, n)])
@@ -41,155 +74,127 @@ def random_setup(rng: random.Random) -> dict:
     look = Lookahead(want=want, copy=rng.randint(1, want), pair=rng.choice([0, 1, 2, rng.randint(0, 6)]),
                      backlog=rng.choice([1, 2, 4, rng.randint(1, 8)]))
     cap = rng.choice([want, want, want + rng.randint(0, n + 2)])      # the minimum the config allows, and up
+    hwm = rng.choice([cap + 3, rng.randint(1, cap + 3)])
     return dict(
-        n=n, resident=resident, look=look, cap=cap,
-        offset=rng.randint(0, cap + 1), ring_mode=rng.choice([0, 1, 1]),
-        hwm=rng.choice([None, rng.randint(1, cap + 3)]), lwm=None, back_margin=rng.randint(0, 4),
+        n=n, resident=resident, look=look, cap=cap, offset=rng.randint(0, cap + 1), ring_mode=rng.choice([0, 1, 1]),
+        hwm=hwm, lwm=rng.randint(0, hwm - 1), back_margin=rng.randint(0, 4),
         buffers=(rng.randint(1, 4), rng.randint(1, 4)), loaders=rng.randint(1, 3),
         chunks=rng.randint(1, 3), passes=rng.randint(1, 4), warmup=rng.choice([0, 0, rng.randint(0, n + 1)]),
-        depth=rng.randint(1, 3),
     )
+
+
+def coordinator_for(s: dict) -> tuple[Coordinator, Header, list[Mailbox], Mailbox]:
+    """The real coordinator over simulated transports; each layer is `chunks` chunks of 4 KiB."""
+    engine = EngineConfig(cpu_cap=s["cap"], cpu_ring_offset=s["offset"], cpu_ring_mode=s["ring_mode"],
+                          cpu_hwm=s["hwm"], cpu_lwm=s["lwm"], cpu_back_margin=s["back_margin"], chunk_bytes=4096)
+    size = 4096 * s["chunks"]
+    plans = tuple(LayerPlan(layer, (SlotRead("model.safetensors", layer * size, size, 0, size),), {}, size)
+                  for layer in range(s["n"]))
+    args = CoordinatorArgs(0, "", "", "", "", tuple(f"load{k}" for k in range(s["loaders"])), s["n"], plans,
+                           ("model.safetensors",), engine)
+    header, loaders, gpu = Header(s["cap"]), [Mailbox() for _ in range(s["loaders"])], Mailbox()
+    return Coordinator(args, header, loaders, gpu, Mailbox()), header, loaders, gpu
 
 
 def simulate(seed: int, max_events: int = 200_000) -> dict:
     rng = random.Random(seed)
     s = random_setup(rng)
     n, resident, look, passes = s["n"], s["resident"], s["look"], s["passes"]
-    hwm = s["hwm"]
-    lwm = None if hwm is None else rng.randint(0, hwm - 1)
-    policy = RingPolicy(n, s["cap"], s["offset"], s["cap"], s["ring_mode"], hwm, lwm, s["back_margin"])
-    jobs = JobDispatcher(s["loaders"], s["depth"])
+    coord, header, loader_boxes, gpu_box = coordinator_for(s)
     sched = StreamScheduler(n, resident, look, s["buffers"], passes=passes)
     last_step = passes * n - 1
 
-    # shared state the processes see: the ring header (written by the coordinator) and each slot's
-    # bytes, as (layer, generation) of the load that completed into it
-    header = {slot: (0, -1, 0) for slot in range(s["cap"])}
+    # each slot's bytes, as (layer, generation) of the load whose chunks all landed in it
     contents = {slot: None for slot in range(s["cap"])}
-    to_coord, to_gpu = deque(), deque()
-    loader_queues = [deque() for _ in range(s["loaders"])]
-    copies_running: dict[int, tuple] = {}          # g -> (contents at start)
+    writes_left: dict[tuple, int] = {}
+    to_coord: deque = deque()
+    copies_running: dict[int, object] = {}          # g -> the slot's bytes when its copy started
     copies_done: set[int] = set()
     wanted: list[int] = []
-    started = False
 
-    def coordinator_step():
-        before = {slot: (info.state, info.layer, info.generation) for slot, info in enumerate(policy.slots)}
-        loads, offers = policy.schedule()
-        for slot, (state, layer, gen) in before.items():     # I4
-            info = policy.slots[slot]
-            if state == LOADING:
-                assert (info.state, info.layer, info.generation) == (LOADING, layer, gen), \
-                    f"seed {seed}: LOADING slot {slot} (layer {layer} gen {gen}) was evicted or reassigned"
-        for slot, info in enumerate(policy.slots):
-            header[slot] = (info.state, info.layer, info.generation)
-        for load in loads:
-            jobs.add_load(load.slot, load.generation, [(load.slot, load.generation, load.layer, k)
-                                                       for k in range(s["chunks"])])
-        for loader, job in jobs.assign():
-            loader_queues[loader].append(job)
-        for o in offers:
-            assert header[o.slot] == (READY, o.layer, o.generation), f"seed {seed}: I1 offer {o} of {header[o.slot]}"
-            to_gpu.append(SlotOffer(o.step, o.layer, o.slot, o.generation))
-
-    writes_left: dict[tuple, int] = {}
+    def coordinator_handle(msg):
+        before = dict(header.records)
+        coord.handle(msg)
+        coord.step()
+        for slot, (state, layer, gen) in before.items():                                     # I4
+            if state == LOADING and header.records[slot] not in ((LOADING, layer, gen), (READY, layer, gen)):
+                raise AssertionError(f"seed {seed}: I4 LOADING slot {slot} (layer {layer} gen {gen}) became "
+                                     f"{header.records[slot]}")
+            if state == LOADING and header.records[slot][0] == READY:
+                assert contents[slot] == (layer, gen), f"seed {seed}: slot {slot} READY before its bytes landed"
+        for msg in gpu_box.pending:                                                            # I1
+            assert header.records[msg.slot] == (READY, msg.layer, msg.generation), \
+                f"seed {seed}: I1 SlotReady {msg} while the header says {header.records[msg.slot]}"
 
     def loader_step(k):
-        job = loader_queues[k].popleft()
-        slot, gen, layer, _ = job.chunk
-        key = (slot, gen)
+        job = loader_boxes[k].pending.popleft()
+        assert header.records[job.slot] == (LOADING, job.layer, job.generation), \
+            f"seed {seed}: a loader was sent {job} for a slot that is {header.records[job.slot]}"
+        key = (job.slot, job.generation)
         writes_left[key] = writes_left.get(key, s["chunks"]) - 1
         # the slot's bytes are a mix until the load's last chunk lands
-        contents[slot] = (layer, gen) if writes_left[key] == 0 else ("partial", layer, gen)
-        to_coord.append(("done", k, job.job))
+        contents[job.slot] = (job.layer, job.generation) if writes_left[key] == 0 else ("partial", job.layer)
+        to_coord.append(ChunkDone(job.job, k, job.length, 0.0, True))
 
     def gpu_pump():
         for step in sched.wants():
             assert step <= last_step, f"seed {seed}: I5 want {step} past the last step {last_step}"
             assert not wanted or step > wanted[-1], f"seed {seed}: I5 wants out of order"
             wanted.append(step)
-            to_coord.append(("want", step, sched.compute))
-        in_flight = sum(1 for g in copies_running)
-        for copy in sched.start_copies(in_flight):
+            to_coord.append(Want(step, sched.compute))
+        for copy in sched.start_copies(len(copies_running)):
             copies_running[copy.g] = contents[copy.offer.slot]
-            assert contents[copy.offer.slot] == (copy.offer.layer, copy.offer.generation), \
-                f"seed {seed}: I2 copy of group {copy.g} starts on {contents[copy.offer.slot]}, offer {copy.offer}"
-        assert len(copies_running) <= look.backlog, f"seed {seed}: I7 backlog"
+        assert len(copies_running) <= look.backlog, f"seed {seed}: I7 {len(copies_running)} copies in flight"
         for offer in sched.releases():
-            step = offer.step
-            for k in (0, 1):
-                g = 2 * step + k
+            for g in (2 * offer.step, 2 * offer.step + 1):                                     # I3
                 assert g <= sched.consumed or (g in sched.copies and sched.copies[g].verified), \
-                    f"seed {seed}: I3 release of step {step} before group {g} was verified"
-            to_coord.append(("release", offer, sched.compute))
+                    f"seed {seed}: I3 release of step {offer.step} before group {g} was verified"
+            to_coord.append(Release(offer.step, offer.slot, offer.generation, sched.compute))
 
     def complete_copy(g):
-        start = copies_running.pop(g)
-        copy = sched.copies[g]
-        now = contents[copy.offer.slot]
+        start, copy = copies_running.pop(g), sched.copies[g]
         expect = (copy.offer.layer, copy.offer.generation)
-        assert start == now == expect, f"seed {seed}: I2 copy of group {g}: {start} -> {now}, offer {expect}"
-        assert header[copy.offer.slot] == (READY, *expect), f"seed {seed}: I2 header {header[copy.offer.slot]}"
+        assert start == contents[copy.offer.slot] == expect, \
+            f"seed {seed}: I2 copy of group {g} read {start} -> {contents[copy.offer.slot]}, offered {expect}"
+        assert header.records[copy.offer.slot] == (READY, *expect), f"seed {seed}: I2 slot check failed"
         sched.verified(g)
         copies_done.add(g)
 
+    coordinator_handle(ResidentLayers(resident))      # the GPU process's first message
     warm = set(sched.warm_up_groups(s["warmup"]))
-    g_next, total_groups = 0, 2 * n * passes
-    events = 0
+    g_next, total_groups, events = 0, 2 * n * passes, 0
     while g_next < total_groups:
         events += 1
         if events > max_events:
             raise Stalled(f"seed {seed}: no progress after {max_events} events at group {g_next}; setup {s}")
-        if not started:
-            policy.set_resident(resident)      # the GPU process's first message
-            started = True
-            coordinator_step()
         gpu_pump()
-        choices = []
-        if to_coord:
-            choices.append("coord")
-        if to_gpu:
-            choices.append("gpu")
-        choices += [f"load{k}" for k, q in enumerate(loader_queues) if q]
-        if copies_running:
-            choices.append("copy")
         layer, kind = (g_next // 2) % n, g_next % 2
-        warm_done = warm <= copies_done or g_next > 0
-        can_compute = warm_done and (layer < resident or (g_next in sched.copies and sched.copies[g_next].verified))
-        if can_compute:
-            choices.append("compute")
+        warm_done = g_next > 0 or warm <= copies_done                                           # I8
+        ready = layer < resident or (g_next in sched.copies and sched.copies[g_next].verified)
+        choices = (["coord"] * bool(to_coord) + ["offer"] * bool(gpu_box.pending)
+                   + [f"load{k}" for k, box in enumerate(loader_boxes) if box.pending]
+                   + ["copy"] * bool(copies_running) + ["compute"] * (warm_done and ready))
         if not choices:
             raise Stalled(f"seed {seed}: deadlock at group {g_next} (layer {layer} {KINDS[kind]}); "
                           f"warm-up waits for {sorted(warm - copies_done)}; setup {s}")
         what = rng.choice(choices)
         if what == "coord":
-            msg = to_coord.popleft()
-            if msg[0] == "want":
-                policy.want(msg[1], msg[2])
-            elif msg[0] == "release":
-                o = msg[1]
-                policy.release(o.step, o.slot, o.generation, msg[2])
-            else:
-                finished = jobs.done(msg[1], msg[2])
-                if finished is not None:
-                    policy.loaded(*finished)
-            coordinator_step()
-        elif what == "gpu":
-            sched.offer(to_gpu.popleft())
+            coordinator_handle(to_coord.popleft())
+        elif what == "offer":
+            m = gpu_box.pending.popleft()
+            sched.offer(SlotOffer(m.step, m.layer, m.slot, m.generation))
         elif what.startswith("load"):
             loader_step(int(what[4:]))
         elif what == "copy":
             complete_copy(rng.choice(sorted(copies_running)))
         else:
             g = sched.next_group(layer, kind)
-            assert g == g_next
-            if layer >= resident:                                         # I6
+            if layer >= resident:                                                              # I6
                 copy = sched.copies[g]
                 assert copy.verified and copy.offer.layer == layer and copy.offer.step == g // 2, \
                     f"seed {seed}: I6 group {g} computed from {copy}"
             sched.take(g)
-            freed = sched.done()
-            if freed is not None:
+            if sched.done() is not None:
                 copies_done.discard(g)
             g_next += 1
     return {"setup": s, "events": events}
