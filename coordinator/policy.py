@@ -97,7 +97,7 @@ class RingPolicy:
 
     def loaded(self, slot: int, generation: int) -> None:
         info = self.slots[slot]
-        if info.state != LOADING or info.generation != generation:
+        if info.state != LOADING or info.generation != generation:    # [P5] only a LOADING slot becomes READY
             raise ProtocolError(f"slot {slot} gen {generation} finished loading but is "
                                 f"{info.state}/gen {info.generation}")
         info.state = READY
@@ -152,6 +152,7 @@ class RingPolicy:
     def _eviction_order(self, targets: set[int]) -> list[int]:
         i = self.compute_step % self.n
         margin = {(i - k) % self.n for k in range(1, self.back_margin + 1)}
+        # [P4][P5] only READY slots the GPU does not hold: never a held one, never one still LOADING
         candidates = [s for s, info in enumerate(self.slots)
                       if info.state == READY and info.held == 0 and info.layer not in targets]
         # back-margin layers last; otherwise the farthest next use first
@@ -195,7 +196,7 @@ class RingPolicy:
                 # Take the slot of a farther target that the GPU does not hold yet: the nearer
                 # layer is needed first (the farther one is read again later).
                 farther = [self.layer_slot[l] for l in reversed(targets[k + 1:]) if l in self.layer_slot]
-                free = next((s for s in farther if self.slots[s].state == READY and self.slots[s].held == 0), None)
+                free = next((s for s in farther if self.slots[s].state == READY and self.slots[s].held == 0), None)  # [P4]
                 if free is None:
                     break   # every slot is held or loading a nearer layer: wait for a release
                 self._evict(free)
@@ -208,7 +209,7 @@ class RingPolicy:
         for step in sorted(self.wants):
             slot = self.layer_slot.get(step % self.n)
             if slot is None or self.slots[slot].state != READY:
-                break   # in step order only: a later step must never hold a slot an earlier one needs
+                break   # [P2][P3] READY only, in step order: a later step must never hold a slot an earlier one needs
             info = self.slots[slot]
             info.held += 1
             if self.wants.pop(step):

@@ -92,7 +92,8 @@ class Coordinator:
             if finished is not None:
                 self.policy.loaded(*finished)
         elif isinstance(msg, LoaderRestarted):
-            self.loader_epochs[msg.index] = msg.epoch     # jobs sent before now are skipped by the new one
+            # [P10] jobs sent before now are skipped by the new process; re-issue them under its epoch
+            self.loader_epochs[msg.index] = msg.epoch
             n = self.jobs.requeue_loader(msg.index)
             log.warning("loader %d was restarted; %d chunk(s) it held are read again", msg.index, n)
         elif isinstance(msg, ResidentLayers):
@@ -118,7 +119,7 @@ class Coordinator:
         if not self.started:
             return
         loads, offers = self.policy.schedule()
-        # The header first: a reassigned slot's new generation is visible before any loader
+        # [P1] The header first: a reassigned slot's new generation is visible before any loader
         # writes into it, and READY before the GPU process is told (its copy check relies on both).
         self._sync_header()
         for load in loads:

@@ -199,7 +199,7 @@ class Mark:
 def encode(msg) -> bytes:
     payload = [PROTOCOL_VERSION, msg.KIND, *(getattr(msg, f.name) for f in dataclasses.fields(msg))]
     data = msgpack.packb(payload, use_bin_type=True)
-    if len(data) > MESSAGE_BYTES:
+    if len(data) > MESSAGE_BYTES:      # [P12] every sender keeps to the cap (Tokens split, Fatal cut)
         raise ValueError(f"{type(msg).__name__} message of {len(data)} bytes exceeds {MESSAGE_BYTES}")
     return data
 
@@ -220,7 +220,7 @@ class Channel:
         self.queue = posix_ipc.MessageQueue(name, flags, mode=0o600, max_messages=QUEUE_MESSAGES,
                                             max_message_size=MESSAGE_BYTES)
 
-    def send(self, msg, timeout: float | None = 5.0) -> None:
+    def send(self, msg, timeout: float | None = 5.0) -> None:     # [P16] always with a deadline
         """Blocking send with a deadline: raises posix_ipc.BusyError if the receiver is stuck."""
         data = encode(msg)
         while True:
@@ -254,7 +254,8 @@ class Channel:
 
 
 class Outbox:
-    """Messages waiting for room in a queue; flushed without ever blocking."""
+    """Messages waiting for room in a queue; flushed without ever blocking ([P12]: the coordinator
+    never blocks on a full queue)."""
 
     def __init__(self, channel: Channel):
         self.channel, self.pending = channel, []

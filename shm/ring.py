@@ -134,7 +134,7 @@ class SlotTable:
         word = self.seq.load_word(SLOTS_AT + slot * SLOT_RECORD + TAINT_AT)
         return (word >> SLOT_BITS, word & ((1 << SLOT_BITS) - 1)) if word else None
 
-    def late_write(self, slot: int, generation: int) -> str | None:
+    def late_write(self, slot: int, generation: int) -> str | None:     # [P7] steps b, c
         """Steps b and c for a copy of `slot` told as `generation`: what is wrong, or None."""
         for k in range(self.loaders):              # the records first ...
             w = self.writing(k)

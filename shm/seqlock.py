@@ -54,7 +54,7 @@ class SeqlockBuffer:
         self.words[offset // 8] = value
 
     # seqlocked records -------------------------------------------------------------------------
-    def write(self, offset: int, fmt: str, *values) -> None:
+    def write(self, offset: int, fmt: str, *values) -> None:     # [P11]
         """Write the record at `offset` (its sequence word) from its one writer process."""
         i = offset // 8
         seq = self.words[i]

@@ -121,7 +121,7 @@ class SlotWriter:
         a read that may have landed after its slot moved on raises LateWrite.
         before_write (tests): runs between the before-check and the read."""
         t0 = time.perf_counter()
-        self.ring.begin_write(self.index, job.slot, job.generation)            # 1
+        self.ring.begin_write(self.index, job.slot, job.generation)            # 1  [P9]
         late = False
         try:
             if not self.loading(job):                                           # 2
@@ -136,7 +136,7 @@ class SlotWriter:
                 if late:
                     self.ring.taint(job.slot, self.index, job.generation)
         finally:
-            self.ring.end_write(self.index)                                     # 5: after the taint
+            self.ring.end_write(self.index)                                     # 5: after the taint [P9]
         if late:
             state, layer, generation = self.ring.read_slot(job.slot)
             raise LateWrite(
@@ -173,7 +173,7 @@ def loader_main(args: LoaderArgs) -> None:
                 break
             if not isinstance(msg, ReadJob):
                 continue
-            if msg.epoch != args.epoch:
+            if msg.epoch != args.epoch:      # [P10]
                 # sent to the process this one replaces; the coordinator re-issues it with our
                 # epoch. Reading it too could land after its slot had been given to another layer.
                 continue

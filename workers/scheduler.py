@@ -87,6 +87,7 @@ class StreamScheduler:
         return streams(step, self.n, self.resident)
 
     def horizon(self, ahead: int) -> int:
+        # [P13] never past the generation's last step
         return step_ahead(self.compute, ahead, self.n, self.resident, self.last_step)
 
     # --- events in -------------------------------------------------------------------------------
@@ -143,6 +144,7 @@ class StreamScheduler:
         for step in sorted({c.g // 2 for c in self.copies.values()}):
             if step in self.released:
                 continue
+            # [P6] both groups verified, or already handed to compute
             done = all((2 * step + k) <= self.consumed if (2 * step + k) not in self.copies
                        else self.copies[2 * step + k].verified for k in (0, 1))
             if done:
@@ -170,7 +172,7 @@ class StreamScheduler:
         """Compute has been issued on the last group taken: its buffer is free for a later copy
         (which the copier orders after that compute). None for a resident group."""
         copy = self.copies.pop(self.consumed, None)
-        if copy is not None:
+        if copy is not None:     # [P8] free only once compute on it is issued (the copier orders reuse after it)
             self.free[copy.kind].append(copy.buffer)
         return copy
 
@@ -181,6 +183,7 @@ class StreamScheduler:
         start, every wanted step has been offered (the coordinator offers in step order) and no
         copy is consumed, so the buffers of each kind bound them. Waiting for exactly these
         always finishes, whatever the knobs (the backlog only delays them)."""
+        # [P14] exactly what start_copies would issue: simulate it on a copy of the state
         probe = StreamScheduler(self.n, self.resident, self.look, self.buffer_count,
                                 None if self.last_step is None else (self.last_step + 1) // self.n)
         for step in range(probe.horizon(self.look.copy) + 1):
