@@ -33,8 +33,15 @@ def test_bench_on_cpu(tmp_path, capsys):
     table = capsys.readouterr().out
     report = json.loads(out.read_text())
     rows = {r["name"]: r for r in report["rows"]}
-    assert set(rows) == {"ringllm decode DRAM-fed", "ringllm decode disk-fed", "ringllm prefill 64 DRAM-fed",
-                         "naive", "accelerate"}
+    assert set(rows) == {"ceiling: group copies back to back", "ringllm decode DRAM-fed", "ringllm decode disk-fed",
+                         "ringllm prefill 64 DRAM-fed", "naive", "accelerate"}
+    # the group ceiling moves exactly the streamed layers' bytes, read from the checkpoint itself
+    from tests.conftest import layer_tensor_bytes
+    assert report["streamed_bytes_per_pass"] == layer_tensor_bytes(d, first_layer=2)
+    ceiling = rows["ceiling: group copies back to back"]
+    assert ceiling["gbps"] > 0 and abs(ceiling["seconds"] * ceiling["gbps"] * 1e9 - report["streamed_bytes_per_pass"]) < 1
+    dram_row = rows["ringllm decode DRAM-fed"]
+    assert dram_row["extra"]["group_ceiling_ratio"] == ceiling["seconds"] / dram_row["seconds"]
     for name in ("ringllm decode DRAM-fed", "ringllm decode disk-fed", "ringllm prefill 64 DRAM-fed", "naive"):
         assert rows[name]["seconds"] > 0 and rows[name]["floor"] > 0 and rows[name]["ratio"] > 0, name
     assert rows["naive"]["note"] == "same tokens as ringllm: yes"      # same model code: exact
