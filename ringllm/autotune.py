@@ -156,6 +156,8 @@ def final_lines(choice: AutoChoice, resolved, n_layers: int, user_loaders: bool 
             why = "= the look-ahead: group copies are issued as far ahead as the ring is asked for layers"
         elif auto == value:
             why = choice.reasons[fld]
+            if fld == "gpu_max_groups" and cfg.gpu_ahead_layers != choice.values["gpu_ahead_layers"]:
+                why += f" (sized for auto's look-ahead; GPU_AHEAD_LAYERS={cfg.gpu_ahead_layers} runs)"
         else:
             why = "; ".join(filter(None, [f"auto chose {auto}", lowered]))
         lines.append(f"{name}={value}" + (f" (yours, {user})" if user else "") + (f": {why}" if why else ""))

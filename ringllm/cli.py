@@ -47,7 +47,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--preset", choices=("conservative", "balanced", "aggressive", "auto"), default=None,
                    help="the user guide's presets (24/40/80 GB GPU classes), or auto: chosen for this machine")
     p.add_argument("--measure", action="store_true", help="with --preset auto: also measure disk and H2D GB/s")
-    p.add_argument("--dram-limit", default=None, help="with --preset auto: DRAM the ring may use (default: available)")
+    p.add_argument("--dram-limit", default=None,
+                   help="DRAM the ring may use when ringllm sizes it (--preset auto, or no preset) (default: available)")
     p.add_argument("--set", dest="params", action="append", default=[], metavar="NAME=VALUE",
                    help="set an engine parameter by its guide name, e.g. --set CPU_CAP_VALUE=16")
     p.add_argument("--metrics-json", type=Path, default=None,

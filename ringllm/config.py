@@ -176,8 +176,8 @@ def resolve_config(preset: str | None = None, env: dict | None = None, overrides
     notes: list[str] = []
 
     def lower(fld: str, name: str, to: int, why: str):
-        given = values.get(fld, getattr(EngineConfig, fld))
-        notes.append(f"{name}={given} ({origin.get(fld, 'default')}) {why}; using {name}={to}")
+        if fld in origin:             # a built-in default is lowered without a word: nobody chose it
+            notes.append(f"{name}={values[fld]} ({origin[fld]}) {why}; using {name}={to}")
         values[fld] = to
 
     # Derived defaults follow the knobs they derive from, unless set explicitly; a value set

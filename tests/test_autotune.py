@@ -113,9 +113,9 @@ def test_preset_auto_prints_the_values_that_run_and_marks_the_users(tiny14, tmp_
                     env=env, metrics=tmp_path / "m.json")
     assert r.returncode == 0, r.stderr
     shown = printed_values(r.stderr)
+    assert {name: engine_value(m["engine"], name) for name in shown} == shown
     assert set(shown) >= {"GPU_AHEAD_LAYERS", "GPU_MAX_GROUPS", "GPU_RESIDENT_LAYERS", "CPU_CAP_VALUE",
                           "CPU_RING_OFFSET", "WSM_BALANCE_AHEAD", "loaders"}
-    assert {name: engine_value(m["engine"], name) for name in shown} == shown
     assert shown["CPU_CAP_VALUE"] == 5 and "ring: 5 slots" in r.stderr
     assert "CPU_CAP_VALUE=5 (yours, --set CPU_CAP_VALUE)" in r.stderr
     assert "GPU_RESIDENT_LAYERS=1 (yours, --set GPU_RESIDENT_LAYERS)" in r.stderr
