@@ -1,33 +1,84 @@
 """`--preset auto`: choose the guide's parameters for this machine and this checkpoint.
 
-Inputs: the GPU budget (--gpu-mem, else the free GPU memory), the DRAM available (psutil, or
---dram-limit), the checkpoint's layer sizes, and with --measure the disk and host-to-GPU GB/s.
-Output: parameter values (applied as the preset: environment variables and --set still win)
-and one line of reason per choice.
+Inputs: the compute device's memory budget (--gpu-mem, else the free GPU memory; on cpu the
+compute device's memory is DRAM), the DRAM available (psutil, or --dram-limit), the checkpoint's
+layer sizes, and with --measure the disk and host-to-GPU GB/s. Output: parameter values (applied
+as the preset: environment variables and --set still win) and a reason per choice. What is
+printed is the final configuration, after the user's settings (`final_lines`).
+
+`ring_fit` is also the default ring without a preset: the ring holds every streamed layer when
+they fit in DRAM.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ringllm.checkpoint.layout import ModelLayout
+from ringllm.config import DRAM_HEADROOM, GIB
 from ringllm.workers.memory_plan import fmt_bytes
 
-GIB = 2 ** 30
-DRAM_HEADROOM = 4 * GIB       # left to the OS, the page cache and the processes themselves
 GROUP_SHARE = 0.4             # at most this share of the GPU budget goes to streaming buffers
 
 
 @dataclass(frozen=True)
 class Machine:
-    gpu_budget: int                   # bytes the GPU process may use
+    gpu_budget: int                   # bytes the compute process may use on its device
     dram_available: int               # bytes of DRAM the ring may take
     loaders: int
     h2d_gbps: float | None = None     # measured (--measure)
     disk_gbps: float | None = None
+    device: str = "cuda"
+    budget_from: str = "--gpu-mem"    # where gpu_budget came from, for the printed reason
+
+
+@dataclass(frozen=True)
+class RingFit:
+    streamed: int          # layers that stream (need a ring slot)
+    slot_bytes: int
+    room: int              # DRAM available minus DRAM_HEADROOM
+    fits: int              # ring slots that fit in room, at most `streamed`
+
+    @property
+    def holds_all(self) -> bool:
+        return self.fits >= self.streamed
+
+
+def ring_fit(layout: ModelLayout, streamed: int, dram_available: int) -> RingFit:
+    """How much of the streamed set a ring can hold in DRAM, sized exactly as the supervisor
+    allocates it (slot size, header) and checks it (supervisor.check_dram, DRAM_HEADROOM)."""
+    from ringllm.shm.ring import ring_bytes
+    from ringllm.shm.slot_plan import align_up, plan_model
+
+    slot = align_up(max(p.nbytes for p in plan_model(layout)))
+    room = max(0, dram_available - DRAM_HEADROOM)
+    fits = min(streamed, room // slot)
+    while fits > 0 and ring_bytes(fits, slot) > room:
+        fits -= 1
+    return RingFit(streamed, slot, room, fits)
+
+
+def describe_ring(fit: RingFit, cap: int) -> str:
+    if fit.streamed == 0:
+        return "nothing streams; one slot"
+    if cap >= fit.streamed:
+        return (f"the ring holds every streamed layer ({cap} x {fmt_bytes(fit.slot_bytes)} of the "
+                f"{fmt_bytes(fit.room)} of DRAM available beyond the {DRAM_HEADROOM // GIB} GiB headroom): "
+                "each layer is read from disk once, decode is DRAM-fed")
+    return (f"{fmt_bytes(fit.room)} of DRAM for the ring (available minus {DRAM_HEADROOM // GIB} GiB) holds {cap} "
+            f"of the {fit.streamed} streamed layers: disk-fed")
+
+
+@dataclass
+class AutoChoice:
+    values: dict                                  # field -> value (the preset auto applies)
+    reasons: dict                                 # field -> why
+    layer_bytes: int = 0
+    machine: Machine | None = None
+    extra: list = field(default_factory=list)     # lines after the parameters
 
 
 def auto_tune(layout: ModelLayout, machine: Machine, batch: int, max_seq: int, dtype: str,
-              embed_on_host: bool) -> tuple[dict, list[str]]:
+              embed_on_host: bool) -> AutoChoice:
     from ringllm.config import EngineConfig
     from ringllm.workers.memory_plan import layers_that_fit, plan_gpu_memory
 
@@ -35,7 +86,8 @@ def auto_tune(layout: ModelLayout, machine: Machine, batch: int, max_seq: int, d
     sizes = layout.max_group_bytes
     layer = sizes["attn"] + sizes["ffn"]
     budget = machine.gpu_budget
-    reasons = []
+    cuda = machine.device == "cuda"
+    reasons = {}
     # 1. the guide's GPU class, then shrink the look-ahead until the buffers fit their share
     if budget >= 70 * GIB:
         ahead, klass = 6, "80 GB class (the guide's aggressive preset)"
@@ -49,39 +101,71 @@ def auto_tune(layout: ModelLayout, machine: Machine, batch: int, max_seq: int, d
         ahead -= 1
         groups = 2 + 2 * ahead + 1
     buffers = (groups + 1) // 2 * sizes["attn"] + groups // 2 * sizes["ffn"]
-    reasons.append(f"GPU_AHEAD_LAYERS={ahead}: {fmt_bytes(budget)} GPU budget, {klass}"
-                   + (f"; lowered from {class_ahead} so that group buffers stay under 40% of it"
-                      if ahead < class_ahead else ""))
-    reasons.append(f"GPU_MAX_GROUPS={groups}: 2 + 2x{ahead} + 1, buffers sized by kind = {fmt_bytes(buffers)}")
-    # 2. what stays on the GPU
-    engine = EngineConfig(gpu_ahead_layers=ahead, gpu_max_groups=groups, max_cached_layers=max(8, groups))
-    plan = plan_gpu_memory(layout, engine, batch, max_seq, dtype, embed_on_host)
-    resident = layers_that_fit(layout, plan, budget)
-    streamed = n - resident
-    reasons.append(f"GPU_RESIDENT_LAYERS={resident}: whole layers ({fmt_bytes(layer)} each) that fit beside "
-                   f"the buffers, lm_head, KV cache ({fmt_bytes(plan.kv_cache)} for {batch} x {max_seq} "
-                   f"tokens) and workspace; {streamed} layer(s) stream")
-    # 3. the ring from DRAM
-    slot = layer + 2 * 4096
-    room = max(0, machine.dram_available - DRAM_HEADROOM)
-    cap = max(ahead, int(min(room // slot, streamed)))   # at least the look-ahead (a hard rule)
-    if streamed == 0:
-        why = "nothing streams; the smallest ring the look-ahead allows"
-    elif cap >= streamed:
-        why = f"the ring holds every streamed layer ({cap} x {fmt_bytes(slot)}): DRAM-fed after the first pass"
+    memory = (f"GPU budget ({machine.budget_from})" if cuda else
+              f"compute-memory budget on cpu, where the compute device's memory is DRAM ({machine.budget_from})")
+    reasons["gpu_ahead_layers"] = (f"{fmt_bytes(budget)} {memory}, {klass}"
+                                   + (f"; lowered from {class_ahead} so that group buffers stay under 40% of it"
+                                      if ahead < class_ahead else ""))
+    reasons["gpu_max_groups"] = f"2 + 2x{ahead} + 1, buffers sized by kind = {fmt_bytes(buffers)}"
+    # 2. what stays on the compute device for the whole run
+    if cuda:
+        engine = EngineConfig(gpu_ahead_layers=ahead, gpu_max_groups=groups, max_cached_layers=max(8, groups))
+        plan = plan_gpu_memory(layout, engine, batch, max_seq, dtype, embed_on_host)
+        resident = layers_that_fit(layout, plan, budget)
+        reasons["gpu_resident_layers"] = (
+            f"whole layers ({fmt_bytes(plan.layer_bytes)} each in {dtype}) that fit beside the buffers, "
+            f"lm_head, KV cache ({fmt_bytes(plan.kv_cache)} for {batch} x {max_seq} tokens) and workspace; "
+            f"{n - resident} layer(s) stream")
     else:
-        why = (f"{fmt_bytes(room)} of DRAM for the ring (available minus {DRAM_HEADROOM // GIB} GiB) holds {cap} "
-               f"of the {streamed} streamed layers: disk-fed")
-    reasons.append(f"CPU_CAP_VALUE={cap}: {why}")
-    offset = min(ahead, max(0, cap - 1))
-    reasons.append(f"CPU_RING_OFFSET={offset}: the window starts where the GPU look-ahead ends")
-    reasons.append(f"loaders={machine.loaders}: " + (f"the most readers within 10% of the best rate measured on the disk ({machine.disk_gbps:.2f} GB/s)"
-                                                    if machine.disk_gbps else "from the CPU count and the disk type"))
-    if machine.h2d_gbps:
-        copy = streamed * layer / (machine.h2d_gbps * 1e9)
-        disk = 0.0 if cap >= streamed else streamed * layer / (machine.disk_gbps * 1e9) if machine.disk_gbps else 0.0
-        reasons.append(f"expected floor: {max(copy, disk):.3f} s/token (H2D {machine.h2d_gbps:.1f} GB/s"
-                       + (f", disk {machine.disk_gbps:.2f} GB/s" if machine.disk_gbps else "") + ")")
-    values = {"gpu_ahead_layers": ahead, "gpu_max_groups": groups, "cpu_cap": cap, "cpu_ring_offset": offset,
+        resident = 0
+        reasons["gpu_resident_layers"] = ("on cpu every layer streams through the ring unless you set "
+                                          "GPU_RESIDENT_LAYERS (those layers then stay loaded in the compute process)")
+    # 3. the ring from DRAM: every streamed layer if they fit, never fewer slots than the look-ahead needs
+    fit = ring_fit(layout, n - resident, machine.dram_available)
+    cap = max(1, min(ahead, fit.streamed), fit.fits)
+    reasons["cpu_cap"] = describe_ring(fit, cap)
+    reasons["loaders"] = (f"the most readers within 10% of the best rate measured on the disk ({machine.disk_gbps:.2f} GB/s)"
+                          if machine.disk_gbps else "from the CPU count and the disk type")
+    values = {"gpu_ahead_layers": ahead, "gpu_max_groups": groups, "cpu_cap": cap,
               "gpu_resident_layers": resident, "loaders": machine.loaders}
-    return values, reasons
+    return AutoChoice(values, reasons, layer, machine)
+
+
+# what --preset auto prints, in this order: (the guide's name, EngineConfig field)
+SHOWN = (("GPU_AHEAD_LAYERS", "gpu_ahead_layers"), ("GPU_MAX_GROUPS", "gpu_max_groups"),
+         ("GPU_RESIDENT_LAYERS", "gpu_resident_layers"), ("CPU_CAP_VALUE", "cpu_cap"),
+         ("CPU_RING_OFFSET", "cpu_ring_offset"), ("WSM_BALANCE_AHEAD", "balance_ahead"), ("loaders", "loaders"))
+
+
+def final_lines(choice: AutoChoice, resolved, n_layers: int, user_loaders: bool = False) -> list[str]:
+    """One line per parameter with the value that runs (resolved: config.ResolvedConfig, after
+    the environment and --set), marking the user's own values."""
+    cfg = resolved.engine
+    lines = []
+    for name, fld in SHOWN:
+        value, auto = getattr(cfg, fld), choice.values.get(fld)
+        user = "--loaders" if fld == "loaders" and user_loaders else resolved.user_set(fld)
+        lowered = "lowered, see above" if any(note.startswith(f"{name}=") for note in resolved.notes) else ""
+        if user:
+            why = "; ".join(filter(None, [f"auto would choose {auto}" if auto is not None and auto != value else "",
+                                          lowered]))
+        elif fld == "cpu_ring_offset":
+            why = (f"= the look-ahead ({cfg.lookahead_layers} layers): the window starts at the farthest layer "
+                   "the GPU process asks for, and the ring reads the layers after it")
+        elif fld == "balance_ahead":
+            why = "= the look-ahead: group copies are issued as far ahead as the ring is asked for layers"
+        elif auto == value:
+            why = choice.reasons[fld]
+            if fld == "gpu_max_groups" and cfg.gpu_ahead_layers != choice.values["gpu_ahead_layers"]:
+                why += f" (sized for auto's look-ahead; GPU_AHEAD_LAYERS={cfg.gpu_ahead_layers} runs)"
+        else:
+            why = "; ".join(filter(None, [f"auto chose {auto}", lowered]))
+        lines.append(f"{name}={value}" + (f" (yours, {user})" if user else "") + (f": {why}" if why else ""))
+    m = choice.machine
+    if m is not None and m.h2d_gbps:
+        streamed = n_layers - max(0, cfg.gpu_resident_layers)
+        copy = streamed * choice.layer_bytes / (m.h2d_gbps * 1e9)
+        disk = 0.0 if cfg.cpu_cap >= streamed or not m.disk_gbps else streamed * choice.layer_bytes / (m.disk_gbps * 1e9)
+        lines.append(f"expected floor: {max(copy, disk):.3f} s/token (H2D {m.h2d_gbps:.1f} GB/s"
+                     + (f", disk {m.disk_gbps:.2f} GB/s" if m.disk_gbps else "") + ")")
+    return lines

@@ -68,7 +68,8 @@ def _add_generate(sub) -> None:
                    help="the user guide's presets (24/40/80 GB GPU classes), or auto: chosen for this machine "
                         "(default: none, the built-in parameter defaults)")
     p.add_argument("--measure", action="store_true", help="with --preset auto: also measure disk and H2D GB/s")
-    p.add_argument("--dram-limit", default=None, help="with --preset auto: DRAM the ring may use (default: available)")
+    p.add_argument("--dram-limit", default=None,
+                   help="DRAM the ring may use when ringllm sizes it (--preset auto, or no preset) (default: available)")
     p.add_argument("--set", dest="params", action="append", default=[], metavar="NAME=VALUE",
                    help="set an engine parameter by its guide name, e.g. --set CPU_CAP_VALUE=16")
     p.add_argument("--metrics-json", type=Path, default=None,
@@ -200,8 +201,15 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def build_engine_config(args, model_dir, max_seq: int = 2048):
-    from ringllm.config import build_config, default_loader_count, env_parameters, parse_bytes
+def build_engine_config(args, model_dir, max_seq: int = 2048, batch: int = 1, layout=None,
+                        device: str | None = None, dtype_name: str | None = None):
+    """The engine parameters: preset < environment < --set < flags. Given the model's layout
+    (generate), the ring is fitted to the model too: never more slots than layers that stream
+    and, without a preset, a slot for every streamed layer when they fit in DRAM (what --preset
+    auto does for the ring). Each adjustment is one printed line."""
+    from ringllm.autotune import describe_ring, final_lines, ring_fit
+    from ringllm.config import default_loader_count, env_parameters, parse_bytes, resolve_config
+    from ringllm.workers.memory_plan import planned_resident_layers
 
     overrides = {}
     for item in args.params:
@@ -211,37 +219,70 @@ def build_engine_config(args, model_dir, max_seq: int = 2048):
         overrides[name.strip()] = value.strip()
     loaders = args.loaders if args.loaders is not None else default_loader_count(model_dir)
     gpu_mem = parse_bytes(args.gpu_mem) if args.gpu_mem is not None else None
-    preset_values = None
+    common = dict(env=env_parameters(), overrides=overrides, gpu_mem=gpu_mem)
+    if layout is None:      # bench: it sizes its own rings
+        return resolve_config(preset=args.preset, loaders=loaders, **common).engine
+    device = device or ("cuda" if _cuda_available() else "cpu")
+    dtype_name = dtype_name or layout_dtype_name(layout)
+    auto, preset_values, label = None, None, "--preset auto"
     if args.preset == "auto":
-        preset_values = auto_preset(args, model_dir, loaders, gpu_mem, max_seq)
-        if args.loaders is None:
-            loaders = preset_values.pop("loaders")
-        else:
-            preset_values.pop("loaders")
-    return build_config(
-        preset=None if args.preset == "auto" else args.preset, preset_values=preset_values, env=env_parameters(),
-        overrides=overrides, loaders=loaders, gpu_mem=gpu_mem)
+        auto = auto_preset(args, layout, model_dir, device, loaders, gpu_mem, batch, max_seq, dtype_name)
+        preset_values = dict(auto.values)
+        auto_loaders = preset_values.pop("loaders")
+        loaders = loaders if args.loaders is not None else auto_loaders
+    common.update(preset=None if args.preset == "auto" else args.preset, loaders=loaders)
+    # what streams decides the ring; the settings decide what streams (a first pass, unchecked)
+    first = resolve_config(preset_values=preset_values, check=False, **common).engine
+    n = layout.config.num_layers
+    resident = planned_resident_layers(layout, first, batch, max_seq, dtype_name, device)
+    streamed = n - resident if resident is not None else n
+    fit = None
+    if args.preset is None:
+        fit = ring_fit(layout, streamed, _dram_for_ring(args))
+        if fit.holds_all and streamed > 0:
+            preset_values, label = {"cpu_cap": streamed}, "the default ring"
+    resolved = resolve_config(preset_values=preset_values, preset_label=label, streamed_layers=streamed, **common)
+    for note in resolved.notes:
+        log.info("%s", note)
+    engine = resolved.engine
+    if resolved.origin.get("cpu_cap") == "the default ring":
+        unknown = "" if resident is not None else (
+            f" (all {n} layers: the GPU process decides at start which stay on the GPU; --gpu-mem or "
+            "GPU_RESIDENT_LAYERS makes it known here)")
+        log.info("CPU_CAP_VALUE=%d: %s%s. No preset was given; --preset or CPU_CAP_VALUE chooses otherwise",
+                 engine.cpu_cap, describe_ring(fit, engine.cpu_cap), unknown)
+    if auto is not None:
+        print(f"[ringllm] --preset auto for {model_dir} on {device} (the values that run; 'yours' marks "
+              "what you set):", file=sys.stderr)
+        for line in final_lines(auto, resolved, n, user_loaders=args.loaders is not None):
+            print(f"[ringllm]   {line}", file=sys.stderr)
+    return engine
 
 
-def auto_preset(args, model_dir, loaders: int, gpu_mem: int | None, max_seq: int) -> dict:
-    """--preset auto: measure what is asked, choose, print the choices with their reasons."""
+def _dram_for_ring(args) -> int:
+    """DRAM the ring may take: what is available, or --dram-limit when lower."""
     import psutil
 
-    from ringllm.checkpoint.layout import load_layout
-    from ringllm.autotune import Machine, auto_tune
     from ringllm.config import parse_bytes
 
-    layout = load_layout(model_dir)
-    device = getattr(args, "device", None) or ("cuda" if _cuda_available() else "cpu")
     dram = psutil.virtual_memory().available
-    if args.dram_limit is not None:
+    if getattr(args, "dram_limit", None) is not None:
         dram = min(dram, parse_bytes(args.dram_limit))
+    return dram
+
+
+def auto_preset(args, layout, model_dir, device: str, loaders: int, gpu_mem: int | None, batch: int,
+                max_seq: int, dtype_name: str):
+    """--preset auto: measure what is asked, choose (autotune.AutoChoice)."""
+    from ringllm.autotune import Machine, auto_tune
+
+    dram = _dram_for_ring(args)
     if gpu_mem is not None:
-        budget = gpu_mem
+        budget, budget_from = gpu_mem, "--gpu-mem"
     elif device == "cuda":
-        budget = int(0.9 * _free_gpu_bytes())
+        budget, budget_from = int(0.9 * _free_gpu_bytes()), "90% of the free GPU memory"
     else:
-        budget = dram // 2          # on the CPU the "GPU" memory is DRAM too
+        budget, budget_from = dram // 2, "half the available DRAM"
     h2d = disk = None
     if args.measure:
         from ringllm.tools.bench import measure_disk
@@ -253,12 +294,8 @@ def auto_preset(args, model_dir, loaders: int, gpu_mem: int | None, max_seq: int
         disk = max(per.values())
         loaders = max(k for k, rate in per.items() if rate >= 0.9 * disk)
         h2d = _measure_h2d(device)
-    machine = Machine(budget, dram, loaders, h2d, disk)
-    values, reasons = auto_tune(layout, machine, 1, max_seq, layout_dtype_name(layout), device == "cuda")
-    print(f"[ringllm] --preset auto for {model_dir} on {device}:", file=sys.stderr)
-    for line in reasons:
-        print(f"[ringllm]   {line}", file=sys.stderr)
-    return values
+    machine = Machine(budget, dram, loaders, h2d, disk, device, budget_from)
+    return auto_tune(layout, machine, batch, max_seq, dtype_name, device == "cuda")
 
 
 def layout_dtype_name(layout) -> str:
@@ -293,8 +330,8 @@ def run_streaming(args, layout, model_dir, prompts, sampling, eos_ids, device, d
     from ringllm.workers.memory_plan import check_gpu_cap, plan_gpu_memory
 
     max_seq = max(len(p) for p in prompts) + args.max_new_tokens
-    engine = build_engine_config(args, model_dir, max_seq)
     dtype_name = str(dtype).removeprefix("torch.")
+    engine = build_engine_config(args, model_dir, max_seq, len(prompts), layout, device.type, dtype_name)
     plan = plan_gpu_memory(layout, engine, len(prompts), max_seq, dtype_name, embed_on_host=device.type == "cuda")
     check_gpu_cap(plan, engine.gpu_mem, engine)
     sup = Supervisor(layout, engine, device.type, dtype_name, verbose=args.verbose)

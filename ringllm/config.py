@@ -8,9 +8,17 @@ are given; a contradiction is an error, not a silent choice.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 from ringllm.checkpoint.errors import RingllmError
+
+GIB = 2 ** 30
+# DRAM kept free beyond the ring: the OS and its page cache, and the run's own processes (the GPU
+# process holds the CUDA context and, on cuda, the embedding table: 2 GiB for a 70B). The ring is
+# pinned on cuda, so this errs on the generous side. One value for the pre-run check
+# (supervisor.check_dram) and for choosing a ring (--preset auto, the default ring), so that a
+# ring ringllm chooses always passes the check.
+DRAM_HEADROOM = 4 * GIB
 
 # name -> (field, type); field None for pure aliases handled below
 PARAMETERS = {
@@ -67,16 +75,31 @@ class EngineConfig:
     def ring_slots(self) -> int:
         return self.cpu_cap
 
+    # --- derived values: the streaming code uses these, never the raw knobs they come from ----------
     @property
     def lookahead_layers(self) -> int:
-        """Layers ahead of compute whose groups go to the GPU (whole-layer distance wins if set)."""
+        """Streamed layers ahead of compute the GPU process asks the ring for (whole-layer distance
+        wins if set)."""
         return self.prefetch_distance or self.gpu_ahead_layers
+
+    @property
+    def copy_ahead(self) -> int:
+        """Streamed layers ahead of compute whose groups may be copied to the GPU: WSM_BALANCE_AHEAD,
+        but never past the look-ahead (a layer not asked of the ring is never offered to copy)."""
+        return min(self.balance_ahead, self.lookahead_layers)
 
     @property
     def group_budget(self) -> tuple[int, int]:
         """GPU group buffers (attn, ffn): GPU_MAX_GROUPS split evenly, capped by max_cached_layers."""
         total = min(self.gpu_max_groups, 2 * self.max_cached_layers)
         return (total + 1) // 2, total // 2
+
+    def warmup_layers_for(self, streamed_layers: int) -> int:
+        """The streamed layers the warm-up waits for before the first token: warmup_layers, but no
+        more than the copies issued before compute starts (copy_ahead layers), than the layers that
+        stream, or than the group buffers hold (one attn + one ffn per layer). Waiting for more
+        could never finish."""
+        return max(0, min(self.warmup_layers, self.copy_ahead, streamed_layers, self.group_budget[1]))
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -89,17 +112,45 @@ def _parse_int(name: str, value: str, source: str) -> int:
         raise RingllmError(f"{name}={value!r} ({source}): must be an integer") from None
 
 
+# where a value came from; the first two are the user's own choices
+FROM_ENV, FROM_SET = "environment", "--set"
+
+
+@dataclass(frozen=True)
+class ResolvedConfig:
+    engine: EngineConfig
+    origin: dict          # field -> "environment NAME" | "--set NAME" | "--preset X" | label | "flag"
+    notes: tuple          # one line per value lowered to what can take effect
+
+    def user_set(self, fld: str) -> str | None:
+        """'--set NAME' / 'environment NAME' when the user chose this field, else None."""
+        origin = self.origin.get(fld, "")
+        return origin if origin.startswith((FROM_ENV, FROM_SET)) else None
+
+
 def build_config(preset: str | None = None, env: dict | None = None, overrides: dict | None = None,
                  preset_values: dict | None = None, **flags) -> EngineConfig:
     """preset (or preset_values, from --preset auto) < env (user's names) < overrides (user's
     names, from --set) < flags (field names)."""
+    return resolve_config(preset, env, overrides, preset_values, **flags).engine
+
+
+def resolve_config(preset: str | None = None, env: dict | None = None, overrides: dict | None = None,
+                   preset_values: dict | None = None, preset_label: str = "--preset auto",
+                   streamed_layers: int | None = None, check: bool = True, **flags) -> ResolvedConfig:
+    """build_config, plus where each value came from and the values lowered to what can take
+    effect (one note each). streamed_layers, when known (layers minus GPU-resident ones), caps
+    the ring: a slot per streamed layer is all a ring can ever use. check=False skips validation
+    (a first pass that only wants to know what the settings are)."""
     values: dict = {}
-    given: dict[str, tuple[str, int, str]] = {}   # field -> (name, value, source) for alias checks
+    origin: dict[str, str] = {}
     if preset is not None:
         if preset not in PRESETS:
             raise RingllmError(f"--preset {preset!r}: one of {', '.join(PRESETS)}")
         values.update(PRESETS[preset])
+        origin.update(dict.fromkeys(PRESETS[preset], f"--preset {preset}"))
     values.update(preset_values or {})
+    origin.update(dict.fromkeys(preset_values or {}, preset_label))
 
     def apply(source: str, mapping: dict, layer_given: dict):
         for name, raw in mapping.items():
@@ -113,30 +164,56 @@ def build_config(preset: str | None = None, env: dict | None = None, overrides: 
                     f"{other[0]}={other[1]} and {name}={value} ({source}) set the same knob to different values")
             layer_given[fld] = (name, value, source)
             values[fld] = value
+            origin[fld] = f"{source} {name}"
 
-    env_given: dict = {}
-    apply("environment", {k: v for k, v in (env or {}).items() if k in PARAMETERS}, env_given)
-    set_given: dict = {}
-    apply("--set", overrides or {}, set_given)
-    given.update(env_given)
-    given.update(set_given)
+    apply(FROM_ENV, {k: v for k, v in (env or {}).items() if k in PARAMETERS}, {})
+    apply(FROM_SET, overrides or {}, {})
     for key, value in flags.items():
         if value is not None:
             values[key] = value
+            origin[key] = "flag"
 
-    # Derived defaults follow the knobs they derive from, unless set explicitly.
+    notes: list[str] = []
+
+    def lower(fld: str, name: str, to: int, why: str):
+        if fld in origin:             # a built-in default is lowered without a word: nobody chose it
+            notes.append(f"{name}={values[fld]} ({origin[fld]}) {why}; using {name}={to}")
+        values[fld] = to
+
+    # Derived defaults follow the knobs they derive from, unless set explicitly; a value set
+    # beyond what can take effect is lowered to it, with one line (see README: the cap rule).
     ahead = values.get("gpu_ahead_layers", EngineConfig.gpu_ahead_layers)
-    cap = values.get("cpu_cap", EngineConfig.cpu_cap)
-    values.setdefault("balance_ahead", ahead)
+    lookahead = values.get("prefetch_distance", EngineConfig.prefetch_distance) or ahead
+    if lookahead >= 1 and values.get("balance_ahead", 0) > lookahead:
+        lower("balance_ahead", "WSM_BALANCE_AHEAD", lookahead,
+              f"is beyond the look-ahead of {lookahead} layers (GPU_AHEAD_LAYERS / prefetch_distance), "
+              "and no copy can run ahead of what the ring is asked for")
+    values.setdefault("balance_ahead", lookahead)
+    values.setdefault("cpu_ring_offset", lookahead)
     values.setdefault("gpu_max_groups", max(10, 2 + 2 * ahead + 1))
+    if streamed_layers is not None and values.get("cpu_cap", EngineConfig.cpu_cap) > max(1, streamed_layers):
+        lower("cpu_cap", "CPU_CAP_VALUE", max(1, streamed_layers),
+              f"is more than the {streamed_layers} layers that stream (GPU-resident layers need no slot), "
+              "and a slot per streamed layer is all a ring can use")
+    cap = values.get("cpu_cap", EngineConfig.cpu_cap)
     values.setdefault("cpu_hwm", cap + 3)
     values.setdefault("cpu_lwm", max(0, cap - 3))
     cfg = EngineConfig(**values)
-    validate(cfg)
-    return cfg
+    if not check:
+        return ResolvedConfig(cfg, origin, tuple(notes))
+    validate(cfg, streamed_layers)
+    # the streamed count bounds the warm-up too, but only the GPU process knows it for sure
+    reach = cfg.warmup_layers_for(cfg.warmup_layers if streamed_layers is None else streamed_layers)
+    if reach < cfg.warmup_layers:
+        lower("warmup_layers", "warmup_layers", reach,
+              f"is more than can be copied before the first token (copy look-ahead {cfg.copy_ahead} layers, "
+              f"group buffers for {cfg.group_budget[1]}"
+              + (f", {streamed_layers} streamed layers" if streamed_layers is not None else "") + ")")
+        cfg = replace(cfg, warmup_layers=reach)
+    return ResolvedConfig(cfg, origin, tuple(notes))
 
 
-def validate(cfg: EngineConfig) -> None:
+def validate(cfg: EngineConfig, streamed_layers: int | None = None) -> None:
     def need(ok: bool, text: str):
         if not ok:
             raise RingllmError(text)
@@ -148,7 +225,8 @@ def validate(cfg: EngineConfig) -> None:
     need(cfg.pair_ahead >= 0, f"WSM_PAIR_AHEAD={cfg.pair_ahead}: must be >= 0")
     need(cfg.h2d_backlog_max >= 1, f"WSM_H2D_GROUP_BACKLOG_MAX={cfg.h2d_backlog_max}: must be >= 1")
     need(cfg.cpu_cap >= 1, f"CPU_CAP_VALUE={cfg.cpu_cap}: must be >= 1")
-    need(cfg.cpu_cap >= cfg.lookahead_layers,
+    # a ring that holds every streamed layer never runs short, whatever the look-ahead
+    need(cfg.cpu_cap >= min(cfg.lookahead_layers, cfg.lookahead_layers if streamed_layers is None else streamed_layers),
          f"CPU_CAP_VALUE={cfg.cpu_cap} is smaller than the GPU look-ahead of {cfg.lookahead_layers} layers "
          "(GPU_AHEAD_LAYERS / prefetch_distance): the ring could never hold what the GPU asks for")
     need(cfg.cpu_ring_offset >= 0, f"CPU_RING_OFFSET={cfg.cpu_ring_offset}: must be >= 0")

@@ -28,7 +28,7 @@ import psutil
 
 from ringllm.checkpoint.errors import RingllmError
 from ringllm.checkpoint.layout import ModelLayout
-from ringllm.config import EngineConfig
+from ringllm.config import DRAM_HEADROOM, EngineConfig
 from ringllm.faults import NO_FAULTS, FaultPlan
 from ringllm.coordinator.process import CoordinatorArgs, coordinator_main
 from ringllm.shm.channel import (Channel, Fatal, Finished, LoaderRestarted, Ready, Shutdown, Stats, StatsRequest,
@@ -46,7 +46,6 @@ log = logging.getLogger("ringllm")
 STARTUP_TIMEOUT_S = 300.0
 STOP_DEADLINE_S = 3.0
 MAX_LOADER_RESTARTS_PER_MINUTE = 3
-DRAM_HEADROOM = 1 << 30      # leave this much DRAM free beyond the ring
 
 
 @dataclass

@@ -55,20 +55,14 @@ def _unregister(ring_tensor) -> None:
         log.error("cudaHostUnregister of the ring failed (error %d)", int(err))
 
 
-def resident_layer_count(args: GpuArgs, free_bytes: int | None) -> int:
-    """GPU_RESIDENT_LAYERS, or with -1 (auto) as many layers as fit beside the streaming working
-    set: under --gpu-mem when given, else in 90% of the free memory; none on the CPU."""
-    from ringllm.workers.memory_plan import layers_that_fit, plan_gpu_memory
+def resident_layer_count(args: GpuArgs, device_type: str, free_bytes: int | None) -> int:
+    """GPU_RESIDENT_LAYERS, or with -1 (auto) as many layers as fit (memory_plan.planned_resident_layers)."""
+    from ringllm.workers.memory_plan import planned_resident_layers
 
-    n = args.layout.config.num_layers
-    if args.engine.gpu_resident_layers >= 0:
-        return min(n, args.engine.gpu_resident_layers)
-    if free_bytes is None:
-        return 0
-    budget = args.engine.gpu_mem if args.engine.gpu_mem is not None else int(0.9 * free_bytes)
     max_seq = max(len(p) for p in args.prompts) + args.max_new_tokens
-    plan = plan_gpu_memory(args.layout, args.engine, len(args.prompts), max_seq, args.dtype, embed_on_host=True)
-    return layers_that_fit(args.layout, plan, budget)
+    keep = planned_resident_layers(args.layout, args.engine, len(args.prompts), max_seq, args.dtype,
+                                   device_type, free_bytes)
+    return keep or 0
 
 
 def wait_for_ring(ring: Ring, slots: int, timeout_s: float) -> None:
@@ -121,7 +115,7 @@ def gpu_main(args: GpuArgs) -> None:
             info["ring_pinned"] = bool(ring_tensor[:1].is_pinned())
         dtype = DTYPE_NAMES[args.dtype]
         n = args.layout.config.num_layers
-        keep = resident_layer_count(args, info.get("free_bytes"))
+        keep = resident_layer_count(args, device.type, info.get("free_bytes"))
         # first thing the coordinator hears: it starts filling the ring only after this
         coord.send(ResidentLayers(keep), timeout=args.engine.wait_timeout_s)
         resident = load_resident_weights(args.layout, dtype, device, embed_on_host=cuda)
@@ -129,7 +123,8 @@ def gpu_main(args: GpuArgs) -> None:
         resident_groups = load_groups(args.layout, range(keep), dtype, device)
         info.update(resident_layers=keep, resident_load_seconds=time.perf_counter() - t0)
         if keep:
-            log.info("layers 0..%d stay on the GPU (%d of %d); the other %d stream", keep - 1, keep, n, n - keep)
+            log.info("layers 0..%d stay on %s (%d of %d); the other %d stream", keep - 1,
+                     "the GPU" if cuda else "cpu, loaded once", keep, n, n - keep)
         reader.start()
         page = StatsPage(args.stats_name) if args.stats_name else None
         source = StreamingSource(args.layout, list(args.plans), args.engine, ring, ring_tensor, device,
@@ -150,7 +145,7 @@ def gpu_main(args: GpuArgs) -> None:
             coord.send(Mark(), timeout=args.engine.wait_timeout_s)   # timed part starts here
         t_start = time.perf_counter()
         if args.engine.warmup_layers:
-            source.warm_up(args.engine.warmup_layers)
+            source.warm_up()
         token_at = []
 
         def on_tokens(tokens):

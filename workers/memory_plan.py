@@ -1,10 +1,21 @@
-"""What the GPU process will allocate on its device, computed before anything starts."""
+"""What the GPU process will allocate on its device, computed before anything starts.
+
+Bytes by kind, as the GPU process really allocates them:
+  - group buffers (workers/streaming.py) are raw copies of ring slots: checkpoint bytes, whatever
+    the compute dtype;
+  - resident weights (embed/norm/lm_head) and GPU-resident layers (workers/resident.py) are
+    converted once, at load: compute-dtype bytes;
+  - compute on a streamed group whose checkpoint dtype differs from the compute dtype converts
+    one weight at a time (model._w): the largest weight, in the compute dtype;
+  - KV cache and activations: compute dtype.
+"""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ringllm.checkpoint.errors import RingllmError
-from ringllm.checkpoint.layout import ModelLayout
+from ringllm.checkpoint.layout import CONFIG_DTYPE_TAG, ModelLayout
 
 WORKSPACE_SLACK = 256 << 20
 ELEM = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -17,14 +28,27 @@ class GpuMemoryPlan:
     min_group_buffers: int
     kv_cache: int
     workspace: int
+    conversion: int = 0        # one streamed weight converted to the compute dtype (0: same dtype)
+    layer_bytes: int = 0       # one GPU-resident layer, in the compute dtype
+    resident_layers: int = 0   # layers GPU_RESIDENT_LAYERS keeps there (0 for auto: see layers_that_fit)
+
+    @property
+    def resident_layer_bytes(self) -> int:
+        return self.resident_layers * self.layer_bytes
 
     @property
     def total(self) -> int:
-        return self.resident + self.group_buffers + self.kv_cache + self.workspace
+        return (self.resident + self.group_buffers + self.kv_cache + self.workspace + self.conversion
+                + self.resident_layer_bytes)
 
     @property
     def minimum(self) -> int:
-        return self.resident + self.min_group_buffers + self.kv_cache + self.workspace
+        return (self.resident + self.min_group_buffers + self.kv_cache + self.workspace + self.conversion
+                + self.resident_layer_bytes)
+
+
+def _elements(extent) -> int:
+    return math.prod(extent.shape)
 
 
 def plan_gpu_memory(layout: ModelLayout, engine, batch: int, max_seq: int, dtype: str,
@@ -38,14 +62,40 @@ def plan_gpu_memory(layout: ModelLayout, engine, batch: int, max_seq: int, dtype
     workspace = (e * batch * max_seq * (8 * cfg.hidden_size + 3 * cfg.intermediate_size)
                  + 2 * batch * cfg.num_heads * max_seq * cfg.head_dim * e
                  + 2 * 4 * batch * cfg.vocab_size + WORKSPACE_SLACK)
+    entries = [entry for pair in layout.groups for group in pair for entry in group.entries]
+    converts = layout.dtype != CONFIG_DTYPE_TAG[dtype]
+    conversion = max(_elements(en.extent) for en in entries) * e if converts and entries else 0
+    layer_bytes = max(sum(_elements(en.extent) for g in pair for en in g.entries) for pair in layout.groups) * e
+    explicit = min(cfg.num_layers, max(0, engine.gpu_resident_layers))
     return GpuMemoryPlan(resident, n_attn * sizes["attn"] + n_ffn * sizes["ffn"],
-                         sizes["attn"] + sizes["ffn"], kv, workspace)
+                         sizes["attn"] + sizes["ffn"], kv, workspace, conversion, layer_bytes, explicit)
 
 
 def layers_that_fit(layout: ModelLayout, plan: GpuMemoryPlan, budget: int) -> int:
-    """How many whole layers can stay on the GPU beside the streaming working set."""
-    layer_bytes = max(sum(g.nbytes for g in pair) for pair in layout.groups)
-    return max(0, min(layout.config.num_layers, (budget - plan.total) // layer_bytes))
+    """How many whole layers (converted to the compute dtype) can stay on the GPU beside the
+    streaming working set."""
+    return max(0, min(layout.config.num_layers, (budget - plan.total) // plan.layer_bytes))
+
+
+def planned_resident_layers(layout: ModelLayout, engine, batch: int, max_seq: int, dtype: str,
+                            device_type: str, free_bytes: int | None = None) -> int | None:
+    """GPU_RESIDENT_LAYERS as the GPU process applies it: the number set, or with -1 (auto) as
+    many layers as fit beside the streaming working set, under --gpu-mem when given, else in 90%
+    of the free GPU memory; none on cpu. None when that needs the free memory and it is not known
+    (before the GPU process starts, on cuda without --gpu-mem)."""
+    n = layout.config.num_layers
+    if engine.gpu_resident_layers >= 0:
+        return min(n, engine.gpu_resident_layers)
+    if device_type != "cuda":
+        return 0
+    if engine.gpu_mem is not None:
+        budget = engine.gpu_mem
+    elif free_bytes is not None:
+        budget = int(0.9 * free_bytes)
+    else:
+        return None
+    plan = plan_gpu_memory(layout, engine, batch, max_seq, dtype, embed_on_host=True)
+    return layers_that_fit(layout, plan, budget)
 
 
 def fmt_bytes(n: int) -> str:
@@ -57,11 +107,17 @@ def check_gpu_cap(plan: GpuMemoryPlan, cap: int | None, engine) -> None:
         return
     parts = (f"resident {fmt_bytes(plan.resident)} + group buffers {fmt_bytes(plan.group_buffers)} + "
              f"KV cache {fmt_bytes(plan.kv_cache)} + workspace {fmt_bytes(plan.workspace)}")
+    if plan.conversion:
+        parts += f" + one weight converted to the compute dtype {fmt_bytes(plan.conversion)}"
+    if plan.resident_layers:
+        parts += (f" + GPU_RESIDENT_LAYERS={plan.resident_layers} x {fmt_bytes(plan.layer_bytes)} "
+                  "in the compute dtype")
+    also = " or GPU_RESIDENT_LAYERS" if plan.resident_layers else ""
     if plan.minimum > cap:
         raise RingllmError(
             f"--gpu-mem {fmt_bytes(cap)} is below the minimum working set of {fmt_bytes(plan.minimum)} "
-            f"(one attn and one ffn group buffer; {parts})")
+            f"(one attn and one ffn group buffer; {parts})" + ("; lower GPU_RESIDENT_LAYERS" if also else ""))
     if plan.total > cap:
         raise RingllmError(
             f"--gpu-mem {fmt_bytes(cap)} is too small for GPU_MAX_GROUPS={engine.gpu_max_groups} "
-            f"({fmt_bytes(plan.total)}: {parts}); lower GPU_MAX_GROUPS or raise --gpu-mem")
+            f"({fmt_bytes(plan.total)}: {parts}); lower GPU_MAX_GROUPS{also} or raise --gpu-mem")

@@ -270,7 +270,8 @@ class StreamingSource:
         if self.streamed_count == 0:
             return
         backlog = self._in_flight()
-        last_g = 2 * self._horizon(compute, self.engine.balance_ahead) + 1
+        # copy_ahead, not WSM_BALANCE_AHEAD: copies never reach past what the ring was asked for
+        last_g = 2 * self._horizon(compute, self.engine.copy_ahead) + 1
         first_pending = None
         for g in range(self.consumed + 1, last_g + 1):
             if g in self.copies or not self._streamed(g // 2):
@@ -345,18 +346,22 @@ class StreamingSource:
                                 timeout=self.engine.wait_timeout_s)
         self.released = {s for s in self.released if s >= self.step - 1}
 
-    def warm_up(self, layers: int) -> None:
-        """warmup_layers: have the first layers' groups on the GPU before the first token."""
-        if self.streamed_count == 0:
-            return                           # everything is resident already
+    def warm_up(self) -> int:
+        """warmup_layers: have the first streamed layers' groups on the GPU before the first token.
+
+        Waits for exactly EngineConfig.warmup_layers_for(streamed) layers, both groups each. That
+        count never exceeds what _pump issues before compute starts: Wants reach lookahead_layers
+        streamed layers past step 0, copies copy_ahead <= lookahead of them (one more when step 0
+        itself streams), and the group buffers hold that many of each kind (none is released
+        before compute). Returns the layers waited for."""
+        layers = self.engine.warmup_layers_for(self.streamed_count)
         deadline = time.perf_counter() + self.engine.wait_timeout_s
-        ahead = min(layers, self.engine.balance_ahead + 1, self.streamed_count)
-        want = min(2 * ahead, sum(len(b) for b in self.buffers.values()))
-        while sum(1 for gc in self.copies.values() if gc.complete()) < want:
+        while sum(1 for gc in self.copies.values() if gc.complete()) < 2 * layers:
             if time.perf_counter() > deadline:
                 raise StreamStalled(f"warm-up of {layers} layers did not finish in {self.engine.wait_timeout_s:.0f} s")
             self._pump()
             self._receive(timeout=0.005)
+        return layers
 
     def _log_groups(self) -> None:
         now = time.monotonic()
