@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ringllm.checkpoint.layout import ModelLayout
-from ringllm.config import DRAM_HEADROOM, GIB
+from ringllm.config import DRAM_HEADROOM, GIB, MAX_LOADERS
 from ringllm.workers.memory_plan import fmt_bytes
 
 GROUP_SHARE = 0.4             # at most this share of the GPU budget goes to streaming buffers
@@ -52,7 +52,7 @@ def ring_fit(layout: ModelLayout, streamed: int, dram_available: int) -> RingFit
     slot = align_up(max(p.nbytes for p in plan_model(layout)))
     room = max(0, dram_available - DRAM_HEADROOM)
     fits = min(streamed, room // slot)
-    while fits > 0 and ring_bytes(fits, slot) > room:
+    while fits > 0 and ring_bytes(fits, slot, MAX_LOADERS) > room:   # the header, for any loader count
         fits -= 1
     return RingFit(streamed, slot, room, fits)
 

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from ringllm.checkpoint.errors import RingllmError
 
 GIB = 2 ** 30
+MAX_LOADERS = 64
 # DRAM kept free beyond the ring: the OS and its page cache, and the run's own processes (the GPU
 # process holds the CUDA context and, on cuda, the embedding table: 2 GiB for a 70B). The ring is
 # pinned on cuda, so this errs on the generous side. One value for the pre-run check
@@ -239,7 +240,7 @@ def validate(cfg: EngineConfig, streamed_layers: int | None = None) -> None:
     need(cfg.warmup_layers >= 0, f"warmup_layers={cfg.warmup_layers}: must be >= 0")
     need(cfg.gpu_resident_layers >= -1, f"GPU_RESIDENT_LAYERS={cfg.gpu_resident_layers}: must be >= 0, or -1 for auto")
     need(cfg.loaders >= 1, f"--loaders {cfg.loaders}: at least one loader is needed")
-    need(cfg.loaders <= 64, f"--loaders {cfg.loaders}: at most 64")
+    need(cfg.loaders <= MAX_LOADERS, f"--loaders {cfg.loaders}: at most {MAX_LOADERS}")
     need(cfg.chunk_bytes >= 4096, f"chunk size {cfg.chunk_bytes}: must be >= 4096")
 
 

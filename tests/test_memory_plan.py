@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ringllm.shm.slot_plan import plan_model
+
 from ringllm.checkpoint.layout import load_layout
 from ringllm.checkpoint.text import TextCodec
 from ringllm.config import build_config
@@ -57,8 +59,8 @@ def test_plan_counts_what_the_gpu_process_allocates(bf16):
         allocated = sum(t.nbytes for weights in kinds.values() for t in weights)
         assert allocated == 4 * sum(elements[layer].values()) == plan.layer_bytes
     # group buffers: raw checkpoint bytes (bf16 here), whatever the compute dtype
-    source = StreamingSource(layout, [], engine, None, None, CPU, None, None)
-    buffers = [b.buf for bufs in source.buffers.values() for b in bufs]
+    source = StreamingSource(layout, plan_model(layout), engine, None, None, CPU, None, None)
+    buffers = [b for bufs in source.buffers.values() for b in bufs]
     assert sum(b.nbytes for b in buffers) == plan.group_buffers
     assert plan.group_buffers == plan_gpu_memory(layout, engine, 1, 32, "bfloat16", False).group_buffers
     n_attn, n_ffn = engine.group_budget
@@ -67,7 +69,7 @@ def test_plan_counts_what_the_gpu_process_allocates(bf16):
     assert 2 * (n_attn * attn + n_ffn * ffn) <= plan.group_buffers < 2 * (n_attn * attn + n_ffn * ffn) + 256 * 9 * (n_attn + n_ffn)
     # compute on a streamed group: one weight at a time converted to float32 (model._w)
     converted = max(_w(w, torch.float32).nbytes for kind in ("attn", "ffn")
-                    for w in group_weights(source.buffers[kind][0].buf, layout.group(0, kind)))
+                    for w in group_weights(source.buffers[kind][0], layout.group(0, kind)))
     assert converted == 4 * max(v for e in elements.values() for v in e.values()) == plan.conversion
     assert plan_gpu_memory(layout, engine, 1, 32, "bfloat16", False).conversion == 0
 

@@ -189,13 +189,16 @@ def test_gpu_check_sees_a_late_write_in_progress_or_finished(ring):
     from types import SimpleNamespace
 
     from ringllm.shm.ring import READY
-    from ringllm.workers.streaming import GroupCopy, StreamingSource, TornCopy
+    from ringllm.workers.scheduler import GroupCopy, SlotOffer
+    from ringllm.workers.streaming import StreamingSource, TornCopy
 
     ring.write_slot(1, READY, 3, 5)
-    source = SimpleNamespace(ring=ring, n=4)
+    verified = []
+    source = SimpleNamespace(ring=ring, sched=SimpleNamespace(verified=verified.append))
 
-    def verify():
-        StreamingSource._verify(source, GroupCopy(step=7, kind="ffn", slot=1, generation=5, buffer=None))
+    def verify():     # the ffn group of step 7 (layer 3 of 4), told to be in slot 1, generation 5
+        StreamingSource._verify(source, GroupCopy(2 * 7 + 1, SlotOffer(7, 3, 1, 5), buffer=0))
+        assert verified.pop() == 2 * 7 + 1
 
     verify()
     ring.begin_write(0, 0, 4)          # another slot: none of this copy's business

@@ -116,6 +116,9 @@ class PolicyRing:
         info = self.policy.slots[slot]
         return info.state, info.layer, info.generation
 
+    def late_write(self, slot: int, generation: int):
+        return None                      # no loaders here: nothing can write late
+
 
 def walk(layout, plans, scratch, engine: EngineConfig, resident: int, passes: int) -> int:
     """Warm up, then compute `passes` forward passes group by group; returns the layers the
@@ -129,7 +132,7 @@ def walk(layout, plans, scratch, engine: EngineConfig, resident: int, passes: in
                              resident={layer: {"attn": None, "ffn": None} for layer in range(resident)},
                              passes=passes)
     warmed = source.warm_up() if engine.warmup_layers else 0
-    copied_before_compute = sum(1 for gc in source.copies.values() if gc.complete())
+    copied_before_compute = sum(1 for copy in source.sched.copies.values() if copy.verified)
     assert copied_before_compute >= 2 * warmed
     for step in range(passes * n):
         layer = step % n

@@ -73,7 +73,9 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], max_new_tokens: int
             f"{max_context} tokens (max_position_embeddings)")
     device = model.device
     pad = torch.tensor([longest - n for n in lengths], device=device)
-    tokens = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], device=device)
+    # token ids stay on the host: the embedding gathers them where its table lives (DRAM for the
+    # streaming engine on cuda), so no forward pass copies ids back from the device
+    tokens = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts])
     slots = torch.arange(longest, device=device)[None, :]
     positions = (slots - pad[:, None]).clamp(min=0)
     key_valid = torch.arange(total, device=device)[None, :] >= pad[:, None]     # [B, total]
@@ -98,6 +100,6 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], max_new_tokens: int
         if all(finished) or step == max_new_tokens - 1:
             break
         last_pos = last_pos + 1
-        nxt = torch.tensor(step_tokens, device=device)
+        nxt = torch.tensor(step_tokens)
         logits = model.forward(nxt[:, None], last_pos[:, None], cache, longest + step, key_valid)
     return out

@@ -137,7 +137,7 @@ def gpu_main(args: GpuArgs) -> None:
         if keep:
             warm_attn, warm_ffn = resident_groups[0]["attn"], resident_groups[0]["ffn"]
         else:
-            warm_attn, warm_ffn = (group_weights(source.buffers[k][0].buf, args.layout.group(0, k))
+            warm_attn, warm_ffn = (group_weights(source.buffers[k][0], args.layout.group(0, k))
                                    for k in ("attn", "ffn"))
         model.warm_up_kernels(len(args.prompts), max(len(p) for p in args.prompts), warm_attn, warm_ffn)
         if args.fill_ring_first:

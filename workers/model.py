@@ -140,6 +140,7 @@ class Llama:
         return x + F.linear(gated, _w(w.down, self.dtype))
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, T] (host ids, or on any device) -> activations [B, T, hidden] on the device."""
         table = self.resident.embed
         rows = table[tokens.to(table.device)]          # gathered where the table lives
         return rows.to(device=self.device, dtype=self.dtype, non_blocking=True)

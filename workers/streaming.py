@@ -1,21 +1,23 @@
 """StreamingSource: the WeightSource that feeds the model from the shared ring.
 
+It carries out what `workers.scheduler.StreamScheduler` decides (what to Want, which group to
+copy into which buffer, when to Release a slot) and owns what needs torch and the queues: the
+GPU group buffers, the copy stream and its events, the slot check, the messages to the
+coordinator, the stats page. docs/PROTOCOL.md has the whole protocol.
+
 Per group (attn or ffn of one layer) the life of a GPU group buffer is
 
     free --(copy stream waits on the buffer's last compute event)--> copying --copy event-->
-    copied --(host: event done, slot generation checked)--> in compute --release()-->
-    free (compute stream records the event the next copy into it will wait on)
+    copied --(host: event done, slot checked [P7])--> in compute --release()--> free (compute
+    stream records the event the next copy into that buffer waits on [P8])
 
-and the life of a ring slot, seen from here: the coordinator says "step s (layer L) is in slot
-k, generation g" (SlotReady); we copy the layer's groups out of it; once both copies are complete
-and the slot's generation is still g, we send Release and forget the slot.
+A group is copied in as few copies as its bytes allow: its tensors' contiguous runs in the ring
+slot (a 70B attn group is 2 runs, an ffn group 1), into the buffer at the same relative offsets,
+so the model's weight views are laid out once per (layer, kind) (`GroupViews`).
 
-The model asks for groups in forward order. Before it gets one, the host waits for that group's
-copy event (not a device synchronize: compute of the previous group keeps running) and checks
-the slot generation and the loaders' write records and taint word (shm.ring: late writes), so
-bytes from a reused slot, or written into it late, can never reach compute.
-
-On device "cpu" copies are plain synchronous tensor copies; everything else is the same.
+The host waits for a copy only when compute needs that very group, and keeps pumping while it
+waits (offers in, new copies out), so the copy engine never idles for the host. On device "cpu"
+copies are plain synchronous tensor copies; everything else is the same.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import queue
 import random
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -34,10 +36,12 @@ from ringllm.shm.ring import READY, Ring
 from ringllm.shm.slot_plan import LayerPlan
 from ringllm.workers.model import AttnWeights, FfnWeights
 from ringllm.workers.process_setup import stop_requested
-from ringllm.workers.weights import group_weights
+from ringllm.workers.scheduler import GroupCopy, Lookahead, SlotOffer, StreamScheduler
+from ringllm.workers.weights import typed_view
 
 log = logging.getLogger("ringllm.gpu")
 GROUP_LOG_INTERVAL_S = 1.0
+WAIT_POLL_S = 0.0002          # how often the host looks at a copy it waits for (pumping meanwhile)
 
 
 class TornCopy(RuntimeError):
@@ -49,33 +53,38 @@ class StreamStalled(RuntimeError):
 
 
 @dataclass
-class GroupBuffer:
-    kind: str
-    buf: torch.Tensor                       # uint8, on the compute device
-    free_event: object = None               # compute finished reading it (cuda.Event or None)
-
-
-@dataclass
-class GroupCopy:
-    step: int
-    kind: str
-    slot: int
-    generation: int
-    buffer: GroupBuffer
-    event: object = None                    # copy finished (cuda.Event or None on cpu)
-    checked: bool = False
-
-    def complete(self) -> bool:
-        return self.event is None or self.event.query()
-
-
-@dataclass
 class StreamStats:
     h2d_bytes: int = 0
-    h2d_copies: int = 0
+    h2d_copies: int = 0                     # groups copied
     wait_seconds: float = 0.0               # host time the model waited for a group
     waits: int = 0
     groups_served: int = 0
+
+
+@dataclass(frozen=True)
+class GroupViews:
+    """How one group travels: (slot offset, buffer offset, bytes) per contiguous run of its
+    tensors in the ring slot, and each tensor's offset in the group buffer."""
+    runs: tuple[tuple[int, int, int], ...]
+    offsets: tuple[int, ...]                # per GroupLayout entry, in entry order
+    nbytes: int
+
+    @classmethod
+    def plan(cls, group, slot_plan: LayerPlan) -> "GroupViews":
+        spans = sorted((slot_plan.tensor_slot_offset[e.extent.name], e.extent.nbytes, i)
+                       for i, e in enumerate(group.entries))
+        runs, offsets, cursor = [], [0] * len(spans), 0
+        for start, nbytes, i in spans:
+            if runs and start == runs[-1][0] + runs[-1][2]:       # continues the last run
+                src, dst, length = runs[-1]
+                runs[-1] = (src, dst, length + nbytes)
+            else:
+                cursor = (cursor + 255) // 256 * 256              # each run starts 256-aligned
+                runs.append((start, cursor, nbytes))
+            src, dst, _ = runs[-1]
+            offsets[i] = dst + (start - src)
+            cursor = offsets[i] + nbytes
+        return cls(tuple(runs), tuple(offsets), cursor)
 
 
 class InboxReader(threading.Thread):
@@ -101,36 +110,30 @@ class StreamingSource:
                  ring_tensor: torch.Tensor, device: torch.device, coord: Channel, inbox: InboxReader,
                  resident: dict | None = None, chaos: tuple[int, float] = (0, 0.0), stats_page=None,
                  passes: int | None = None):
-        self.layout, self.plans, self.engine = layout, plans, engine
+        self.layout, self.engine = layout, engine
         self.ring, self.ring_tensor, self.device = ring, ring_tensor, device
         self.coord, self.inbox = coord, inbox
         self.n = layout.config.num_layers
         # layers 0..R-1 stay on the GPU (loaded once) and only the others stream. Resident layers
         # come first in the pass so that their compute overlaps the copies of the streamed ones.
         self.resident = resident or {}
-        self.resident_count = len(self.resident)
-        self.streamed_count = self.n - self.resident_count
-        assert sorted(self.resident) == list(range(self.resident_count))
+        if sorted(self.resident) != list(range(len(self.resident))):
+            raise ValueError("GPU-resident layers must be the first ones of the pass")
+        self.sched = StreamScheduler(self.n, len(self.resident), Lookahead.of(engine), engine.group_budget, passes)
+        self.views = [{kind: GroupViews.plan(layout.group(layer, kind), plans[layer]) for kind in GROUP_KINDS}
+                      for layer in range(self.n)]
         self.cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
-        n_attn, n_ffn = engine.group_budget
         sizes = layout.max_group_bytes
-        self.buffers = {
-            "attn": [GroupBuffer("attn", torch.empty(sizes["attn"], dtype=torch.uint8, device=device))
-                     for _ in range(n_attn)],
-            "ffn": [GroupBuffer("ffn", torch.empty(sizes["ffn"], dtype=torch.uint8, device=device))
-                    for _ in range(n_ffn)],
-        }
-        self.free = {kind: list(bufs) for kind, bufs in self.buffers.items()}
-        self.step = -1                       # compute step of the group being served
-        # the generation's last step (max_new_tokens passes): nothing past it is asked for or
-        # copied; a run that stops early at EOS may still have fetched a little ahead
-        self.last_step = passes * self.n - 1 if passes else None
-        self.consumed = -1                   # group index (2*step + kind) last handed out
-        self.wanted_upto = -1
-        self.offered: dict[int, SlotReady] = {}     # step -> where its layer is in the ring
-        self.copies: dict[int, GroupCopy] = {}      # group index -> copy
-        self.released: set[int] = set()
+        self.buffers = {kind: [torch.empty(sizes[kind], dtype=torch.uint8, device=device)
+                               for _ in range(count)]
+                        for kind, count in zip(GROUP_KINDS, engine.group_budget)}
+        # per buffer: "compute finished reading it" and "the copy into it finished"; recorded
+        # again on every use (no allocation per group)
+        self.free_events = {kind: [torch.cuda.Event() if self.cuda else None for _ in bufs]
+                            for kind, bufs in self.buffers.items()}
+        self.copy_events = {kind: [torch.cuda.Event() if self.cuda else None for _ in bufs]
+                            for kind, bufs in self.buffers.items()}
         self.stats = StreamStats()
         self.logged_at = 0.0
         self.chaos_rng, self.chaos_delay = random.Random(chaos[0]), chaos[1]   # tests only
@@ -142,6 +145,10 @@ class StreamingSource:
         sizes = layout.max_group_bytes
         return n_attn * sizes["attn"] + n_ffn * sizes["ffn"]
 
+    @property
+    def resident_count(self) -> int:
+        return self.sched.resident
+
     # --- the WeightSource interface ------------------------------------------------------------
     def attn(self, layer: int) -> AttnWeights:
         return self._acquire(layer, 0)
@@ -150,105 +157,92 @@ class StreamingSource:
         return self._acquire(layer, 1)
 
     def release(self, layer: int, kind: str) -> None:
-        g = self.consumed
-        gc = self.copies.pop(g, None)
-        if gc is None:                       # a GPU-resident group: nothing to recycle
+        copy = self.sched.done()
+        if copy is None:                     # a GPU-resident group: nothing to recycle
             return
-        if self.cuda:
-            ev = torch.cuda.Event()
-            ev.record(torch.cuda.current_stream(self.device))
-            gc.buffer.free_event = ev
-        self.free[gc.kind].append(gc.buffer)
+        if self.cuda:   # [P8] the next copy into this buffer waits for the compute issued on it
+            self.free_events[copy.kind][copy.buffer].record(torch.cuda.current_stream(self.device))
         self._pump()
 
     # --- internals -----------------------------------------------------------------------------
     def _acquire(self, layer: int, kind_index: int):
-        g = self.consumed + 1
-        step = g // 2
-        if step % self.n != layer or g % 2 != kind_index:
-            raise RuntimeError(f"model asked for layer {layer} {GROUP_KINDS[kind_index]}, "
-                               f"expected group {g} (layer {step % self.n})")
-        self.step = step
+        g = self.sched.next_group(layer, kind_index)
+        kind = GROUP_KINDS[kind_index]
         if layer < self.resident_count:
-            self.consumed = g
+            self.sched.take(g)
             self.stats.groups_served += 1
             self._pump()
-            return self.resident[layer][GROUP_KINDS[kind_index]]
+            return self.resident[layer][kind]
         if self.chaos_delay:
             time.sleep(self.chaos_rng.uniform(0, self.chaos_delay))
         t0 = time.perf_counter()
         deadline = t0 + self.engine.wait_timeout_s
         waited = False
+        # Wait until this group's copy is complete and checked, pumping all the while.
         while True:
             self._pump()
-            gc = self.copies.get(g)
-            if gc is not None:
+            copy = self.sched.copies.get(g)
+            if copy is not None and copy.verified:
                 break
             waited = True
             if stop_requested():
                 raise SystemExit(143)
             if time.perf_counter() > deadline:
-                raise StreamStalled(
-                    f"layer {layer} ({GROUP_KINDS[kind_index]}) not in the ring after "
-                    f"{self.engine.wait_timeout_s:.0f} s: the coordinator or the loaders are stuck")
-            self._receive(timeout=0.005)
-        if not gc.checked:
-            if gc.event is not None and not gc.event.query():
-                waited = True
-                gc.event.synchronize()       # this copy only; compute already queued keeps running
-            self._verify(gc)
-            self._release_slots()
+                where = "copied to the device" if copy is not None else "in the ring"
+                raise StreamStalled(f"layer {layer} ({kind}) not {where} after {self.engine.wait_timeout_s:.0f} s: "
+                                    "the coordinator or the loaders are stuck")
+            self._receive(timeout=0.005 if copy is None else WAIT_POLL_S)
         if waited:
             self.stats.waits += 1
             self.stats.wait_seconds += time.perf_counter() - t0
-        if self.cuda:
-            torch.cuda.current_stream(self.device).wait_event(gc.event)
-        self.consumed = g
+        event = self.copy_events[kind][copy.buffer]
+        if self.cuda:   # [P8] compute reads the group only after its copy
+            torch.cuda.current_stream(self.device).wait_event(event)
+        self.sched.take(g)
         self.stats.groups_served += 1
-        return group_weights(gc.buffer.buf, self.layout.group(layer, GROUP_KINDS[kind_index]))
+        buf, views = self.buffers[kind][copy.buffer], self.views[layer][kind]
+        tensors = [typed_view(buf, at, e.extent) for at, e in zip(views.offsets, self.layout.group(layer, kind).entries)]
+        return AttnWeights(*tensors) if kind == "attn" else FfnWeights(*tensors)
 
     def _receive(self, timeout: float) -> None:
         try:
-            msg = self.inbox.items.get(timeout=timeout)
+            msg = self.inbox.items.get(timeout=timeout) if timeout else self.inbox.items.get_nowait()
             while True:
                 if msg is None:
                     if self.inbox.shutdown.is_set():
                         raise SystemExit(143)
                 else:
-                    self.offered[msg.step] = msg
+                    self.sched.offer(SlotOffer(msg.step, msg.layer, msg.slot, msg.generation))
                 msg = self.inbox.items.get_nowait()
         except queue.Empty:
             pass
 
-    def _streamed(self, step: int) -> bool:
-        return step % self.n >= self.resident_count
-
-    def _horizon(self, compute: int, ahead: int) -> int:
-        """The step `ahead` streamed steps past compute (resident layers do not count), but never
-        past the generation's last step."""
-        if self.resident_count == 0:
-            step = compute + ahead
-        elif self.streamed_count == 0:
-            return compute                   # nothing streams: nothing to ask for
-        else:
-            step, seen = compute, 0
-            while seen < ahead:
-                step += 1
-                seen += self._streamed(step)
-        return step if self.last_step is None else max(compute, min(step, self.last_step))
+    def _complete(self, g: int) -> bool:
+        copy = self.sched.copies[g]
+        event = self.copy_events[copy.kind][copy.buffer]
+        return event is None or event.query()
 
     def _pump(self) -> None:
+        """Everything the scheduler allows now: take offers in, send Wants, check finished
+        copies, Release slots, start copies."""
         self._receive(timeout=0)
-        compute = max(self.step, 0)
-        horizon = self._horizon(compute, self.engine.lookahead_layers)
-        while self.wanted_upto < horizon:
-            self.wanted_upto += 1
-            if self._streamed(self.wanted_upto):
-                self.coord.send(Want(self.wanted_upto, compute), timeout=self.engine.wait_timeout_s)
-        self._issue_copies(compute)
-        self._release_slots()
+        compute = self.sched.compute
+        for step in self.sched.wants():
+            self.coord.send(Want(step, compute), timeout=self.engine.wait_timeout_s)
+        self._check_finished()
+        for offer in self.sched.releases():
+            self.coord.send(Release(offer.step, offer.slot, offer.generation, compute),
+                            timeout=self.engine.wait_timeout_s)
+        in_flight = sum(1 for c in self.sched.copies.values() if not c.verified and not self._complete(c.g))
+        for copy in self.sched.start_copies(in_flight):
+            self._copy(copy)
         self._log_groups()
         self.publish()
+
+    def _check_finished(self) -> None:
+        for copy in list(self.sched.copies.values()):
+            if not copy.verified and self._complete(copy.g):
+                self._verify(copy)
 
     def publish(self, force: bool = False) -> None:
         """Update the stats page for `ringllm top` (at most 20 times a second)."""
@@ -256,107 +250,52 @@ class StreamingSource:
         if self.page is None or (not force and now - self.published_at < 0.05):
             return
         self.published_at = now
-        in_flight = self._in_flight()
-        used = sum(len(b) - len(self.free[k]) for k, b in self.buffers.items())
+        in_flight = sum(1 for c in self.sched.copies.values() if not c.verified)
         total = sum(len(b) for b in self.buffers.values())
+        used = total - sum(len(f) for f in self.sched.free.values())
         self.page.gpu(self.tokens, self.stats.h2d_bytes, in_flight, used, total, self.resident_count,
-                      self.stats.wait_seconds, max(self.step, 0))
+                      self.stats.wait_seconds, self.sched.compute)
 
-    def _in_flight(self) -> int:
-        """Group copies issued and not yet complete (the copy stream's backlog)."""
-        return sum(1 for gc in self.copies.values() if not gc.complete())
-
-    def _issue_copies(self, compute: int) -> None:
-        if self.streamed_count == 0:
-            return
-        backlog = self._in_flight()
-        # copy_ahead, not WSM_BALANCE_AHEAD: copies never reach past what the ring was asked for
-        last_g = 2 * self._horizon(compute, self.engine.copy_ahead) + 1
-        first_pending = None
-        for g in range(self.consumed + 1, last_g + 1):
-            if g in self.copies or not self._streamed(g // 2):
-                continue
-            step, kind = g // 2, GROUP_KINDS[g % 2]
-            if first_pending is None:
-                first_pending = step
-            if step - first_pending > self.engine.pair_ahead or backlog >= self.engine.h2d_backlog_max:
-                return
-            offer = self.offered.get(step)
-            if offer is None or not self.free[kind]:
-                continue
-            self._copy(g, offer, self.free[kind].pop(0))
-            backlog += 1
-
-    def _copy(self, g: int, offer: SlotReady, buffer: GroupBuffer) -> None:
-        step, kind = g // 2, GROUP_KINDS[g % 2]
-        group = self.layout.group(offer.layer, kind)
-        plan = self.plans[offer.layer]
-        base = self.ring.slot_base(offer.slot)
-        gc = GroupCopy(step, kind, offer.slot, offer.generation, buffer)
+    def _copy(self, copy: GroupCopy) -> None:
+        kind, views = copy.kind, self.views[copy.offer.layer][copy.kind]
+        buf = self.buffers[kind][copy.buffer]
+        base = self.ring.slot_base(copy.offer.slot)
         if self.cuda:
             with torch.cuda.stream(self.copy_stream):
-                if buffer.free_event is not None:
-                    self.copy_stream.wait_event(buffer.free_event)   # never overwrite what compute reads
-                self._copy_entries(group, plan, base, buffer)
-                gc.event = torch.cuda.Event()
-                gc.event.record(self.copy_stream)
+                # [P8] never overwrite what compute still reads (an event not yet recorded: no wait)
+                self.copy_stream.wait_event(self.free_events[kind][copy.buffer])
+                for src, dst, nbytes in views.runs:
+                    buf[dst:dst + nbytes].copy_(self.ring_tensor[base + src:base + src + nbytes], non_blocking=True)
+                self.copy_events[kind][copy.buffer].record(self.copy_stream)
         else:
-            self._copy_entries(group, plan, base, buffer)
-        self.copies[g] = gc
+            for src, dst, nbytes in views.runs:
+                buf[dst:dst + nbytes].copy_(self.ring_tensor[base + src:base + src + nbytes])
         self.stats.h2d_copies += 1
-        self.stats.h2d_bytes += sum(e.extent.nbytes for e in group.entries)
+        self.stats.h2d_bytes += sum(run[2] for run in views.runs)
 
-    def _copy_entries(self, group, plan: LayerPlan, base: int, buffer: GroupBuffer) -> None:
-        for e in group.entries:
-            src_at = base + plan.tensor_slot_offset[e.extent.name]
-            src = self.ring_tensor[src_at:src_at + e.extent.nbytes]
-            buffer.buf[e.buf_offset:e.buf_offset + e.extent.nbytes].copy_(src, non_blocking=self.cuda)
-
-    def _verify(self, gc: GroupCopy) -> None:
-        """After the copy completed, before compute may use it: the slot still holds what we were
-        told (shm.ring, step a) and no loader wrote into it late (steps b, c)."""
-        state, layer, generation = self.ring.read_slot(gc.slot)
-        if generation != gc.generation or state != READY or layer != gc.step % self.n:
+    def _verify(self, copy: GroupCopy) -> None:
+        """[P7] After the copy completed, before compute may use it: the slot still holds what we
+        were told (shm.ring, step a) and no loader wrote into it late (steps b, c)."""
+        o, kind = copy.offer, copy.kind
+        state, layer, generation = self.ring.read_slot(o.slot)
+        if generation != o.generation or state != READY or layer != o.layer:
             raise TornCopy(
-                f"ring slot {gc.slot} changed under a copy of layer {gc.step % self.n} {gc.kind}: "
-                f"expected generation {gc.generation}, found {generation} (state {state}, layer {layer})")
-        late = self.ring.late_write(gc.slot, gc.generation)
+                f"ring slot {o.slot} changed under a copy of layer {o.layer} {kind}: "
+                f"expected generation {o.generation}, found {generation} (state {state}, layer {layer})")
+        late = self.ring.late_write(o.slot, o.generation)
         if late is not None:
-            raise TornCopy(f"ring slot {gc.slot} (layer {layer}, generation {generation}) under a copy of layer "
-                           f"{gc.step % self.n} {gc.kind}: {late}")
-        gc.checked = True
-
-    def _release_slots(self) -> None:
-        """Release a step's slot once both its groups are copied and verified."""
-        for gc in self.copies.values():
-            if not gc.checked and gc.complete():
-                self._verify(gc)
-        steps = {gc.step for gc in self.copies.values()}
-        for step in sorted(steps):
-            if step in self.released:
-                continue
-            parts = [self.copies.get(2 * step + k) for k in (0, 1)]
-            # a group already consumed counts as copied and checked
-            done = all((p is None and 2 * step + k <= self.consumed) or (p is not None and p.checked)
-                       for k, p in enumerate(parts))
-            if done:
-                offer = self.offered.pop(step)
-                self.released.add(step)
-                self.coord.send(Release(step, offer.slot, offer.generation, max(self.step, 0)),
-                                timeout=self.engine.wait_timeout_s)
-        self.released = {s for s in self.released if s >= self.step - 1}
+            raise TornCopy(f"ring slot {o.slot} (layer {layer}, generation {generation}) under a copy of layer "
+                           f"{o.layer} {kind}: {late}")
+        self.sched.verified(copy.g)
 
     def warm_up(self) -> int:
         """warmup_layers: have the first streamed layers' groups on the GPU before the first token.
-
-        Waits for exactly EngineConfig.warmup_layers_for(streamed) layers, both groups each. That
-        count never exceeds what _pump issues before compute starts: Wants reach lookahead_layers
-        streamed layers past step 0, copies copy_ahead <= lookahead of them (one more when step 0
-        itself streams), and the group buffers hold that many of each kind (none is released
-        before compute). Returns the layers waited for."""
-        layers = self.engine.warmup_layers_for(self.streamed_count)
+        Waits for EngineConfig.warmup_layers_for(streamed) layers, and of those exactly the groups
+        the scheduler issues before compute starts [P14]. Returns the layers waited for."""
+        layers = self.engine.warmup_layers_for(self.sched.streamed)
+        target = set(self.sched.warm_up_groups(layers))
         deadline = time.perf_counter() + self.engine.wait_timeout_s
-        while sum(1 for gc in self.copies.values() if gc.complete()) < 2 * layers:
+        while not all(g in self.sched.copies and self.sched.copies[g].verified for g in target):
             if time.perf_counter() > deadline:
                 raise StreamStalled(f"warm-up of {layers} layers did not finish in {self.engine.wait_timeout_s:.0f} s")
             self._pump()
@@ -368,7 +307,7 @@ class StreamingSource:
         if now - self.logged_at < GROUP_LOG_INTERVAL_S:
             return
         self.logged_at = now
-        used = {k: len(b) - len(self.free[k]) for k, b in self.buffers.items()}
+        used = {k: len(b) - len(self.sched.free[k]) for k, b in self.buffers.items()}
         total = sum(len(b) for b in self.buffers.values())
         log.info("[WSM] GPU groups: %d/%d used (attn=%d, ffn=%d)%s", used["attn"] + used["ffn"], total,
                  used["attn"], used["ffn"],
