@@ -15,7 +15,8 @@ from pathlib import Path
 
 from ringllm.checkpoint.errors import RingllmError
 from ringllm.checkpoint.llama_config import LlamaConfig, load_llama_config
-from ringllm.checkpoint.safetensors_index import DTYPE_BYTES, TensorExtent, index_checkpoint
+from ringllm.checkpoint.dtypes import BYTES_OF_TAG, TAG_OF_NAME
+from ringllm.checkpoint.safetensors_index import TensorExtent, index_checkpoint
 
 GROUP_ALIGN = 256  # byte alignment of each tensor inside a group buffer (any dtype view is legal)
 
@@ -23,11 +24,15 @@ ATTN_ROLES = ("input_norm", "q", "k", "v", "o")
 FFN_ROLES = ("post_norm", "gate", "up", "down")
 GROUP_KINDS = ("attn", "ffn")
 
-CONFIG_DTYPE_TAG = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 
-def _align(n: int, a: int) -> int:
+def align_up(n: int, a: int) -> int:
+    """n rounded up to a multiple of a (every alignment in ringllm goes through these two)."""
     return (n + a - 1) // a * a
+
+
+def align_down(n: int, a: int) -> int:
+    return n // a * a
 
 
 @dataclass(frozen=True)
@@ -103,7 +108,7 @@ class _Checker:
         if ext.shape != shape:
             raise RingllmError(
                 f"{ext.path}: tensor {name} has shape {list(ext.shape)}, config.json implies {list(shape)}")
-        if ext.dtype not in DTYPE_BYTES:
+        if ext.dtype not in BYTES_OF_TAG:
             raise RingllmError(f"{ext.path}: tensor {name} has dtype {ext.dtype}; weights must be BF16, F16 or F32")
         if self.dtype is None:
             self.dtype = ext.dtype
@@ -118,7 +123,7 @@ def _pack(layer: int, kind: str, entries: list[tuple[str, TensorExtent]]) -> Gro
     packed, cursor = [], 0
     for role, ext in entries:
         packed.append(GroupEntry(role, ext, cursor))
-        cursor = _align(cursor + ext.nbytes, GROUP_ALIGN)
+        cursor = align_up(cursor + ext.nbytes, GROUP_ALIGN)
     return GroupLayout(layer, kind, tuple(packed), cursor)
 
 
@@ -132,7 +137,7 @@ def load_layout(model_dir: Path | str) -> ModelLayout:
         raise RingllmError(f"{model_dir}: model directory not found")
     cfg = load_llama_config(model_dir)
     tensors = index_checkpoint(model_dir)
-    check = _Checker(model_dir, tensors, CONFIG_DTYPE_TAG.get(cfg.torch_dtype or ""))
+    check = _Checker(model_dir, tensors, TAG_OF_NAME.get(cfg.torch_dtype or ""))
     groups = []
     for layer in range(cfg.num_layers):
         shapes = _expected_shapes(cfg, layer)

@@ -5,9 +5,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ringllm.checkpoint import dtypes
 from ringllm.checkpoint.errors import RingllmError
 
-SUPPORTED_DTYPES = ("bfloat16", "float16", "float32")
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,10 @@ class LlamaConfig:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    def kv_cache_bytes(self, batch: int, max_seq: int, elem_bytes: int) -> int:
+        """Keys and values of every layer for `batch` rows of `max_seq` tokens."""
+        return 2 * self.num_layers * batch * max_seq * self.kv_size * elem_bytes
 
 
 def _rope_fields(raw: dict, where: str) -> tuple[float, RopeScaling | None]:
@@ -111,8 +115,8 @@ def load_llama_config(model_dir: Path) -> LlamaConfig:
         raise RingllmError(f"{path}: a size field is not an integer ({err})") from None
     theta, scaling = _rope_fields(raw, str(path))
     dtype = raw.get("torch_dtype") or raw.get("dtype")
-    if dtype is not None and dtype not in SUPPORTED_DTYPES:
-        raise RingllmError(f"{path}: dtype {dtype!r} is not supported (one of {', '.join(SUPPORTED_DTYPES)})")
+    if dtype is not None and dtype not in dtypes.NAMES:
+        raise RingllmError(f"{path}: dtype {dtype!r} is not supported (one of {', '.join(dtypes.NAMES)})")
     for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                  "head_dim", "vocab_size"):
         if cfg_fields[name] <= 0:

@@ -14,12 +14,9 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from ringllm.checkpoint.dtypes import BYTES_OF_TAG, OTHER_TAG_BYTES
 from ringllm.checkpoint.errors import RingllmError
 
-# safetensors dtype tag -> bytes per element (only float dtypes are model weights)
-DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4}
-OTHER_DTYPE_BYTES = {"F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-                     "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
@@ -67,7 +64,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorExtent]:
             begin, end = (int(x) for x in entry["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise RingllmError(f"{path}: corrupt safetensors header (bad entry for tensor {name})") from None
-        itemsize = DTYPE_BYTES.get(dtype) or OTHER_DTYPE_BYTES.get(dtype)
+        itemsize = BYTES_OF_TAG.get(dtype) or OTHER_TAG_BYTES.get(dtype)
         if itemsize is None:
             raise RingllmError(f"{path}: tensor {name} has unknown dtype {dtype!r}")
         if begin < 0 or end < begin or end - begin != math.prod(shape) * itemsize:

@@ -47,9 +47,9 @@ def ring_fit(layout: ModelLayout, streamed: int, dram_available: int) -> RingFit
     """How much of the streamed set a ring can hold in DRAM, sized exactly as the supervisor
     allocates it (slot size, header) and checks it (supervisor.check_dram, DRAM_HEADROOM)."""
     from ringllm.shm.ring import ring_bytes
-    from ringllm.shm.slot_plan import align_up, plan_model
+    from ringllm.shm.slot_plan import plan_model, slot_size
 
-    slot = align_up(max(p.nbytes for p in plan_model(layout)))
+    slot = slot_size(plan_model(layout))
     room = max(0, dram_available - DRAM_HEADROOM)
     fits = min(streamed, room // slot)
     while fits > 0 and ring_bytes(fits, slot, MAX_LOADERS) > room:   # the header, for any loader count

@@ -11,6 +11,8 @@ import warnings
 from pathlib import Path
 
 from ringllm import __version__
+from ringllm.checkpoint import dtypes
+from ringllm.checkpoint.dtypes import NAME_OF_TAG
 from ringllm.checkpoint.errors import RingllmError
 from ringllm.cli_input import (DEFAULT_PROMPT, MIN_TOP_INTERVAL_S, check_model_arg, check_output_path,
                                check_top_interval, read_prompts)
@@ -56,7 +58,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when available, else cpu")
-    p.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
+    p.add_argument("--dtype", choices=("auto", *dtypes.NAMES), default="auto",
                    help="compute dtype; auto = the checkpoint's")
     p.add_argument("--resident", action="store_true",
                    help="load every weight in this process (the in-process reference engine)")
@@ -104,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     mk.add_argument("--shape", default="llama-3.1-70b", help="llama-3.1-70b, llama-3.1-8b or tiny")
     mk.add_argument("--layers", type=int, default=None, help="layers to write (default: the shape's)")
     mk.add_argument("--out", type=Path, required=True, help="the checkpoint directory to write")
-    mk.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16", help="weight dtype")
+    mk.add_argument("--dtype", choices=dtypes.NAMES, default="bfloat16", help="weight dtype")
     mk.add_argument("--shard-size", default="5GB", help="shard size (default 5GB, as published)")
     mk.add_argument("--seed", type=int, default=0, help="seed of the random weights")
 
@@ -137,7 +139,7 @@ def cmd_generate(args) -> int:
     from ringllm.workers.generation import Sampler, SamplingParams, generate
     from ringllm.workers.model import Llama
     from ringllm.workers.resident import ResidentSource, load_resident_weights
-    from ringllm.workers.weights import DTYPE_NAMES, TORCH_DTYPE
+    from ringllm.workers.weights import torch_dtype
 
     if args.max_new_tokens < 1:
         raise RingllmError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -161,7 +163,7 @@ def cmd_generate(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RingllmError("--device cuda: no CUDA device is available to torch")
-    dtype = TORCH_DTYPE[layout.dtype] if args.dtype == "auto" else DTYPE_NAMES[args.dtype]
+    dtype = torch_dtype(layout.dtype if args.dtype == "auto" else args.dtype)
     cfg = layout.config
     longest = max(len(p) for p in prompts)
     if longest + args.max_new_tokens > cfg.max_position_embeddings:
@@ -299,7 +301,7 @@ def auto_preset(args, layout, model_dir, device: str, loaders: int, gpu_mem: int
 
 
 def layout_dtype_name(layout) -> str:
-    return {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[layout.dtype]
+    return NAME_OF_TAG[layout.dtype]
 
 
 def _cuda_available() -> bool:

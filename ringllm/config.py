@@ -68,9 +68,13 @@ class EngineConfig:
     warmup_layers: int = 0
     gpu_resident_layers: int = -1     # layers kept on the GPU for the whole run; -1 = auto (cuda: what fits)
     loaders: int = 2
-    chunk_bytes: int = 16 << 20
     gpu_mem: int | None = None        # bytes the GPU process may allocate; None = no cap
+    # ringllm's own mechanics (no guide name; tests and benchmarks set them as fields)
+    chunk_bytes: int = 16 << 20       # a read job: K loaders share one layer in pieces this big
+    dispatch_depth: int = 2           # read jobs queued at each loader at once
+    merge_gap: int = 1 << 20          # tensors of a layer closer than this in one shard are read in one go
     wait_timeout_s: float = 60.0      # longest any process waits on a peer before declaring it stuck
+    startup_timeout_s: float = 300.0  # longest the supervisor waits for the GPU process to be ready
 
     @property
     def ring_slots(self) -> int:
@@ -242,6 +246,9 @@ def validate(cfg: EngineConfig, streamed_layers: int | None = None) -> None:
     need(cfg.loaders >= 1, f"--loaders {cfg.loaders}: at least one loader is needed")
     need(cfg.loaders <= MAX_LOADERS, f"--loaders {cfg.loaders}: at most {MAX_LOADERS}")
     need(cfg.chunk_bytes >= 4096, f"chunk size {cfg.chunk_bytes}: must be >= 4096")
+    need(cfg.dispatch_depth >= 1, f"dispatch depth {cfg.dispatch_depth}: must be >= 1")
+    need(cfg.merge_gap >= 0, f"merge gap {cfg.merge_gap}: must be >= 0")
+    need(cfg.wait_timeout_s > 0 and cfg.startup_timeout_s > 0, "timeouts must be positive")
 
 
 def env_parameters() -> dict:

@@ -59,6 +59,7 @@ import struct
 
 import posix_ipc
 
+from ringllm.checkpoint.layout import align_up
 from ringllm.shm.seqlock import SeqlockBuffer
 
 MAGIC = b"RINGLLM1"
@@ -78,7 +79,7 @@ STATE_NAMES = {FREE: "free", LOADING: "loading", READY: "ready"}
 
 
 def header_bytes(slot_count: int, loaders: int) -> int:
-    return (SLOTS_AT + slot_count * SLOT_RECORD + loaders * LOADER_RECORD + PAGE - 1) // PAGE * PAGE
+    return align_up(SLOTS_AT + slot_count * SLOT_RECORD + loaders * LOADER_RECORD, PAGE)
 
 
 def ring_bytes(slot_count: int, slot_size: int, loaders: int) -> int:

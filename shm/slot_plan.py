@@ -14,19 +14,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ringllm.checkpoint.layout import GROUP_KINDS, ModelLayout
+from ringllm.checkpoint.layout import GROUP_KINDS, ModelLayout, align_down, align_up
 
 ALIGN = 4096
 DEFAULT_CHUNK_BYTES = 16 << 20
-MERGE_GAP = 1 << 20   # tensors of a layer closer than this in one file are read in one go
+MERGE_GAP = 1 << 20   # EngineConfig.merge_gap's default: tensors closer than this in one file are read in one go
 
 
-def align_down(n: int, a: int = ALIGN) -> int:
-    return n // a * a
-
-
-def align_up(n: int, a: int = ALIGN) -> int:
-    return (n + a - 1) // a * a
 
 
 @dataclass(frozen=True)
@@ -56,7 +50,7 @@ class LayerPlan:
     nbytes: int                       # slot bytes used
 
     def chunks(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[Chunk]:
-        chunk_bytes = max(ALIGN, align_down(chunk_bytes))
+        chunk_bytes = max(ALIGN, align_down(chunk_bytes, ALIGN))
         out = []
         for r in self.reads:
             for start in range(0, r.length, chunk_bytes):
@@ -66,7 +60,7 @@ class LayerPlan:
         return out
 
 
-def plan_layer(layout: ModelLayout, layer: int) -> LayerPlan:
+def plan_layer(layout: ModelLayout, layer: int, merge_gap: int = MERGE_GAP) -> LayerPlan:
     extents = [e.extent for kind in GROUP_KINDS for e in layout.group(layer, kind).entries]
     by_file: dict[str, list] = {}
     for ext in extents:
@@ -77,22 +71,27 @@ def plan_layer(layout: ModelLayout, layer: int) -> LayerPlan:
         runs = [[group[0]]]
         for ext in group[1:]:
             prev = runs[-1][-1]
-            if ext.offset - (prev.offset + prev.nbytes) <= MERGE_GAP:
+            if ext.offset - (prev.offset + prev.nbytes) <= merge_gap:
                 runs[-1].append(ext)
             else:
                 runs.append([ext])
         for run in runs:
-            start = align_down(run[0].offset)
+            start = align_down(run[0].offset, ALIGN)
             end = max(e.offset + e.nbytes for e in run)
-            reads.append(SlotRead(path, start, align_up(end) - start, cursor, end - start))
+            reads.append(SlotRead(path, start, align_up(end, ALIGN) - start, cursor, end - start))
             for e in run:
                 offsets[e.name] = cursor + (e.offset - start)
-            cursor += align_up(end) - start
+            cursor += align_up(end, ALIGN) - start
     return LayerPlan(layer, tuple(reads), offsets, cursor)
 
 
-def plan_model(layout: ModelLayout) -> list[LayerPlan]:
-    return [plan_layer(layout, i) for i in range(layout.config.num_layers)]
+def plan_model(layout: ModelLayout, merge_gap: int = MERGE_GAP) -> list[LayerPlan]:
+    return [plan_layer(layout, i, merge_gap) for i in range(layout.config.num_layers)]
+
+
+def slot_size(plans: list[LayerPlan]) -> int:
+    """Bytes of one ring slot: the largest layer's reads, O_DIRECT-aligned."""
+    return align_up(max(p.nbytes for p in plans), ALIGN)
 
 
 def file_table(plans: list[LayerPlan]) -> list[str]:

@@ -37,7 +37,7 @@ from ringllm.shm.resources import (SHM_DIR, RunNames, new_run_id, pinned_above, 
                                    unlink_all)
 from ringllm.shm.ring import Ring, ring_bytes
 from ringllm.shm.stats import DONE, RUNNING, StatsPage
-from ringllm.shm.slot_plan import align_up, file_table, plan_model
+from ringllm.shm.slot_plan import file_table, plan_model, slot_size
 from ringllm.workers.gpu_process import GpuArgs, gpu_main
 from ringllm.workers.loader import LoaderArgs, loader_main
 
@@ -83,9 +83,9 @@ def process_memory(pid: int) -> dict[str, int]:
 
 
 def plan_ring(layout: ModelLayout, engine: EngineConfig):
-    plans = plan_model(layout)
-    slot_size = align_up(max(p.nbytes for p in plans))
-    return plans, slot_size, ring_bytes(engine.ring_slots, slot_size, engine.loaders)
+    plans = plan_model(layout, engine.merge_gap)
+    size = slot_size(plans)
+    return plans, size, ring_bytes(engine.ring_slots, size, engine.loaders)
 
 
 def check_dram(total: int, engine: EngineConfig) -> None:

@@ -80,13 +80,15 @@ def random_setup(rng: random.Random) -> dict:
         hwm=hwm, lwm=rng.randint(0, hwm - 1), back_margin=rng.randint(0, 4),
         buffers=(rng.randint(1, 4), rng.randint(1, 4)), loaders=rng.randint(1, 3),
         chunks=rng.randint(1, 3), passes=rng.randint(1, 4), warmup=rng.choice([0, 0, rng.randint(0, n + 1)]),
+        depth=rng.randint(1, 3),
     )
 
 
 def coordinator_for(s: dict) -> tuple[Coordinator, Header, list[Mailbox], Mailbox]:
     """The real coordinator over simulated transports; each layer is `chunks` chunks of 4 KiB."""
     engine = EngineConfig(cpu_cap=s["cap"], cpu_ring_offset=s["offset"], cpu_ring_mode=s["ring_mode"],
-                          cpu_hwm=s["hwm"], cpu_lwm=s["lwm"], cpu_back_margin=s["back_margin"], chunk_bytes=4096)
+                          cpu_hwm=s["hwm"], cpu_lwm=s["lwm"], cpu_back_margin=s["back_margin"], chunk_bytes=4096,
+                          dispatch_depth=s["depth"])
     size = 4096 * s["chunks"]
     plans = tuple(LayerPlan(layer, (SlotRead("model.safetensors", layer * size, size, 0, size),), {}, size)
                   for layer in range(s["n"]))

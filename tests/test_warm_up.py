@@ -20,7 +20,7 @@ from ringllm.checkpoint.layout import load_layout
 from ringllm.config import EngineConfig, build_config, resolve_config
 from ringllm.coordinator.policy import RingPolicy
 from ringllm.shm.channel import Release, SlotReady, Want
-from ringllm.shm.slot_plan import align_up, plan_model
+from ringllm.shm.slot_plan import plan_model, slot_size
 from ringllm.supervisor.supervisor import Supervisor
 from ringllm.workers.generation import SamplingParams
 from ringllm.workers.streaming import StreamingSource
@@ -149,7 +149,7 @@ def five(tmp_path_factory):
     make_hf_checkpoint(d, num_hidden_layers=5)
     layout = load_layout(d)
     plans = plan_model(layout)
-    return layout, plans, torch.zeros(align_up(max(p.nbytes for p in plans)), dtype=torch.uint8)
+    return layout, plans, torch.zeros(slot_size(plans), dtype=torch.uint8)
 
 
 @pytest.mark.parametrize("ahead,balance", [(1, 1), (1, 3), (2, 1), (2, 4), (3, 3), (4, 2), (4, 6)])

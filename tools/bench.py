@@ -102,10 +102,10 @@ def measure_group_copies(layout: ModelLayout, layers: list[int], device: torch.d
     streamed layers, in pass order, on one stream, from pinned host memory laid out as ring slots
     into GPU group buffers sized by kind (as many as the engine has), nothing else running.
     Passes repeat until `min_bytes` have moved. Returns GB/s and what was copied."""
-    from ringllm.shm.slot_plan import align_up
+    from ringllm.shm.slot_plan import slot_size
 
     plans = {layer: plan_model_layer(layout, layer) for layer in layers}
-    slot = align_up(max(p.nbytes for p in plans.values()))
+    slot = slot_size(list(plans.values()))
     slots = max(1, min(len(layers), max_host_bytes // slot))
     cuda = device.type == "cuda"
     host = torch.empty(slots * slot, dtype=torch.uint8, pin_memory=cuda)
@@ -309,13 +309,13 @@ def bench(model_dir: Path, device: str, gpu_mem: int, engine: EngineConfig, deco
           loaders_fixed: bool = False) -> dict:
     from ringllm.checkpoint.layout import load_layout
     from ringllm.workers.memory_plan import check_gpu_cap, layers_that_fit, plan_gpu_memory
-    from ringllm.workers.weights import TORCH_DTYPE
+    from ringllm.workers.weights import torch_dtype
 
     layout = load_layout(model_dir)
     cfg = layout.config
     n = cfg.num_layers
     dev = torch.device(device)
-    dtype = TORCH_DTYPE[layout.dtype]
+    dtype = torch_dtype(layout.dtype)
     dtype_name = str(dtype).removeprefix("torch.")
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, cfg.vocab_size, (prompt_tokens,), generator=gen).tolist()

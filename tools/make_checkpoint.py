@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ringllm.checkpoint.dtypes import TAG_OF_NAME
 from ringllm.checkpoint.errors import RingllmError
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -34,7 +35,6 @@ SHAPES = {
                  num_key_value_heads=2, vocab_size=512, rope_theta=500000.0, max_position_embeddings=4096,
                  rope_scaling={**LLAMA3_ROPE, "original_max_position_embeddings": 256}),
 }
-DTYPES = {"bfloat16": (torch.bfloat16, "BF16"), "float16": (torch.float16, "F16"), "float32": (torch.float32, "F32")}
 
 
 def tensor_specs(shape: dict, layers: int) -> list[tuple[str, tuple[int, ...]]]:
@@ -100,7 +100,7 @@ def make_checkpoint(out: Path, shape_name: str, layers: int | None = None, dtype
     layers = shape["num_hidden_layers"] if layers is None else layers
     if layers < 1:
         raise RingllmError(f"--layers {layers}: must be >= 1")
-    dtype, tag = DTYPES[dtype_name]
+    dtype, tag = getattr(torch, dtype_name), TAG_OF_NAME[dtype_name]
     itemsize = torch.tensor([], dtype=dtype).element_size()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(out)

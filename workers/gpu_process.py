@@ -85,7 +85,7 @@ def gpu_main(args: GpuArgs) -> None:
     from ringllm.workers.model import Llama
     from ringllm.workers.resident import load_groups, load_resident_weights
     from ringllm.workers.streaming import InboxReader, StreamingSource
-    from ringllm.workers.weights import DTYPE_NAMES, group_weights
+    from ringllm.workers.weights import group_weights, torch_dtype
 
     sup, coord, inbox = Channel(args.sup_queue), Channel(args.coord_queue), Channel(args.inbox)
     ring = Ring.attach(args.ring_name)
@@ -113,7 +113,7 @@ def gpu_main(args: GpuArgs) -> None:
             info["register_seconds"] = time.perf_counter() - t0
             # torch must see the ring as page-locked, or non_blocking copies from it go synchronous
             info["ring_pinned"] = bool(ring_tensor[:1].is_pinned())
-        dtype = DTYPE_NAMES[args.dtype]
+        dtype = torch_dtype(args.dtype)
         n = args.layout.config.num_layers
         keep = resident_layer_count(args, device.type, info.get("free_bytes"))
         # first thing the coordinator hears: it starts filling the ring only after this

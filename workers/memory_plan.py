@@ -15,10 +15,10 @@ import math
 from dataclasses import dataclass
 
 from ringllm.checkpoint.errors import RingllmError
-from ringllm.checkpoint.layout import CONFIG_DTYPE_TAG, ModelLayout
+from ringllm.checkpoint.dtypes import BYTES_OF_NAME, TAG_OF_NAME
+from ringllm.checkpoint.layout import ModelLayout
 
 WORKSPACE_SLACK = 256 << 20
-ELEM = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
 @dataclass(frozen=True)
@@ -53,17 +53,17 @@ def _elements(extent) -> int:
 
 def plan_gpu_memory(layout: ModelLayout, engine, batch: int, max_seq: int, dtype: str,
                     embed_on_host: bool) -> GpuMemoryPlan:
-    cfg, e = layout.config, ELEM[dtype]
+    cfg, e = layout.config, BYTES_OF_NAME[dtype]
     table = cfg.vocab_size * cfg.hidden_size * e
     resident = cfg.hidden_size * e + table + (0 if embed_on_host else table if layout.lm_head else 0)
     sizes = layout.max_group_bytes
     n_attn, n_ffn = engine.group_budget
-    kv = 2 * cfg.num_layers * batch * cfg.num_kv_heads * max_seq * cfg.head_dim * e
+    kv = cfg.kv_cache_bytes(batch, max_seq, e)
     workspace = (e * batch * max_seq * (8 * cfg.hidden_size + 3 * cfg.intermediate_size)
                  + 2 * batch * cfg.num_heads * max_seq * cfg.head_dim * e
                  + 2 * 4 * batch * cfg.vocab_size + WORKSPACE_SLACK)
     entries = [entry for pair in layout.groups for group in pair for entry in group.entries]
-    converts = layout.dtype != CONFIG_DTYPE_TAG[dtype]
+    converts = layout.dtype != TAG_OF_NAME[dtype]
     conversion = max(_elements(en.extent) for en in entries) * e if converts and entries else 0
     layer_bytes = max(sum(_elements(en.extent) for g in pair for en in g.entries) for pair in layout.groups) * e
     explicit = min(cfg.num_layers, max(0, engine.gpu_resident_layers))

@@ -62,8 +62,7 @@ class KVCache:
 
     @staticmethod
     def nbytes(cfg: LlamaConfig, batch: int, max_seq: int, dtype: torch.dtype) -> int:
-        elem = torch.tensor([], dtype=dtype).element_size()
-        return 2 * cfg.num_layers * batch * cfg.num_kv_heads * max_seq * cfg.head_dim * elem
+        return cfg.kv_cache_bytes(batch, max_seq, dtype.itemsize)
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:

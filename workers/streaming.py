@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ringllm.checkpoint.layout import GROUP_KINDS, ModelLayout
+from ringllm.checkpoint.layout import GROUP_ALIGN, GROUP_KINDS, ModelLayout, align_up
 from ringllm.shm.channel import Channel, Release, Shutdown, SlotReady, Want
 from ringllm.shm.ring import READY, Ring
 from ringllm.shm.slot_plan import LayerPlan
@@ -79,7 +79,7 @@ class GroupViews:
                 src, dst, length = runs[-1]
                 runs[-1] = (src, dst, length + nbytes)
             else:
-                cursor = (cursor + 255) // 256 * 256              # each run starts 256-aligned
+                cursor = align_up(cursor, GROUP_ALIGN)           # each run starts aligned for any dtype
                 runs.append((start, cursor, nbytes))
             src, dst, _ = runs[-1]
             offsets[i] = dst + (start - src)

@@ -7,18 +7,22 @@ import os
 import torch
 
 from ringllm.checkpoint.errors import RingllmError
+from ringllm.checkpoint.dtypes import NAME_OF_TAG
 from ringllm.checkpoint.layout import GroupLayout
 from ringllm.checkpoint.safetensors_index import TensorExtent
 from ringllm.workers.model import AttnWeights, FfnWeights
 
-TORCH_DTYPE = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
-DTYPE_NAMES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """torch's dtype for a weight dtype, by its name ("bfloat16") or safetensors tag ("BF16")."""
+    return getattr(torch, NAME_OF_TAG.get(name, name))
 
 
 def typed_view(buf: torch.Tensor, offset: int, extent: TensorExtent) -> torch.Tensor:
     """View bytes buf[offset : offset + extent.nbytes] (uint8) as the extent's dtype and shape."""
     raw = buf[offset:offset + extent.nbytes]
-    return raw.view(TORCH_DTYPE[extent.dtype]).view(extent.shape)
+    return raw.view(torch_dtype(extent.dtype)).view(extent.shape)
 
 
 def group_weights(buf: torch.Tensor, group: GroupLayout) -> AttnWeights | FfnWeights:
