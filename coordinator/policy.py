@@ -24,7 +24,7 @@ slots are always held by the steps compute needs first (no deadlock: see the ran
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ringllm.shm.ring import FREE, LOADING, READY
 

@@ -16,7 +16,6 @@ from ringllm.shm.channel import (Channel, ChunkDone, Fatal, LoaderRestarted, Mar
                                  ResidentLayers, Shutdown, SlotReady, Stats, StatsRequest, Want)
 from ringllm.shm.ring import READY, Ring
 from ringllm.shm.stats import StatsPage
-from ringllm.shm.slot_plan import LayerPlan
 from ringllm.workers.process_setup import child_start, parent_alive, stop_requested
 
 log = logging.getLogger("ringllm.coord")

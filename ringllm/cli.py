@@ -287,7 +287,7 @@ def auto_preset(args, layout, model_dir, device: str, loaders: int, gpu_mem: int
         budget, budget_from = dram // 2, "half the available DRAM"
     h2d = disk = None
     if args.measure:
-        from ringllm.tools.bench import measure_disk
+        from ringllm.measure import measure_disk
         from ringllm.shm.slot_plan import file_table, plan_model
         files = file_table(plan_model(layout))
         per = {k: measure_disk(files, k, max_bytes=2 * 2**30, max_seconds=3.0)[0] for k in (1, 2, 4, 8)}
@@ -319,7 +319,7 @@ def _free_gpu_bytes() -> int:
 
 def _measure_h2d(device: str) -> float:
     import subprocess
-    code = ("import torch; from ringllm.tools.bench import measure_h2d; "
+    code = ("import torch; from ringllm.measure import measure_h2d; "
             f"print(measure_h2d(torch.device('{device}'), {8 * 2**30 if device == 'cuda' else 2**30}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     return float(out.stdout.strip().splitlines()[-1])

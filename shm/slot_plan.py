@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ringllm.checkpoint.layout import GROUP_KINDS, ModelLayout, align_down, align_up
+from ringllm.checkpoint.layout import GROUP_ALIGN, GROUP_KINDS, GroupLayout, ModelLayout, align_down, align_up
 
 ALIGN = 4096
 DEFAULT_CHUNK_BYTES = 16 << 20
@@ -58,6 +58,32 @@ class LayerPlan:
                 needed = max(0, min(length, r.needed - start))
                 out.append(Chunk(len(out), r.path, r.file_offset + start, length, r.slot_offset + start, needed))
         return out
+
+
+@dataclass(frozen=True)
+class GroupViews:
+    """How one group travels: (slot offset, buffer offset, bytes) per contiguous run of its
+    tensors in the ring slot, and each tensor's offset in the group buffer."""
+    runs: tuple[tuple[int, int, int], ...]
+    offsets: tuple[int, ...]                # per GroupLayout entry, in entry order
+    nbytes: int
+
+    @classmethod
+    def plan(cls, group: GroupLayout, slot_plan: LayerPlan) -> "GroupViews":
+        spans = sorted((slot_plan.tensor_slot_offset[e.extent.name], e.extent.nbytes, i)
+                       for i, e in enumerate(group.entries))
+        runs, offsets, cursor = [], [0] * len(spans), 0
+        for start, nbytes, i in spans:
+            if runs and start == runs[-1][0] + runs[-1][2]:       # continues the last run
+                src, dst, length = runs[-1]
+                runs[-1] = (src, dst, length + nbytes)
+            else:
+                cursor = align_up(cursor, GROUP_ALIGN)           # each run starts aligned for any dtype
+                runs.append((start, cursor, nbytes))
+            src, dst, _ = runs[-1]
+            offsets[i] = dst + (start - src)
+            cursor = offsets[i] + nbytes
+        return cls(tuple(runs), tuple(offsets), cursor)
 
 
 def plan_layer(layout: ModelLayout, layer: int, merge_gap: int = MERGE_GAP) -> LayerPlan:

@@ -60,7 +60,7 @@ def main() -> int:
     from ringllm.checkpoint.layout import load_layout
     from ringllm.config import build_config, default_loader_count
     from ringllm.supervisor.supervisor import Supervisor
-    from ringllm.tools.bench import measure_group_copies, measure_h2d
+    from ringllm.measure import measure_group_copies, measure_h2d
     from ringllm.tools.gpu_bench import bench_checkpoint
     from ringllm.workers.generation import SamplingParams
 

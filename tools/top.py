@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import json
 import mmap
-import os
 import sys
 import time
-from pathlib import Path
 
 import posix_ipc
 

@@ -13,7 +13,7 @@ Per group (attn or ffn of one layer) the life of a GPU group buffer is
 
 A group is copied in as few copies as its bytes allow: its tensors' contiguous runs in the ring
 slot (a 70B attn group is 2 runs, an ffn group 1), into the buffer at the same relative offsets,
-so the model's weight views are laid out once per (layer, kind) (`GroupViews`).
+so the model's weight views are laid out once per (layer, kind) (`shm.slot_plan.GroupViews`).
 
 The host waits for a copy only when compute needs that very group, and keeps pumping while it
 waits (offers in, new copies out), so the copy engine never idles for the host. On device "cpu"
@@ -30,10 +30,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ringllm.checkpoint.layout import GROUP_ALIGN, GROUP_KINDS, ModelLayout, align_up
+from ringllm.checkpoint.layout import GROUP_KINDS, ModelLayout
 from ringllm.shm.channel import Channel, Release, Shutdown, SlotReady, Want
 from ringllm.shm.ring import READY, Ring
-from ringllm.shm.slot_plan import LayerPlan
+from ringllm.shm.slot_plan import GroupViews, LayerPlan
 from ringllm.workers.model import AttnWeights, FfnWeights
 from ringllm.workers.process_setup import stop_requested
 from ringllm.workers.scheduler import GroupCopy, Lookahead, SlotOffer, StreamScheduler
@@ -59,32 +59,6 @@ class StreamStats:
     wait_seconds: float = 0.0               # host time the model waited for a group
     waits: int = 0
     groups_served: int = 0
-
-
-@dataclass(frozen=True)
-class GroupViews:
-    """How one group travels: (slot offset, buffer offset, bytes) per contiguous run of its
-    tensors in the ring slot, and each tensor's offset in the group buffer."""
-    runs: tuple[tuple[int, int, int], ...]
-    offsets: tuple[int, ...]                # per GroupLayout entry, in entry order
-    nbytes: int
-
-    @classmethod
-    def plan(cls, group, slot_plan: LayerPlan) -> "GroupViews":
-        spans = sorted((slot_plan.tensor_slot_offset[e.extent.name], e.extent.nbytes, i)
-                       for i, e in enumerate(group.entries))
-        runs, offsets, cursor = [], [0] * len(spans), 0
-        for start, nbytes, i in spans:
-            if runs and start == runs[-1][0] + runs[-1][2]:       # continues the last run
-                src, dst, length = runs[-1]
-                runs[-1] = (src, dst, length + nbytes)
-            else:
-                cursor = align_up(cursor, GROUP_ALIGN)           # each run starts aligned for any dtype
-                runs.append((start, cursor, nbytes))
-            src, dst, _ = runs[-1]
-            offsets[i] = dst + (start - src)
-            cursor = offsets[i] + nbytes
-        return cls(tuple(runs), tuple(offsets), cursor)
 
 
 class InboxReader(threading.Thread):
