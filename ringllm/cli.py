@@ -1,4 +1,7 @@
-"""`ringllm` command line: parse, validate, dispatch; the only place that reads the environment."""
+"""`ringllm` command line: parse, dispatch to the command, turn its end into an exit code (errors one
+line and 1, Ctrl-C 130, SIGTERM 143, a closed stdout 141). The commands live beside it: generate
+(ringllm.generate), the engine parameters (ringllm.choose, ringllm.config), bench, top, the demo
+model and make-checkpoint (ringllm.tools)."""
 from __future__ import annotations
 
 import argparse
@@ -6,16 +9,14 @@ import logging
 import os
 import signal
 import sys
-import time
 import warnings
 from pathlib import Path
 
 from ringllm import __version__
 from ringllm.checkpoint import dtypes
-from ringllm.checkpoint.dtypes import NAME_OF_TAG
 from ringllm.checkpoint.errors import RingllmError
 from ringllm.cli_input import (DEFAULT_PROMPT, MIN_TOP_INTERVAL_S, check_model_arg, check_output_path,
-                               check_top_interval, read_prompts)
+                               check_top_interval)
 
 log = logging.getLogger("ringllm")
 
@@ -130,276 +131,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_generate(args) -> int:
-    import torch
-
-    from ringllm.checkpoint.layout import load_layout
-    from ringllm.checkpoint.text import StreamDecoder, TextCodec
-    from ringllm.tools.demo_model import ensure_demo_model
-    from ringllm.workers.generation import Sampler, SamplingParams, generate
-    from ringllm.workers.model import Llama
-    from ringllm.workers.resident import ResidentSource, load_resident_weights
-    from ringllm.workers.weights import torch_dtype
-
-    if args.max_new_tokens < 1:
-        raise RingllmError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    sampling = SamplingParams(args.temperature, args.top_p, args.top_k, args.seed)
-    sampling.validate()
-    if args.metrics_json is not None:
-        check_output_path(args.metrics_json, "--metrics-json")
-    if args.model is not None:
-        check_model_arg(args.model)
-    texts = read_prompts(args.prompt, args.prompt_file)
-    model_dir = args.model if args.model is not None else ensure_demo_model(default_cache_dir())
-    layout = load_layout(model_dir)
-    codec = TextCodec(model_dir, layout.config)
-    prompts = []
-    for label, text in texts:
-        ids = codec.encode(text, chat=not args.no_chat)
-        if not ids:
-            raise RingllmError(f"{label}: the prompt is empty (no tokens{' with --no-chat' if args.no_chat else ''})")
-        prompts.append(ids)
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RingllmError("--device cuda: no CUDA device is available to torch")
-    dtype = torch_dtype(layout.dtype if args.dtype == "auto" else args.dtype)
-    cfg = layout.config
-    longest = max(len(p) for p in prompts)
-    if longest + args.max_new_tokens > cfg.max_position_embeddings:
-        raise RingllmError(
-            f"prompt of {longest} tokens + --max-new-tokens {args.max_new_tokens} exceeds the model's "
-            f"context of {cfg.max_position_embeddings} tokens")
-
-    streaming = len(prompts) == 1
-    decoder = StreamDecoder(codec)
-
-    def on_tokens(step_tokens):
-        if streaming and step_tokens[0] not in codec.eos_ids:
-            sys.stdout.write(decoder.push(step_tokens[0]))
-            sys.stdout.flush()
-
-    t1 = time.perf_counter()
-    if args.resident:
-        model = Llama(cfg, load_resident_weights(layout, dtype, device),
-                      ResidentSource(layout, dtype, device), dtype, device)
-        log.info("loaded %s (%d layers, %s) on %s in %.1f s", model_dir, cfg.num_layers, layout.dtype,
-                 device, time.perf_counter() - t1)
-        t1 = time.perf_counter()
-        outputs = generate(model, prompts, args.max_new_tokens, Sampler(sampling, device), codec.eos_ids,
-                           on_tokens, cfg.max_position_embeddings)
-    else:
-        outputs = run_streaming(args, layout, model_dir, prompts, sampling, codec.eos_ids, device, dtype, on_tokens)
-    elapsed = time.perf_counter() - t1
-    if streaming:
-        sys.stdout.write("\n")
-    else:
-        for i, ids in enumerate(outputs):
-            sys.stdout.write(f"--- [{i}] ---\n{codec.decode(ids)}\n")
-    sys.stdout.flush()
-    n = sum(len(o) for o in outputs)
-    if args.resident:
-        log.info("generated %d tokens in %.2f s (%.1f tokens/s, prefill included)", n, elapsed, n / elapsed)
-    return 0
-
-
-def build_engine_config(args, model_dir, max_seq: int = 2048, batch: int = 1, layout=None,
-                        device: str | None = None, dtype_name: str | None = None):
-    """The engine parameters: preset < environment < --set < flags. Given the model's layout
-    (generate), the ring is fitted to the model too: never more slots than layers that stream
-    and, without a preset, a slot for every streamed layer when they fit in DRAM (what --preset
-    auto does for the ring). Each adjustment is one printed line."""
-    from ringllm.autotune import describe_ring, final_lines, ring_fit
-    from ringllm.config import default_loader_count, env_parameters, parse_bytes, resolve_config
-    from ringllm.workers.memory_plan import planned_resident_layers
-
-    overrides = {}
-    for item in args.params:
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise RingllmError(f"--set {item!r}: expected NAME=VALUE")
-        overrides[name.strip()] = value.strip()
-    loaders = args.loaders if args.loaders is not None else default_loader_count(model_dir)
-    gpu_mem = parse_bytes(args.gpu_mem) if args.gpu_mem is not None else None
-    common = dict(env=env_parameters(), overrides=overrides, gpu_mem=gpu_mem)
-    if layout is None:      # bench: it sizes its own rings
-        return resolve_config(preset=args.preset, loaders=loaders, **common).engine
-    device = device or ("cuda" if _cuda_available() else "cpu")
-    dtype_name = dtype_name or layout_dtype_name(layout)
-    auto, preset_values, label = None, None, "--preset auto"
-    if args.preset == "auto":
-        auto = auto_preset(args, layout, model_dir, device, loaders, gpu_mem, batch, max_seq, dtype_name)
-        preset_values = dict(auto.values)
-        auto_loaders = preset_values.pop("loaders")
-        loaders = loaders if args.loaders is not None else auto_loaders
-    common.update(preset=None if args.preset == "auto" else args.preset, loaders=loaders)
-    # what streams decides the ring; the settings decide what streams (a first pass, unchecked)
-    first = resolve_config(preset_values=preset_values, check=False, **common).engine
-    n = layout.config.num_layers
-    resident = planned_resident_layers(layout, first, batch, max_seq, dtype_name, device)
-    streamed = n - resident if resident is not None else n
-    fit = None
-    if args.preset is None:
-        fit = ring_fit(layout, streamed, _dram_for_ring(args))
-        if fit.holds_all and streamed > 0:
-            preset_values, label = {"cpu_cap": streamed}, "the default ring"
-    resolved = resolve_config(preset_values=preset_values, preset_label=label, streamed_layers=streamed, **common)
-    for note in resolved.notes:
-        log.info("%s", note)
-    engine = resolved.engine
-    if resolved.origin.get("cpu_cap") == "the default ring":
-        unknown = "" if resident is not None else (
-            f" (all {n} layers: the GPU process decides at start which stay on the GPU; --gpu-mem or "
-            "GPU_RESIDENT_LAYERS makes it known here)")
-        log.info("CPU_CAP_VALUE=%d: %s%s. No preset was given; --preset or CPU_CAP_VALUE chooses otherwise",
-                 engine.cpu_cap, describe_ring(fit, engine.cpu_cap), unknown)
-    if auto is not None:
-        print(f"[ringllm] --preset auto for {model_dir} on {device} (the values that run; 'yours' marks "
-              "what you set):", file=sys.stderr)
-        for line in final_lines(auto, resolved, n, user_loaders=args.loaders is not None):
-            print(f"[ringllm]   {line}", file=sys.stderr)
-    return engine
-
-
-def _dram_for_ring(args) -> int:
-    """DRAM the ring may take: what is available, or --dram-limit when lower."""
-    import psutil
-
-    from ringllm.config import parse_bytes
-
-    dram = psutil.virtual_memory().available
-    if getattr(args, "dram_limit", None) is not None:
-        dram = min(dram, parse_bytes(args.dram_limit))
-    return dram
-
-
-def auto_preset(args, layout, model_dir, device: str, loaders: int, gpu_mem: int | None, batch: int,
-                max_seq: int, dtype_name: str):
-    """--preset auto: measure what is asked, choose (autotune.AutoChoice)."""
-    from ringllm.autotune import Machine, auto_tune
-
-    dram = _dram_for_ring(args)
-    if gpu_mem is not None:
-        budget, budget_from = gpu_mem, "--gpu-mem"
-    elif device == "cuda":
-        budget, budget_from = int(0.9 * _free_gpu_bytes()), "90% of the free GPU memory"
-    else:
-        budget, budget_from = dram // 2, "half the available DRAM"
-    h2d = disk = None
-    if args.measure:
-        from ringllm.measure import measure_disk
-        from ringllm.shm.slot_plan import file_table, plan_model
-        files = file_table(plan_model(layout))
-        per = {k: measure_disk(files, k, max_bytes=2 * 2**30, max_seconds=3.0)[0] for k in (1, 2, 4, 8)}
-        # the most readers within 10% of the best: the rates are that noisy, and more reads in
-        # flight never hurt an NVMe drive (the loaders beat these threaded reads anyway)
-        disk = max(per.values())
-        loaders = max(k for k, rate in per.items() if rate >= 0.9 * disk)
-        h2d = _measure_h2d(device)
-    machine = Machine(budget, dram, loaders, h2d, disk, device, budget_from)
-    return auto_tune(layout, machine, batch, max_seq, dtype_name, device == "cuda")
-
-
-def layout_dtype_name(layout) -> str:
-    return NAME_OF_TAG[layout.dtype]
-
-
-def _cuda_available() -> bool:
-    import torch
-    return torch.cuda.is_available()
-
-
-def _free_gpu_bytes() -> int:
-    """Free GPU memory, asked of a short-lived process: the supervisor keeps no CUDA context."""
-    import subprocess
-    out = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.mem_get_info()[0])"],
-                         capture_output=True, text=True, timeout=120)
-    return int(out.stdout.strip().splitlines()[-1])
-
-
-def _measure_h2d(device: str) -> float:
-    import subprocess
-    code = ("import torch; from ringllm.measure import measure_h2d; "
-            f"print(measure_h2d(torch.device('{device}'), {8 * 2**30 if device == 'cuda' else 2**30}))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    return float(out.stdout.strip().splitlines()[-1])
-
-
-
-def run_streaming(args, layout, model_dir, prompts, sampling, eos_ids, device, dtype, on_tokens):
-    """The default engine: supervisor + coordinator + loaders + GPU process over the shared ring."""
-    from ringllm.supervisor.supervisor import Supervisor
-    from ringllm.workers.memory_plan import check_gpu_cap, plan_gpu_memory
-
-    max_seq = max(len(p) for p in prompts) + args.max_new_tokens
-    dtype_name = str(dtype).removeprefix("torch.")
-    engine = build_engine_config(args, model_dir, max_seq, len(prompts), layout, device.type, dtype_name)
-    plan = plan_gpu_memory(layout, engine, len(prompts), max_seq, dtype_name, embed_on_host=device.type == "cuda")
-    check_gpu_cap(plan, engine.gpu_mem, engine)
-    sup = Supervisor(layout, engine, device.type, dtype_name, verbose=args.verbose)
-    result = sup.run(prompts, args.max_new_tokens, sampling, eos_ids, on_tokens)
-    log_summary(result)
-    if args.metrics_json is not None:
-        import json
-        args.metrics_json.write_text(json.dumps(run_metrics(result, engine), indent=1) + "\n")
-    return result.outputs
-
-
-def run_metrics(result, engine) -> dict:
-    """The end-of-run metrics (`--metrics-json`): one flat, documented dictionary."""
-    g, c, info = result.gpu, result.coordinator, result.gpu_info
-    secs = g.get("seconds") or 0.0
-    steps = g.get("decode_steps") or 0
-    read_s = c.get("disk_read_seconds") or 0.0
-    return {
-        "device": info.get("name") or info.get("device"),
-        "new_tokens": g.get("new_tokens", 0),
-        "seconds": secs,
-        "tokens_per_second": g.get("new_tokens", 0) / secs if secs else None,
-        "seconds_per_token": g["decode_seconds"] / steps if steps else None,
-        "time_to_first_token_s": g.get("first_token_seconds"),     # from the start of the prefill
-        "startup_s": result.startup_wall_s,          # engine start -> weights placed, ready to prefill
-        "first_token_wall_s": result.first_token_wall_s,   # engine start -> first token
-        "wall_s": result.wall_s,
-        "ring_hits": c.get("ring_hits"), "ring_misses": c.get("ring_misses"),
-        "ring_loads": c.get("ring_loads"), "ring_evictions": c.get("ring_evictions"),
-        "disk_bytes": c.get("disk_bytes"),
-        "disk_gbps": c.get("disk_bytes", 0) / secs / 1e9 if secs else None,
-        "disk_gbps_per_reader_busy": c.get("disk_bytes", 0) / read_s / 1e9 if read_s else None,
-        "h2d_bytes": g.get("h2d_bytes"),
-        "h2d_gbps": g.get("h2d_bytes", 0) / secs / 1e9 if secs else None,
-        "wait_for_weights_s": g.get("wait_seconds"),
-        "peak_gpu_bytes": g.get("peak_gpu_bytes"),
-        "gpu_resident_layers": info.get("resident_layers"),
-        # pinned (page-locked) host memory: what the GPU process registered with CUDA, the peak
-        # seen (machine-wide FOLL_PIN counters, else per-process VmLck/VmPin), and what was still
-        # pinned after every process exited (0 = all returned; None where the kernel cannot say)
-        "pinned_registered_bytes": info.get("registered_bytes", 0),
-        "pinned_bytes": max([result.pinned_peak_bytes or 0,
-                             *(max(p["peak_locked"], p["peak_pinned"]) for p in result.processes.values())]),
-        "pinned_left_after_run_bytes": result.pinned_left_bytes,
-        "processes": result.processes,
-        "loader_restarts": result.loader_restarts,
-        "stale_chunk_reports": c.get("stale_chunk_reports"),   # chunks read twice; always 0
-        "buffered_chunks": c.get("buffered_chunks"),           # read without O_DIRECT (tmpfs, or a fallback)
-        "direct_fallback_chunks": c.get("direct_fallback_chunks"),  # ... on a file that took O_DIRECT: 0
-        "skipped_chunks": c.get("skipped_chunks"),             # jobs whose slot had moved on; 0
-        "engine": engine.as_dict(),
-    }
-
-
-def log_summary(result) -> None:
-    g, c = result.gpu, result.coordinator
-    secs = g.get("seconds") or float("nan")
-    n = g.get("new_tokens", 0)
-    log.info("summary: %d tokens in %.2f s (%.2f tokens/s); ring hits %d, misses %d; disk read %.1f MiB; "
-             "copied to %s %.1f MiB; compute waited for weights %.2f s%s",
-             n, secs, n / secs if secs else 0.0, c.get("ring_hits", 0), c.get("ring_misses", 0),
-             c.get("disk_bytes", 0) / 2**20, result.gpu_info.get("device", "device"),
-             g.get("h2d_bytes", 0) / 2**20, g.get("wait_seconds", 0.0),
-             f"; loader restarts {result.loader_restarts}" if result.loader_restarts else "")
-
-
 def cmd_cleanup(args) -> int:
     import psutil
 
@@ -423,6 +154,7 @@ def cmd_bench(args) -> int:
 
     import torch
 
+    from ringllm.choose import build_engine_config
     from ringllm.config import parse_bytes
     from ringllm.tools.bench import bench, format_table
 
@@ -471,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="[ringllm] %(message)s", stream=sys.stderr)
     try:
         if args.command == "generate":
+            from ringllm.generate import cmd_generate
             return cmd_generate(args)
         if args.command == "make-checkpoint":
             from ringllm.config import parse_bytes

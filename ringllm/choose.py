@@ -1,0 +1,136 @@
+"""What a command runs with: the engine parameters from preset < environment < --set < flags
+(ringllm.config), the ring fitted to the model (never more slots than streamed layers; without a
+preset, a slot for every streamed layer when DRAM allows), and `--preset auto`'s probing of this
+machine (GPU memory, DRAM, and with --measure the disk and host-to-GPU GB/s). Each choice is one
+printed line."""
+from __future__ import annotations
+
+import logging
+import sys
+
+from ringllm.checkpoint.dtypes import NAME_OF_TAG
+from ringllm.checkpoint.errors import RingllmError
+
+log = logging.getLogger("ringllm")
+
+
+def build_engine_config(args, model_dir, max_seq: int = 2048, batch: int = 1, layout=None,
+                        device: str | None = None, dtype_name: str | None = None):
+    """The engine parameters: preset < environment < --set < flags. Given the model's layout
+    (generate), the ring is fitted to the model too: never more slots than layers that stream
+    and, without a preset, a slot for every streamed layer when they fit in DRAM (what --preset
+    auto does for the ring). Each adjustment is one printed line."""
+    from ringllm.autotune import describe_ring, final_lines, ring_fit
+    from ringllm.config import default_loader_count, env_parameters, parse_bytes, resolve_config
+    from ringllm.workers.memory_plan import planned_resident_layers
+
+    overrides = {}
+    for item in args.params:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise RingllmError(f"--set {item!r}: expected NAME=VALUE")
+        overrides[name.strip()] = value.strip()
+    loaders = args.loaders if args.loaders is not None else default_loader_count(model_dir)
+    gpu_mem = parse_bytes(args.gpu_mem) if args.gpu_mem is not None else None
+    common = dict(env=env_parameters(), overrides=overrides, gpu_mem=gpu_mem)
+    if layout is None:      # bench: it sizes its own rings
+        return resolve_config(preset=args.preset, loaders=loaders, **common).engine
+    device = device or ("cuda" if _cuda_available() else "cpu")
+    dtype_name = dtype_name or layout_dtype_name(layout)
+    auto, preset_values, label = None, None, "--preset auto"
+    if args.preset == "auto":
+        auto = auto_preset(args, layout, model_dir, device, loaders, gpu_mem, batch, max_seq, dtype_name)
+        preset_values = dict(auto.values)
+        auto_loaders = preset_values.pop("loaders")
+        loaders = loaders if args.loaders is not None else auto_loaders
+    common.update(preset=None if args.preset == "auto" else args.preset, loaders=loaders)
+    # what streams decides the ring; the settings decide what streams (a first pass, unchecked)
+    first = resolve_config(preset_values=preset_values, check=False, **common).engine
+    n = layout.config.num_layers
+    resident = planned_resident_layers(layout, first, batch, max_seq, dtype_name, device)
+    streamed = n - resident if resident is not None else n
+    fit = None
+    if args.preset is None:
+        fit = ring_fit(layout, streamed, _dram_for_ring(args))
+        if fit.holds_all and streamed > 0:
+            preset_values, label = {"cpu_cap": streamed}, "the default ring"
+    resolved = resolve_config(preset_values=preset_values, preset_label=label, streamed_layers=streamed, **common)
+    for note in resolved.notes:
+        log.info("%s", note)
+    engine = resolved.engine
+    if resolved.origin.get("cpu_cap") == "the default ring":
+        unknown = "" if resident is not None else (
+            f" (all {n} layers: the GPU process decides at start which stay on the GPU; --gpu-mem or "
+            "GPU_RESIDENT_LAYERS makes it known here)")
+        log.info("CPU_CAP_VALUE=%d: %s%s. No preset was given; --preset or CPU_CAP_VALUE chooses otherwise",
+                 engine.cpu_cap, describe_ring(fit, engine.cpu_cap), unknown)
+    if auto is not None:
+        print(f"[ringllm] --preset auto for {model_dir} on {device} (the values that run; 'yours' marks "
+              "what you set):", file=sys.stderr)
+        for line in final_lines(auto, resolved, n, user_loaders=args.loaders is not None):
+            print(f"[ringllm]   {line}", file=sys.stderr)
+    return engine
+
+
+def _dram_for_ring(args) -> int:
+    """DRAM the ring may take: what is available, or --dram-limit when lower."""
+    import psutil
+
+    from ringllm.config import parse_bytes
+
+    dram = psutil.virtual_memory().available
+    if getattr(args, "dram_limit", None) is not None:
+        dram = min(dram, parse_bytes(args.dram_limit))
+    return dram
+
+
+def auto_preset(args, layout, model_dir, device: str, loaders: int, gpu_mem: int | None, batch: int,
+                max_seq: int, dtype_name: str):
+    """--preset auto: measure what is asked, choose (autotune.AutoChoice)."""
+    from ringllm.autotune import Machine, auto_tune
+
+    dram = _dram_for_ring(args)
+    if gpu_mem is not None:
+        budget, budget_from = gpu_mem, "--gpu-mem"
+    elif device == "cuda":
+        budget, budget_from = int(0.9 * _free_gpu_bytes()), "90% of the free GPU memory"
+    else:
+        budget, budget_from = dram // 2, "half the available DRAM"
+    h2d = disk = None
+    if args.measure:
+        from ringllm.measure import measure_disk
+        from ringllm.shm.slot_plan import file_table, plan_model
+        files = file_table(plan_model(layout))
+        per = {k: measure_disk(files, k, max_bytes=2 * 2**30, max_seconds=3.0)[0] for k in (1, 2, 4, 8)}
+        # the most readers within 10% of the best: the rates are that noisy, and more reads in
+        # flight never hurt an NVMe drive (the loaders beat these threaded reads anyway)
+        disk = max(per.values())
+        loaders = max(k for k, rate in per.items() if rate >= 0.9 * disk)
+        h2d = _measure_h2d(device)
+    machine = Machine(budget, dram, loaders, h2d, disk, device, budget_from)
+    return auto_tune(layout, machine, batch, max_seq, dtype_name, device == "cuda")
+
+
+def layout_dtype_name(layout) -> str:
+    return NAME_OF_TAG[layout.dtype]
+
+
+def _cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def _free_gpu_bytes() -> int:
+    """Free GPU memory, asked of a short-lived process: the supervisor keeps no CUDA context."""
+    import subprocess
+    out = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.mem_get_info()[0])"],
+                         capture_output=True, text=True, timeout=120)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def _measure_h2d(device: str) -> float:
+    import subprocess
+    code = ("import torch; from ringllm.measure import measure_h2d; "
+            f"print(measure_h2d(torch.device('{device}'), {8 * 2**30 if device == 'cuda' else 2**30}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    return float(out.stdout.strip().splitlines()[-1])

@@ -1,0 +1,162 @@
+"""`ringllm generate`: prompts in, tokens out, through the streaming engine (the supervisor and
+its processes) or, with --resident, the in-process reference engine; and the run's summary and
+metrics (`--metrics-json`)."""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+from ringllm.checkpoint.errors import RingllmError
+from ringllm.choose import build_engine_config
+from ringllm.cli_input import check_model_arg, check_output_path, read_prompts
+
+log = logging.getLogger("ringllm")
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from ringllm.checkpoint.layout import load_layout
+    from ringllm.checkpoint.text import StreamDecoder, TextCodec
+    from ringllm.cli import default_cache_dir
+    from ringllm.tools.demo_model import ensure_demo_model
+    from ringllm.workers.generation import Sampler, SamplingParams, generate
+    from ringllm.workers.model import Llama
+    from ringllm.workers.resident import ResidentSource, load_resident_weights
+    from ringllm.workers.weights import torch_dtype
+
+    if args.max_new_tokens < 1:
+        raise RingllmError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    sampling = SamplingParams(args.temperature, args.top_p, args.top_k, args.seed)
+    sampling.validate()
+    if args.metrics_json is not None:
+        check_output_path(args.metrics_json, "--metrics-json")
+    if args.model is not None:
+        check_model_arg(args.model)
+    texts = read_prompts(args.prompt, args.prompt_file)
+    model_dir = args.model if args.model is not None else ensure_demo_model(default_cache_dir())
+    layout = load_layout(model_dir)
+    codec = TextCodec(model_dir, layout.config)
+    prompts = []
+    for label, text in texts:
+        ids = codec.encode(text, chat=not args.no_chat)
+        if not ids:
+            raise RingllmError(f"{label}: the prompt is empty (no tokens{' with --no-chat' if args.no_chat else ''})")
+        prompts.append(ids)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RingllmError("--device cuda: no CUDA device is available to torch")
+    dtype = torch_dtype(layout.dtype if args.dtype == "auto" else args.dtype)
+    cfg = layout.config
+    longest = max(len(p) for p in prompts)
+    if longest + args.max_new_tokens > cfg.max_position_embeddings:
+        raise RingllmError(
+            f"prompt of {longest} tokens + --max-new-tokens {args.max_new_tokens} exceeds the model's "
+            f"context of {cfg.max_position_embeddings} tokens")
+
+    streaming = len(prompts) == 1
+    decoder = StreamDecoder(codec)
+
+    def on_tokens(step_tokens):
+        if streaming and step_tokens[0] not in codec.eos_ids:
+            sys.stdout.write(decoder.push(step_tokens[0]))
+            sys.stdout.flush()
+
+    t1 = time.perf_counter()
+    if args.resident:
+        model = Llama(cfg, load_resident_weights(layout, dtype, device),
+                      ResidentSource(layout, dtype, device), dtype, device)
+        log.info("loaded %s (%d layers, %s) on %s in %.1f s", model_dir, cfg.num_layers, layout.dtype,
+                 device, time.perf_counter() - t1)
+        t1 = time.perf_counter()
+        outputs = generate(model, prompts, args.max_new_tokens, Sampler(sampling, device), codec.eos_ids,
+                           on_tokens, cfg.max_position_embeddings)
+    else:
+        outputs = run_streaming(args, layout, model_dir, prompts, sampling, codec.eos_ids, device, dtype, on_tokens)
+    elapsed = time.perf_counter() - t1
+    if streaming:
+        sys.stdout.write("\n")
+    else:
+        for i, ids in enumerate(outputs):
+            sys.stdout.write(f"--- [{i}] ---\n{codec.decode(ids)}\n")
+    sys.stdout.flush()
+    n = sum(len(o) for o in outputs)
+    if args.resident:
+        log.info("generated %d tokens in %.2f s (%.1f tokens/s, prefill included)", n, elapsed, n / elapsed)
+    return 0
+
+
+def run_streaming(args, layout, model_dir, prompts, sampling, eos_ids, device, dtype, on_tokens):
+    """The default engine: supervisor + coordinator + loaders + GPU process over the shared ring."""
+    from ringllm.supervisor.supervisor import Supervisor
+    from ringllm.workers.memory_plan import check_gpu_cap, plan_gpu_memory
+
+    max_seq = max(len(p) for p in prompts) + args.max_new_tokens
+    dtype_name = str(dtype).removeprefix("torch.")
+    engine = build_engine_config(args, model_dir, max_seq, len(prompts), layout, device.type, dtype_name)
+    plan = plan_gpu_memory(layout, engine, len(prompts), max_seq, dtype_name, embed_on_host=device.type == "cuda")
+    check_gpu_cap(plan, engine.gpu_mem, engine)
+    sup = Supervisor(layout, engine, device.type, dtype_name, verbose=args.verbose)
+    result = sup.run(prompts, args.max_new_tokens, sampling, eos_ids, on_tokens)
+    log_summary(result)
+    if args.metrics_json is not None:
+        import json
+        args.metrics_json.write_text(json.dumps(run_metrics(result, engine), indent=1) + "\n")
+    return result.outputs
+
+
+def run_metrics(result, engine) -> dict:
+    """The end-of-run metrics (`--metrics-json`): one flat, documented dictionary."""
+    g, c, info = result.gpu, result.coordinator, result.gpu_info
+    secs = g.get("seconds") or 0.0
+    steps = g.get("decode_steps") or 0
+    read_s = c.get("disk_read_seconds") or 0.0
+    return {
+        "device": info.get("name") or info.get("device"),
+        "new_tokens": g.get("new_tokens", 0),
+        "seconds": secs,
+        "tokens_per_second": g.get("new_tokens", 0) / secs if secs else None,
+        "seconds_per_token": g["decode_seconds"] / steps if steps else None,
+        "time_to_first_token_s": g.get("first_token_seconds"),     # from the start of the prefill
+        "startup_s": result.startup_wall_s,          # engine start -> weights placed, ready to prefill
+        "first_token_wall_s": result.first_token_wall_s,   # engine start -> first token
+        "wall_s": result.wall_s,
+        "ring_hits": c.get("ring_hits"), "ring_misses": c.get("ring_misses"),
+        "ring_loads": c.get("ring_loads"), "ring_evictions": c.get("ring_evictions"),
+        "disk_bytes": c.get("disk_bytes"),
+        "disk_gbps": c.get("disk_bytes", 0) / secs / 1e9 if secs else None,
+        "disk_gbps_per_reader_busy": c.get("disk_bytes", 0) / read_s / 1e9 if read_s else None,
+        "h2d_bytes": g.get("h2d_bytes"),
+        "h2d_gbps": g.get("h2d_bytes", 0) / secs / 1e9 if secs else None,
+        "wait_for_weights_s": g.get("wait_seconds"),
+        "peak_gpu_bytes": g.get("peak_gpu_bytes"),
+        "gpu_resident_layers": info.get("resident_layers"),
+        # pinned (page-locked) host memory: what the GPU process registered with CUDA, the peak
+        # seen (machine-wide FOLL_PIN counters, else per-process VmLck/VmPin), and what was still
+        # pinned after every process exited (0 = all returned; None where the kernel cannot say)
+        "pinned_registered_bytes": info.get("registered_bytes", 0),
+        "pinned_bytes": max([result.pinned_peak_bytes or 0,
+                             *(max(p["peak_locked"], p["peak_pinned"]) for p in result.processes.values())]),
+        "pinned_left_after_run_bytes": result.pinned_left_bytes,
+        "processes": result.processes,
+        "loader_restarts": result.loader_restarts,
+        "stale_chunk_reports": c.get("stale_chunk_reports"),   # chunks read twice; always 0
+        "buffered_chunks": c.get("buffered_chunks"),           # read without O_DIRECT (tmpfs, or a fallback)
+        "direct_fallback_chunks": c.get("direct_fallback_chunks"),  # ... on a file that took O_DIRECT: 0
+        "skipped_chunks": c.get("skipped_chunks"),             # jobs whose slot had moved on; 0
+        "engine": engine.as_dict(),
+    }
+
+
+def log_summary(result) -> None:
+    g, c = result.gpu, result.coordinator
+    secs = g.get("seconds") or float("nan")
+    n = g.get("new_tokens", 0)
+    log.info("summary: %d tokens in %.2f s (%.2f tokens/s); ring hits %d, misses %d; disk read %.1f MiB; "
+             "copied to %s %.1f MiB; compute waited for weights %.2f s%s",
+             n, secs, n / secs if secs else 0.0, c.get("ring_hits", 0), c.get("ring_misses", 0),
+             c.get("disk_bytes", 0) / 2**20, result.gpu_info.get("device", "device"),
+             g.get("h2d_bytes", 0) / 2**20, g.get("wait_seconds", 0.0),
+             f"; loader restarts {result.loader_restarts}" if result.loader_restarts else "")
