@@ -299,6 +299,7 @@ def run_metrics(result, engine) -> dict:
         "wait_for_weights_s": g.get("wait_seconds"),
         "peak_gpu_bytes": g.get("peak_gpu_bytes"),
         "gpu_resident_layers": info.get("resident_layers"),
+        "torch_threads": info.get("torch_threads"),   # the GPU process's torch CPU threads
         # pinned (page-locked) host memory: what the GPU process registered with CUDA, the peak
         # seen (machine-wide FOLL_PIN counters, else per-process VmLck/VmPin), and what was still
         # pinned after every process exited (0 = all returned; None where the kernel cannot say)
@@ -362,14 +363,49 @@ def cmd_bench(args) -> int:
     return 0
 
 
+# What `generate` and `bench` import before the supervisor takes over the signals: torch alone
+# takes seconds, and dataclasses compile their methods with exec().
+ENGINE_MODULES = ("torch", "tokenizers", "jinja2.sandbox", "ringllm.supervisor.supervisor", "ringllm.checkpoint.text",
+                  "ringllm.workers.model", "ringllm.workers.generation", "ringllm.workers.resident",
+                  "ringllm.workers.memory_plan", "ringllm.tools.demo_model")
+
+
+def _import_holding_signals(modules) -> None:
+    """Import with SIGINT and SIGTERM held back, then act on them. Raised inside an import, a
+    KeyboardInterrupt can be swallowed (the run went on after Ctrl-C), turn into another error,
+    print "Exception ignored" tracebacks, or, inside code run by exec(), make Python end itself
+    with SIGINT after our clean exit."""
+    import importlib
+    import signal
+
+    held = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: held.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(sig) is not signal.SIG_IGN}   # a background job's stays ignored
+    try:
+        for name in modules:
+            importlib.import_module(name)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if held and held[0] == signal.SIGINT:
+        raise KeyboardInterrupt
+    if held:
+        from ringllm.supervisor.supervisor import Terminated
+        raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if argv is None and args.command in ("generate", "bench"):
         from ringllm.workers.process_setup import set_process_name
         set_process_name("ringllm-sup")   # what ps shows for the supervisor (not when embedded)
-    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
-                        format="[ringllm] %(message)s", stream=sys.stderr)
+    from ringllm.workers.process_setup import configure_logging
+    configure_logging("[ringllm] %(message)s", getattr(args, "verbose", False))   # others' INFO stays quiet
     try:
+        if argv is None and args.command in ("generate", "bench"):
+            bench = ("ringllm.tools.bench",) if args.command == "bench" else ()
+            _import_holding_signals(ENGINE_MODULES + bench)
         if args.command == "generate":
             return cmd_generate(args)
         if args.command == "make-checkpoint":
