@@ -192,6 +192,37 @@ def _quiet_torch_without_numpy() -> None:
     os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [inherited, f"ignore:{message}:UserWarning"]))
 
 
+# What `generate` and `bench` import before the supervisor takes over the signals: torch alone
+# takes seconds, and dataclasses compile their methods with exec().
+ENGINE_MODULES = ("torch", "tokenizers", "jinja2.sandbox", "ringllm.supervisor.supervisor", "ringllm.checkpoint.text",
+                  "ringllm.workers.model", "ringllm.workers.generation", "ringllm.workers.resident",
+                  "ringllm.workers.memory_plan", "ringllm.tools.demo_model", "ringllm.generate", "ringllm.choose")
+
+
+def _import_holding_signals(modules) -> None:
+    """Import with SIGINT and SIGTERM held back, then act on them. Raised inside an import, a
+    KeyboardInterrupt can be swallowed (the run went on after Ctrl-C), turn into another error,
+    print "Exception ignored" tracebacks, or, inside code run by exec(), make Python end itself
+    with SIGINT after our clean exit."""
+    import importlib
+
+    held = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: held.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(sig) is not signal.SIG_IGN}   # a background job's stays ignored
+    try:
+        for name in modules:
+            importlib.import_module(name)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if held and held[0] == signal.SIGINT:
+        raise KeyboardInterrupt
+    if held:
+        from ringllm.supervisor.supervisor import Terminated
+        raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if argv is None:   # the command itself, not embedded in another program
@@ -199,9 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None and args.command in ("generate", "bench"):
         from ringllm.workers.process_setup import set_process_name
         set_process_name("ringllm-sup")   # what ps shows for the supervisor (not when embedded)
-    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
-                        format="[ringllm] %(message)s", stream=sys.stderr)
+    from ringllm.workers.process_setup import configure_logging
+    configure_logging("[ringllm] %(message)s", getattr(args, "verbose", False))   # others' INFO stays quiet
     try:
+        if argv is None and args.command in ("generate", "bench"):
+            bench = ("ringllm.tools.bench",) if args.command == "bench" else ()
+            _import_holding_signals(ENGINE_MODULES + bench)
         if args.command == "generate":
             from ringllm.generate import cmd_generate
             return cmd_generate(args)

@@ -31,10 +31,18 @@ class FaultPlan:
     kill_loader_when_ready: int = -1
     # ... and hold back the restart notice to the coordinator this long
     restart_notice_delay_s: float = 0.0
+    # supervisor: (loader index, N) pairs: SIGKILL each of that loader's first N processes as
+    # soon as it is ready (N deaths of that index in a row)
+    kill_loaders_when_ready: tuple[tuple[int, int], ...] = ()
 
     @property
     def chaos(self) -> tuple[int, float]:
         return self.chaos_seed, self.chaos_delay_s
+
+    def loader_kills(self, loader: int) -> int:
+        """How many of this loader's processes the supervisor kills when they report ready."""
+        kills = max((n for index, n in self.kill_loaders_when_ready if index == loader), default=0)
+        return max(kills, 1 if loader == self.kill_loader_when_ready else 0)
 
     def read_error_chunk(self, loader: int) -> int:
         """The chunk number at which this loader's read fails, -1 for none."""

@@ -133,6 +133,7 @@ def run_metrics(result, engine) -> dict:
         "wait_for_weights_s": g.get("wait_seconds"),
         "peak_gpu_bytes": g.get("peak_gpu_bytes"),
         "gpu_resident_layers": info.get("resident_layers"),
+        "torch_threads": info.get("torch_threads"),   # the GPU process's torch CPU threads
         # pinned (page-locked) host memory: what the GPU process registered with CUDA, the peak
         # seen (machine-wide FOLL_PIN counters, else per-process VmLck/VmPin), and what was still
         # pinned after every process exited (0 = all returned; None where the kernel cannot say)

@@ -6,9 +6,11 @@ watches them, and on any exit path stops them and unlinks everything.
       +-- loader x K    SSD -> ring slots (O_DIRECT)
       +-- gpu process   ring -> GPU group buffers -> Llama forward -> tokens
 
-Shutdown escalates on one deadline: Shutdown message, then SIGTERM, then SIGKILL. Resources are
-unlinked in `finally`, so success, errors, Ctrl-C and SIGTERM all leave nothing behind. A loader
-that dies is restarted (its chunks are read again); one that keeps dying ends the run.
+Shutdown escalates on one deadline: Shutdown message, then SIGTERM, then SIGKILL (`_stop`).
+Resources are unlinked in `finally`, so success, errors, Ctrl-C and SIGTERM all leave nothing
+behind; a signal that arrives while that cleanup runs is remembered, never raised. A loader that
+dies is restarted (its chunks are read again); one that keeps dying, or that reported a Fatal
+error, ends the run.
 """
 from __future__ import annotations
 
@@ -31,8 +33,8 @@ from ringllm.checkpoint.layout import ModelLayout
 from ringllm.config import DRAM_HEADROOM, EngineConfig
 from ringllm.faults import NO_FAULTS, FaultPlan
 from ringllm.coordinator.process import CoordinatorArgs, coordinator_main
-from ringllm.shm.channel import (Channel, Fatal, Finished, LoaderRestarted, Ready, Shutdown, Stats, StatsRequest,
-                                 TokenRows, Tokens)
+from ringllm.shm.channel import (QUEUE_MESSAGES, Channel, Fatal, Finished, LoaderRestarted, Ready, Shutdown, Stats,
+                                 StatsRequest, TokenRows, Tokens)
 from ringllm.shm.resources import (SHM_DIR, RunNames, new_run_id, pinned_above, run_id_of, sweep, system_pinned_bytes,
                                    unlink_all)
 from ringllm.shm.ring import Ring, ring_bytes
@@ -43,9 +45,18 @@ from ringllm.workers.loader import LoaderArgs, loader_main
 
 log = logging.getLogger("ringllm")
 
-STARTUP_TIMEOUT_S = 300.0
-STOP_DEADLINE_S = 3.0
-MAX_LOADER_RESTARTS_PER_MINUTE = 3
+MAX_LOADER_RESTARTS_PER_MINUTE = 3    # for each loader index
+# Stopping the children (`_stop`): one budget from the Shutdown message to SIGKILL.
+SHUTDOWN_GRACE_S = 2.0    # children read their queues at least every 0.5 s; then SIGTERM
+STOP_BASE_S = 5.0         # the whole budget when no memory is registered with CUDA
+# SIGKILL must not land while the GPU process unpins the ring (cudaHostUnregister; SIGTERM is
+# harmless there: Python runs its handler after the call returns). Pinning took 8.8-9.8 s for a
+# 19.1 GiB ring on an H200 host, page faults included (register_seconds in docs/bench/h200-*.json),
+# about 0.5 s/GiB. Unpinning only drops page references and IOMMU mappings, several times faster;
+# we allow half the pinning rate, so a 100 GiB ring gets 5 + 25 s. The wait ends as soon as the
+# processes are gone, so the margin costs nothing when they exit promptly.
+UNPIN_S_PER_GIB = 0.25
+REAP_AFTER_KILL_S = 2.0   # SIGKILLed processes are gone within this, unless stuck in the kernel
 
 
 @dataclass
@@ -86,6 +97,11 @@ def plan_ring(layout: ModelLayout, engine: EngineConfig):
     plans = plan_model(layout, engine.merge_gap)
     size = slot_size(plans)
     return plans, size, ring_bytes(engine.ring_slots, size, engine.loaders)
+
+
+def stop_budget_s(registered_bytes: int) -> float:
+    """Seconds from the Shutdown message to SIGKILL for a run that registered this much memory."""
+    return STOP_BASE_S + UNPIN_S_PER_GIB * registered_bytes / 2**30
 
 
 def check_dram(total: int, engine: EngineConfig) -> None:
@@ -134,10 +150,14 @@ class Supervisor:
         self.channels: dict[str, Channel] = {}
         self.ring: Ring | None = None
         self.procs: dict[str, subprocess.Popen] = {}
-        self.restarts: deque[float] = deque()
+        self.ready: set[str] = set()      # keys of self.procs that reported Ready: they read their queue
+        self.deaths: dict[int, deque[float]] = {i: deque() for i in range(engine.loaders)}   # per loader
+        self.pending: deque = deque()     # inbox messages read ahead by _fatal_pending, handled first
         self.loader_epochs = [0] * engine.loaders
         self.result = RunResult()
-        self.signalled: int | None = None
+        self.signalled: int | None = None     # the first SIGINT / SIGTERM: it decides the exit code
+        self.stopping = False                 # cleanup runs (a signal now says it is under way)
+        self.told_stopping = False
         self.page: StatsPage | None = None
         self.tokens_seen = 0
         self._sampled_at = 0.0
@@ -159,6 +179,7 @@ class Supervisor:
         signal.signal(signal.SIGINT, self._on_signal)
         try:
             self._create()
+            self._raise_if_signalled()
             self._start_all(prompts, max_new_tokens, sampling, eos_ids)
             self.result.outputs = [[] for _ in prompts]
             finished = [False] * len(prompts)
@@ -173,20 +194,34 @@ class Supervisor:
                 on_tokens(tokens)
 
             self._serve(collect)
-            return self.result
         finally:
-            self._stop()
-            self._unlink()
-            self._account_pinned(final=True)
-            self.result.wall_s = time.monotonic() - self._run_started
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            # Signals are not raised from here on (_raise_if_signalled is not called until the
+            # end), so the cleanup finishes whatever arrives.
+            self.stopping = True
+            try:
+                self._stop()
+            finally:
+                self._unlink()
+                self._account_pinned(final=True)
+                self.result.wall_s = time.monotonic() - self._run_started
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+        self._raise_if_signalled()   # a signal during the cleanup of a run that ended well
+        return self.result
 
     def _on_signal(self, signum, frame):
-        # Remember it as well as raising: a signal that lands inside a message-queue wait comes
-        # back from posix_ipc as SignalError, which replaces the exception raised here.
-        self.signalled = signum
-        self._raise_if_signalled()
+        # Only remembered here; _raise_if_signalled raises it where the supervisor checks: the
+        # serve loop (at least every 0.1 s: a signal also ends the queue wait), after each spawn,
+        # after the cleanup. Raised from the handler, a KeyboardInterrupt lands in whatever code
+        # runs: inside a library it can be swallowed or printed as "Exception ignored", between
+        # Popen and self.procs it would orphan a child, and during cleanup it would skip the
+        # unlinking. The first signal decides the exit code (130 / 143).
+        if self.signalled is None:
+            self.signalled = signum
+        if self.stopping and not self.told_stopping:
+            self.told_stopping = True    # os.write: logging is not safe inside a handler
+            os.write(2, b"[ringllm] stopping: waiting for the processes, then removing the ring, "
+                        b"the queues and the manifest\n")
 
     def _raise_if_signalled(self):
         if self.signalled == signal.SIGTERM:
@@ -214,10 +249,22 @@ class Supervisor:
                  self.slot_size / 2**20, self.ring_total / 2**30, self.names.segment, self.engine.loaders)
 
     def _spawn(self, key: str, target, args) -> None:
-        proc = subprocess.Popen([sys.executable, "-m", "ringllm.workers.child"], stdin=subprocess.PIPE)
+        # The child starts with SIGINT blocked: Ctrl-C reaches the whole foreground process
+        # group, and one landing while the child's interpreter still imports would print a
+        # KeyboardInterrupt traceback. The mask survives fork and exec; child_start ignores
+        # SIGINT, then unblocks it (the one pending is discarded). Here a SIGINT only waits for
+        # the unblock. (PR_SET_PDEATHSIG needs code in the child: child_start arms it and then
+        # checks that we are still its parent.)
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "ringllm.workers.child"], stdin=subprocess.PIPE)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         self.procs[key] = proc
+        self.ready.discard(key)
         proc.stdin.write(pickle.dumps((target.__module__, target.__name__, args)))
         proc.stdin.close()
+        self._raise_if_signalled()
 
     def _loader_args(self, index: int) -> LoaderArgs:
         n = self.names
@@ -258,25 +305,25 @@ class Supervisor:
         return update, bar.stop
 
     def _serve(self, on_tokens) -> None:
-        ready: set[str] = set()
         started = time.monotonic()
         bar_update, bar_stop = self._first_pass_bar()
         try:
-            self._serve_loop(on_tokens, ready, started, bar_update, bar_stop)
+            self._serve_loop(on_tokens, started, bar_update, bar_stop)
         finally:
             bar_stop()
 
-    def _serve_loop(self, on_tokens, ready, started, bar_update, bar_stop) -> None:
+    def _serve_loop(self, on_tokens, started, bar_update, bar_stop) -> None:
         token_rows = TokenRows()
         while True:
-            msg = self.inbox.receive(timeout=0.1)
+            msg = self.pending.popleft() if self.pending else self.inbox.receive(timeout=0.1)
             self._raise_if_signalled()
             if not self.tokens_seen:
                 bar_update()
             if isinstance(msg, Ready):
-                ready.add(f"{msg.role}{msg.index if msg.role == 'loader' else ''}")
-                if msg.role == "loader" and msg.index == self.faults.kill_loader_when_ready \
-                        and self.loader_epochs[msg.index] == 0:
+                key = f"{msg.role}{msg.index if msg.role == 'loader' else ''}"
+                if msg.info.get("pid") == self.procs[key].pid:     # not a restarted loader's predecessor
+                    self.ready.add(key)
+                if msg.role == "loader" and self.loader_epochs[msg.index] < self.faults.loader_kills(msg.index):
                     os.kill(msg.info["pid"], signal.SIGKILL)
                 if msg.role == "gpu":
                     self.result.startup_wall_s = time.monotonic() - self._run_started
@@ -306,8 +353,8 @@ class Supervisor:
                 return
             self._watch()
             self._sample_memory()
-            if "gpu" not in ready and time.monotonic() - started > STARTUP_TIMEOUT_S:
-                raise RingllmError(f"the GPU process did not become ready within {STARTUP_TIMEOUT_S:.0f} s")
+            if "gpu" not in self.ready and time.monotonic() - started > self.engine.startup_timeout_s:
+                raise RingllmError(f"the GPU process did not become ready within {self.engine.startup_timeout_s:.0f} s")
 
     def _sample_memory(self) -> None:
         now = time.monotonic()
@@ -343,16 +390,23 @@ class Supervisor:
             code = proc.poll()
             if code is None:
                 continue
+            if self._fatal_pending():
+                return    # the serve loop ends the run at that message, with its sender's words
             if not key.startswith("loader"):
                 raise RingllmError(f"the {key} process exited unexpectedly (exit code {code})")
-            now = time.monotonic()
-            self.restarts.append(now)
-            while self.restarts and now - self.restarts[0] > 60:
-                self.restarts.popleft()
-            if len(self.restarts) > MAX_LOADER_RESTARTS_PER_MINUTE:
-                raise RingllmError(f"{key} died {len(self.restarts)} times within a minute (last exit code "
-                                   f"{code}); giving up")
             index = int(key[len("loader"):])
+            # Each loader index has its own budget. It guards against one loader that keeps dying
+            # (its chunk, its disk region, a bug it keeps hitting); shared, K loaders that each
+            # died once (an OOM killer picking among them) would end a run that is recovering, and
+            # the message would name whichever died last. A failure that hits every loader still
+            # ends the run soon: each one uses up its own budget at the same pace.
+            now, deaths = time.monotonic(), self.deaths[index]
+            deaths.append(now)
+            while deaths and now - deaths[0] > 60:
+                deaths.popleft()
+            if len(deaths) > MAX_LOADER_RESTARTS_PER_MINUTE:
+                raise RingllmError(f"{key} died {len(deaths)} times within a minute (last exit code "
+                                   f"{code}); giving up")
             log.warning("%s died (exit code %s); starting a new one and re-reading its chunks", key, code)
             self.result.loader_restarts += 1
             # The new process has the next epoch: it skips the jobs still queued for the dead one
@@ -366,40 +420,65 @@ class Supervisor:
             time.sleep(self.faults.restart_notice_delay_s)
             self.channels[self.names.coord_queue].send(LoaderRestarted(index, self.loader_epochs[index]), timeout=5)
 
+    def _fatal_pending(self) -> bool:
+        """Whether a Fatal report waits in our inbox; read before a dead child is judged. A child's
+        messages are queued before it exits (mq_send returns once the message is in the queue,
+        blocking while the queue is full), so all a dead child sent is among the at most
+        QUEUE_MESSAGES messages queued now. A loader that reported Fatal is never restarted."""
+        for _ in range(QUEUE_MESSAGES):
+            msg = self.inbox.receive(timeout=0)
+            if msg is None:
+                break
+            self.pending.append(msg)
+        return any(isinstance(m, Fatal) for m in self.pending)
+
     def _coordinator_stats(self) -> dict:
         self.channels[self.names.coord_queue].send(StatsRequest(), timeout=5)
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             msg = self.inbox.receive(timeout=0.1)
+            self._raise_if_signalled()
             if isinstance(msg, Stats):
                 return msg.stats
         return {}
 
     def _stop(self) -> None:
+        """Stop every child on one deadline, stop_budget_s(ring) from the Shutdown message:
+          t = 0       Shutdown to every child's queue; SIGTERM at once to a child that has not
+                      reported Ready (it may not read its queue yet: still importing)
+          t = grace   SIGTERM to those still alive (a GPU process in a long forward pass reads no
+                      queue; its handler raises SystemExit, so its `finally` unregisters the ring)
+          t = budget  SIGKILL to those still alive, then reap them for REAP_AFTER_KILL_S
+        Signals to the supervisor do not interrupt this (run() sets self.stopping first)."""
         if not self.procs:
             return
+        t0 = time.monotonic()
+        budget = stop_budget_s(self.ring_total if self.device == "cuda" else 0)   # only CUDA registers it
         for name, ch in self.channels.items():
             if name != self.names.sup_queue:
                 ch.try_send(Shutdown())
-        # one deadline for the polite request, one for SIGTERM, then SIGKILL
-        for signal_next in (lambda p: p.terminate(), lambda p: p.kill()):
-            deadline = time.monotonic() + STOP_DEADLINE_S
-            for proc in self.procs.values():
-                try:
-                    proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    pass
-            alive = [p for p in self.procs.values() if p.poll() is None]
-            if not alive:
-                break
-            for proc in alive:
-                signal_next(proc)
+        for key, proc in self.procs.items():
+            if key not in self.ready:
+                proc.terminate()
+        for key in self._wait_for_exit(t0 + SHUTDOWN_GRACE_S):
+            self.procs[key].terminate()
+        alive = self._wait_for_exit(t0 + budget)
+        if alive:
+            log.warning("%s still running %.0f s after Shutdown; killing", ", ".join(alive), budget)
+        for key in alive:
+            self.procs[key].kill()
+        for key in self._wait_for_exit(time.monotonic() + REAP_AFTER_KILL_S):
+            log.error("%s (pid %d) did not exit after SIGKILL", key, self.procs[key].pid)
+        self.procs.clear()
+
+    def _wait_for_exit(self, deadline: float) -> list[str]:
+        """Reap children until the deadline; return the keys of those still running."""
         for proc in self.procs.values():
             try:
-                proc.wait(timeout=STOP_DEADLINE_S)
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                log.error("process %d did not exit after SIGKILL", proc.pid)
-        self.procs.clear()
+                pass
+        return [key for key, proc in self.procs.items() if proc.poll() is None]
 
     def _unlink(self) -> None:
         if self.names is None:

@@ -17,6 +17,7 @@ from ringllm.checkpoint.errors import RingllmError
 from ringllm.checkpoint.layout import load_layout
 from ringllm.config import build_config
 from ringllm.faults import FaultPlan
+from ringllm.shm.channel import Fatal
 from ringllm.supervisor.supervisor import Supervisor
 from tests.conftest import make_model_dir
 from tests.test_lifecycle import ALL, assert_nothing_left, long_run_model, start, wait_for_children  # noqa: F401
@@ -209,4 +210,67 @@ def test_work_sent_to_a_dead_loader_is_read_once(small):
     assert result.outputs == resident_tokens(small, [[4, 5, 6]], 12)
     assert result.loader_restarts == 1
     assert result.coordinator["stale_chunk_reports"] == 0
+    assert_run_cleaned(sup)
+
+
+def test_each_loader_has_its_own_restart_budget(small):
+    """Two loaders that die twice each: four deaths within a minute, but no loader died more
+    than 3 times, so the run goes on and its tokens are the resident engine's."""
+    sup = Supervisor(load_layout(small), build_config(loaders=2, cpu_cap=2, gpu_ahead_layers=1), "cpu", "float32",
+                     faults=FaultPlan(kill_loaders_when_ready=((0, 2), (1, 2))))
+    result = sup.run([[4, 5, 6]], 8, SamplingParams(), (), lambda t: None)
+    assert result.outputs == resident_tokens(small, [[4, 5, 6]], 8)
+    assert result.loader_restarts == 4
+    assert_run_cleaned(sup)
+
+
+def test_the_loader_named_in_giving_up_is_the_one_that_died(small):
+    sup = Supervisor(load_layout(small), build_config(loaders=2, cpu_cap=2, gpu_ahead_layers=1), "cpu", "float32",
+                     faults=FaultPlan(kill_loaders_when_ready=((1, 9),)))
+    with pytest.raises(RingllmError, match=r"^loader1 died 4 times within a minute .*giving up"):
+        sup.run([[4, 5, 6]], 8, SamplingParams(), (), lambda t: None)
+    assert sup.result.loader_restarts == 3
+    assert_run_cleaned(sup)
+
+
+class FatalAfterExit:
+    """The supervisor's inbox as it is when a loader's exit is noticed before its Fatal is read
+    (the Fatal waits behind other messages): a loader's Fatal comes out only after its process
+    has exited, and one receive() later than it arrived."""
+
+    def __init__(self, sup: Supervisor, inbox):
+        self.sup, self.inbox, self.held = sup, inbox, None
+
+    def receive(self, timeout):
+        if self.held is not None:
+            msg, self.held = self.held, None
+            return msg
+        msg = self.inbox.receive(timeout)
+        if isinstance(msg, Fatal) and msg.role == "loader":
+            self.sup.procs[f"loader{msg.index}"].wait(timeout=10)
+            self.held = msg
+            return None
+        return msg
+
+    def __getattr__(self, name):
+        return getattr(self.inbox, name)
+
+
+@pytest.mark.parametrize("order", ["as it comes", "exit seen first"])
+def test_loader_that_reported_fatal_is_not_restarted(small, monkeypatch, order):
+    """An injected EIO: the loader sends Fatal and exits. However the supervisor learns of it
+    first, the run ends with the loader's own read error and no restart."""
+    if order == "exit seen first":
+        create = Supervisor._create
+
+        def create_with_late_fatal(self):
+            create(self)
+            self.inbox = FatalAfterExit(self, self.inbox)
+        monkeypatch.setattr(Supervisor, "_create", create_with_late_fatal)
+    sup = Supervisor(load_layout(small), build_config(loaders=2, cpu_cap=2, gpu_ahead_layers=1), "cpu", "float32",
+                     faults=FaultPlan(read_errors=((0, 0),)))
+    with pytest.raises(RingllmError, match=r"^loader0: .*model\.safetensors: read error at offset \d+ "
+                                           r"\(injected read error\)$"):
+        sup.run([[4, 5, 6]], 8, SamplingParams(), (), lambda t: None)
+    assert sup.result.loader_restarts == 0
     assert_run_cleaned(sup)

@@ -13,6 +13,7 @@ import posix_ipc
 import psutil
 import pytest
 
+from ringllm.supervisor.supervisor import REAP_AFTER_KILL_S, STOP_BASE_S
 from tests.conftest import make_model_dir
 
 
@@ -117,3 +118,80 @@ def test_killed_loader_is_restarted_and_tokens_are_unchanged(long_run_model):
     assert out == reference.stdout[1:]            # the first byte was read by wait_for_tokens
     assert sum("ringllm-load1 died" in line or "loader1 died" in line for line in err.splitlines()) == 1
     assert_nothing_left(run_id, kids)
+
+
+@pytest.mark.parametrize("first,second,code", [(signal.SIGINT, signal.SIGINT, 130),
+                                               (signal.SIGINT, signal.SIGTERM, 130),
+                                               (signal.SIGTERM, signal.SIGINT, 143)])
+def test_more_signals_during_shutdown_do_not_stop_the_cleanup(long_run_model, first, second, code):
+    """Ctrl-C pressed again (or a SIGTERM) while the supervisor is stopping its children: the
+    first signal decides the exit code, and the cleanup still removes everything."""
+    proc = start(long_run_model)
+    kids, run_id = wait_for_children(proc, ALL)
+    wait_for_tokens(proc)
+    # A GPU process that does not respond: stopped, it reads no Shutdown and acts on no SIGTERM,
+    # so the supervisor's shutdown lasts until it sends SIGKILL at the end of its deadline.
+    kids["ringllm-gpu"].suspend()
+    try:
+        proc.send_signal(first)
+        t0 = time.monotonic()
+        for pause in (0.5, 2.0):          # while Shutdown is pending, then after SIGTERM went out
+            time.sleep(pause)
+            assert proc.poll() is None, "the supervisor exited while its GPU process was still alive"
+            proc.send_signal(second)
+        _, err = proc.communicate(timeout=60)
+        elapsed = time.monotonic() - t0
+    finally:
+        for k in kids.values():           # without the fix the stopped process stays behind
+            if k.is_running():
+                k.kill()
+    assert proc.returncode == code, err
+    assert "Traceback" not in err, err
+    assert_nothing_left(run_id, kids)
+    # SIGKILL only at the end of the budget (no memory registered on the CPU), not before
+    assert STOP_BASE_S <= elapsed < STOP_BASE_S + REAP_AFTER_KILL_S + 3, err
+
+
+def start_in_own_group(model_dir):
+    """`start`, in a process group of its own: killpg then reaches the supervisor and its
+    children at once, as a terminal's Ctrl-C reaches the foreground process group. SIGINT at
+    its default, as in a terminal (a shell's background job would inherit it ignored)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "ringllm", "generate", "--model", str(model_dir), "--device", "cpu",
+         "--no-chat", "--prompt", "w5 w6", "--max-new-tokens", "400", "--loaders", "2",
+         "--set", "CPU_CAP_VALUE=2", "--set", "GPU_AHEAD_LAYERS=1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, process_group=0,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+EARLY = [("supervisor start", 0.5), ("supervisor start", 1.0), ("children spawned", 0.0),
+         ("children spawned", 0.2), ("children spawned", 0.5), ("children spawned", 1.0)]
+
+
+@pytest.mark.parametrize("sig,after,delay", [(signal.SIGINT, *moment) for moment in EARLY] +
+                         [(signal.SIGTERM, *moment) for moment in EARLY if moment[0] == "children spawned"])
+def test_early_signal_is_quiet(long_run_model, sig, after, delay):
+    """Ctrl-C (or a SIGTERM to the process group, as a service manager sends) while the supervisor
+    imports torch, or while the children are still starting (importing, attaching): one
+    `ringllm: interrupted` / `terminated` line, no traceback from any process. (Before the
+    supervisor has its handlers, SIGTERM simply ends it: exit status 143 to the shell.)"""
+    proc = start_in_own_group(long_run_model)
+    if after == "children spawned":
+        deadline = time.monotonic() + 60
+        while len(psutil.Process(proc.pid).children()) < len(ALL):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.005)
+    time.sleep(delay)
+    kids = {p.pid: p for p in psutil.Process(proc.pid).children()}
+    os.killpg(proc.pid, sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143}[sig], err
+    for needle in ("Traceback", "KeyboardInterrupt", "FakeTensor", "Exception ignored"):
+        assert needle not in err, err
+    lines = err.splitlines()
+    assert lines[-1] == {signal.SIGINT: "ringllm: interrupted", signal.SIGTERM: "ringllm: terminated"}[sig], err
+    assert all(line.startswith("[ringllm") for line in lines[:-1]), err
+    # the run id starts with the supervisor's pid: no segment, stats page or manifest of it
+    assert not [p for p in Path("/dev/shm").iterdir() if p.name.startswith(f"ringllm-{proc.pid}-")]
+    psutil.wait_procs(list(kids.values()), timeout=10)
+    assert not [k for k in kids.values() if k.is_running() and k.status() != psutil.STATUS_ZOMBIE]

@@ -11,7 +11,7 @@ from ringllm.faults import NO_FAULTS, FaultPlan
 from ringllm.shm.channel import Channel, Fatal, Finished, Mark, Ready, ResidentLayers, token_messages
 from ringllm.shm.ring import Ring, prefault
 from ringllm.shm.stats import StatsPage
-from ringllm.workers.process_setup import child_start
+from ringllm.workers.process_setup import apply_torch_threads, child_start
 
 log = logging.getLogger("ringllm.gpu")
 
@@ -81,6 +81,8 @@ def gpu_main(args: GpuArgs) -> None:
     child_start("ringllm-gpu", args.parent_pid, args.verbose)
     import torch
 
+    torch_threads = apply_torch_threads(torch)   # before torch runs anything in parallel
+
     from ringllm.workers.generation import Sampler, generate
     from ringllm.workers.model import Llama
     from ringllm.workers.resident import load_groups, load_resident_weights
@@ -97,7 +99,7 @@ def gpu_main(args: GpuArgs) -> None:
     registered = False
     reader = InboxReader(inbox)
     try:
-        info = {"pid": os.getpid(), "device": str(device)}
+        info = {"pid": os.getpid(), "device": str(device), "torch_threads": torch_threads}
         if cuda:
             torch.cuda.set_device(device)
             free, total = torch.cuda.mem_get_info(device)
