@@ -374,15 +374,18 @@ class Supervisor:
 
     def _account_pinned(self, final: bool = False) -> None:
         """Machine-wide pinned bytes against the level before the run (other pinning on the
-        machine shows up too; the GPU machines we verify on run nothing else)."""
+        machine shows up too; the GPU machines we verify on run nothing else). Only on a GPU: on
+        the cpu the run registers nothing, and the machine-wide count moves with other programs'
+        O_DIRECT reads (they pin pages while they run), which would be no news of ours."""
+        if self.device != "cuda":
+            return
         now = system_pinned_bytes()
         if now is None or self._pinned_before is None:
             return
         above = max(0, now - self._pinned_before)
         self.result.pinned_peak_bytes = max(self.result.pinned_peak_bytes or 0, above)
-        if final:   # on a GPU, give the driver its moment to return the last pages
-            settle = above and self.device == "cuda"
-            self.result.pinned_left_bytes = pinned_above(self._pinned_before) if settle else above
+        if final:   # give the driver its moment to return the last pages
+            self.result.pinned_left_bytes = pinned_above(self._pinned_before) if above else 0
 
     def _watch(self) -> None:
         """Notice dead children: restart a loader (within limits), end the run for anything else."""
@@ -412,6 +415,8 @@ class Supervisor:
             # The new process has the next epoch: it skips the jobs still queued for the dead one
             # (the coordinator may even add some before it hears of the restart) and the
             # coordinator re-issues everything the dead one held under the new epoch.
+            # [P15] next epoch, the dead one's ring record cleared, then the new process, then the
+            # coordinator told (it re-issues what the dead one held).
             self.loader_epochs[index] += 1
             # The dead process writes nothing more; a write record it left would read as a late
             # write into its slot once that slot is reassigned (shm.ring: late writes).

@@ -54,7 +54,7 @@ def child_start(name: str, parent_pid: int, verbose: bool = False) -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)      # [P16] die with the supervisor
     except (OSError, AttributeError):
         pass
     if os.getppid() != parent_pid:    # the parent died before the death signal was armed
