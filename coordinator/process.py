@@ -180,7 +180,7 @@ def coordinator_main(args: CoordinatorArgs) -> None:
     ring = Ring.attach(args.ring_name)
     inbox = Channel(args.inbox)
     coord = Coordinator(args, ring, [Outbox(Channel(q)) for q in args.loader_queues], Outbox(Channel(args.gpu_queue)),
-                        Channel(args.sup_queue))
+                        Channel(args.sup_queue, stop_requested=stop_requested))
     try:
         coord.sup.send(Ready("coordinator", 0, {"pid": os.getpid()}))
         running = True

@@ -214,8 +214,11 @@ def decode(data: bytes):
 class Channel:
     """One queue end. The owner (supervisor) creates and unlinks; everyone else opens by name."""
 
-    def __init__(self, name: str, create: bool = False):
-        self.name = name
+    def __init__(self, name: str, create: bool = False, stop_requested=None):
+        """stop_requested (children: process_setup.stop_requested) ends a blocked send once the
+        supervisor asked the process to stop: posix_ipc turns the signal inside the wait into
+        SignalError and drops the SystemExit its handler raised."""
+        self.name, self.stop_requested = name, stop_requested
         flags = posix_ipc.O_CREX if create else 0
         self.queue = posix_ipc.MessageQueue(name, flags, mode=0o600, max_messages=QUEUE_MESSAGES,
                                             max_message_size=MESSAGE_BYTES)
@@ -228,7 +231,11 @@ class Channel:
                 self.queue.send(data, timeout=timeout)
                 return
             except posix_ipc.SignalError:
-                continue   # interrupted by a signal whose handler did not raise: try again
+                # A SIGTERM from the supervisor lands here while the receiver is gone and its queue
+                # full (a loader reporting a chunk after the coordinator stopped): stop, don't wait.
+                if self.stop_requested is not None and self.stop_requested():
+                    raise SystemExit(143) from None
+                continue   # a signal whose handler did not ask us to stop: try again
 
     def try_send(self, msg) -> bool:
         try:

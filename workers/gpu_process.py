@@ -11,7 +11,7 @@ from ringllm.faults import NO_FAULTS, FaultPlan
 from ringllm.shm.channel import Channel, Fatal, Finished, Mark, Ready, ResidentLayers, token_messages
 from ringllm.shm.ring import Ring, prefault
 from ringllm.shm.stats import StatsPage
-from ringllm.workers.process_setup import apply_torch_threads, child_start
+from ringllm.workers.process_setup import apply_torch_threads, child_start, stop_requested
 
 log = logging.getLogger("ringllm.gpu")
 
@@ -89,7 +89,8 @@ def gpu_main(args: GpuArgs) -> None:
     from ringllm.workers.streaming import InboxReader, StreamingSource
     from ringllm.workers.weights import group_weights, torch_dtype
 
-    sup, coord, inbox = Channel(args.sup_queue), Channel(args.coord_queue), Channel(args.inbox)
+    sup, coord, inbox = (Channel(q, stop_requested=stop_requested)
+                         for q in (args.sup_queue, args.coord_queue, args.inbox))
     ring = Ring.attach(args.ring_name)
     ring_tensor = torch.frombuffer(ring.map, dtype=torch.uint8)
     device = torch.device(args.device)

@@ -156,7 +156,7 @@ def loader_main(args: LoaderArgs) -> None:
     name = f"ringllm-load{args.index}"
     child_start(name, args.parent_pid, args.verbose)
     ring = Ring.attach(args.ring_name)
-    inbox, coord, sup = Channel(args.inbox), Channel(args.coord_queue), Channel(args.sup_queue)
+    inbox, coord, sup = (Channel(q, stop_requested=stop_requested) for q in (args.inbox, args.coord_queue, args.sup_queue))
     writer = SlotWriter(args.index, ring, args.files)
     chunks = 0
     total_bytes, busy = 0, 0.0
