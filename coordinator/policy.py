@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from ringllm.shm.protocol import streamed_steps
 from ringllm.shm.ring import FREE, LOADING, READY
 
 
@@ -127,16 +128,10 @@ class RingPolicy:
         """Layers to hold, nearest first: the streamed steps from compute on, up to
         offset + cap of them (GPU-resident layers need no slot and do not count), plus wants."""
         c = self.compute_step
-        horizon = self.offset + self.cap
-        pass_end = (c // self.n + 1) * self.n
-        steps, step = [], c
-        if self.resident_layers < self.n:
-            while len(steps) < horizon and step < c + 2 * self.n:
-                if not self.ring_mode and step >= pass_end:
-                    break
-                if step % self.n >= self.resident_layers:
-                    steps.append(step)
-                step += 1
+        # the same count of streamed steps as the GPU process's look-ahead (shm.protocol); ring
+        # mode 0 stops at the end of the pass, and two passes are as far as a window can matter
+        end = (c // self.n + 1) * self.n if not self.ring_mode else c + 2 * self.n
+        steps = streamed_steps(c, self.offset + self.cap, self.n, self.resident_layers, end)
         out, seen = [], set()
         for s in sorted(set(steps) | set(self.wants)):
             layer = s % self.n

@@ -75,12 +75,27 @@ class EngineConfig:
     merge_gap: int = 1 << 20          # tensors of a layer closer than this in one shard are read in one go
     wait_timeout_s: float = 60.0      # longest any process waits on a peer before declaring it stuck
     startup_timeout_s: float = 300.0  # longest the supervisor waits for the GPU process to be ready
+    # Stopping the children (supervisor._stop): one budget from the Shutdown message to SIGKILL.
+    # SIGKILL must not land while the GPU process unpins the ring (cudaHostUnregister; SIGTERM is
+    # harmless there: Python runs its handler after the call returns). Pinning took 8.8-9.8 s for
+    # a 19.1 GiB ring on an H200 host, page faults included (register_seconds in
+    # docs/bench/h200-*.json), about 0.5 s/GiB. Unpinning only drops page references and IOMMU
+    # mappings, several times faster; we allow half the pinning rate, so a 100 GiB ring gets
+    # 5 + 25 s. The wait ends as soon as the processes are gone: the margin costs nothing.
+    stop_grace_s: float = 2.0         # children read their queues at least every 0.5 s; then SIGTERM
+    stop_base_s: float = 5.0          # the whole budget when no memory is registered with CUDA
+    unpin_s_per_gib: float = 0.25
+    reap_after_kill_s: float = 2.0    # SIGKILLed processes are gone within this, unless stuck in the kernel
 
     @property
     def ring_slots(self) -> int:
         return self.cpu_cap
 
     # --- derived values: the streaming code uses these, never the raw knobs they come from ----------
+    def stop_budget_s(self, registered_bytes: int) -> float:
+        """Seconds from the Shutdown message to SIGKILL for a run that registered this much memory."""
+        return self.stop_base_s + self.unpin_s_per_gib * registered_bytes / GIB
+
     @property
     def lookahead_layers(self) -> int:
         """Streamed layers ahead of compute the GPU process asks the ring for (whole-layer distance

@@ -46,17 +46,6 @@ from ringllm.workers.loader import LoaderArgs, loader_main
 log = logging.getLogger("ringllm")
 
 MAX_LOADER_RESTARTS_PER_MINUTE = 3    # for each loader index
-# Stopping the children (`_stop`): one budget from the Shutdown message to SIGKILL.
-SHUTDOWN_GRACE_S = 2.0    # children read their queues at least every 0.5 s; then SIGTERM
-STOP_BASE_S = 5.0         # the whole budget when no memory is registered with CUDA
-# SIGKILL must not land while the GPU process unpins the ring (cudaHostUnregister; SIGTERM is
-# harmless there: Python runs its handler after the call returns). Pinning took 8.8-9.8 s for a
-# 19.1 GiB ring on an H200 host, page faults included (register_seconds in docs/bench/h200-*.json),
-# about 0.5 s/GiB. Unpinning only drops page references and IOMMU mappings, several times faster;
-# we allow half the pinning rate, so a 100 GiB ring gets 5 + 25 s. The wait ends as soon as the
-# processes are gone, so the margin costs nothing when they exit promptly.
-UNPIN_S_PER_GIB = 0.25
-REAP_AFTER_KILL_S = 2.0   # SIGKILLed processes are gone within this, unless stuck in the kernel
 
 
 @dataclass
@@ -97,11 +86,6 @@ def plan_ring(layout: ModelLayout, engine: EngineConfig):
     plans = plan_model(layout, engine.merge_gap)
     size = slot_size(plans)
     return plans, size, ring_bytes(engine.ring_slots, size, engine.loaders)
-
-
-def stop_budget_s(registered_bytes: int) -> float:
-    """Seconds from the Shutdown message to SIGKILL for a run that registered this much memory."""
-    return STOP_BASE_S + UNPIN_S_PER_GIB * registered_bytes / 2**30
 
 
 def check_dram(total: int, engine: EngineConfig) -> None:
@@ -448,31 +432,31 @@ class Supervisor:
         return {}
 
     def _stop(self) -> None:
-        """Stop every child on one deadline, stop_budget_s(ring) from the Shutdown message:
+        """Stop every child on one deadline, EngineConfig.stop_budget_s(ring) from the Shutdown message:
           t = 0       Shutdown to every child's queue; SIGTERM at once to a child that has not
                       reported Ready (it may not read its queue yet: still importing)
           t = grace   SIGTERM to those still alive (a GPU process in a long forward pass reads no
                       queue; its handler raises SystemExit, so its `finally` unregisters the ring)
-          t = budget  SIGKILL to those still alive, then reap them for REAP_AFTER_KILL_S
+          t = budget  SIGKILL to those still alive, then reap them for reap_after_kill_s
         Signals to the supervisor do not interrupt this (run() sets self.stopping first)."""
         if not self.procs:
             return
         t0 = time.monotonic()
-        budget = stop_budget_s(self.ring_total if self.device == "cuda" else 0)   # only CUDA registers it
+        budget = self.engine.stop_budget_s(self.ring_total if self.device == "cuda" else 0)   # only CUDA registers it
         for name, ch in self.channels.items():
             if name != self.names.sup_queue:
                 ch.try_send(Shutdown())
         for key, proc in self.procs.items():
             if key not in self.ready:
                 proc.terminate()
-        for key in self._wait_for_exit(t0 + SHUTDOWN_GRACE_S):
+        for key in self._wait_for_exit(t0 + self.engine.stop_grace_s):
             self.procs[key].terminate()
         alive = self._wait_for_exit(t0 + budget)
         if alive:
             log.warning("%s still running %.0f s after Shutdown; killing", ", ".join(alive), budget)
         for key in alive:
             self.procs[key].kill()
-        for key in self._wait_for_exit(time.monotonic() + REAP_AFTER_KILL_S):
+        for key in self._wait_for_exit(time.monotonic() + self.engine.reap_after_kill_s):
             log.error("%s (pid %d) did not exit after SIGKILL", key, self.procs[key].pid)
         self.procs.clear()
 

@@ -13,8 +13,10 @@ import posix_ipc
 import psutil
 import pytest
 
-from ringllm.supervisor.supervisor import REAP_AFTER_KILL_S, STOP_BASE_S
+from ringllm.config import EngineConfig
 from tests.conftest import make_model_dir
+
+STOP_BASE_S, REAP_AFTER_KILL_S = EngineConfig.stop_base_s, EngineConfig.reap_after_kill_s
 
 
 @pytest.fixture
@@ -195,3 +197,24 @@ def test_early_signal_is_quiet(long_run_model, sig, after, delay):
     assert not [p for p in Path("/dev/shm").iterdir() if p.name.startswith(f"ringllm-{proc.pid}-")]
     psutil.wait_procs(list(kids.values()), timeout=10)
     assert not [k for k in kids.values() if k.is_running() and k.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_tests_judge_only_their_own_runs():
+    """The leftover check after every test (conftest.own_leftovers) blames a test for the runs it
+    started (in-process, or a child command: its manifest names us as the parent), never for
+    another ringllm run alive on the machine. Before, it blamed every new name in /dev/shm."""
+    from tests.conftest import own_leftovers
+
+    me = os.getpid()
+    before = {p.name for p in Path("/dev/shm").glob("ringllm-*")}
+    # pid 1 is alive and not ours: another user's run; a dead pid whose manifest names us: ours
+    foreign = Path("/dev/shm/ringllm-1-0badc0de.manifest")
+    ours = Path(f"/dev/shm/ringllm-{4_000_000 + me % 100_000}-0c0ffee0.manifest")
+    foreign.write_text(json.dumps({"pid": 1, "parent": 0, "segments": [], "queues": []}))
+    ours.write_text(json.dumps({"pid": 4_000_000 + me % 100_000, "parent": me, "segments": [], "queues": []}))
+    try:
+        left = own_leftovers(before)
+        assert ours.name in left and foreign.name not in left, left
+    finally:
+        foreign.unlink(missing_ok=True)
+        ours.unlink(missing_ok=True)
