@@ -8,9 +8,10 @@ are given; a contradiction is an error, not a silent choice.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 
 from ringllm.checkpoint.errors import RingllmError
+from ringllm.shm.slot_plan import DEFAULT_CHUNK_BYTES, MERGE_GAP
 
 GIB = 2 ** 30
 MAX_LOADERS = 64
@@ -70,9 +71,9 @@ class EngineConfig:
     loaders: int = 2
     gpu_mem: int | None = None        # bytes the GPU process may allocate; None = no cap
     # ringllm's own mechanics (no guide name; tests and benchmarks set them as fields)
-    chunk_bytes: int = 16 << 20       # a read job: K loaders share one layer in pieces this big
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES   # a read job: K loaders share one layer in pieces this big
     dispatch_depth: int = 2           # read jobs queued at each loader at once
-    merge_gap: int = 1 << 20          # tensors of a layer closer than this in one shard are read in one go
+    merge_gap: int = MERGE_GAP        # tensors of a layer closer than this in one shard are read in one go
     wait_timeout_s: float = 60.0      # longest any process waits on a peer before declaring it stuck
     startup_timeout_s: float = 300.0  # longest the supervisor waits for the GPU process to be ready
     # Stopping the children (supervisor._stop): one budget from the Shutdown message to SIGKILL.
@@ -271,7 +272,6 @@ def env_parameters() -> dict:
     return {k: v for k, v in os.environ.items() if k in PARAMETERS}
 
 
-FIELD_NAMES = [f.name for f in fields(EngineConfig)]
 
 
 def _is_rotational(path) -> bool:

@@ -59,7 +59,10 @@ def measure_group_copies(layout: ModelLayout, layers: list[int], device: torch.d
     cuda = device.type == "cuda"
     host = torch.empty(slots * slot, dtype=torch.uint8, pin_memory=cuda)
     host.fill_(1)
-    sizes = layout.max_group_bytes
+    views = {(layer, kind): GroupViews.plan(layout.group(layer, kind), plans[layer])
+             for layer in layers for kind in ("attn", "ffn")}
+    sizes = {kind: max(layout.max_group_bytes[kind], *(v.nbytes for (_, k), v in views.items() if k == kind))
+             for kind in ("attn", "ffn")}     # as workers.streaming sizes its buffers
     n_attn, n_ffn = group_budget
     buffers = {"attn": [torch.empty(sizes["attn"], dtype=torch.uint8, device=device) for _ in range(max(1, n_attn))],
                "ffn": [torch.empty(sizes["ffn"], dtype=torch.uint8, device=device) for _ in range(max(1, n_ffn))]}
@@ -70,7 +73,7 @@ def measure_group_copies(layout: ModelLayout, layers: list[int], device: torch.d
         for kind in ("attn", "ffn"):
             dst = used[kind] % len(buffers[kind])
             used[kind] += 1
-            for src, at, nbytes in GroupViews.plan(layout.group(layer, kind), plans[layer]).runs:
+            for src, at, nbytes in views[layer, kind].runs:
                 work.append((base + src, kind, dst, at, nbytes))
     pass_bytes = sum(w[4] for w in work)
     passes = max(1, -(-min_bytes // pass_bytes))

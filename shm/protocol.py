@@ -4,7 +4,9 @@ A *step* is `pass * N + layer`: the GPU process walks layers 0..N-1 once per for
 after pass, so steps only grow while layers wrap mod N. Layers below `resident` stay on the GPU
 for the whole run and never stream. The coordinator's window (coordinator.policy) and the GPU
 process's look-ahead (workers.scheduler) both count *streamed* steps from the compute step with
-`streamed_steps`, so the two ends always agree on what "k layers ahead" means.
+`streamed_steps`, so the two ends skip resident layers and stop at the same boundaries alike.
+They start differently on purpose: the coordinator's targets include the compute step itself
+(its layer must be in the ring), the GPU process's look-ahead counts the steps after it.
 """
 from __future__ import annotations
 

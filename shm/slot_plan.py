@@ -21,8 +21,6 @@ DEFAULT_CHUNK_BYTES = 16 << 20
 MERGE_GAP = 1 << 20   # EngineConfig.merge_gap's default: tensors closer than this in one file are read in one go
 
 
-
-
 @dataclass(frozen=True)
 class SlotRead:
     path: str

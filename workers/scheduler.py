@@ -110,6 +110,7 @@ class StreamScheduler:
         return out
 
     def in_flight(self, complete) -> int:
+        """Copies issued and not yet complete (`complete(g)` asks the copier)."""
         return sum(1 for c in self.copies.values() if not c.verified and not complete(c.g))
 
     def start_copies(self, in_flight: int) -> list[GroupCopy]:

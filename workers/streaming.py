@@ -98,7 +98,10 @@ class StreamingSource:
                       for layer in range(self.n)]
         self.cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
-        sizes = layout.max_group_bytes
+        # as the memory plan sizes them; a group laid out by its runs never needs more for a Llama
+        # checkpoint (the last tensor of each kind needs no padding), but never trust that
+        sizes = {kind: max(layout.max_group_bytes[kind], *(v[kind].nbytes for v in self.views))
+                 for kind in GROUP_KINDS}
         self.buffers = {kind: [torch.empty(sizes[kind], dtype=torch.uint8, device=device)
                                for _ in range(count)]
                         for kind, count in zip(GROUP_KINDS, engine.group_budget)}
@@ -112,12 +115,6 @@ class StreamingSource:
         self.logged_at = 0.0
         self.chaos_rng, self.chaos_delay = random.Random(chaos[0]), chaos[1]   # tests only
         self.page, self.published_at, self.tokens = stats_page, 0.0, 0
-
-    @staticmethod
-    def buffer_bytes(layout: ModelLayout, engine) -> int:
-        n_attn, n_ffn = engine.group_budget
-        sizes = layout.max_group_bytes
-        return n_attn * sizes["attn"] + n_ffn * sizes["ffn"]
 
     @property
     def resident_count(self) -> int:
@@ -162,9 +159,13 @@ class StreamingSource:
             if stop_requested():
                 raise SystemExit(143)
             if time.perf_counter() > deadline:
-                where = "copied to the device" if copy is not None else "in the ring"
-                raise StreamStalled(f"layer {layer} ({kind}) not {where} after {self.engine.wait_timeout_s:.0f} s: "
-                                    "the coordinator or the loaders are stuck")
+                if copy is not None:
+                    where = "copied to the device (the copy never completed)"
+                elif g // 2 in self.sched.offered:
+                    where = "copied: offered, but no copy could start (buffers, backlog or pair limit)"
+                else:
+                    where = "offered by the coordinator (the ring never held it)"
+                raise StreamStalled(f"layer {layer} ({kind}) not {where} after {self.engine.wait_timeout_s:.0f} s")
             self._receive(timeout=0.005 if copy is None else WAIT_POLL_S)
         if waited:
             self.stats.waits += 1
@@ -207,8 +208,7 @@ class StreamingSource:
         for offer in self.sched.releases():
             self.coord.send(Release(offer.step, offer.slot, offer.generation, compute),
                             timeout=self.engine.wait_timeout_s)
-        in_flight = sum(1 for c in self.sched.copies.values() if not c.verified and not self._complete(c.g))
-        for copy in self.sched.start_copies(in_flight):
+        for copy in self.sched.start_copies(self.sched.in_flight(self._complete)):
             self._copy(copy)
         self._log_groups()
         self.publish()
