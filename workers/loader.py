@@ -216,6 +216,11 @@ def _late_duplicate(writer: SlotWriter, job: ReadJob, done: ChunkDone, coord: Ch
     if not checked_first:
         coord.send(done, timeout=30)
         time.sleep(seconds)
+        # a duplicate, not a race: wait until the coordinator has taken the report in (on a
+        # loaded machine it may not have within `seconds`)
+        deadline = time.monotonic() + 30
+        while writer.loading(job) and time.monotonic() < deadline:
+            time.sleep(0.01)
         return writer.serve(job)
 
     def report_then_wait():
