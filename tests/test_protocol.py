@@ -159,16 +159,16 @@ def test_late_write_into_a_reassigned_slot_stops_the_run(four_layers):
 
 
 def test_late_duplicate_job_is_skipped_and_counted(four_layers):
-    """Loader 1 serves its first job a second time, 0.5 s after reporting it: by then the slot
-    has moved on, so the before-check skips it; the run gives the reference tokens and the
-    coordinator counts the skip."""
+    """Loader 1 serves its first job a second time, once the slot has moved on after its report
+    (at least 0.05 s later): the before-check skips it; the run gives the reference tokens and
+    the coordinator counts the skip (the run is long enough for the report to arrive)."""
     from ringllm.faults import FaultPlan
     from tests.test_streaming import resident_tokens
 
     steps = []
-    result = streaming_run(four_layers, FaultPlan(late_duplicate=(1, 0, 0.5)), 40, steps, loaders=2, cpu_cap=2,
+    result = streaming_run(four_layers, FaultPlan(late_duplicate=(1, 0, 0.05)), 200, steps, loaders=2, cpu_cap=2,
                            gpu_ahead_layers=1)
-    assert result.outputs == resident_tokens(four_layers, [PROMPT], 40)
+    assert result.outputs == resident_tokens(four_layers, [PROMPT], 200)
     assert result.coordinator["skipped_chunks"] == 1
     assert result.coordinator["stale_chunk_reports"] == 0
 
