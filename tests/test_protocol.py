@@ -68,6 +68,16 @@ def read_while_writing(writer: subprocess.Popen, read) -> tuple[int, list]:
     return reads, torn
 
 
+def assert_never_torn(writer_code: str, name: str, read) -> None:
+    """Rewrite the records of shared memory `name` in another process while reading them here:
+    enough reads, and none torn."""
+    writer = start_writer(writer_code, name)
+    reads, torn = read_while_writing(writer, read)
+    assert writer.returncode == 0
+    assert reads > 1000
+    assert not torn, f"{len(torn)} of {reads} reads torn, e.g. {torn[:5]}"
+
+
 def test_ring_slot_records_are_never_read_torn():
     from ringllm.shm.ring import Ring
 
@@ -75,11 +85,7 @@ def test_ring_slot_records_are_never_read_torn():
     ring = Ring.create(name, slot_count=2, slot_size=4096, loaders=1)
     ring.write_slot(0, 0, 0, 0)
     try:
-        writer = start_writer(RING_WRITER, name)
-        reads, torn = read_while_writing(writer, lambda: [ring.read_slot(0)])
-        assert writer.returncode == 0
-        assert reads > 1000
-        assert not torn, f"{len(torn)} of {reads} reads torn, e.g. {torn[:5]}"
+        assert_never_torn(RING_WRITER, name, lambda: [ring.read_slot(0)])
     finally:
         ring.close()
         posix_ipc.unlink_shared_memory(name)
@@ -98,11 +104,7 @@ def test_stats_records_are_never_read_torn():
                 (loader["bytes"], loader["busy_s"], loader["chunks"])]
 
     try:
-        writer = start_writer(STATS_WRITER, name)
-        reads, torn = read_while_writing(writer, read)
-        assert writer.returncode == 0
-        assert reads > 1000
-        assert not torn, f"{len(torn)} of {reads} reads torn, e.g. {torn[:5]}"
+        assert_never_torn(STATS_WRITER, name, read)
     finally:
         page.close()
         posix_ipc.unlink_shared_memory(name)
