@@ -37,6 +37,10 @@ class CoordinatorArgs:
     verbose: bool = False
     faults: FaultPlan = NO_FAULTS   # tests only
     stats_name: str = ""        # the run's stats page (shm.stats)
+    # GPU-resident layers as the supervisor estimates them: loading starts at once with it
+    # (the GPU process needs seconds to import torch and start CUDA before it can say); None:
+    # wait for the GPU process's ResidentLayers
+    resident_estimate: int | None = None
 
 
 class Coordinator:
@@ -65,7 +69,18 @@ class Coordinator:
         self.logged_layer = None
         self.logged_at = 0.0
         self.mark: dict | None = None
-        self.started = False          # no loads until the GPU process said which layers stream
+        # no loads until it is known which layers stream: the supervisor's estimate, or the GPU
+        # process's ResidentLayers (which wins: the policy adjusts to it)
+        self.started = False
+        if args.resident_estimate is not None:
+            self.policy.set_resident(args.resident_estimate)
+            self.started = True
+        # start-up: when the first read job went out, and when every streamed layer had been in
+        # the ring once (the first pass's disk reading), with the bytes read by then
+        self.first_job_at: float | None = None
+        self.filled_at: float | None = None
+        self.fill_bytes = 0
+        self.loaded_once: set[int] = set()
         self.offers_sent = 0
         self.page = StatsPage(args.stats_name) if args.stats_name else None
         self.header = [ring.read_slot(s) for s in range(ring.slot_count)]
@@ -90,12 +105,16 @@ class Coordinator:
             finished = self.jobs.done(msg.loader, msg.job)
             if finished is not None:
                 self.policy.loaded(*finished)
+                self._note_first_fill(self.policy.slots[finished[0]].layer)
         elif isinstance(msg, LoaderRestarted):
             # [P10] jobs sent before now are skipped by the new process; re-issue them under its epoch
             self.loader_epochs[msg.index] = msg.epoch
             n = self.jobs.requeue_loader(msg.index)
             log.warning("loader %d was restarted; %d chunk(s) it held are read again", msg.index, n)
         elif isinstance(msg, ResidentLayers):
+            if self.started and msg.count != self.policy.resident_layers:
+                log.info("the GPU process keeps %d layers (estimated %d); the ring adjusts", msg.count,
+                         self.policy.resident_layers)
             self.policy.set_resident(msg.count)
             self.started = True
         elif isinstance(msg, Mark):
@@ -105,6 +124,14 @@ class Coordinator:
         elif isinstance(msg, Shutdown):
             return False
         return True
+
+    def _note_first_fill(self, layer: int) -> None:
+        if self.filled_at is not None:
+            return
+        self.loaded_once.add(layer)
+        streamed = range(self.policy.resident_layers, self.args.num_layers)
+        if all(l in self.loaded_once for l in streamed):
+            self.filled_at, self.fill_bytes = time.monotonic(), self.bytes_read
 
     def _sync_header(self) -> None:
         """Mirror the policy's slot table into the ring header (state, layer, generation)."""
@@ -124,6 +151,7 @@ class Coordinator:
         for load in loads:
             self.jobs.add_load(load.slot, load.generation, self.chunks[load.layer])
         for loader, job in self.jobs.assign():
+            self.first_job_at = self.first_job_at or time.monotonic()
             c = job.chunk
             layer = self.policy.slots[job.slot].layer    # a LOADING slot keeps its layer (never evicted)
             self.loaders[loader].put(ReadJob(job.job, job.slot, job.generation, layer, self.file_index[c.path],
@@ -163,9 +191,14 @@ class Coordinator:
                 "direct_fallback_chunks": self.fallback_reads, "stale_chunk_reports": self.jobs.stale_reports,
                 "skipped_chunks": self.skipped_reads}
 
+    def startup(self) -> dict:
+        """time.monotonic() stamps of the ring's first fill (the supervisor makes them relative)."""
+        return {"first_job_at": self.first_job_at, "filled_at": self.filled_at, "fill_bytes": self.fill_bytes}
+
     def stats(self) -> dict:
         """Totals, and with a Mark the same counters since it (key 'since_mark')."""
         now = self.counters()
+        now["startup"] = self.startup()
         if self.mark is not None:
             now["since_mark"] = {k: now[k] - self.mark[k] for k in self.mark}
         return now

@@ -123,6 +123,8 @@ def run_metrics(result, engine) -> dict:
         "startup_s": result.startup_wall_s,          # engine start -> weights placed, ready to prefill
         "first_token_wall_s": result.first_token_wall_s,   # engine start -> first token
         "wall_s": result.wall_s,
+        # seconds of each start-up phase from the engine's start (they overlap; see README)
+        "startup": result.startup,
         "ring_hits": c.get("ring_hits"), "ring_misses": c.get("ring_misses"),
         "ring_loads": c.get("ring_loads"), "ring_evictions": c.get("ring_evictions"),
         "disk_bytes": c.get("disk_bytes"),
@@ -137,7 +139,7 @@ def run_metrics(result, engine) -> dict:
         # pinned (page-locked) host memory: what the GPU process registered with CUDA, the peak
         # seen (machine-wide FOLL_PIN counters, else per-process VmLck/VmPin), and what was still
         # pinned after every process exited (0 = all returned; None where the kernel cannot say)
-        "pinned_registered_bytes": info.get("registered_bytes", 0),
+        "pinned_registered_bytes": g.get("registered_bytes", 0),
         "pinned_bytes": max([result.pinned_peak_bytes or 0,
                              *(max(p["peak_locked"], p["peak_pinned"]) for p in result.processes.values())]),
         "pinned_left_after_run_bytes": result.pinned_left_bytes,

@@ -40,6 +40,7 @@ from ringllm.shm.resources import (SHM_DIR, RunNames, new_run_id, pinned_above, 
 from ringllm.shm.ring import Ring, ring_bytes
 from ringllm.shm.stats import DONE, RUNNING, StatsPage
 from ringllm.shm.slot_plan import file_table, plan_model, slot_size
+from ringllm.supervisor.startup import resident_estimate, startup_phases
 from ringllm.workers.gpu_process import GpuArgs, gpu_main
 from ringllm.workers.loader import LoaderArgs, loader_main
 
@@ -65,6 +66,7 @@ class RunResult:
     startup_wall_s: float | None = None
     first_token_wall_s: float | None = None
     wall_s: float | None = None
+    startup: dict = field(default_factory=dict)   # supervisor.startup.startup_phases
 
 
 def process_memory(pid: int) -> dict[str, int]:
@@ -147,6 +149,7 @@ class Supervisor:
         self._sampled_at = 0.0
         self._pinned_before: int | None = None
         self._run_started = time.monotonic()
+        self._first_token_at: float | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------
     def run(self, prompts, max_new_tokens: int, sampling, eos_ids,
@@ -258,10 +261,12 @@ class Supervisor:
 
     def _start_all(self, prompts, max_new_tokens, sampling, eos_ids) -> None:
         n, pid = self.names, os.getpid()
+        estimate = resident_estimate(self.layout, self.engine, len(prompts), max(map(len, prompts)) + max_new_tokens,
+                                     self.dtype, self.device)
         self._spawn("coordinator", coordinator_main, CoordinatorArgs(
             pid, n.segment, n.coord_queue, n.gpu_queue, n.sup_queue, tuple(n.loader_queues),
             self.layout.config.num_layers, tuple(self.plans), tuple(self.files), self.engine, self.verbose,
-            faults=self.faults, stats_name=n.stats_segment))
+            faults=self.faults, stats_name=n.stats_segment, resident_estimate=estimate))
         for i in range(self.engine.loaders):
             self._spawn(f"loader{i}", loader_main, self._loader_args(i))
         self._spawn("gpu", gpu_main, GpuArgs(
@@ -320,7 +325,8 @@ class Supervisor:
                 # (a big batch's step comes in several Tokens messages: this is its last)
                 if not self.tokens_seen:
                     bar_stop()
-                    self.result.first_token_wall_s = time.monotonic() - self._run_started
+                    self._first_token_at = time.monotonic()
+                    self.result.first_token_wall_s = self._first_token_at - self._run_started
                 self.tokens_seen += 1
                 self.page.supervisor(self.tokens_seen, os.getpid())
                 on_tokens(tokens)
@@ -331,6 +337,8 @@ class Supervisor:
                 self._sample_memory()
                 self.result.gpu = msg.stats
                 self.result.coordinator = self._coordinator_stats()
+                self.result.startup = startup_phases(self._run_started, msg.stats, self.result.coordinator,
+                                                     self._first_token_at)
                 warning = fallback_warning(self.result.coordinator)
                 if warning:
                     log.warning("%s", warning)

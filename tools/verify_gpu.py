@@ -161,7 +161,7 @@ def main() -> int:
         got = streamed(tiny, prompts, 16, "float32", loaders=loaders, cpu_cap=3, gpu_ahead_layers=2,
                        cpu_ring_offset=1, chunk_bytes=4096)
         ok = got.outputs == ref_res == ref_hf
-        rows.append(("tiny fp32, 7 layers, ring 3, K=%d" % loaders, ok, got.gpu_info.get("ring_pinned")))
+        rows.append(("tiny fp32, 7 layers, ring 3, K=%d" % loaders, ok, got.gpu.get("ring_pinned")))
         report["checks"].append({"case": rows[-1][0], "equal": ok, "streamed": got.outputs, "resident": ref_res,
                                  "transformers": ref_hf, "gpu_info": got.gpu_info, "gpu": got.gpu,
                                  "coordinator": got.coordinator})
@@ -180,7 +180,7 @@ def main() -> int:
         got = streamed(med, prompts, 32, "bfloat16", trace=trace_path, loaders=loaders, cpu_cap=cap,
                        gpu_ahead_layers=3, cpu_ring_offset=3)
         ok = got.outputs == ref_res
-        rows.append((f"medium bf16, 16 layers, ring {cap}, K={loaders}", ok, got.gpu_info.get("ring_pinned")))
+        rows.append((f"medium bf16, 16 layers, ring {cap}, K={loaders}", ok, got.gpu.get("ring_pinned")))
         report["checks"].append({"case": rows[-1][0], "equal": ok, "gpu_info": got.gpu_info, "gpu": got.gpu,
                                  "coordinator": got.coordinator, "wall_seconds": got.wall_seconds})
     ov = overlap_from_trace(trace)

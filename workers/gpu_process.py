@@ -1,5 +1,9 @@
-"""GPU process: the only process that touches CUDA. Maps the ring, registers it with CUDA once,
-loads the resident weights, runs generation with a StreamingSource and reports tokens."""
+"""GPU process: the only process that touches CUDA. Maps the ring, says which layers stay on the
+GPU (the coordinator may already be loading on the supervisor's estimate), registers the ring
+with CUDA slot by slot as the loaders fill it (workers.registrar), loads the GPU-resident
+weights and warms the kernels up while the disk fills the ring, runs generation with a
+StreamingSource and reports tokens. Each start-up phase is timed (`phases`, time.monotonic(),
+one clock for every process of the run)."""
 from __future__ import annotations
 
 import logging
@@ -9,9 +13,10 @@ from dataclasses import dataclass
 
 from ringllm.faults import NO_FAULTS, FaultPlan
 from ringllm.shm.channel import Channel, Fatal, Finished, Mark, Ready, ResidentLayers, token_messages
-from ringllm.shm.ring import Ring, prefault
+from ringllm.shm.ring import Ring
 from ringllm.shm.stats import StatsPage
 from ringllm.workers.process_setup import apply_torch_threads, child_start, stop_requested
+from ringllm.workers.registrar import SlotRegistrar
 
 log = logging.getLogger("ringllm.gpu")
 
@@ -37,22 +42,6 @@ class GpuArgs:
     profile_trace: str | None = None   # write a Chrome trace (torch.profiler) of the generation here
     fill_ring_first: bool = False  # bench: wait until the ring holds what it can before timing starts
     stats_name: str = ""           # the run's stats page (shm.stats)
-
-
-def _register(ring_tensor, nbytes: int) -> None:
-    import torch
-
-    err = torch.cuda.cudart().cudaHostRegister(ring_tensor.data_ptr(), nbytes, 0)
-    if int(err) != 0:
-        raise RuntimeError(f"cudaHostRegister of the {nbytes / 2**30:.1f} GiB ring failed (error {int(err)})")
-
-
-def _unregister(ring_tensor) -> None:
-    import torch
-
-    err = torch.cuda.cudart().cudaHostUnregister(ring_tensor.data_ptr())
-    if int(err) != 0:   # the pages stay pinned until this process exits
-        log.error("cudaHostUnregister of the ring failed (error %d)", int(err))
 
 
 def resident_layer_count(args: GpuArgs, device_type: str, free_bytes: int | None) -> int:
@@ -89,6 +78,8 @@ def gpu_main(args: GpuArgs) -> None:
     from ringllm.workers.streaming import InboxReader, StreamingSource
     from ringllm.workers.weights import group_weights, torch_dtype
 
+    t0 = time.monotonic()
+    phases = {"spawn": (None, t0)}       # name -> (start, end): time.monotonic(); spawn starts in the supervisor
     sup, coord, inbox = (Channel(q, stop_requested=stop_requested)
                          for q in (args.sup_queue, args.coord_queue, args.inbox))
     ring = Ring.attach(args.ring_name)
@@ -97,7 +88,7 @@ def gpu_main(args: GpuArgs) -> None:
     cuda = device.type == "cuda"
     if cuda and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    registered = False
+    registrar = SlotRegistrar(ring, ring_tensor, cuda)
     reader = InboxReader(inbox)
     try:
         info = {"pid": os.getpid(), "device": str(device), "torch_threads": torch_threads}
@@ -108,23 +99,20 @@ def gpu_main(args: GpuArgs) -> None:
             info.update(name=torch.cuda.get_device_name(device), free_bytes=free, total_bytes=total)
             if args.engine.gpu_mem is not None:
                 torch.cuda.set_per_process_memory_fraction(min(1.0, args.engine.gpu_mem / total), device)
-            t0 = time.perf_counter()
-            prefault(ring)
-            _register(ring_tensor, ring.nbytes)
-            registered = True
-            info["registered_bytes"] = ring.nbytes
-            info["register_seconds"] = time.perf_counter() - t0
-            # torch must see the ring as page-locked, or non_blocking copies from it go synchronous
-            info["ring_pinned"] = bool(ring_tensor[:1].is_pinned())
         dtype = torch_dtype(args.dtype)
         n = args.layout.config.num_layers
         keep = resident_layer_count(args, device.type, info.get("free_bytes"))
-        # first thing the coordinator hears: it starts filling the ring only after this
+        # The coordinator starts on the supervisor's estimate where there is one (it is exact
+        # unless it needed the free GPU memory), else on this message; it adjusts to it either way.
         coord.send(ResidentLayers(keep), timeout=args.engine.wait_timeout_s)
+        if cuda:
+            registrar.start()     # [P17] from now on filled slots get pinned, while the rest fill
+        phases["attach"] = (t0, time.monotonic())
+        t0 = time.monotonic()
         resident = load_resident_weights(args.layout, dtype, device, embed_on_host=cuda)
-        t0 = time.perf_counter()
         resident_groups = load_groups(args.layout, range(keep), dtype, device)
-        info.update(resident_layers=keep, resident_load_seconds=time.perf_counter() - t0)
+        phases["resident_load"] = (t0, time.monotonic())
+        info.update(resident_layers=keep, resident_load_seconds=phases["resident_load"][1] - t0)
         if keep:
             log.info("layers 0..%d stay on %s (%d of %d); the other %d stream", keep - 1,
                      "the GPU" if cuda else "cpu, loaded once", keep, n, n - keep)
@@ -132,7 +120,7 @@ def gpu_main(args: GpuArgs) -> None:
         page = StatsPage(args.stats_name) if args.stats_name else None
         source = StreamingSource(args.layout, list(args.plans), args.engine, ring, ring_tensor, device,
                                  coord, reader, resident=resident_groups, chaos=args.faults.chaos,
-                                 stats_page=page, passes=args.max_new_tokens)
+                                 stats_page=page, passes=args.max_new_tokens, registrar=registrar)
         sup.send(Ready("gpu", 0, info))
         model = Llama(args.layout.config, resident, source, dtype, device)
         # Pay the one-time kernel costs now, while the loaders fill the ring, not in the first pass.
@@ -142,17 +130,24 @@ def gpu_main(args: GpuArgs) -> None:
         else:
             warm_attn, warm_ffn = (group_weights(source.buffers[k][0], args.layout.group(0, k))
                                    for k in ("attn", "ffn"))
+        t0 = time.monotonic()
         model.warm_up_kernels(len(args.prompts), max(len(p) for p in args.prompts), warm_attn, warm_ffn)
+        if cuda:
+            torch.cuda.synchronize(device)
+        phases["warm_up"] = (t0, time.monotonic())
         if args.fill_ring_first:
             wait_for_ring(ring, min(ring.slot_count, n - keep), args.engine.wait_timeout_s)
             coord.send(Mark(), timeout=args.engine.wait_timeout_s)   # timed part starts here
         t_start = time.perf_counter()
+        first_pass_start = time.monotonic()
         if args.engine.warmup_layers:
             source.warm_up()
         token_at = []
 
         def on_tokens(tokens):
             token_at.append(time.perf_counter())   # after sampling: the pass is complete
+            if len(token_at) == 1:
+                phases["first_pass"] = (first_pass_start, time.monotonic())
             source.tokens += 1
             source.publish(force=True)
             for part in token_messages(tokens):     # a big batch does not fit one message
@@ -183,7 +178,10 @@ def gpu_main(args: GpuArgs) -> None:
                  "decode_seconds": (token_at[-1] - token_at[0]) if len(token_at) > 1 else 0.0,
                  "h2d_bytes": s.h2d_bytes, "h2d_copies": s.h2d_copies, "wait_seconds": s.wait_seconds,
                  "waits": s.waits, "groups_served": s.groups_served,
-                 "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if cuda else None}
+                 "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
+                 "phases": phases, **registrar.report(),
+                 # torch must see the ring as page-locked, or non_blocking copies from it go synchronous
+                 "ring_pinned": _slots_pinned(ring, ring_tensor, registrar) if cuda else None}
         sup.send(Finished(stats), timeout=args.engine.wait_timeout_s)
         reader.shutdown.wait(timeout=args.engine.wait_timeout_s)
     except SystemExit:
@@ -197,8 +195,18 @@ def gpu_main(args: GpuArgs) -> None:
         raise SystemExit(1)
     finally:
         reader.stop.set()
-        if registered:
+        registrar.stop.set()
+        if registrar.is_alive():
+            registrar.join(timeout=60)      # it is at most inside one slot's registration
+        if cuda:
             torch.cuda.synchronize(device)
-            _unregister(ring_tensor)
+            registrar.unregister_all()
         del ring_tensor
         ring.close()
+
+
+def _slots_pinned(ring: Ring, ring_tensor, registrar: SlotRegistrar) -> bool:
+    """Every registered slot reads as page-locked to torch (registration of one slot of the
+    shared segment is seen by torch exactly as a whole-ring registration was)."""
+    slots = [s for s, done in enumerate(registrar.registered) if done]
+    return bool(slots) and all(bool(ring_tensor[ring.slot_base(s):ring.slot_base(s) + 1].is_pinned()) for s in slots)

@@ -26,6 +26,7 @@ import queue
 import random
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -83,7 +84,7 @@ class StreamingSource:
     def __init__(self, layout: ModelLayout, plans: list[LayerPlan], engine, ring: Ring,
                  ring_tensor: torch.Tensor, device: torch.device, coord: Channel, inbox: InboxReader,
                  resident: dict | None = None, chaos: tuple[int, float] = (0, 0.0), stats_page=None,
-                 passes: int | None = None):
+                 passes: int | None = None, registrar=None):
         self.layout, self.engine = layout, engine
         self.ring, self.ring_tensor, self.device = ring, ring_tensor, device
         self.coord, self.inbox = coord, inbox
@@ -115,6 +116,9 @@ class StreamingSource:
         self.logged_at = 0.0
         self.chaos_rng, self.chaos_delay = random.Random(chaos[0]), chaos[1]   # tests only
         self.page, self.published_at, self.tokens = stats_page, 0.0, 0
+        # [P17] offers whose slot is not registered with CUDA yet wait here, in arrival order
+        self.registrar = registrar
+        self.unregistered: deque[SlotOffer] = deque()
 
     @property
     def resident_count(self) -> int:
@@ -163,6 +167,8 @@ class StreamingSource:
                     where = "copied to the device (the copy never completed)"
                 elif g // 2 in self.sched.offered:
                     where = "copied: offered, but no copy could start (buffers, backlog or pair limit)"
+                elif any(o.step == g // 2 for o in self.unregistered):
+                    where = "copied: offered, but its ring slot was never registered with CUDA"
                 else:
                     where = "offered by the coordinator (the ring never held it)"
                 raise StreamStalled(f"layer {layer} ({kind}) not {where} after {self.engine.wait_timeout_s:.0f} s")
@@ -187,10 +193,13 @@ class StreamingSource:
                     if self.inbox.shutdown.is_set():
                         raise SystemExit(143)
                 else:
-                    self.sched.offer(SlotOffer(msg.step, msg.layer, msg.slot, msg.generation))
+                    self.unregistered.append(SlotOffer(msg.step, msg.layer, msg.slot, msg.generation))
                 msg = self.inbox.items.get_nowait()
         except queue.Empty:
             pass
+        # [P17] a copy starts only out of a registered slot: pass offers on in order once it is
+        while self.unregistered and (self.registrar is None or self.registrar.ready(self.unregistered[0].slot)):
+            self.sched.offer(self.unregistered.popleft())
 
     def _complete(self, g: int) -> bool:
         copy = self.sched.copies[g]
