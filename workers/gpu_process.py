@@ -109,8 +109,10 @@ def gpu_main(args: GpuArgs) -> None:
             registrar.start()     # [P17] from now on filled slots get pinned, while the rest fill
         phases["attach"] = (t0, time.monotonic())
         t0 = time.monotonic()
-        resident = load_resident_weights(args.layout, dtype, device, embed_on_host=cuda)
-        resident_groups = load_groups(args.layout, range(keep), dtype, device)
+        # as many parallel reads as the run has loaders: what this disk was found to want
+        readers = args.engine.loaders
+        resident = load_resident_weights(args.layout, dtype, device, embed_on_host=cuda, threads=readers)
+        resident_groups = load_groups(args.layout, range(keep), dtype, device, threads=readers)
         phases["resident_load"] = (t0, time.monotonic())
         info.update(resident_layers=keep, resident_load_seconds=phases["resident_load"][1] - t0)
         if keep:

@@ -6,44 +6,58 @@ streaming engine's group buffers.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 
 from ringllm.checkpoint.layout import GROUP_KINDS, ModelLayout
 from ringllm.workers.model import AttnWeights, FfnWeights, ResidentWeights
-from ringllm.workers.weights import group_weights, load_tensor, read_extent_into
+from ringllm.workers.direct_read import read_tensors
+from ringllm.workers.weights import group_weights, load_tensor
 
 
 def load_resident_weights(layout: ModelLayout, dtype: torch.dtype, device: torch.device,
-                          embed_on_host: bool = False) -> ResidentWeights:
-    """embed_tokens, final norm and lm_head, converted to the compute dtype.
+                          embed_on_host: bool = False, threads: int = 1) -> ResidentWeights:
+    """embed_tokens, final norm and lm_head, converted to the compute dtype; read by `threads`
+    threads (workers.direct_read).
 
     With embed_on_host the embedding table stays in DRAM (rows are gathered there), and a tied
     lm_head gets its own copy on the device.
     """
-    embed_host = load_tensor(layout.embed).to(dtype)
+    embed_host = load_tensor(layout.embed, threads).to(dtype)
     embed = embed_host if embed_on_host else embed_host.to(device)
     norm = load_tensor(layout.final_norm).to(device=device, dtype=dtype)
     if layout.lm_head is None:
         lm_head = embed if embed.device == torch.device(device) else embed_host.to(device)
     else:
-        lm_head = load_tensor(layout.lm_head).to(device=device, dtype=dtype)
+        lm_head = load_tensor(layout.lm_head, threads).to(device=device, dtype=dtype)
     return ResidentWeights(embed, norm, lm_head)
 
 
-def load_groups(layout: ModelLayout, layers, dtype: torch.dtype, device: torch.device) -> dict:
-    """{layer: {"attn": AttnWeights, "ffn": FfnWeights}} on the device, in the compute dtype."""
+def load_groups(layout: ModelLayout, layers, dtype: torch.dtype, device: torch.device, threads: int = 1) -> dict:
+    """{layer: {"attn": AttnWeights, "ffn": FfnWeights}} on the device, in the compute dtype; each
+    layer read by `threads` threads (workers.direct_read)."""
+    layers = list(layers)
+
+    def read_layer(layer: int) -> dict:
+        bufs = {kind: torch.empty(layout.group(layer, kind).nbytes, dtype=torch.uint8) for kind in GROUP_KINDS}
+        read_tensors([(e.extent, bufs[kind][e.buf_offset:e.buf_offset + e.extent.nbytes])
+                      for kind in GROUP_KINDS for e in layout.group(layer, kind).entries], threads)
+        return bufs
+
     groups = {}
-    for layer in layers:
-        per_kind = {}
-        for kind in GROUP_KINDS:
-            group = layout.group(layer, kind)
-            buf = torch.empty(group.nbytes, dtype=torch.uint8)
-            for e in group.entries:
-                read_extent_into(buf[e.buf_offset:e.buf_offset + e.extent.nbytes], e.extent)
-            weights = group_weights(buf, group)
-            # Convert once here rather than on every use when compute dtype differs.
-            per_kind[kind] = type(weights)(*(w.to(device=device, dtype=dtype) for w in weights))
-        groups[layer] = per_kind
+    # the next layer is read while this one is converted and copied to the device
+    with ThreadPoolExecutor(1, thread_name_prefix="ringllm-read-ahead") as ahead:
+        pending = ahead.submit(read_layer, layers[0]) if layers else None
+        for i, layer in enumerate(layers):
+            bufs = pending.result()
+            pending = ahead.submit(read_layer, layers[i + 1]) if i + 1 < len(layers) else None
+            per_kind = {}
+            for kind in GROUP_KINDS:
+                weights = group_weights(bufs[kind], layout.group(layer, kind))
+                # Convert once here rather than on every use when compute dtype differs.
+                per_kind[kind] = type(weights)(*(w.to(device=device, dtype=dtype) for w in weights))
+            groups[layer] = per_kind
     return groups
 
 

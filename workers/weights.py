@@ -1,15 +1,12 @@
 """Byte buffers -> typed weight tensors, following a GroupLayout. No copies: views only."""
 from __future__ import annotations
 
-import ctypes
-import os
-
 import torch
 
-from ringllm.checkpoint.errors import RingllmError
 from ringllm.checkpoint.dtypes import NAME_OF_TAG
 from ringllm.checkpoint.layout import GroupLayout
 from ringllm.checkpoint.safetensors_index import TensorExtent
+from ringllm.workers.direct_read import read_tensors
 from ringllm.workers.model import AttnWeights, FfnWeights
 
 
@@ -31,26 +28,8 @@ def group_weights(buf: torch.Tensor, group: GroupLayout) -> AttnWeights | FfnWei
     return AttnWeights(*views) if group.kind == "attn" else FfnWeights(*views)
 
 
-def read_extent_into(dst: torch.Tensor, extent: TensorExtent) -> None:
-    """Buffered read of one tensor's bytes into a contiguous uint8 CPU tensor (the resident path only)."""
-    # the tensor's memory as a writable buffer through ctypes: dst.numpy() would need numpy, which
-    # ringllm does not depend on
-    view = memoryview((ctypes.c_ubyte * dst.numel()).from_address(dst.data_ptr()))
-    fd = os.open(extent.path, os.O_RDONLY)
-    try:
-        done = 0
-        while done < extent.nbytes:
-            n = os.preadv(fd, [view[done:extent.nbytes]], extent.offset + done)
-            if n <= 0:
-                raise RingllmError(f"{extent.path}: unexpected end of file reading tensor {extent.name}")
-            done += n
-    except OSError as err:
-        raise RingllmError(f"{extent.path}: read error in tensor {extent.name} ({err.strerror})") from None
-    finally:
-        os.close(fd)
-
-
-def load_tensor(extent: TensorExtent) -> torch.Tensor:
+def load_tensor(extent: TensorExtent, threads: int = 1) -> torch.Tensor:
+    """One tensor from its file, as a CPU tensor of its dtype and shape."""
     raw = torch.empty(extent.nbytes, dtype=torch.uint8)
-    read_extent_into(raw, extent)
+    read_tensors([(extent, raw)], threads)
     return typed_view(raw, 0, extent)
