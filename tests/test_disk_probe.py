@@ -5,6 +5,7 @@ the message queues, which /dev/shm does not show)."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 
@@ -115,3 +116,41 @@ def test_ctrl_c_during_the_probe_leaves_nothing(checkpoint, run_names):
         timer.cancel()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler     # the caller's handler is back
     assert_nothing_left(run_names)
+
+
+# --- --preset auto --measure: the loader count from the loader-measured rates ------------------
+def test_preset_auto_measure_uses_the_loaders_rates(checkpoint, monkeypatch):
+    import argparse
+
+    from ringllm import choose, measure
+    from ringllm.config import EngineConfig
+
+    rates = {1: 1.0, 2: 1.9, 4: 2.0, 8: 1.5}     # 2 and 4 within 10% of the best: the most wins
+    calls = []
+
+    def fake_probe(plans, loaders, chunk_bytes, dispatch_depth, **limits):
+        calls.append((len(plans), loaders, chunk_bytes, dispatch_depth))
+        return disk_probe.DiskProbe(rates[loaders], 1, 1.0, True, loaders, 1)
+
+    def threaded(*a, **k):
+        raise AssertionError("the threaded disk measurement was used")
+
+    monkeypatch.setattr(disk_probe, "measure_disk_with_loaders", fake_probe)
+    monkeypatch.setattr(measure, "measure_disk", threaded)
+    monkeypatch.setattr(choose, "_measure_h2d", lambda device: 5.0)
+    args = argparse.Namespace(preset="auto", measure=True, dram_limit=None)
+    layout = load_layout(checkpoint)
+    auto = choose.auto_preset(args, layout, checkpoint, "cpu", 2, None, 1, 256, "bfloat16")
+    assert auto.values["loaders"] == 4 and auto.machine.disk_gbps == 2.0
+    assert calls == [(6, k, EngineConfig.chunk_bytes, EngineConfig.dispatch_depth) for k in (1, 2, 4, 8)]
+
+
+def test_generate_preset_auto_measure_on_cpu(checkpoint):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "ringllm", "generate", "--model", str(checkpoint), "--device", "cpu",
+                        "--no-chat", "--prompt", "t5 t6", "--max-new-tokens", "2", "--preset", "auto", "--measure"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"disk read by the loaders: 1: [\d.]+, 2: [\d.]+, 4: [\d.]+, 8: [\d.]+ GB/s", r.stderr), r.stderr
