@@ -52,3 +52,15 @@ def test_bench_on_cpu(tmp_path, capsys):
     disk = report["runs"]["decode disk-fed"]["coordinator"]["since_mark"]
     assert disk["disk_bytes"] > 0
     assert "floor/ach" in table and "ringllm decode DRAM-fed" in table
+    # the disk ceiling comes from the loaders reading the streamed layers' chunks (not threads
+    # reading whole shards): every chunk of layers 2.. once, cut at the end of its file
+    from ringllm.checkpoint.layout import load_layout
+    from ringllm.shm.slot_plan import plan_model
+    from tests.test_disk_probe import bytes_in_files
+    c = report["ceilings"]
+    assert c["disk_loaders"] == 2 and report["disk_by_loaders"] == {"2": c["disk_gbps"]}
+    assert c["disk_bytes"] == bytes_in_files(plan_model(load_layout(d))[2:], report["engine"]["chunk_bytes"])[0]
+    assert c["disk_gbps"] > 0 and c["disk_threaded_gbps"] > 0
+    # each run carries RunResult's start-up and wall-clock times
+    for run in report["runs"].values():
+        assert run["result"]["startup_wall_s"] > 0 and run["result"]["first_token_wall_s"] > 0
