@@ -98,14 +98,19 @@ def auto_preset(args, layout, model_dir, device: str, loaders: int, gpu_mem: int
         budget, budget_from = dram // 2, "half the available DRAM"
     h2d = disk = None
     if args.measure:
-        from ringllm.measure import measure_disk
-        from ringllm.shm.slot_plan import file_table, plan_model
-        files = file_table(plan_model(layout))
-        per = {k: measure_disk(files, k, max_bytes=2 * 2**30, max_seconds=3.0)[0] for k in (1, 2, 4, 8)}
-        # the most readers within 10% of the best: the rates are that noisy, and more reads in
-        # flight never hurt an NVMe drive (the loaders beat these threaded reads anyway)
+        from ringllm.config import EngineConfig
+        from ringllm.disk_probe import measure_disk_with_loaders
+        from ringllm.shm.slot_plan import plan_model
+        # the loader processes themselves, at the engine's chunk size and dispatch depth, on the
+        # checkpoint's layer chunks; a threaded read underestimates them (ringllm.disk_probe)
+        plans = plan_model(layout)
+        per = {k: measure_disk_with_loaders(plans, k, EngineConfig.chunk_bytes, EngineConfig.dispatch_depth,
+                                            max_bytes=2 * 2**30, max_seconds=3.0).gbps for k in (1, 2, 4, 8)}
+        # the most loaders within 10% of the best: the rates are that noisy, and more reads in
+        # flight never hurt an NVMe drive
         disk = max(per.values())
         loaders = max(k for k, rate in per.items() if rate >= 0.9 * disk)
+        log.info("disk read by the loaders: %s GB/s", ", ".join(f"{k}: {rate:.2f}" for k, rate in per.items()))
         h2d = _measure_h2d(device)
     machine = Machine(budget, dram, loaders, h2d, disk, device, budget_from)
     return auto_tune(layout, machine, batch, max_seq, dtype_name, device == "cuda")

@@ -64,6 +64,7 @@ class EngineConfig:
     cpu_hwm: int = 15
     cpu_lwm: int = 9
     cpu_back_margin: int = 4
+    cpu_pinned_layers: int = 0        # ring slots whose layers stay in DRAM (the tiers; the policy gives it meaning)
     prefetch_distance: int = 0
     max_cached_layers: int = 8
     warmup_layers: int = 0

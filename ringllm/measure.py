@@ -1,6 +1,8 @@
 """This machine's ceilings, measured: pinned host-to-device GB/s (one big copy, and back-to-back
-copies of a checkpoint's real streamed groups), O_DIRECT disk GB/s with K readers, and one
-layer's compute. `--preset auto --measure` and `ringllm bench` both use them."""
+copies of a checkpoint's real streamed groups), O_DIRECT disk GB/s with K reader threads, and one
+layer's compute. `--preset auto --measure` and `ringllm bench` both use them; the disk ceiling
+they judge by is the loaders' own (ringllm.disk_probe), the threaded read here is kept for
+comparison (it underestimates the disk)."""
 from __future__ import annotations
 
 import mmap
@@ -118,8 +120,9 @@ def drop_page_cache() -> bool:
 
 def measure_disk(files: list[str], threads: int, max_bytes: int, max_seconds: float = 10.0,
                  chunk: int = 16 << 20) -> tuple[float, bool, int]:
-    """GB/s reading the shards with O_DIRECT in `chunk` pieces from `threads` threads, as the
-    loaders do (buffered only where O_DIRECT is refused). Returns (GB/s, direct, bytes)."""
+    """GB/s reading the shards with O_DIRECT in `chunk` pieces from `threads` threads (buffered
+    only where O_DIRECT is refused). Returns (GB/s, direct, bytes). Slower than the loaders on
+    the H200 host (they read 1.14-1.18x this): for comparison; disk_probe measures the ceiling."""
     jobs = [(f, off) for f in files for off in range(0, os.path.getsize(f), chunk)]
     jobs = jobs[: max(1, max_bytes // chunk)]
     lock, done, direct_used = threading.Lock(), [0], [True]

@@ -52,3 +52,70 @@ def test_bench_on_cpu(tmp_path, capsys):
     disk = report["runs"]["decode disk-fed"]["coordinator"]["since_mark"]
     assert disk["disk_bytes"] > 0
     assert "floor/ach" in table and "ringllm decode DRAM-fed" in table
+    # the disk ceiling comes from the loaders reading the streamed layers' chunks (not threads
+    # reading whole shards): every chunk of layers 2.. once, cut at the end of its file
+    from ringllm.checkpoint.layout import load_layout
+    from ringllm.shm.slot_plan import plan_model
+    from tests.test_disk_probe import bytes_in_files
+    c = report["ceilings"]
+    assert c["disk_loaders"] == 2 and report["disk_by_loaders"] == {"2": c["disk_gbps"]}
+    assert c["disk_bytes"] == bytes_in_files(plan_model(load_layout(d))[2:], report["engine"]["chunk_bytes"])[0]
+    assert c["disk_gbps"] > 0 and c["disk_threaded_gbps"] > 0
+    # each run carries RunResult's start-up and wall-clock times
+    for run in report["runs"].values():
+        assert run["result"]["startup_wall_s"] > 0 and run["result"]["first_token_wall_s"] > 0
+
+
+def test_tier_bench_on_cpu(tmp_path, capsys):
+    """The tier bench end to end on a tiny model: 6 layers, 2 on the "GPU", 4 stream, a ring of 2
+    with a look-ahead of 1, so the tiers keep 1 slot and slide 1."""
+    from ringllm.tools.tier_bench import main as tier_main
+    from tests.conftest import layer_tensor_bytes
+
+    d = make_checkpoint(tmp_path / "c", "tiny", 6, shard_bytes=60_000, progress=False)
+    out = tmp_path / "out"
+    code = tier_main(["--model", str(d), "--out", str(out), "--device", "cpu", "--gpu-mem", "300MiB",
+                      "--resident-layers", "2", "--new-tokens", "4", "--prompt-tokens", "8", "--loaders", "2",
+                      "--set", "GPU_AHEAD_LAYERS=1", "--set", "WSM_CPU_RING_MODE=0"])
+    assert code == 0
+    report = json.loads((out / "tier-bench.json").read_text())
+    assert report["card"] == "cpu" and "--resident-layers 2" in report["command"]
+    assert (report["streamed_layers"], report["ring_slots"], report["lookahead"], report["pinned_layers"]) == (4, 2, 1, 1)
+    streamed = layer_tensor_bytes(d, first_layer=2)
+    assert report["streamed_bytes_per_pass"] == streamed
+    ceilings = report["ceilings"]
+    assert ceilings["disk_gbps"] > 0 and ceilings["disk_loaders"] == 2 and ceilings["disk_threaded_gbps"] > 0
+    sliding, tiers = report["runs"]["sliding window"], report["runs"]["tiers"]
+    assert (sliding["engine"]["cpu_cap"], sliding["engine"]["cpu_pinned_layers"]) == (2, 0)
+    assert (tiers["engine"]["cpu_cap"], tiers["engine"]["cpu_pinned_layers"]) == (2, 1)
+    assert report["same_tokens"]
+    # the sliding window reads every streamed layer each pass, counted from the Mark after the
+    # ring's fill: 4 passes of the 4 streamed layers, less the 2 the full ring holds when timing
+    # starts (WSM_CPU_RING_MODE=0: no window reads ahead into a 5th pass). A layer's read costs
+    # its chunks, cut at the end of their file.
+    from ringllm.checkpoint.layout import load_layout
+    from ringllm.shm.slot_plan import plan_model
+    from tests.test_disk_probe import bytes_in_files
+    layer_read = [bytes_in_files([p], report["runs"]["tiers"]["engine"]["chunk_bytes"])[0]
+                  for p in plan_model(load_layout(d))]
+    assert sliding["disk_bytes_timed"] == 4 * sum(layer_read[2:]) - layer_read[2] - layer_read[3]
+    assert sliding["metrics"]["disk_bytes_per_token"] == sliding["disk_bytes_timed"] / 4
+    for run in (sliding, tiers):
+        m = run["metrics"]
+        assert m["s_per_token"] > 0 and m["disk_over_streamed"] == m["disk_bytes_per_token"] / streamed
+        assert m["floor_s"] == m["disk_bytes_per_token"] / (ceilings["disk_gbps"] * 1e9)
+        assert m["floor_over_achieved"] == m["floor_s"] / m["s_per_token"]
+        assert run["result"]["startup_wall_s"] > 0 and run["result"]["first_token_wall_s"] > 0
+    assert report["speedup_tiers_over_sliding"] == sliding["metrics"]["s_per_token"] / tiers["metrics"]["s_per_token"]
+    table = (out / "tier-bench.txt").read_text()
+    assert table.strip() == capsys.readouterr().out.strip()
+    assert "sliding window" in table and "tiers over the sliding window" in table
+
+
+def test_tier_bench_bad_input_is_one_line(tmp_path, capsys):
+    from ringllm.tools.tier_bench import main as tier_main
+
+    d = make_checkpoint(tmp_path / "c", "tiny", 3, shard_bytes=60_000, progress=False)
+    code = tier_main(["--model", str(d), "--out", str(tmp_path / "o"), "--device", "cpu", "--resident-layers", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err[-1].startswith("ringllm: error: --resident-layers 2: 1 of the 3 layers would stream"), err

@@ -1,8 +1,9 @@
 """`ringllm bench`: ringllm against the physical floor of this machine, and against the peers.
 
 In one run, first the ceilings of the machine: pinned host-to-device GB/s (8 GiB of back-to-back
-copies on one stream), O_DIRECT read GB/s of the checkpoint's disk with K threads, and one
-layer's compute time (decode at batch 1, and a long prefill). Then ringllm on the checkpoint
+copies on one stream), the disk's GB/s as K loader processes read the streamed layers' chunks
+into a scratch ring (ringllm.disk_probe; a threaded O_DIRECT read is kept beside it for
+comparison: it reads slower than the loaders do), and one layer's compute time (decode at batch 1, and a long prefill). Then ringllm on the checkpoint
 under the GPU cap, in two placements:
 
   DRAM-fed  the ring holds every streamed layer (timing starts once it is full)
@@ -25,19 +26,19 @@ import torch
 
 from ringllm.checkpoint.layout import ModelLayout
 from ringllm.config import EngineConfig
+from ringllm.disk_probe import measure_disk_with_loaders
 from ringllm.measure import (GIB, drop_page_cache, measure_disk, measure_group_copies, measure_h2d,
                              measure_layer_compute)
 from ringllm.shm.slot_plan import file_table, plan_model
-
 
 
 @dataclass
 class Ceilings:
     device: str
     h2d_gbps: float
-    disk_gbps: float
+    disk_gbps: float          # the loader processes' own rate (disk_probe): the disk floor's ceiling
     disk_direct: bool
-    disk_threads: int
+    disk_loaders: int
     disk_bytes: int
     layer_decode_ms: float
     layer_prefill_ms: float
@@ -45,9 +46,27 @@ class Ceilings:
     # back-to-back copies of the real streamed groups on one stream (measure_group_copies): what a
     # perfect engine would reach, the ceiling decode is judged against
     group_gbps: float = 0.0
+    # threads reading whole shards with O_DIRECT, as many as the loaders (measure.measure_disk):
+    # for comparison only, it underestimates the disk
+    disk_threaded_gbps: float = 0.0
 
 
 # --- ceilings -----------------------------------------------------------------------------------
+def measure_disk_ceiling(layout: ModelLayout, resident: int, engine: EngineConfig, counts=None,
+                         max_seconds: float = 6.0):
+    """The disk ceiling as the loaders reach it: the streamed layers' chunks read by K loader
+    processes at the engine's chunk size and depth, for each K in `counts` (default: 1, 2, 4, 8
+    and the engine's; an NVMe drive wants many reads in flight), the page cache dropped before
+    each. Returns ({K: DiskProbe}, the best K)."""
+    plans = plan_model(layout, engine.merge_gap)[resident:]
+    streamed = sum(p.nbytes for p in plans)
+    per_count = {}
+    for k in counts or sorted({1, 2, 4, 8, engine.loaders}):
+        drop_page_cache()
+        per_count[k] = measure_disk_with_loaders(plans, k, engine.chunk_bytes, engine.dispatch_depth,
+                                                 max_bytes=min(4 * GIB, streamed), max_seconds=max_seconds)
+    return per_count, max(per_count, key=lambda k: per_count[k].gbps)
+
 
 
 # --- ringllm runs --------------------------------------------------------------------------------
@@ -65,9 +84,11 @@ def run_ringllm(layout, engine: EngineConfig, device: str, dtype: str, prompt, n
     result = sup.run([prompt], new_tokens, SamplingParams(), (), lambda t: None)
     g, c = result.gpu, result.coordinator
     since = c.get("since_mark", c)
+    # the rest of RunResult as it is (start-up and wall-clock times, processes, pinned memory)
+    rest = {k: v for k, v in asdict(result).items() if k not in ("outputs", "gpu", "coordinator", "gpu_info")}
     return {"tokens": result.outputs[0], "gpu": g, "coordinator": c, "gpu_info": result.gpu_info,
             "passes": new_tokens, "disk_bytes_timed": since.get("disk_bytes", 0),
-            "ring": {"slots": engine.cpu_cap, "resident_layers": engine.gpu_resident_layers}}
+            "ring": {"slots": engine.cpu_cap, "resident_layers": engine.gpu_resident_layers}, "result": rest}
 
 
 @dataclass
@@ -124,25 +145,19 @@ def bench(model_dir: Path, device: str, gpu_mem: int, engine: EngineConfig, deco
 
     log("[bench] measuring ceilings: H2D, disk, layer compute")
     h2d = measure_h2d(dev, 8 * GIB if dev.type == "cuda" else GIB)
-    drop_page_cache()
-    files = file_table(plan_model(layout))
-    # the O_DIRECT ceiling: the best of several reader counts (an NVMe drive wants many in flight)
-    counts = [engine.loaders] if loaders_fixed else sorted({1, 2, 4, 8, engine.loaders})
-    per_count = {}
-    for k in counts:
-        drop_page_cache()
-        per_count[k] = measure_disk(files, k, max_bytes=min(4 * GIB, copy_bytes), max_seconds=6.0)
-    best = max(per_count, key=lambda k: per_count[k][0])
-    disk, direct, disk_read = per_count[best]
+    per_count, best = measure_disk_ceiling(layout, resident, engine, [engine.loaders] if loaders_fixed else None)
+    disk, direct, disk_read = per_count[best].gbps, per_count[best].direct, per_count[best].bytes
     if not loaders_fixed:
         engine = replace(engine, loaders=best)
+    drop_page_cache()
+    threaded = measure_disk(file_table(plan_model(layout)), best, max_bytes=min(4 * GIB, copy_bytes), max_seconds=6.0)[0]
     dec_ms, pre_ms = measure_layer_compute(layout, dev, dtype, prompt_tokens, prefill_tokens)
     groups = measure_group_copies(layout, list(range(resident, n)), dev, engine.group_budget,
                                   min_bytes=8 * GIB if dev.type == "cuda" else GIB // 4)
     ceil = Ceilings(torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", h2d, disk, direct,
-                    engine.loaders, disk_read, dec_ms, pre_ms, prefill_tokens, groups["gbps"])
-    log(f"[bench] H2D {h2d:.1f} GB/s; disk {disk:.2f} GB/s ({'O_DIRECT' if direct else 'buffered'}; by readers: "
-        + ", ".join(f"{k}: {v[0]:.2f}" for k, v in per_count.items())
+                    engine.loaders, disk_read, dec_ms, pre_ms, prefill_tokens, groups["gbps"], threaded)
+    log(f"[bench] H2D {h2d:.1f} GB/s; disk {disk:.2f} GB/s ({'O_DIRECT' if direct else 'buffered'}; by loaders: "
+        + ", ".join(f"{k}: {v.gbps:.2f}" for k, v in per_count.items()) + f"; threaded {threaded:.2f}"
         + f"); layer compute {dec_ms:.2f} ms decode, {pre_ms:.2f} ms prefill {prefill_tokens}; group copies "
         f"{groups['gbps']:.1f} GB/s")
     group_floor = copy_bytes / (groups["gbps"] * 1e9)
@@ -186,7 +201,7 @@ def bench(model_dir: Path, device: str, gpu_mem: int, engine: EngineConfig, deco
         if name.endswith("disk-fed") and g["seconds"]:
             # disk utilisation over the whole timed generate (prefill included)
             used = r["disk_bytes_timed"] / g["seconds"] / 1e9
-            row.note = f"disk {used:.2f} GB/s = {used / disk:.2f} of the O_DIRECT ceiling"
+            row.note = f"disk {used:.2f} GB/s = {used / disk:.2f} of the loaders' ceiling"
             row.extra.update(disk_gbps_used=used, disk_ceiling_fraction=used / disk)
         rows.append(row)
         save_partial()
@@ -209,7 +224,8 @@ def bench(model_dir: Path, device: str, gpu_mem: int, engine: EngineConfig, deco
 
     ours = next(r.seconds for r in rows if r.name == "ringllm decode DRAM-fed")
     speedups = {r.name: r.seconds / ours for r in rows if r.seconds and not r.name.startswith(("ringllm", "ceiling"))}
-    return {"model": str(model_dir), "layers": n, "disk_by_readers": {k: v[0] for k, v in per_count.items()}, "resident_layers": resident, "streamed_layers": streamed,
+    return {"model": str(model_dir), "layers": n, "disk_by_loaders": {k: v.gbps for k, v in per_count.items()},
+            "resident_layers": resident, "streamed_layers": streamed,
             "streamed_bytes_per_pass": copy_bytes, "gpu_mem": gpu_mem, "engine": asdict(engine),
             "ceilings": asdict(ceil), "rows": [dict(asdict(r), ratio=r.ratio) for r in rows],
             "speedup_vs_peers": speedups, "runs": runs, "peers": peer_results,
@@ -234,7 +250,8 @@ def run_peer(peer: str, model_dir: Path, prompt, new_tokens: int, gpu_mem: int, 
 def format_table(report: dict) -> str:
     c = report["ceilings"]
     lines = [f"device {c['device']}; H2D {c['h2d_gbps']:.1f} GB/s (group copies {c['group_gbps']:.1f}); disk {c['disk_gbps']:.2f} GB/s "
-             f"({'O_DIRECT' if c['disk_direct'] else 'buffered'}, {c['disk_threads']} threads); layer compute "
+             f"({'O_DIRECT' if c['disk_direct'] else 'buffered'}, {c['disk_loaders']} loaders; threaded "
+             f"{c['disk_threaded_gbps']:.2f}); layer compute "
              f"{c['layer_decode_ms']:.2f} ms decode / {c['layer_prefill_ms']:.2f} ms prefill {c['prefill_tokens']}",
              f"{report['layers']} layers: {report['resident_layers']} on the GPU, {report['streamed_layers']} streamed "
              f"({report['streamed_bytes_per_pass'] / 1e9:.2f} GB a pass), GPU cap {report['gpu_mem'] / GIB:.1f} GiB",
