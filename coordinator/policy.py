@@ -75,7 +75,7 @@ class RingPolicy:
     def __init__(self, num_layers: int, slots: int, offset: int, cap: int, ring_mode: int = 1,
                  hwm: int | None = None, lwm: int | None = None, back_margin: int = 0, pinned: int = 0):
         self.n, self.offset, self.cap, self.ring_mode = num_layers, offset, cap, ring_mode
-        self.pinned = pinned                      # CPU_PINNED_LAYERS: which layers follows resident_layers
+        self.pinned = pinned                      # CPU_PINNED_LAYERS (which layers: see pinned_layers)
         self.slots = [SlotInfo() for _ in range(slots)]
         self.hwm = hwm if hwm is not None else slots
         self.lwm = lwm if lwm is not None else max(0, slots - 1)
