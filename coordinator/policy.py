@@ -11,6 +11,12 @@ a slow disk) they come first. So the ring's targets are the layers of steps c ..
 that the GPU has not yet been handed, nearest first, plus any step the GPU explicitly wants.
 WSM_CPU_RING_MODE=0 stops the window at the end of the current pass instead of wrapping.
 
+Tiers. With CPU_PINNED_LAYERS = P, the first P streamed layers (R..R+P-1, R = the GPU-resident
+count) take P slots for the whole run: targets until loaded, then never evicted nor taken over
+[P17]. Everything above applies to the other layers (R+P..N-1, the disk part) with cap - P slots:
+the window counts offset + cap - P disk steps, and the water marks count disk-part layers only.
+P = 0 is the plain sliding window.
+
 Slots. The ring has CPU_CAP_VALUE slots. A slot the GPU was handed ("held") is never evicted or
 reused until the GPU releases it. Eviction frees READY, unheld slots whose layer is not a
 target: layers in the back margin (the WSM_CPU_BACK_MARGIN layers just behind compute) go last,
@@ -67,8 +73,9 @@ class PolicyStats:
 
 class RingPolicy:
     def __init__(self, num_layers: int, slots: int, offset: int, cap: int, ring_mode: int = 1,
-                 hwm: int | None = None, lwm: int | None = None, back_margin: int = 0):
+                 hwm: int | None = None, lwm: int | None = None, back_margin: int = 0, pinned: int = 0):
         self.n, self.offset, self.cap, self.ring_mode = num_layers, offset, cap, ring_mode
+        self.pinned = pinned                      # CPU_PINNED_LAYERS (which layers: see pinned_layers)
         self.slots = [SlotInfo() for _ in range(slots)]
         self.hwm = hwm if hwm is not None else slots
         self.lwm = lwm if lwm is not None else max(0, slots - 1)
@@ -116,9 +123,29 @@ class RingPolicy:
             if info.state == READY and info.layer < count and info.held == 0:
                 self._evict(s)
 
+    @property
+    def pinned_layers(self) -> range:
+        """The layers that stay in the ring once loaded: the first `pinned` streamed layers."""
+        return range(self.resident_layers, min(self.n, self.resident_layers + self.pinned))
+
+    def _disk_part(self) -> tuple[int, int]:
+        """(first disk-fed layer, slots of the disk part): the window's share of the ring."""
+        pinned = self.pinned_layers
+        return pinned.stop if pinned else self.resident_layers, max(0, self.cap - len(pinned))
+
+    def _pass_end(self) -> int:
+        # ring mode 0 stops at the end of the pass; two passes are as far as a window can matter
+        c = self.compute_step
+        return (c // self.n + 1) * self.n if not self.ring_mode else c + 2 * self.n
+
     def window(self) -> list[int]:
-        """The user's window at the current compute layer (for logs and monitors)."""
+        """The user's window at the current compute layer (for logs and monitors); with pinned
+        layers, the disk part's window (its cap - P layers, offset disk steps after compute)."""
         i = self.compute_step % self.n
+        if self.pinned_layers:
+            first_disk, disk_slots = self._disk_part()
+            steps = streamed_steps(self.compute_step, self.offset + disk_slots, self.n, first_disk, self._pass_end())
+            return [s % self.n for s in steps[self.offset:]]
         layers = [i + self.offset + k for k in range(self.cap)]
         if not self.ring_mode:
             layers = [l for l in layers if l < self.n]
@@ -126,14 +153,16 @@ class RingPolicy:
 
     def target_layers(self) -> list[int]:
         """Layers to hold, nearest first: the streamed steps from compute on, up to
-        offset + cap of them (GPU-resident layers need no slot and do not count), plus wants."""
+        offset + cap of them (GPU-resident layers need no slot and do not count), plus wants.
+        With pinned layers: the disk part's offset + cap - P steps, plus the pinned layers not in
+        the ring yet (at their next use), plus wants."""
         c = self.compute_step
-        # the same count of streamed steps as the GPU process's look-ahead (shm.protocol); ring
-        # mode 0 stops at the end of the pass, and two passes are as far as a window can matter
-        end = (c // self.n + 1) * self.n if not self.ring_mode else c + 2 * self.n
-        steps = streamed_steps(c, self.offset + self.cap, self.n, self.resident_layers, end)
+        # the same count of streamed steps as the GPU process's look-ahead (shm.protocol)
+        first_disk, disk_slots = self._disk_part()
+        steps = streamed_steps(c, self.offset + disk_slots, self.n, first_disk, self._pass_end())
+        unloaded = {c + (layer - c) % self.n for layer in self.pinned_layers if layer not in self.layer_slot}
         out, seen = [], set()
-        for s in sorted(set(steps) | set(self.wants)):
+        for s in sorted(set(steps) | unloaded | set(self.wants)):
             layer = s % self.n
             if s in self.handed or layer in seen or layer < self.resident_layers:
                 continue
@@ -147,9 +176,11 @@ class RingPolicy:
     def _eviction_order(self, targets: set[int]) -> list[int]:
         i = self.compute_step % self.n
         margin = {(i - k) % self.n for k in range(1, self.back_margin + 1)}
-        # [P4][P5] only READY slots the GPU does not hold: never a held one, never one still LOADING
+        # [P4][P5] only READY slots the GPU does not hold: never a held one, never one still LOADING;
+        # [P17] never a pinned layer's
         candidates = [s for s, info in enumerate(self.slots)
-                      if info.state == READY and info.held == 0 and info.layer not in targets]
+                      if info.state == READY and info.held == 0 and info.layer not in targets
+                      and info.layer not in self.pinned_layers]
         # back-margin layers last; otherwise the farthest next use first
         return sorted(candidates, key=lambda s: (self.slots[s].layer in margin,
                                                  -self._next_use(self.slots[s].layer)))
@@ -164,7 +195,9 @@ class RingPolicy:
         return next((s for s, info in enumerate(self.slots) if info.state == FREE), None)
 
     def _resident(self) -> int:
-        return sum(1 for info in self.slots if info.state != FREE)
+        """Disk-part layers in the ring (LOADING or READY): what the water marks count."""
+        pinned = self.pinned_layers
+        return sum(1 for info in self.slots if info.state != FREE and info.layer not in pinned)
 
     def _evict_down_to_lwm(self, targets: set[int], at_least_one: bool) -> None:
         order = self._eviction_order(targets)
@@ -190,7 +223,8 @@ class RingPolicy:
             if free is None:
                 # Take the slot of a farther target that the GPU does not hold yet: the nearer
                 # layer is needed first (the farther one is read again later).
-                farther = [self.layer_slot[l] for l in reversed(targets[k + 1:]) if l in self.layer_slot]
+                farther = [self.layer_slot[l] for l in reversed(targets[k + 1:])
+                           if l in self.layer_slot and l not in self.pinned_layers]      # [P17]
                 free = next((s for s in farther if self.slots[s].state == READY and self.slots[s].held == 0), None)  # [P4]
                 if free is None:
                     break   # every slot is held or loading a nearer layer: wait for a release

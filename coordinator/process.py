@@ -53,7 +53,7 @@ class Coordinator:
         e = args.engine
         self.args, self.ring = args, ring
         self.policy = RingPolicy(args.num_layers, ring.slot_count, e.cpu_ring_offset, e.cpu_cap,
-                                 e.cpu_ring_mode, e.cpu_hwm, e.cpu_lwm, e.cpu_back_margin)
+                                 e.cpu_ring_mode, e.cpu_hwm, e.cpu_lwm, e.cpu_back_margin, e.cpu_pinned_layers)
         self.jobs = JobDispatcher(len(loaders), e.dispatch_depth)
         self.chunks = [plan.chunks(e.chunk_bytes) for plan in args.plans]
         self.file_index = {path: i for i, path in enumerate(args.files)}
@@ -66,6 +66,7 @@ class Coordinator:
         self.buffered_reads = 0
         self.fallback_reads = 0      # buffered although the file accepted O_DIRECT at open
         self.skipped_reads = 0       # jobs a loader skipped: their slot had moved on
+        self.first_pass_bytes = None  # bytes read before compute reached pass 1 (the prefill's share)
         self.logged_layer = None
         self.logged_at = 0.0
         self.mark: dict | None = None
@@ -123,6 +124,8 @@ class Coordinator:
             self.sup.send(Stats("coordinator", self.stats()))
         elif isinstance(msg, Shutdown):
             return False
+        if self.first_pass_bytes is None and self.policy.compute_step >= self.args.num_layers:
+            self.first_pass_bytes = self.bytes_read
         return True
 
     def _note_first_fill(self, layer: int) -> None:
@@ -187,6 +190,9 @@ class Coordinator:
         s = self.policy.stats
         return {"ring_hits": s.hits, "ring_misses": s.misses, "ring_loads": s.loads,
                 "ring_evictions": s.evictions, "disk_bytes": self.bytes_read,
+                # decode's disk bytes = disk_bytes - this (reads for pass 1 issued during pass 0
+                # count here, reads for a pass after the last one count in decode)
+                "disk_bytes_first_pass": self.bytes_read if self.first_pass_bytes is None else self.first_pass_bytes,
                 "disk_read_seconds": self.read_seconds, "buffered_chunks": self.buffered_reads,
                 "direct_fallback_chunks": self.fallback_reads, "stale_chunk_reports": self.jobs.stale_reports,
                 "skipped_chunks": self.skipped_reads}

@@ -6,12 +6,14 @@ layer sizes, and with --measure the disk and host-to-GPU GB/s. Output: parameter
 as the preset: environment variables and --set still win) and a reason per choice. What is
 printed is the final configuration, after the user's settings (`final_lines`).
 
-`ring_fit` is also the default ring without a preset: the ring holds every streamed layer when
-they fit in DRAM.
+`ring_fit` and `tier_split` are also the default ring without a preset: the ring holds every
+streamed layer when they fit in DRAM; otherwise it takes the DRAM it may, pins what it can
+(CPU_PINNED_LAYERS) and slides a short disk window over the rest.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from math import ceil
 
 from ringllm.checkpoint.layout import ModelLayout
 from ringllm.config import DRAM_HEADROOM, GIB, MAX_LOADERS
@@ -23,38 +25,42 @@ GROUP_SHARE = 0.4             # at most this share of the GPU budget goes to str
 @dataclass(frozen=True)
 class Machine:
     gpu_budget: int                   # bytes the compute process may use on its device
-    dram_available: int               # bytes of DRAM the ring may take
+    dram_available: int               # bytes of DRAM the ring may take: min(available - headroom, --dram-limit)
     loaders: int
     h2d_gbps: float | None = None     # measured (--measure)
     disk_gbps: float | None = None
     device: str = "cuda"
     budget_from: str = "--gpu-mem"    # where gpu_budget came from, for the printed reason
+    dram_from: str = f"available minus {DRAM_HEADROOM // GIB} GiB"   # where dram_available came from
 
 
 @dataclass(frozen=True)
 class RingFit:
     streamed: int          # layers that stream (need a ring slot)
     slot_bytes: int
-    room: int              # DRAM available minus DRAM_HEADROOM
+    room: int              # DRAM the ring may take (min(available - DRAM_HEADROOM, --dram-limit))
     fits: int              # ring slots that fit in room, at most `streamed`
+    room_from: str = f"available minus {DRAM_HEADROOM // GIB} GiB"
 
     @property
     def holds_all(self) -> bool:
         return self.fits >= self.streamed
 
 
-def ring_fit(layout: ModelLayout, streamed: int, dram_available: int) -> RingFit:
-    """How much of the streamed set a ring can hold in DRAM, sized exactly as the supervisor
-    allocates it (slot size, header) and checks it (supervisor.check_dram, DRAM_HEADROOM)."""
+def ring_fit(layout: ModelLayout, streamed: int, room: int,
+             room_from: str = f"available minus {DRAM_HEADROOM // GIB} GiB") -> RingFit:
+    """How much of the streamed set a ring can hold in `room` bytes, sized exactly as the
+    supervisor allocates it (slot size, header). The caller keeps room within what the
+    supervisor's check allows (available minus DRAM_HEADROOM)."""
     from ringllm.shm.ring import ring_bytes
     from ringllm.shm.slot_plan import plan_model, slot_size
 
     slot = slot_size(plan_model(layout))
-    room = max(0, dram_available - DRAM_HEADROOM)
+    room = max(0, room)
     fits = min(streamed, room // slot)
     while fits > 0 and ring_bytes(fits, slot, MAX_LOADERS) > room:   # the header, for any loader count
         fits -= 1
-    return RingFit(streamed, slot, room, fits)
+    return RingFit(streamed, slot, room, fits, room_from)
 
 
 def describe_ring(fit: RingFit, cap: int) -> str:
@@ -62,10 +68,60 @@ def describe_ring(fit: RingFit, cap: int) -> str:
         return "nothing streams; one slot"
     if cap >= fit.streamed:
         return (f"the ring holds every streamed layer ({cap} x {fmt_bytes(fit.slot_bytes)} of the "
-                f"{fmt_bytes(fit.room)} of DRAM available beyond the {DRAM_HEADROOM // GIB} GiB headroom): "
+                f"{fmt_bytes(fit.room)} of DRAM for the ring, {fit.room_from}): "
                 "each layer is read from disk once, decode is DRAM-fed")
-    return (f"{fmt_bytes(fit.room)} of DRAM for the ring (available minus {DRAM_HEADROOM // GIB} GiB) holds {cap} "
-            f"of the {fit.streamed} streamed layers: disk-fed")
+    return (f"{fmt_bytes(fit.room)} of DRAM for the ring ({fit.room_from}) holds {cap} "
+            f"of the {fit.streamed} streamed layers: disk-fed (see CPU_PINNED_LAYERS)")
+
+
+def disk_window(lookahead: int, disk_gbps: float | None = None, h2d_gbps: float | None = None) -> int:
+    """W, the slots of the disk part when DRAM is short. A slot is busy from its read until the
+    GPU has copied it out; for the disk never to wait, another slot must fill while one is
+    copied: W >= 1 + ceil(copy time / read time) = 1 + ceil(disk GB/s / H2D GB/s), which is 2
+    while H2D is faster than the disk (assumed unmeasured: PCIe moves 25+ GB/s, an NVMe drive
+    reads 3-7). And W >= the look-ahead: the GPU may hold that many disk layers at once (the
+    config's rule). A slot more would only absorb jitter, and costs a pinned layer, i.e. one
+    layer more of disk reading per token."""
+    copies_per_read = ceil(disk_gbps / h2d_gbps) if disk_gbps and h2d_gbps else 1
+    return max(lookahead, 1 + copies_per_read)
+
+
+def tier_split(cap: int, streamed: int, lookahead: int, disk_gbps: float | None = None,
+               h2d_gbps: float | None = None) -> int:
+    """CPU_PINNED_LAYERS for a ring of `cap` slots over `streamed` layers: none when the ring
+    holds them all (nothing is evicted anyway) or is too small to keep a disk window beside a
+    pinned layer; otherwise every slot but the disk window (`disk_window`). Each pinned layer
+    is a layer less read from disk per token."""
+    if cap >= streamed:
+        return 0
+    return max(0, cap - disk_window(lookahead, disk_gbps, h2d_gbps))
+
+
+def describe_tiers(cfg, n_layers: int, layer_bytes: int, machine: Machine | None = None) -> str:
+    """Why CPU_PINNED_LAYERS has the value that runs (cfg: the EngineConfig), in one line."""
+    resident = max(0, cfg.gpu_resident_layers)
+    streamed = n_layers - resident
+    pinned = min(cfg.cpu_pinned_layers, streamed)
+    if cfg.cpu_cap >= streamed:
+        return "the ring holds every streamed layer: each is read once, nothing needs pinning"
+    rates = (machine.disk_gbps, machine.h2d_gbps) if machine is not None else (None, None)
+    window = disk_window(cfg.lookahead_layers, *rates)
+    if pinned == 0:
+        return (f"the ring's {cfg.cpu_cap} slots leave none to pin beside a disk window of {window}: "
+                f"all {streamed} streamed layers slide through it and are read from disk every token")
+    disk = streamed - pinned
+    if all(rates):
+        read_ms, copy_ms = (layer_bytes / (r * 1e9) * 1e3 for r in rates)
+        busy = (f"a layer reads in {read_ms:.0f} ms at the measured {rates[0]:.2f} GB/s and copies out in "
+                f"{copy_ms:.0f} ms at H2D {rates[1]:.1f} GB/s, so {1 + ceil(rates[0] / rates[1])} slots keep the "
+                "disk reading")
+    else:
+        busy = "one slot fills from disk while the GPU copies out of another, so the disk never waits for a slot"
+    return (f"layers {resident}..{resident + pinned - 1} stay in the ring for the whole run (read from disk once); "
+            f"the other {cfg.cpu_cap - pinned} slots are the window over the {disk} disk-fed layers "
+            f"{resident + pinned}..{n_layers - 1}, read every token ({disk} of {streamed} streamed layers, "
+            f"{fmt_bytes(disk * layer_bytes)} a token). Window {cfg.cpu_cap - pinned}: at least the look-ahead "
+            f"({cfg.lookahead_layers}); {busy}; each slot more would cost a layer of disk reads per token")
 
 
 @dataclass
@@ -121,12 +177,15 @@ def auto_tune(layout: ModelLayout, machine: Machine, batch: int, max_seq: int, d
         reasons["gpu_resident_layers"] = ("on cpu every layer streams through the ring unless you set "
                                           "GPU_RESIDENT_LAYERS (those layers then stay loaded in the compute process)")
     # 3. the ring from DRAM: every streamed layer if they fit, never fewer slots than the look-ahead needs
-    fit = ring_fit(layout, n - resident, machine.dram_available)
+    fit = ring_fit(layout, n - resident, machine.dram_available, machine.dram_from)
     cap = max(1, min(ahead, fit.streamed), fit.fits)
     reasons["cpu_cap"] = describe_ring(fit, cap)
+    # 4. tiers when the ring is short: pin all but a short disk window (final_lines says why,
+    # from the values that run; build_engine_config re-derives it when you set the ring or look-ahead)
+    pinned = tier_split(cap, fit.streamed, ahead, machine.disk_gbps, machine.h2d_gbps)
     reasons["loaders"] = (f"the most readers within 10% of the best rate measured on the disk ({machine.disk_gbps:.2f} GB/s)"
                           if machine.disk_gbps else "from the CPU count and the disk type")
-    values = {"gpu_ahead_layers": ahead, "gpu_max_groups": groups, "cpu_cap": cap,
+    values = {"gpu_ahead_layers": ahead, "gpu_max_groups": groups, "cpu_cap": cap, "cpu_pinned_layers": pinned,
               "gpu_resident_layers": resident, "loaders": machine.loaders}
     return AutoChoice(values, reasons, layer, machine)
 
@@ -134,7 +193,7 @@ def auto_tune(layout: ModelLayout, machine: Machine, batch: int, max_seq: int, d
 # what --preset auto prints, in this order: (the guide's name, EngineConfig field)
 SHOWN = (("GPU_AHEAD_LAYERS", "gpu_ahead_layers"), ("GPU_MAX_GROUPS", "gpu_max_groups"),
          ("GPU_RESIDENT_LAYERS", "gpu_resident_layers"), ("CPU_CAP_VALUE", "cpu_cap"),
-         ("CPU_RING_OFFSET", "cpu_ring_offset"), ("WSM_BALANCE_AHEAD", "balance_ahead"), ("loaders", "loaders"))
+         ("CPU_PINNED_LAYERS", "cpu_pinned_layers"), ("CPU_RING_OFFSET", "cpu_ring_offset"), ("WSM_BALANCE_AHEAD", "balance_ahead"), ("loaders", "loaders"))
 
 
 def final_lines(choice: AutoChoice, resolved, n_layers: int, user_loaders: bool = False) -> list[str]:
@@ -152,6 +211,8 @@ def final_lines(choice: AutoChoice, resolved, n_layers: int, user_loaders: bool 
         elif fld == "cpu_ring_offset":
             why = (f"= the look-ahead ({cfg.lookahead_layers} layers): the window starts at the farthest layer "
                    "the GPU process asks for, and the ring reads the layers after it")
+        elif fld == "cpu_pinned_layers":
+            why = "; ".join(filter(None, [describe_tiers(cfg, n_layers, choice.layer_bytes, choice.machine), lowered]))
         elif fld == "balance_ahead":
             why = "= the look-ahead: group copies are issued as far ahead as the ring is asked for layers"
         elif auto == value:
@@ -165,7 +226,10 @@ def final_lines(choice: AutoChoice, resolved, n_layers: int, user_loaders: bool 
     if m is not None and m.h2d_gbps:
         streamed = n_layers - max(0, cfg.gpu_resident_layers)
         copy = streamed * choice.layer_bytes / (m.h2d_gbps * 1e9)
-        disk = 0.0 if cfg.cpu_cap >= streamed or not m.disk_gbps else streamed * choice.layer_bytes / (m.disk_gbps * 1e9)
-        lines.append(f"expected floor: {max(copy, disk):.3f} s/token (H2D {m.h2d_gbps:.1f} GB/s"
-                     + (f", disk {m.disk_gbps:.2f} GB/s" if m.disk_gbps else "") + ")")
+        # disk-fed layers per token: the streamed ones the ring neither holds all of nor pins
+        disk_layers = 0 if cfg.cpu_cap >= streamed else streamed - min(cfg.cpu_pinned_layers, streamed)
+        disk = disk_layers * choice.layer_bytes / (m.disk_gbps * 1e9) if m.disk_gbps else 0.0
+        lines.append(f"expected floor: {max(copy, disk):.3f} s/token (H2D {m.h2d_gbps:.1f} GB/s: {copy:.3f} s"
+                     + (f"; disk {m.disk_gbps:.2f} GB/s for {disk_layers} of {streamed} streamed layers: {disk:.3f} s"
+                        if m.disk_gbps else "") + ")")
     return lines

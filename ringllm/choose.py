@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import replace
 
 from ringllm.checkpoint.dtypes import NAME_OF_TAG
 from ringllm.checkpoint.errors import RingllmError
@@ -19,8 +20,9 @@ def build_engine_config(args, model_dir, max_seq: int = 2048, batch: int = 1, la
     """The engine parameters: preset < environment < --set < flags. Given the model's layout
     (generate), the ring is fitted to the model too: never more slots than layers that stream
     and, without a preset, a slot for every streamed layer when they fit in DRAM (what --preset
-    auto does for the ring). Each adjustment is one printed line."""
-    from ringllm.autotune import describe_ring, final_lines, ring_fit
+    auto does for the ring), else as many slots as DRAM allows with all but a short disk window
+    pinned (CPU_PINNED_LAYERS, autotune.tier_split). Each adjustment is one printed line."""
+    from ringllm.autotune import describe_ring, describe_tiers, final_lines, ring_fit, tier_split
     from ringllm.config import default_loader_count, env_parameters, parse_bytes, resolve_config
     from ringllm.workers.memory_plan import planned_resident_layers
 
@@ -51,9 +53,23 @@ def build_engine_config(args, model_dir, max_seq: int = 2048, batch: int = 1, la
     streamed = n - resident if resident is not None else n
     fit = None
     if args.preset is None:
-        fit = ring_fit(layout, streamed, _dram_for_ring(args))
+        fit = ring_fit(layout, streamed, *_dram_for_ring(args))
         if fit.holds_all and streamed > 0:
             preset_values, label = {"cpu_cap": streamed}, "the default ring"
+        elif streamed > 0 and fit.fits >= first.lookahead_layers:
+            preset_values, label = {"cpu_cap": fit.fits}, "the default ring"   # DRAM is short: use what it has
+    # Tiers follow the ring that runs (yours included under --preset auto): a ring too short for the
+    # streamed set pins all but a disk window. The guide's presets and your own ring keep P = 0.
+    derive_pinned = False
+    if auto is not None or label == "the default ring":
+        ring = resolve_config(preset_values=preset_values, preset_label=label, streamed_layers=streamed,
+                              check=False, **common)
+        derive_pinned = (not ring.user_set("cpu_pinned_layers")
+                         and (auto is not None or ring.origin.get("cpu_cap") == "the default ring"))
+        if derive_pinned:
+            rates = (auto.machine.disk_gbps, auto.machine.h2d_gbps) if auto is not None else ()
+            preset_values = {**preset_values, "cpu_pinned_layers": tier_split(
+                ring.engine.cpu_cap, streamed, ring.engine.lookahead_layers, *rates)}
     resolved = resolve_config(preset_values=preset_values, preset_label=label, streamed_layers=streamed, **common)
     for note in resolved.notes:
         log.info("%s", note)
@@ -64,6 +80,9 @@ def build_engine_config(args, model_dir, max_seq: int = 2048, batch: int = 1, la
             "GPU_RESIDENT_LAYERS makes it known here)")
         log.info("CPU_CAP_VALUE=%d: %s%s. No preset was given; --preset or CPU_CAP_VALUE chooses otherwise",
                  engine.cpu_cap, describe_ring(fit, engine.cpu_cap), unknown)
+        if derive_pinned and engine.cpu_cap < streamed:
+            log.info("CPU_PINNED_LAYERS=%d: %s", engine.cpu_pinned_layers,
+                     describe_tiers(replace(engine, gpu_resident_layers=n - streamed), n, fit.slot_bytes))
     if auto is not None:
         print(f"[ringllm] --preset auto for {model_dir} on {device} (the values that run; 'yours' marks "
               "what you set):", file=sys.stderr)
@@ -72,8 +91,23 @@ def build_engine_config(args, model_dir, max_seq: int = 2048, batch: int = 1, la
     return engine
 
 
-def _dram_for_ring(args) -> int:
-    """DRAM the ring may take: what is available, or --dram-limit when lower."""
+def _dram_for_ring(args) -> tuple[int, str]:
+    """(bytes, where from): DRAM the ring may take, min(available - DRAM_HEADROOM, --dram-limit).
+    The limit is what you allow the ring; the headroom guards what the machine has (the same
+    headroom as the supervisor's pre-run check, so a ring chosen here always passes it)."""
+    import psutil
+
+    from ringllm.config import DRAM_HEADROOM, GIB, parse_bytes
+
+    room = max(0, psutil.virtual_memory().available - DRAM_HEADROOM)
+    limit = getattr(args, "dram_limit", None)
+    if limit is not None and parse_bytes(limit) < room:
+        return parse_bytes(limit), f"--dram-limit {limit}"
+    return room, f"available minus {DRAM_HEADROOM // GIB} GiB"
+
+
+def _dram_limited(args) -> int:
+    """What is available, or --dram-limit when lower (half of it is the compute budget on cpu)."""
     import psutil
 
     from ringllm.config import parse_bytes
@@ -89,7 +123,8 @@ def auto_preset(args, layout, model_dir, device: str, loaders: int, gpu_mem: int
     """--preset auto: measure what is asked, choose (autotune.AutoChoice)."""
     from ringllm.autotune import Machine, auto_tune
 
-    dram = _dram_for_ring(args)
+    ring_room, room_from = _dram_for_ring(args)
+    dram = _dram_limited(args)
     if gpu_mem is not None:
         budget, budget_from = gpu_mem, "--gpu-mem"
     elif device == "cuda":
@@ -112,7 +147,7 @@ def auto_preset(args, layout, model_dir, device: str, loaders: int, gpu_mem: int
         loaders = max(k for k, rate in per.items() if rate >= 0.9 * disk)
         log.info("disk read by the loaders: %s GB/s", ", ".join(f"{k}: {rate:.2f}" for k, rate in per.items()))
         h2d = _measure_h2d(device)
-    machine = Machine(budget, dram, loaders, h2d, disk, device, budget_from)
+    machine = Machine(budget, ring_room, loaders, h2d, disk, device, budget_from, room_from)
     return auto_tune(layout, machine, batch, max_seq, dtype_name, device == "cuda")
 
 

@@ -30,6 +30,7 @@ PARAMETERS = {
     "WSM_PAIR_AHEAD": "pair_ahead",
     "WSM_H2D_GROUP_BACKLOG_MAX": "h2d_backlog_max",
     "CPU_CAP_VALUE": "cpu_cap",
+    "CPU_PINNED_LAYERS": "cpu_pinned_layers",     # ringllm's own: streamed layers that never leave the ring
     "CPU_RING_OFFSET": "cpu_ring_offset",
     "WSM_CPU_RING_MODE": "cpu_ring_mode",
     "WSM_CPU_CACHE_HWM_LAYERS": "cpu_hwm",
@@ -59,6 +60,7 @@ class EngineConfig:
     pair_ahead: int = 2
     h2d_backlog_max: int = 4
     cpu_cap: int = 12
+    cpu_pinned_layers: int = 0
     cpu_ring_offset: int = 4
     cpu_ring_mode: int = 1
     cpu_hwm: int = 15
@@ -92,6 +94,11 @@ class EngineConfig:
     @property
     def ring_slots(self) -> int:
         return self.cpu_cap
+
+    @property
+    def disk_slots(self) -> int:
+        """Ring slots of the disk-fed part: the window that slides (CPU_CAP_VALUE - CPU_PINNED_LAYERS)."""
+        return self.cpu_cap - self.cpu_pinned_layers
 
     # --- derived values: the streaming code uses these, never the raw knobs they come from ----------
     def stop_budget_s(self, registered_bytes: int) -> float:
@@ -218,8 +225,13 @@ def resolve_config(preset: str | None = None, env: dict | None = None, overrides
               f"is more than the {streamed_layers} layers that stream (GPU-resident layers need no slot), "
               "and a slot per streamed layer is all a ring can use")
     cap = values.get("cpu_cap", EngineConfig.cpu_cap)
-    values.setdefault("cpu_hwm", cap + 3)
-    values.setdefault("cpu_lwm", max(0, cap - 3))
+    if streamed_layers is not None and values.get("cpu_pinned_layers", 0) > max(0, streamed_layers):
+        lower("cpu_pinned_layers", "CPU_PINNED_LAYERS", max(0, streamed_layers),
+              f"is more than the {streamed_layers} layers that stream (GPU-resident layers need no slot)")
+    # the water marks count the disk part's layers (pinned ones are never evicted)
+    disk = cap - values.get("cpu_pinned_layers", 0)
+    values.setdefault("cpu_hwm", disk + 3)
+    values.setdefault("cpu_lwm", max(0, disk - 3))
     cfg = EngineConfig(**values)
     if not check:
         return ResolvedConfig(cfg, origin, tuple(notes))
@@ -250,6 +262,18 @@ def validate(cfg: EngineConfig, streamed_layers: int | None = None) -> None:
     # a ring that holds every streamed layer never runs short, whatever the look-ahead
     need(cfg.cpu_cap >= min(cfg.lookahead_layers, cfg.lookahead_layers if streamed_layers is None else streamed_layers),
          f"CPU_CAP_VALUE={cfg.cpu_cap} is smaller than the GPU look-ahead of {cfg.lookahead_layers} layers "
+         "(GPU_AHEAD_LAYERS / prefetch_distance): the ring could never hold what the GPU asks for")
+    need(cfg.cpu_pinned_layers >= 0, f"CPU_PINNED_LAYERS={cfg.cpu_pinned_layers}: must be >= 0")
+    holds_all = streamed_layers is not None and cfg.cpu_cap >= streamed_layers
+    need(cfg.cpu_pinned_layers < cfg.cpu_cap or (holds_all and cfg.cpu_pinned_layers <= cfg.cpu_cap),
+         f"CPU_PINNED_LAYERS={cfg.cpu_pinned_layers} must be below CPU_CAP_VALUE={cfg.cpu_cap}: the layers "
+         "that are not pinned need slots to stream through (unless the ring holds every streamed layer)")
+    # as for the whole ring above: the disk part must hold the look-ahead, unless it holds every disk layer
+    disk_layers = None if streamed_layers is None else streamed_layers - cfg.cpu_pinned_layers
+    need(cfg.cpu_pinned_layers == 0 or cfg.disk_slots >= min(cfg.lookahead_layers, cfg.lookahead_layers
+                                                              if disk_layers is None else disk_layers),
+         f"CPU_CAP_VALUE={cfg.cpu_cap} - CPU_PINNED_LAYERS={cfg.cpu_pinned_layers} leaves {cfg.disk_slots} slot(s) "
+         f"for the disk-fed layers, fewer than the GPU look-ahead of {cfg.lookahead_layers} layers "
          "(GPU_AHEAD_LAYERS / prefetch_distance): the ring could never hold what the GPU asks for")
     need(cfg.cpu_ring_offset >= 0, f"CPU_RING_OFFSET={cfg.cpu_ring_offset}: must be >= 0")
     need(cfg.cpu_ring_mode in (0, 1), f"WSM_CPU_RING_MODE={cfg.cpu_ring_mode}: must be 0 or 1")

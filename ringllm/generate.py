@@ -128,6 +128,9 @@ def run_metrics(result, engine) -> dict:
         "ring_hits": c.get("ring_hits"), "ring_misses": c.get("ring_misses"),
         "ring_loads": c.get("ring_loads"), "ring_evictions": c.get("ring_evictions"),
         "disk_bytes": c.get("disk_bytes"),
+        # decode's reads per token: what was read after compute left the first pass (the prefill)
+        "disk_bytes_per_token": (c["disk_bytes"] - c["disk_bytes_first_pass"]) / steps
+                                if steps and "disk_bytes_first_pass" in c else None,
         "disk_gbps": c.get("disk_bytes", 0) / secs / 1e9 if secs else None,
         "disk_gbps_per_reader_busy": c.get("disk_bytes", 0) / read_s / 1e9 if read_s else None,
         "h2d_bytes": g.get("h2d_bytes"),

@@ -12,7 +12,7 @@ import pytest
 
 from ringllm.autotune import Machine, auto_tune
 from ringllm.checkpoint.layout import load_layout
-from ringllm.config import DRAM_HEADROOM, GIB, PARAMETERS, build_config, resolve_config
+from ringllm.config import GIB, PARAMETERS, build_config, resolve_config
 from ringllm.tools.make_checkpoint import make_checkpoint
 from tests.conftest import layer_tensor_bytes
 
@@ -44,14 +44,16 @@ def test_gpu_budget_sets_the_class_and_the_resident_layers(l70):
 
 
 def test_dram_sets_the_ring(l70):
-    tight, reasons = choose(l70, 24, 16)
+    tight, reasons = choose(l70, 24, 12)     # Machine.dram_available: what the ring may take
     roomy, _ = choose(l70, 24, 200)
     streamed = 80 - roomy["gpu_resident_layers"]
     slot = l70.max_group_bytes["attn"] + l70.max_group_bytes["ffn"]   # a slot is at least a layer
-    assert DRAM_HEADROOM == 4 * GIB
-    assert tight["cpu_cap"] == (16 * GIB - DRAM_HEADROOM) // slot == 7     # DRAM minus the headroom, in slots
+    assert tight["cpu_cap"] == 12 * GIB // slot == 7                      # the ring's DRAM, in slots
     assert "disk-fed" in reasons["cpu_cap"]
+    # short of DRAM: all but a disk window of max(look-ahead 2, 2) slots pinned
+    assert tight["cpu_pinned_layers"] == 7 - max(tight["gpu_ahead_layers"], 2) == 5
     assert roomy["cpu_cap"] == streamed == 71                 # every streamed layer: DRAM-fed
+    assert roomy["cpu_pinned_layers"] == 0                    # nothing is evicted: nothing to pin
     assert tight["cpu_cap"] >= tight["gpu_ahead_layers"]
     # the window offset is not auto's choice: it follows the look-ahead that runs
     assert "cpu_ring_offset" not in tight and build_config(**tight).cpu_ring_offset == tight["gpu_ahead_layers"]

@@ -308,3 +308,73 @@ def test_resident_layers_do_not_count_in_the_window():
     p2 = RingPolicy(num_layers=22, slots=13, offset=0, cap=13, ring_mode=0)
     p2.set_resident(20)
     assert p2.target_layers() == [20, 21]
+
+
+def walk_passes(p: RingPolicy, passes: int, ahead: int = 1) -> list[list[int]]:
+    """A GPU in step order: want each streamed step and `ahead` more, take offers, release each
+    step when compute moves past it; loads finish at once. Returns the layers loaded, per pass
+    of the compute step at the time."""
+    n, loaded = p.n, [[] for _ in range(passes)]
+    streamed = [s for s in range(passes * n) if s % n >= p.resident_layers]
+    held = {}
+    for k, step in enumerate(streamed):
+        for s in streamed[k:k + ahead + 1]:
+            p.want(s, step)
+        while step not in held:
+            loads, offers = p.schedule()
+            assert loads or offers, f"stalled at step {step}"
+            for load in loads:
+                loaded[step // n].append(load.layer)
+                p.loaded(load.slot, load.generation)
+            held.update({o.step: o for o in offers})
+        o = held.pop(step)
+        p.release(o.step, o.slot, o.generation, step + 1)
+    return loaded
+
+
+def test_pinned_layers_are_read_once_the_rest_every_pass():
+    """CPU_PINNED_LAYERS=5 on 16 layers, 3 of them GPU-resident, a 7-slot ring: layers 3..7 are
+    loaded in the first pass and never again, each of 8..15 again for every pass through the
+    other 2 slots [P17]."""
+    p = RingPolicy(num_layers=16, slots=7, offset=1, cap=7, pinned=5, back_margin=2)
+    p.set_resident(3)
+    loaded = walk_passes(p, passes=4)
+    pinned, disk = range(3, 8), range(8, 16)
+    later = [layer for layers in loaded[1:] for layer in layers]      # loads once compute was past pass 0
+    for layer in pinned:
+        assert loaded[0].count(layer) == 1, f"pinned layer {layer} loaded {loaded[0].count(layer)}x in pass 0"
+        assert layer not in later, f"pinned layer {layer} was read again after the first pass: {loaded}"
+    every = [layer for layers in loaded for layer in layers]
+    for layer in disk:       # the 2-slot window cannot keep them: each is read again for every pass
+        assert every.count(layer) >= 4, f"disk layer {layer} loaded {every.count(layer)}x in 4 passes: {loaded}"
+    assert sorted(info.layer for info in p.slots if info.state == READY and info.layer in pinned) == list(pinned)
+
+
+def test_pinned_slot_is_not_taken_for_a_nearer_target():
+    """Compute at step 5 wants 5, 6 (layer 0) and 7 (layer 1); the GPU still holds layers 3 and 4
+    (their Releases are in flight). Layer 5 waits for one of them; it must not take the slot of
+    pinned layer 1, although 1 is a farther target, READY and unheld [P17]."""
+    p = RingPolicy(num_layers=6, slots=4, offset=2, cap=4, pinned=2, back_margin=0)
+    p.set_resident(0)
+    held = {}
+    for step in range(5):
+        p.want(step, step)
+        while step not in held:
+            loads, offers = p.schedule()
+            for load in loads:
+                p.loaded(load.slot, load.generation)
+            held.update({o.step: o for o in offers})
+        if step < 3:
+            o = held.pop(step)
+            p.release(o.step, o.slot, o.generation, step + 1)
+    homes = {layer: (slot, p.slots[slot].generation) for layer, slot in p.layer_slot.items() if layer < 2}
+    assert sorted(p.layer_slot) == [0, 1, 3, 4] and len(homes) == 2
+    for step in (5, 6, 7):
+        p.want(step, 5)
+    loads, offers = p.schedule()
+    assert loads == [] and offers == [], (loads, offers)
+    assert {layer: (slot, p.slots[slot].generation) for layer, slot in p.layer_slot.items() if layer < 2} == homes
+    o = held.pop(3)
+    p.release(o.step, o.slot, o.generation, 5)
+    loads, _ = p.schedule()
+    assert [(l.layer, l.slot) for l in loads] == [(5, o.slot)]

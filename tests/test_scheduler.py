@@ -14,6 +14,8 @@ docs/PROTOCOL.md, checked where it could break:
   I6  groups reach compute in order, each from a verified copy of its own layer (or resident)
   I7  copies in flight <= WSM_H2D_GROUP_BACKLOG_MAX; a buffer is reused only after its compute
   I8  the warm-up's groups all arrive (warm-up always finishes)
+  I9  a pinned layer (CPU_PINNED_LAYERS) is read once: once READY its slot keeps that layer and
+      generation for the rest of the run [P17]
 """
 from __future__ import annotations
 
@@ -75,7 +77,10 @@ def random_setup(rng: random.Random) -> dict:
                      backlog=rng.choice([1, 2, 4, rng.randint(1, 8)]))
     cap = rng.choice([want, want, want + rng.randint(0, n + 2)])      # the minimum the config allows, and up
     hwm = rng.choice([cap + 3, rng.randint(1, cap + 3)])
-    return dict(
+    # pinned layers take slots beside the disk part, which keeps the minimum above (the config's
+    # rule); P up to every streamed layer (then the ring holds them all)
+    pinned = rng.choice([0, 0, rng.randint(1, max(1, n - resident))])
+    return dict(pinned=pinned,
         n=n, resident=resident, look=look, cap=cap, offset=rng.randint(0, cap + 1), ring_mode=rng.choice([0, 1, 1]),
         hwm=hwm, lwm=rng.randint(0, hwm - 1), back_margin=rng.randint(0, 4),
         buffers=(rng.randint(1, 4), rng.randint(1, 4)), loaders=rng.randint(1, 3),
@@ -86,7 +91,7 @@ def random_setup(rng: random.Random) -> dict:
 
 def coordinator_for(s: dict) -> tuple[Coordinator, Header, list[Mailbox], Mailbox]:
     """The real coordinator over simulated transports; each layer is `chunks` chunks of 4 KiB."""
-    engine = EngineConfig(cpu_cap=s["cap"], cpu_ring_offset=s["offset"], cpu_ring_mode=s["ring_mode"],
+    engine = EngineConfig(cpu_cap=s["cap"] + s["pinned"], cpu_pinned_layers=s["pinned"], cpu_ring_offset=s["offset"], cpu_ring_mode=s["ring_mode"],
                           cpu_hwm=s["hwm"], cpu_lwm=s["lwm"], cpu_back_margin=s["back_margin"], chunk_bytes=4096,
                           dispatch_depth=s["depth"])
     size = 4096 * s["chunks"]
@@ -94,7 +99,7 @@ def coordinator_for(s: dict) -> tuple[Coordinator, Header, list[Mailbox], Mailbo
                   for layer in range(s["n"]))
     args = CoordinatorArgs(0, "", "", "", "", tuple(f"load{k}" for k in range(s["loaders"])), s["n"], plans,
                            ("model.safetensors",), engine)
-    header, loaders, gpu = Header(s["cap"]), [Mailbox() for _ in range(s["loaders"])], Mailbox()
+    header, loaders, gpu = Header(s["cap"] + s["pinned"]), [Mailbox() for _ in range(s["loaders"])], Mailbox()
     return Coordinator(args, header, loaders, gpu, Mailbox()), header, loaders, gpu
 
 
@@ -107,7 +112,9 @@ def simulate(seed: int, max_events: int = 200_000) -> dict:
     last_step = passes * n - 1
 
     # each slot's bytes, as (layer, generation) of the load whose chunks all landed in it
-    contents = {slot: None for slot in range(s["cap"])}
+    contents = {slot: None for slot in range(s["cap"] + s["pinned"])}
+    pinned = range(resident, min(n, resident + s["pinned"]))
+    pinned_home: dict[int, tuple] = {}              # pinned layer -> its header record once READY
     writes_left: dict[tuple, int] = {}
     to_coord: deque = deque()
     copies_running: dict[int, object] = {}          # g -> the slot's bytes when its copy started
@@ -124,6 +131,12 @@ def simulate(seed: int, max_events: int = 200_000) -> dict:
                                      f"{header.records[slot]}")
             if state == LOADING and header.records[slot][0] == READY:
                 assert contents[slot] == (layer, gen), f"seed {seed}: slot {slot} READY before its bytes landed"
+        for layer, (slot, record) in pinned_home.items():                                      # I9
+            assert header.records[slot] == record, \
+                f"seed {seed}: I9 pinned layer {layer} left slot {slot}: {record} -> {header.records[slot]}"
+        for slot, record in header.records.items():
+            if record[0] == READY and record[1] in pinned:
+                pinned_home.setdefault(record[1], (slot, record))
         for msg in gpu_box.pending:                                                            # I1
             assert header.records[msg.slot] == (READY, msg.layer, msg.generation), \
                 f"seed {seed}: I1 SlotReady {msg} while the header says {header.records[msg.slot]}"
