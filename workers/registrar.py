@@ -7,7 +7,7 @@ against 0.39 s/GiB cold (tools/register_probe.py, docs/benchmarks.md). So a thre
 process registers each slot the first time it is READY, while the loaders fill the others, and
 each slot stays registered for the rest of the run.
 
-Invariant [P17]: the copier starts no copy out of a slot that is not registered yet
+Invariant [P18]: the copier starts no copy out of a slot that is not registered yet
 (StreamingSource holds such offers back). A non_blocking copy from pageable memory would still be
 correct, but synchronous: the host would stall in it instead of feeding the copy engine.
 

@@ -116,7 +116,7 @@ class StreamingSource:
         self.logged_at = 0.0
         self.chaos_rng, self.chaos_delay = random.Random(chaos[0]), chaos[1]   # tests only
         self.page, self.published_at, self.tokens = stats_page, 0.0, 0
-        # [P17] offers whose slot is not registered with CUDA yet wait here, in arrival order
+        # [P18] offers whose slot is not registered with CUDA yet wait here, in arrival order
         self.registrar = registrar
         self.unregistered: deque[SlotOffer] = deque()
 
@@ -197,7 +197,7 @@ class StreamingSource:
                 msg = self.inbox.items.get_nowait()
         except queue.Empty:
             pass
-        # [P17] a copy starts only out of a registered slot: pass offers on in order once it is
+        # [P18] a copy starts only out of a registered slot: pass offers on in order once it is
         while self.unregistered and (self.registrar is None or self.registrar.ready(self.unregistered[0].slot)):
             self.sched.offer(self.unregistered.popleft())
 
