@@ -35,6 +35,7 @@ from ringllm.faults import NO_FAULTS, FaultPlan
 from ringllm.coordinator.process import CoordinatorArgs, coordinator_main
 from ringllm.shm.channel import (QUEUE_MESSAGES, Channel, Fatal, Finished, LoaderRestarted, Ready, Shutdown, Stats,
                                  StatsRequest, TokenRows, Tokens)
+from ringllm.shm.prefault import SlotPrefaulter
 from ringllm.shm.resources import (SHM_DIR, RunNames, new_run_id, pinned_above, run_id_of, sweep, system_pinned_bytes,
                                    unlink_all)
 from ringllm.shm.ring import Ring, ring_bytes
@@ -220,6 +221,8 @@ class Supervisor:
         self.names = RunNames(new_run_id(), self.engine.loaders)
         self.names.write_manifest()   # before anything exists, so a kill at any point is sweepable
         self.ring = Ring.create(self.names.segment, self.engine.ring_slots, self.slot_size, self.engine.loaders)
+        self.prefaulter = SlotPrefaulter(self.ring)      # fresh pages faulted ahead of the loaders
+        self.prefaulter.start()
         try:
             for q in self.names.queues:
                 self.channels[q] = Channel(q, create=True)
@@ -486,6 +489,7 @@ class Supervisor:
         for ch in self.channels.values():
             ch.close()
         if self.ring is not None:
+            self.prefaulter.finish(timeout_s=30)      # it touches the mapping: done before it goes
             self.ring.close()
         unlink_all(self.names.segments, self.names.queues)
         self.names.manifest_path.unlink(missing_ok=True)
