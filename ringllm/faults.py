@@ -34,6 +34,9 @@ class FaultPlan:
     # supervisor: (loader index, N) pairs: SIGKILL each of that loader's first N processes as
     # soon as it is ready (N deaths of that index in a row)
     kill_loaders_when_ready: tuple[tuple[int, int], ...] = ()
+    # supervisor: start the coordinator on this estimate of the GPU-resident layers instead of
+    # its own (a wrong estimate, which the GPU process's ResidentLayers must correct)
+    resident_estimate: int | None = None
 
     @property
     def chaos(self) -> tuple[int, float]:

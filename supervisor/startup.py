@@ -49,8 +49,9 @@ def startup_phases(run_started: float, gpu: dict, coordinator: dict, first_token
       attach         CUDA started, ring mapped, resident layers decided and sent
       fill           the first read job -> every streamed layer has been in the ring once
       register       the first slot pinned for CUDA -> the last (busy_seconds: inside the driver)
-      resident_load  embeddings, norms, lm_head and the GPU-resident layers onto the device
-      warm_up        the kernels' one-time costs, on resident or placeholder weights
+      resident_load  embeddings, norms, lm_head and the GPU-resident layers onto the device (the
+                     warm-up runs inside it, after lm_head, before the layers)
+      warm_up        the kernels' one-time costs, on placeholder weights of layer 0's shape
       first_pass     prefill: the first forward pass, until the first token is sampled
     Phases overlap: fill, register, resident_load and warm_up run side by side."""
     phases = gpu.get("phases") or {}

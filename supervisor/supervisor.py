@@ -264,8 +264,10 @@ class Supervisor:
 
     def _start_all(self, prompts, max_new_tokens, sampling, eos_ids) -> None:
         n, pid = self.names, os.getpid()
-        estimate = resident_estimate(self.layout, self.engine, len(prompts), max(map(len, prompts)) + max_new_tokens,
-                                     self.dtype, self.device)
+        estimate = self.faults.resident_estimate
+        if estimate is None:
+            estimate = resident_estimate(self.layout, self.engine, len(prompts),
+                                         max(map(len, prompts)) + max_new_tokens, self.dtype, self.device)
         self._spawn("coordinator", coordinator_main, CoordinatorArgs(
             pid, n.segment, n.coord_queue, n.gpu_queue, n.sup_queue, tuple(n.loader_queues),
             self.layout.config.num_layers, tuple(self.plans), tuple(self.files), self.engine, self.verbose,
