@@ -73,9 +73,11 @@ class PolicyStats:
 
 class RingPolicy:
     def __init__(self, num_layers: int, slots: int, offset: int, cap: int, ring_mode: int = 1,
-                 hwm: int | None = None, lwm: int | None = None, back_margin: int = 0, pinned: int = 0):
+                 hwm: int | None = None, lwm: int | None = None, back_margin: int = 0, pinned: int = 0,
+                 min_disk_slots: int = 1):
         self.n, self.offset, self.cap, self.ring_mode = num_layers, offset, cap, ring_mode
         self.pinned = pinned                      # CPU_PINNED_LAYERS (which layers: see pinned_layers)
+        self.min_disk_slots = max(1, min_disk_slots)   # the GPU look-ahead: slots the disk part keeps
         self.slots = [SlotInfo() for _ in range(slots)]
         self.hwm = hwm if hwm is not None else slots
         self.lwm = lwm if lwm is not None else max(0, slots - 1)
@@ -125,8 +127,16 @@ class RingPolicy:
 
     @property
     def pinned_layers(self) -> range:
-        """The layers that stay in the ring once loaded: the first `pinned` streamed layers."""
-        return range(self.resident_layers, min(self.n, self.resident_layers + self.pinned))
+        """The layers that stay in the ring once loaded: the first `pinned` streamed layers. While
+        layers remain on disk they keep at least min_disk_slots slots: the configuration checks
+        that against the resident count it knew, but the count can change under us (the
+        supervisor's estimate, then the GPU process's ResidentLayers), and a disk part without a
+        slot would never load again."""
+        streamed = self.n - self.resident_layers
+        count = min(self.pinned, max(0, streamed))
+        if count < streamed:
+            count = min(count, max(0, self.cap - self.min_disk_slots))
+        return range(self.resident_layers, self.resident_layers + count)
 
     def _disk_part(self) -> tuple[int, int]:
         """(first disk-fed layer, slots of the disk part): the window's share of the ring."""

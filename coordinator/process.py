@@ -53,7 +53,8 @@ class Coordinator:
         e = args.engine
         self.args, self.ring = args, ring
         self.policy = RingPolicy(args.num_layers, ring.slot_count, e.cpu_ring_offset, e.cpu_cap,
-                                 e.cpu_ring_mode, e.cpu_hwm, e.cpu_lwm, e.cpu_back_margin, e.cpu_pinned_layers)
+                                 e.cpu_ring_mode, e.cpu_hwm, e.cpu_lwm, e.cpu_back_margin, e.cpu_pinned_layers,
+                                 min_disk_slots=e.lookahead_layers)
         self.jobs = JobDispatcher(len(loaders), e.dispatch_depth)
         self.chunks = [plan.chunks(e.chunk_bytes) for plan in args.plans]
         self.file_index = {path: i for i, path in enumerate(args.files)}

@@ -60,13 +60,12 @@ class EngineConfig:
     pair_ahead: int = 2
     h2d_backlog_max: int = 4
     cpu_cap: int = 12
-    cpu_pinned_layers: int = 0
+    cpu_pinned_layers: int = 0        # CPU_PINNED_LAYERS: streamed layers that stay in their ring slots (tiers)
     cpu_ring_offset: int = 4
     cpu_ring_mode: int = 1
     cpu_hwm: int = 15
     cpu_lwm: int = 9
     cpu_back_margin: int = 4
-    cpu_pinned_layers: int = 0        # ring slots whose layers stay in DRAM (the tiers; the policy gives it meaning)
     prefetch_distance: int = 0
     max_cached_layers: int = 8
     warmup_layers: int = 0

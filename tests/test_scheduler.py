@@ -94,7 +94,7 @@ def random_setup(rng: random.Random) -> dict:
 
 def coordinator_for(s: dict) -> tuple[Coordinator, Header, list[Mailbox], Mailbox]:
     """The real coordinator over simulated transports; each layer is `chunks` chunks of 4 KiB."""
-    engine = EngineConfig(cpu_cap=s["cap"] + s["pinned"], cpu_pinned_layers=s["pinned"], cpu_ring_offset=s["offset"], cpu_ring_mode=s["ring_mode"],
+    engine = EngineConfig(gpu_ahead_layers=s["look"].want, cpu_cap=s["cap"] + s["pinned"], cpu_pinned_layers=s["pinned"], cpu_ring_offset=s["offset"], cpu_ring_mode=s["ring_mode"],
                           cpu_hwm=s["hwm"], cpu_lwm=s["lwm"], cpu_back_margin=s["back_margin"], chunk_bytes=4096,
                           dispatch_depth=s["depth"])
     size = 4096 * s["chunks"]
@@ -106,9 +106,10 @@ def coordinator_for(s: dict) -> tuple[Coordinator, Header, list[Mailbox], Mailbo
     return Coordinator(args, header, loaders, gpu, Mailbox()), header, loaders, gpu
 
 
-def simulate(seed: int, max_events: int = 200_000) -> dict:
+def simulate(seed: int, max_events: int = 200_000, **setup) -> dict:
+    """One randomized run; `setup` overrides fields of the random setup."""
     rng = random.Random(seed)
-    s = random_setup(rng)
+    s = {**random_setup(rng), **setup}
     n, resident, look, passes = s["n"], s["resident"], s["look"], s["passes"]
     coord, header, loader_boxes, gpu_box = coordinator_for(s)
     sched = StreamScheduler(n, resident, look, s["buffers"], passes=passes)
@@ -116,7 +117,12 @@ def simulate(seed: int, max_events: int = 200_000) -> dict:
 
     # each slot's bytes, as (layer, generation) of the load whose chunks all landed in it
     contents = {slot: None for slot in range(s["cap"] + s["pinned"])}
-    pinned = range(resident, min(n, resident + s["pinned"]))
+    # the pinned layers (P17): the first P streamed ones, but the disk part keeps the look-ahead's
+    # slots while layers remain on disk
+    pinned_count = min(s["pinned"], n - resident)
+    if pinned_count < n - resident:
+        pinned_count = min(pinned_count, max(0, s["cap"] + s["pinned"] - max(1, look.want)))
+    pinned = range(resident, resident + pinned_count)
     pinned_home: dict[int, tuple] = {}              # pinned layer -> its header record once READY
     writes_left: dict[tuple, int] = {}
     to_coord: deque = deque()
@@ -244,3 +250,12 @@ def test_fresh_seeds():
     print(f"fresh seeds from {base}")
     for seed in range(base, base + FRESH_SEEDS):
         simulate(seed)
+
+
+def test_pinning_every_slot_then_learning_that_more_layers_stream_does_not_stall():
+    """The ring pins all its slots for the streamed layers the estimate left (3 resident of 10:
+    7 pinned in 7 slots), then the GPU process keeps none: 10 layers stream and the disk part
+    would have no slot. The policy keeps the look-ahead's slots for it (a review found the stall)."""
+    for seed in range(40):
+        simulate(seed, n=10, resident=0, estimate=3, cap=0, pinned=7, passes=3, warmup=0,
+                 look=Lookahead(want=2, copy=2, pair=1, backlog=4))
