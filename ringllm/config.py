@@ -18,7 +18,7 @@ MAX_LOADERS = 64
 # DRAM kept free beyond the ring: the OS and its page cache, and the run's own processes (the GPU
 # process holds the CUDA context and, on cuda, the embedding table: 2 GiB for a 70B). The ring is
 # pinned on cuda, so this errs on the generous side. One value for the pre-run check
-# (supervisor.check_dram) and for choosing a ring (--preset auto, the default ring), so that a
+# (supervisor.checks.check_dram) and for choosing a ring (--preset auto, the default ring), so that a
 # ring ringllm chooses always passes the check.
 DRAM_HEADROOM = 4 * GIB
 

@@ -23,9 +23,11 @@ MADV_POPULATE_WRITE = 23
 
 
 class SlotPrefaulter(threading.Thread):
-    def __init__(self, ring):
+    def __init__(self, ring, slots: int | None = None):
         super().__init__(name="ringllm-prefault", daemon=True)
         self.ring = ring
+        # the slots the run will fill (one per streamed layer, when the supervisor knows them)
+        self.slots = ring.slot_count if slots is None else max(0, min(ring.slot_count, slots))
         self.stop = threading.Event()
         self.slots_done = 0
         # the mapping never moves while the ring is open; the temporary export is released at once
@@ -35,7 +37,7 @@ class SlotPrefaulter(threading.Thread):
         self.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
     def run(self) -> None:
-        for slot in range(self.ring.slot_count):
+        for slot in range(self.slots):
             if self.stop.is_set():
                 return
             if self.madvise(self.base + self.ring.slot_base(slot), self.ring.slot_size, MADV_POPULATE_WRITE) != 0:
@@ -43,8 +45,10 @@ class SlotPrefaulter(threading.Thread):
                 return
             self.slots_done += 1
 
-    def finish(self, timeout_s: float) -> None:
-        """Stop after the slot in progress; wait for that (it must end before the ring is unmapped)."""
+    def finish(self, timeout_s: float) -> bool:
+        """Stop after the slot in progress and wait for that; False if it is still running (then
+        the ring must stay mapped: the process's exit unmaps it)."""
         self.stop.set()
         if self.is_alive():
             self.join(timeout=timeout_s)
+        return not self.is_alive()

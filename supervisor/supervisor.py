@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,17 +25,16 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-import psutil
-
 from ringllm.checkpoint.errors import RingllmError
 from ringllm.checkpoint.layout import ModelLayout
-from ringllm.config import DRAM_HEADROOM, EngineConfig
+from ringllm.config import EngineConfig
 from ringllm.faults import NO_FAULTS, FaultPlan
 from ringllm.coordinator.process import CoordinatorArgs, coordinator_main
 from ringllm.shm.channel import (QUEUE_MESSAGES, Channel, Fatal, Finished, LoaderRestarted, Ready, Shutdown, Stats,
                                  StatsRequest, TokenRows, Tokens)
 from ringllm.shm.prefault import SlotPrefaulter
-from ringllm.shm.resources import (SHM_DIR, RunNames, new_run_id, pinned_above, run_id_of, sweep, system_pinned_bytes,
+from ringllm.supervisor.checks import check_dram, fallback_warning, process_memory
+from ringllm.shm.resources import (RunNames, new_run_id, pinned_above, run_id_of, sweep, system_pinned_bytes,
                                    unlink_all)
 from ringllm.shm.ring import Ring, ring_bytes
 from ringllm.shm.stats import DONE, RUNNING, StatsPage
@@ -70,54 +68,10 @@ class RunResult:
     startup: dict = field(default_factory=dict)   # supervisor.startup.startup_phases
 
 
-def process_memory(pid: int) -> dict[str, int]:
-    """RSS, VmLck (mlock) and VmPin (pages pinned by drivers that account for them) in bytes."""
-    fields = {"VmRSS": "rss", "VmLck": "locked", "VmPin": "pinned"}
-    out = dict.fromkeys(fields.values(), 0)
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                key = fields.get(line.split(":", 1)[0])
-                if key:
-                    out[key] = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return out
-
-
 def plan_ring(layout: ModelLayout, engine: EngineConfig):
     plans = plan_model(layout, engine.merge_gap)
     size = slot_size(plans)
     return plans, size, ring_bytes(engine.ring_slots, size, engine.loaders)
-
-
-def check_dram(total: int, engine: EngineConfig) -> None:
-    """Before allocating anything: the ring must fit in available DRAM and in /dev/shm."""
-    available = psutil.virtual_memory().available
-    gib = 2 ** 30
-    if total + DRAM_HEADROOM > available:
-        raise RingllmError(
-            f"the ring needs {total / gib:.2f} GiB (CPU_CAP_VALUE={engine.cpu_cap} slots) but only "
-            f"{available / gib:.2f} GiB of DRAM is available (keeping {DRAM_HEADROOM / gib:.0f} GiB free); "
-            "lower CPU_CAP_VALUE")
-    shm_free = shutil.disk_usage(SHM_DIR).free
-    if total > shm_free:
-        raise RingllmError(
-            f"the ring needs {total / gib:.2f} GiB but {SHM_DIR} has {shm_free / gib:.2f} GiB free; "
-            "lower CPU_CAP_VALUE or enlarge /dev/shm")
-
-
-def fallback_warning(coordinator: dict) -> str | None:
-    """The end-of-run warning when O_DIRECT reads fell back to buffered ones on files that had
-    accepted O_DIRECT at open (a refused read: misaligned), else None. Files whose file system
-    refuses O_DIRECT at open (tmpfs) are expected to read buffered and are reported at open."""
-    n = coordinator.get("direct_fallback_chunks") or 0
-    if not n:
-        return None
-    return (f"{n} chunk(s) were read with buffered I/O because O_DIRECT refused the read, on file(s) that "
-            "accepted O_DIRECT at open (a misaligned read; the loader log names the file). Tokens are not "
-            "affected, but each such byte is copied once more, through the page cache, whose pages then "
-            "compete with the ring for DRAM, and the disk is read below its O_DIRECT rate")
 
 
 class Terminated(BaseException):
@@ -136,6 +90,7 @@ class Supervisor:
         self.names: RunNames | None = None
         self.channels: dict[str, Channel] = {}
         self.ring: Ring | None = None
+        self.prefaulter: SlotPrefaulter | None = None
         self.procs: dict[str, subprocess.Popen] = {}
         self.ready: set[str] = set()      # keys of self.procs that reported Ready: they read their queue
         self.deaths: dict[int, deque[float]] = {i: deque() for i in range(engine.loaders)}   # per loader
@@ -221,8 +176,6 @@ class Supervisor:
         self.names = RunNames(new_run_id(), self.engine.loaders)
         self.names.write_manifest()   # before anything exists, so a kill at any point is sweepable
         self.ring = Ring.create(self.names.segment, self.engine.ring_slots, self.slot_size, self.engine.loaders)
-        self.prefaulter = SlotPrefaulter(self.ring)      # fresh pages faulted ahead of the loaders
-        self.prefaulter.start()
         try:
             for q in self.names.queues:
                 self.channels[q] = Channel(q, create=True)
@@ -268,6 +221,9 @@ class Supervisor:
         if estimate is None:
             estimate = resident_estimate(self.layout, self.engine, len(prompts),
                                          max(map(len, prompts)) + max_new_tokens, self.dtype, self.device)
+        n_layers = self.layout.config.num_layers
+        self.prefaulter = SlotPrefaulter(self.ring, None if estimate is None else n_layers - estimate)
+        self.prefaulter.start()      # fresh pages faulted ahead of the loaders (shm.prefault)
         self._spawn("coordinator", coordinator_main, CoordinatorArgs(
             pid, n.segment, n.coord_queue, n.gpu_queue, n.sup_queue, tuple(n.loader_queues),
             self.layout.config.num_layers, tuple(self.plans), tuple(self.files), self.engine, self.verbose,
@@ -490,8 +446,8 @@ class Supervisor:
             self.page.close()
         for ch in self.channels.values():
             ch.close()
-        if self.ring is not None:
-            self.prefaulter.finish(timeout_s=30)      # it touches the mapping: done before it goes
+        # the prefaulter touches the mapping: it goes only once that thread has ended
+        if self.ring is not None and (self.prefaulter is None or self.prefaulter.finish(timeout_s=30)):
             self.ring.close()
         unlink_all(self.names.segments, self.names.queues)
         self.names.manifest_path.unlink(missing_ok=True)

@@ -408,7 +408,7 @@ def test_streaming_run_reads_everything_with_o_direct(tmp_path):
 
 
 def test_fallback_warning_says_what_it_costs():
-    from ringllm.supervisor.supervisor import fallback_warning
+    from ringllm.supervisor.checks import fallback_warning
 
     assert fallback_warning({"buffered_chunks": 7, "direct_fallback_chunks": 0}) is None   # tmpfs: said at open
     text = fallback_warning({"buffered_chunks": 7, "direct_fallback_chunks": 3})

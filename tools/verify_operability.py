@@ -30,7 +30,7 @@ def sample_pinned(proc: subprocess.Popen, trace: list, stop: threading.Event) ->
     """Every 0.25 s: seconds since start, the GPU process's VmLck and VmPin, machine-wide pinned."""
     import psutil
 
-    from ringllm.supervisor.supervisor import process_memory
+    from ringllm.supervisor.checks import process_memory
     from ringllm.shm.resources import system_pinned_bytes
 
     t0 = time.monotonic()

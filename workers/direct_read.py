@@ -73,37 +73,62 @@ class _Reader:
         self.bounce.close()
 
 
-def read_tensors(items: list[tuple[TensorExtent, torch.Tensor]], threads: int) -> None:
-    """Read each extent's bytes into its contiguous uint8 CPU tensor (as long as the extent),
-    `threads` pieces at a time."""
-    pieces = []
-    for extent, dst in items:
-        if dst.numel() < extent.nbytes or not dst.is_contiguous():
-            raise ValueError(f"buffer for tensor {extent.name} is too small or not contiguous")
-        for at in range(0, extent.nbytes, PIECE):
-            pieces.append((extent, at, min(PIECE, extent.nbytes - at), dst.data_ptr() + at))
-    local = threading.local()
-    readers: list[_Reader] = []
-    lock = threading.Lock()
+class ParallelReader:
+    """`threads` readers, each with its bounce buffer and open files, kept for as many `read`
+    calls as the caller makes (a layer at a time: fresh bounce buffers per layer would be
+    first-touched memory again)."""
 
-    def work(piece):
+    def __init__(self, threads: int):
+        self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="ringllm-read")
+        self.local = threading.local()
+        self.readers: list[_Reader] = []
+        self.lock = threading.Lock()
+
+    def _work(self, piece) -> None:
         extent, at, nbytes, address = piece
-        if not hasattr(local, "reader"):
-            local.reader = _Reader()
-            with lock:
-                readers.append(local.reader)
+        reader = getattr(self.local, "reader", None)
+        if reader is None:
+            reader = self.local.reader = _Reader()
+            with self.lock:
+                self.readers.append(reader)
         try:
-            local.reader.read(extent.path, extent.offset + at, nbytes, address)
+            reader.read(extent.path, extent.offset + at, nbytes, address)
         except EOFError:
             raise RingllmError(f"{extent.path}: unexpected end of file reading tensor {extent.name}") from None
         except OSError as err:
             raise RingllmError(f"{extent.path}: read error in tensor {extent.name} "
                                f"({err.strerror or err})") from None
 
-    try:
-        with ThreadPoolExecutor(max(1, threads), thread_name_prefix="ringllm-read") as pool:
-            for future in [pool.submit(work, p) for p in pieces]:
+    def read(self, items: list[tuple[TensorExtent, torch.Tensor]]) -> None:
+        """Read each extent's bytes into its contiguous uint8 CPU tensor (as long as the extent)."""
+        pieces = []
+        for extent, dst in items:
+            if dst.numel() < extent.nbytes or not dst.is_contiguous():
+                raise ValueError(f"buffer for tensor {extent.name} is too small or not contiguous")
+            for at in range(0, extent.nbytes, PIECE):
+                pieces.append((extent, at, min(PIECE, extent.nbytes - at), dst.data_ptr() + at))
+        futures = [self.pool.submit(self._work, p) for p in pieces]
+        try:
+            for future in futures:
                 future.result()
-    finally:
-        for reader in readers:
+        except BaseException:
+            for future in futures:      # a failing disk: do not read the rest first
+                future.cancel()
+            raise
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        for reader in self.readers:
             reader.close()
+
+    def __enter__(self) -> "ParallelReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_tensors(items: list[tuple[TensorExtent, torch.Tensor]], threads: int) -> None:
+    """One ParallelReader's read of `items`."""
+    with ParallelReader(threads) as reader:
+        reader.read(items)

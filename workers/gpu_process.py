@@ -88,7 +88,7 @@ def gpu_main(args: GpuArgs) -> None:
     cuda = device.type == "cuda"
     if cuda and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    registrar = SlotRegistrar(ring, ring_tensor, cuda)
+    registrar = SlotRegistrar(ring, ring_tensor, cuda, device if cuda else None)
     reader = InboxReader(inbox)
     try:
         info = {"pid": os.getpid(), "device": str(device), "torch_threads": torch_threads}
@@ -106,7 +106,7 @@ def gpu_main(args: GpuArgs) -> None:
         # unless it needed the free GPU memory), else on this message; it adjusts to it either way.
         coord.send(ResidentLayers(keep), timeout=args.engine.wait_timeout_s)
         if cuda:
-            registrar.start()     # [P18] from now on filled slots get pinned, while the rest fill
+            registrar.begin(n - keep)     # [P18] from now on filled slots get pinned, while the rest fill
         phases["attach"] = (t0, time.monotonic())
         t0 = time.monotonic()
         # as many parallel reads as the run has loaders: what this disk was found to want

@@ -24,7 +24,8 @@ import time
 from ringllm.shm.ring import READY, Ring
 
 log = logging.getLogger("ringllm.gpu")
-POLL_S = 0.002
+POLL_S = 0.002          # while slots the run needs are still unpinned
+IDLE_POLL_S = 0.05      # after: a slot filled only later (a ring larger than what streams) is rare
 
 
 class RegisterError(RuntimeError):
@@ -32,9 +33,11 @@ class RegisterError(RuntimeError):
 
 
 class SlotRegistrar(threading.Thread):
-    def __init__(self, ring: Ring, ring_tensor, cuda: bool):
+    def __init__(self, ring: Ring, ring_tensor, cuda: bool, device=None, cudart=None):
         super().__init__(name="ringllm-gpu-register", daemon=True)
-        self.ring, self.ring_tensor, self.cuda = ring, ring_tensor, cuda
+        self.ring, self.ring_tensor, self.cuda, self.device = ring, ring_tensor, cuda, device
+        self._cudart = cudart          # tests pass a stand-in; else torch.cuda.cudart()
+        self.needed = ring.slot_count
         # one bool per slot, set once by this thread; the main thread only reads it (a list item
         # store is atomic under the GIL). Without CUDA there is nothing to register.
         self.registered = [not cuda] * ring.slot_count
@@ -44,6 +47,12 @@ class SlotRegistrar(threading.Thread):
         self.seconds = 0.0                   # inside cudaHostRegister, summed
         self.first_at: float | None = None   # time.monotonic() of the first and last registration
         self.last_at: float | None = None
+
+    def begin(self, streamed_layers: int) -> None:
+        """Start registering; the run fills one slot per streamed layer, at most the ring's (after
+        those it polls slowly)."""
+        self.needed = min(self.ring.slot_count, streamed_layers)
+        self.start()
 
     def ready(self, slot: int) -> bool:
         if self.error is not None:
@@ -55,9 +64,17 @@ class SlotRegistrar(threading.Thread):
         return all(self.registered)
 
     def run(self) -> None:
+        try:
+            self._run()
+        except BaseException as err:    # the copier raises it (ready) instead of waiting for a slot
+            self.error = f"registering the ring with CUDA failed: {type(err).__name__}: {err}"
+
+    def _run(self) -> None:
         import torch
 
-        cudart = torch.cuda.cudart()
+        if self.device is not None:
+            torch.cuda.set_device(self.device)   # per host thread: pin in the run's device's context
+        cudart = self._cudart or torch.cuda.cudart()
         size = self.ring.slot_size
         while not self.stop.is_set() and not self.all_registered:
             for slot in range(self.ring.slot_count):
@@ -78,15 +95,18 @@ class SlotRegistrar(threading.Thread):
                 self.last_at = t1
                 self.registered_bytes += size
                 self.registered[slot] = True
-            self.stop.wait(POLL_S)
+            self.stop.wait(POLL_S if sum(self.registered) < self.needed else IDLE_POLL_S)
 
     def unregister_all(self) -> None:
-        """After the thread has stopped and the device is synchronized: give every page back."""
-        if not self.cuda:
+        """After the thread has stopped and the device is synchronized: give every page back.
+        A thread still inside a registration keeps its pages until the process exits."""
+        if not self.cuda or self.is_alive():
+            if self.is_alive():
+                log.error("the ring registration thread did not stop; its pages unpin at exit")
             return
         import torch
 
-        cudart = torch.cuda.cudart()
+        cudart = self._cudart or torch.cuda.cudart()
         for slot, done in enumerate(self.registered):
             if done:
                 err = int(cudart.cudaHostUnregister(self.ring_tensor[self.ring.slot_base(slot):].data_ptr()))

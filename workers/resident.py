@@ -12,7 +12,7 @@ import torch
 
 from ringllm.checkpoint.layout import GROUP_KINDS, ModelLayout
 from ringllm.workers.model import AttnWeights, FfnWeights, ResidentWeights
-from ringllm.workers.direct_read import read_tensors
+from ringllm.workers.direct_read import ParallelReader
 from ringllm.workers.weights import group_weights, load_tensor
 
 
@@ -49,14 +49,14 @@ def load_groups(layout: ModelLayout, layers, dtype: torch.dtype, device: torch.d
         bufs = {kind: (staging[i % 2][kind] if staging else torch.empty(layout.group(layer, kind).nbytes,
                                                                          dtype=torch.uint8))
                 for kind in GROUP_KINDS}
-        read_tensors([(e.extent, bufs[kind][e.buf_offset:e.buf_offset + e.extent.nbytes])
-                      for kind in GROUP_KINDS for e in layout.group(layer, kind).entries], threads)
+        reader.read([(e.extent, bufs[kind][e.buf_offset:e.buf_offset + e.extent.nbytes])
+                     for kind in GROUP_KINDS for e in layout.group(layer, kind).entries])
         return bufs
 
     groups = {}
     # the next layer is read (into the other staging set) while this one goes to the device;
     # a copy from pageable memory has read its source when it returns, so the set is free again
-    with ThreadPoolExecutor(1, thread_name_prefix="ringllm-read-ahead") as ahead:
+    with ParallelReader(threads) as reader, ThreadPoolExecutor(1, thread_name_prefix="ringllm-read-ahead") as ahead:
         pending = ahead.submit(read_layer, 0) if layers else None
         for i, layer in enumerate(layers):
             bufs = pending.result()

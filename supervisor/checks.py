@@ -1,0 +1,56 @@
+"""What the supervisor checks before a run and reports after it: does the ring fit in DRAM and in
+/dev/shm (`check_dram`), what each process used (`process_memory`), and the end-of-run warning
+about O_DIRECT reads that fell back to buffered ones (`fallback_warning`)."""
+from __future__ import annotations
+
+import shutil
+
+import psutil
+
+from ringllm.checkpoint.errors import RingllmError
+from ringllm.config import DRAM_HEADROOM, EngineConfig
+from ringllm.shm.resources import SHM_DIR
+
+
+def process_memory(pid: int) -> dict[str, int]:
+    """RSS, VmLck (mlock) and VmPin (pages pinned by drivers that account for them) in bytes."""
+    fields = {"VmRSS": "rss", "VmLck": "locked", "VmPin": "pinned"}
+    out = dict.fromkeys(fields.values(), 0)
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key = fields.get(line.split(":", 1)[0])
+                if key:
+                    out[key] = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def check_dram(total: int, engine: EngineConfig) -> None:
+    """Before allocating anything: the ring must fit in available DRAM and in /dev/shm."""
+    available = psutil.virtual_memory().available
+    gib = 2 ** 30
+    if total + DRAM_HEADROOM > available:
+        raise RingllmError(
+            f"the ring needs {total / gib:.2f} GiB (CPU_CAP_VALUE={engine.cpu_cap} slots) but only "
+            f"{available / gib:.2f} GiB of DRAM is available (keeping {DRAM_HEADROOM / gib:.0f} GiB free); "
+            "lower CPU_CAP_VALUE")
+    shm_free = shutil.disk_usage(SHM_DIR).free
+    if total > shm_free:
+        raise RingllmError(
+            f"the ring needs {total / gib:.2f} GiB but {SHM_DIR} has {shm_free / gib:.2f} GiB free; "
+            "lower CPU_CAP_VALUE or enlarge /dev/shm")
+
+
+def fallback_warning(coordinator: dict) -> str | None:
+    """The end-of-run warning when O_DIRECT reads fell back to buffered ones on files that had
+    accepted O_DIRECT at open (a refused read: misaligned), else None. Files whose file system
+    refuses O_DIRECT at open (tmpfs) are expected to read buffered and are reported at open."""
+    n = coordinator.get("direct_fallback_chunks") or 0
+    if not n:
+        return None
+    return (f"{n} chunk(s) were read with buffered I/O because O_DIRECT refused the read, on file(s) that "
+            "accepted O_DIRECT at open (a misaligned read; the loader log names the file). Tokens are not "
+            "affected, but each such byte is copied once more, through the page cache, whose pages then "
+            "compete with the ring for DRAM, and the disk is read below its O_DIRECT rate")
