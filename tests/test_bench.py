@@ -67,12 +67,12 @@ def test_bench_on_cpu(tmp_path, capsys):
 
 
 def test_tier_bench_on_cpu(tmp_path, capsys):
-    """The tier bench end to end on a tiny model: 6 layers, 2 on the "GPU", 4 stream, a ring of 2
-    with a look-ahead of 1, so the tiers keep 1 slot and slide 1."""
+    """The tier bench end to end on a tiny model: 8 layers, 2 on the "GPU", 6 stream, a ring of 3
+    with a look-ahead of 1; the tiers pin as auto does (all but a disk window of 2): 1 pinned."""
     from ringllm.tools.tier_bench import main as tier_main
     from tests.conftest import layer_tensor_bytes
 
-    d = make_checkpoint(tmp_path / "c", "tiny", 6, shard_bytes=60_000, progress=False)
+    d = make_checkpoint(tmp_path / "c", "tiny", 8, shard_bytes=60_000, progress=False)
     out = tmp_path / "out"
     code = tier_main(["--model", str(d), "--out", str(out), "--device", "cpu", "--gpu-mem", "300MiB",
                       "--resident-layers", "2", "--new-tokens", "4", "--prompt-tokens", "8", "--loaders", "2",
@@ -80,25 +80,27 @@ def test_tier_bench_on_cpu(tmp_path, capsys):
     assert code == 0
     report = json.loads((out / "tier-bench.json").read_text())
     assert report["card"] == "cpu" and "--resident-layers 2" in report["command"]
-    assert (report["streamed_layers"], report["ring_slots"], report["lookahead"], report["pinned_layers"]) == (4, 2, 1, 1)
+    assert (report["streamed_layers"], report["ring_slots"], report["lookahead"], report["pinned_layers"]) == (6, 3, 1, 1)
     streamed = layer_tensor_bytes(d, first_layer=2)
     assert report["streamed_bytes_per_pass"] == streamed
     ceilings = report["ceilings"]
     assert ceilings["disk_gbps"] > 0 and ceilings["disk_loaders"] == 2 and ceilings["disk_threaded_gbps"] > 0
     sliding, tiers = report["runs"]["sliding window"], report["runs"]["tiers"]
-    assert (sliding["engine"]["cpu_cap"], sliding["engine"]["cpu_pinned_layers"]) == (2, 0)
-    assert (tiers["engine"]["cpu_cap"], tiers["engine"]["cpu_pinned_layers"]) == (2, 1)
+    assert (sliding["engine"]["cpu_cap"], sliding["engine"]["cpu_pinned_layers"]) == (3, 0)
+    assert (tiers["engine"]["cpu_cap"], tiers["engine"]["cpu_pinned_layers"]) == (3, 1)
     assert report["same_tokens"]
     # the sliding window reads every streamed layer each pass, counted from the Mark after the
-    # ring's fill: 4 passes of the 4 streamed layers, less the 2 the full ring holds when timing
-    # starts (WSM_CPU_RING_MODE=0: no window reads ahead into a 5th pass). A layer's read costs
-    # its chunks, cut at the end of their file.
+    # ring's fill: 4 passes of the 6 streamed layers, less the 3 the full ring holds when timing
+    # starts (WSM_CPU_RING_MODE=0: no window reads ahead into a 5th pass). The tiers never read
+    # their pinned layer 2 again: 4 passes of layers 3..7, less the 2 in the ring at the start.
+    # A layer's read costs its chunks, cut at the end of their file.
     from ringllm.checkpoint.layout import load_layout
     from ringllm.shm.slot_plan import plan_model
     from tests.test_disk_probe import bytes_in_files
     layer_read = [bytes_in_files([p], report["runs"]["tiers"]["engine"]["chunk_bytes"])[0]
                   for p in plan_model(load_layout(d))]
-    assert sliding["disk_bytes_timed"] == 4 * sum(layer_read[2:]) - layer_read[2] - layer_read[3]
+    assert sliding["disk_bytes_timed"] == 4 * sum(layer_read[2:]) - sum(layer_read[2:5])
+    assert tiers["disk_bytes_timed"] == 4 * sum(layer_read[3:]) - sum(layer_read[3:5])
     assert sliding["metrics"]["disk_bytes_per_token"] == sliding["disk_bytes_timed"] / 4
     for run in (sliding, tiers):
         m = run["metrics"]

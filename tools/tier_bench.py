@@ -36,11 +36,14 @@ from ringllm.checkpoint.errors import RingllmError
 SLIDING, TIERS = "sliding window", "tiers"
 
 
-def ring_of_half(streamed: int, lookahead: int) -> tuple[int, int]:
-    """(ring slots, pinned slots): half the streamed layers, never fewer than the look-ahead W;
-    W slots slide, the rest keep their layers."""
+def ring_of_half(streamed: int, lookahead: int, disk_gbps: float | None = None,
+                 h2d_gbps: float | None = None) -> tuple[int, int]:
+    """(ring slots, pinned slots): half the streamed layers, never fewer than the look-ahead;
+    pinned as `--preset auto` pins such a ring (autotune.tier_split: all but the disk window)."""
+    from ringllm.autotune import tier_split
+
     cap = max(lookahead, streamed // 2)
-    return cap, cap - lookahead
+    return cap, tier_split(cap, streamed, lookahead, disk_gbps, h2d_gbps)
 
 
 def run_metrics(run: dict, streamed_bytes: int, disk_gbps: float) -> dict:
@@ -79,10 +82,9 @@ def tier_bench(model_dir: Path, device: str, gpu_mem: int, engine, resident: int
     if resident < 0 or streamed <= lookahead:
         raise RingllmError(f"--resident-layers {resident}: {streamed} of the {n} layers would stream, but a ring of half "
                            f"of them that slides needs more than the look-ahead of {lookahead} (GPU_AHEAD_LAYERS)")
-    cap, pinned = ring_of_half(streamed, lookahead)
     copy_bytes = streamed_bytes(layout, resident)
     log(f"[tier_bench] {model_dir}: {n} layers, {resident} on the GPU, {streamed} stream "
-        f"({copy_bytes / 1e9:.3f} GB a pass); ring {cap} slots, look-ahead {lookahead}, tiers pin {pinned}")
+        f"({copy_bytes / 1e9:.3f} GB a pass); look-ahead {lookahead}")
 
     log("[tier_bench] (a) the disk ceiling by the loaders")
     per_count, best = measure_disk_ceiling(layout, resident, engine, [engine.loaders] if loaders_fixed else None,
@@ -97,13 +99,21 @@ def tier_bench(model_dir: Path, device: str, gpu_mem: int, engine, resident: int
                 "disk_seconds": disk.seconds, "disk_by_loaders": {k: v.gbps for k, v in per_count.items()},
                 "disk_threaded_gbps": threaded, "h2d_gbps": h2d}
     log(f"[tier_bench] disk {disk.gbps:.2f} GB/s with {best} loaders (threaded read {threaded:.2f}); H2D {h2d:.1f} GB/s")
+    cap, pinned = ring_of_half(streamed, lookahead, disk.gbps, h2d)
+    if pinned == 0:
+        raise RingllmError(f"a ring of {cap} slots for {streamed} streamed layers leaves no slot to pin beside the disk "
+                           f"window: the tiers would run as the sliding window; stream more layers (fewer resident)")
+    log(f"[tier_bench] ring {cap} slots; the tiers pin {pinned}, {cap - pinned} slide")
 
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, layout.config.vocab_size, (prompt_tokens,), generator=gen).tolist()
-    base = replace(engine, cpu_cap=cap, cpu_hwm=cap + 3, cpu_lwm=max(0, cap - 3), gpu_resident_layers=resident,
-                   gpu_mem=gpu_mem)
+    base = replace(engine, cpu_cap=cap, gpu_resident_layers=resident, gpu_mem=gpu_mem)
+
+    def configured(p: int):
+        # the water marks follow the disk part (cap - P) +- 3, as the configuration sets them
+        return replace(base, cpu_pinned_layers=p, cpu_hwm=cap - p + 3, cpu_lwm=max(0, cap - p - 3))
     runs = {}
-    for name, eng in ((SLIDING, replace(base, cpu_pinned_layers=0)), (TIERS, replace(base, cpu_pinned_layers=pinned))):
+    for name, eng in ((SLIDING, configured(0)), (TIERS, configured(pinned))):
         drop_page_cache()
         log(f"[tier_bench] ({'b' if name == SLIDING else 'c'}) {name}: ring {eng.cpu_cap}, CPU_PINNED_LAYERS="
             f"{eng.cpu_pinned_layers}, {new_tokens} new tokens")
