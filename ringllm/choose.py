@@ -134,13 +134,14 @@ def auto_preset(args, layout, model_dir, device: str, loaders: int, gpu_mem: int
     h2d = disk = None
     if args.measure:
         from ringllm.config import EngineConfig
-        from ringllm.disk_probe import measure_disk_with_loaders
+        from ringllm.disk_probe import measure_loader_counts
         from ringllm.shm.slot_plan import plan_model
-        # the loader processes themselves, at the engine's chunk size and dispatch depth, on the
-        # checkpoint's layer chunks; a threaded read underestimates them (ringllm.disk_probe)
-        plans = plan_model(layout)
-        per = {k: measure_disk_with_loaders(plans, k, EngineConfig.chunk_bytes, EngineConfig.dispatch_depth,
-                                            max_bytes=2 * 2**30, max_seconds=3.0).gbps for k in (1, 2, 4, 8)}
+        # the loader processes themselves, at the engine's chunk size and dispatch depth (no user
+        # name sets those), on the checkpoint's layer chunks; a threaded read underestimates them
+        plans = plan_model(layout, EngineConfig.merge_gap)
+        per = {k: probe.gbps for k, probe in measure_loader_counts(
+            plans, (1, 2, 4, 8), EngineConfig.chunk_bytes, EngineConfig.dispatch_depth,
+            max_bytes=2 * 2**30, max_seconds=3.0).items()}
         # the most loaders within 10% of the best: the rates are that noisy, and more reads in
         # flight never hurt an NVMe drive
         disk = max(per.values())

@@ -86,6 +86,29 @@ def measure_disk_with_loaders(layout_or_plans, loaders: int, chunk_bytes: int = 
         probe.raise_if_signalled()     # a Ctrl-C during the cleanup: now that nothing is left
 
 
+def measure_loader_counts(plans: list, counts, chunk_bytes: int = DEFAULT_CHUNK_BYTES, dispatch_depth: int = 2,
+                          max_bytes: int = 4 << 30, max_seconds: float = 10.0) -> dict:
+    """{K: DiskProbe} for each loader count K. Each count starts where the last one stopped
+    (wrapping around), so no count reads what an earlier one just read (the drive's cache would
+    flatter it), and the page cache is dropped before each where this process may (root)."""
+    from ringllm.measure import drop_page_cache
+
+    out, start = {}, 0
+    for k in counts:
+        drop_page_cache()
+        order = plans[start:] + plans[:start]
+        out[k] = measure_disk_with_loaders(order, k, chunk_bytes, dispatch_depth, max_bytes=max_bytes,
+                                           max_seconds=max_seconds)
+        done, layers = 0, 0
+        for plan in order:                  # the layers this count read
+            if done >= out[k].bytes:
+                break
+            done += plan.nbytes
+            layers += 1
+        start = (start + layers) % len(plans)
+    return out
+
+
 def _hold_signals(probe: "_Probe") -> dict:
     """SIGINT/SIGTERM are remembered and raised where the probe checks (as in the supervisor):
     raised anywhere, they could land between Popen and the list of children, or in the cleanup."""

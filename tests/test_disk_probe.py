@@ -154,3 +154,20 @@ def test_generate_preset_auto_measure_on_cpu(checkpoint):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert re.search(r"disk read by the loaders: 1: [\d.]+, 2: [\d.]+, 4: [\d.]+, 8: [\d.]+ GB/s", r.stderr), r.stderr
+
+
+def test_each_loader_count_reads_layers_the_last_did_not(monkeypatch, checkpoint):
+    """measure_loader_counts: count K+1 starts after the layers count K read (wrapping), so the
+    drive's cache never serves a count what the previous one just read."""
+    plans = plan_model(load_layout(checkpoint))
+    first_layers = []
+
+    def fake_probe(order, k, *args, **kwargs):
+        first_layers.append(order[0].layer)
+        assert sorted(p.layer for p in order) == sorted(p.layer for p in plans)   # every layer, rotated
+        return disk_probe.DiskProbe(1.0, order[0].nbytes + order[1].nbytes, 1.0, True, k, 2)   # two layers read
+
+    monkeypatch.setattr(disk_probe, "measure_disk_with_loaders", fake_probe)
+    disk_probe.measure_loader_counts(plans, (1, 2, 4), max_bytes=1)
+    n = len(plans)
+    assert first_layers == [plans[0].layer, plans[2 % n].layer, plans[4 % n].layer]

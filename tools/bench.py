@@ -26,7 +26,7 @@ import torch
 
 from ringllm.checkpoint.layout import ModelLayout
 from ringllm.config import EngineConfig
-from ringllm.disk_probe import measure_disk_with_loaders
+from ringllm.disk_probe import measure_loader_counts
 from ringllm.measure import (GIB, drop_page_cache, measure_disk, measure_group_copies, measure_h2d,
                              measure_layer_compute)
 from ringllm.shm.slot_plan import file_table, plan_model
@@ -60,11 +60,8 @@ def measure_disk_ceiling(layout: ModelLayout, resident: int, engine: EngineConfi
     each. Returns ({K: DiskProbe}, the best K)."""
     plans = plan_model(layout, engine.merge_gap)[resident:]
     streamed = sum(p.nbytes for p in plans)
-    per_count = {}
-    for k in counts or sorted({1, 2, 4, 8, engine.loaders}):
-        drop_page_cache()
-        per_count[k] = measure_disk_with_loaders(plans, k, engine.chunk_bytes, engine.dispatch_depth,
-                                                 max_bytes=min(4 * GIB, streamed), max_seconds=max_seconds)
+    per_count = measure_loader_counts(plans, counts or sorted({1, 2, 4, 8, engine.loaders}), engine.chunk_bytes,
+                                      engine.dispatch_depth, max_bytes=min(4 * GIB, streamed), max_seconds=max_seconds)
     return per_count, max(per_count, key=lambda k: per_count[k].gbps)
 
 
