@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -38,6 +36,7 @@ from ringllm.shm.channel import Channel, ChunkDone, Fatal, Outbox, ReadJob, Read
 from ringllm.shm.resources import RunNames, new_run_id, unlink_all
 from ringllm.shm.ring import LOADING, READY, Ring, prefault
 from ringllm.shm.slot_plan import DEFAULT_CHUNK_BYTES, LayerPlan, file_table, plan_model, slot_size
+from ringllm.workers.child import spawn
 from ringllm.workers.loader import LoaderArgs, loader_main
 
 log = logging.getLogger("ringllm")
@@ -175,16 +174,7 @@ class _Probe:
         for i in range(self.loaders):
             args = LoaderArgs(i, os.getpid(), n.segment, n.loader_queues[i], n.coord_queue, n.coord_queue,
                               tuple(self.files), faults=self.faults)
-            # as supervisor._spawn: SIGINT blocked across fork/exec (the child ignores it, then
-            # unblocks), arguments pickled on stdin
-            mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-            try:
-                proc = subprocess.Popen([sys.executable, "-m", "ringllm.workers.child"], stdin=subprocess.PIPE)
-            finally:
-                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-            self.procs.append(proc)
-            proc.stdin.write(pickle.dumps((loader_main.__module__, loader_main.__name__, args)))
-            proc.stdin.close()
+            spawn(loader_main, args, self.procs.append)     # as the supervisor starts its children
             self.raise_if_signalled()
 
     def stop(self) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -40,6 +39,7 @@ from ringllm.shm.ring import Ring, ring_bytes
 from ringllm.shm.stats import DONE, RUNNING, StatsPage
 from ringllm.shm.slot_plan import file_table, plan_model, slot_size
 from ringllm.supervisor.startup import resident_estimate, startup_phases
+from ringllm.workers.child import spawn
 from ringllm.workers.gpu_process import GpuArgs, gpu_main
 from ringllm.workers.loader import LoaderArgs, loader_main
 
@@ -192,21 +192,10 @@ class Supervisor:
                  self.slot_size / 2**20, self.ring_total / 2**30, self.names.segment, self.engine.loaders)
 
     def _spawn(self, key: str, target, args) -> None:
-        # The child starts with SIGINT blocked: Ctrl-C reaches the whole foreground process
-        # group, and one landing while the child's interpreter still imports would print a
-        # KeyboardInterrupt traceback. The mask survives fork and exec; child_start ignores
-        # SIGINT, then unblocks it (the one pending is discarded). Here a SIGINT only waits for
-        # the unblock. (PR_SET_PDEATHSIG needs code in the child: child_start arms it and then
-        # checks that we are still its parent.)
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        try:
-            proc = subprocess.Popen([sys.executable, "-m", "ringllm.workers.child"], stdin=subprocess.PIPE)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        self.procs[key] = proc
-        self.ready.discard(key)
-        proc.stdin.write(pickle.dumps((target.__module__, target.__name__, args)))
-        proc.stdin.close()
+        def track(proc):
+            self.procs[key] = proc
+            self.ready.discard(key)
+        spawn(target, args, track)
         self._raise_if_signalled()
 
     def _loader_args(self, index: int) -> LoaderArgs:

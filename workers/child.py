@@ -1,11 +1,35 @@
 """Entry point of every child process: `python -m ringllm.workers.child`, pickled (module, function,
 args) on stdin. Plain subprocesses rather than multiprocessing: no helper processes, no
-re-import of the caller's __main__, and the supervisor keeps full control of each child."""
+re-import of the caller's __main__, and the supervisor keeps full control of each child.
+`spawn` is the parent's side (the supervisor's, and the disk probe's)."""
 from __future__ import annotations
 
 import importlib
 import pickle
+import signal
+import subprocess
 import sys
+from typing import Callable
+
+
+def spawn(target: Callable, args, track: Callable[[subprocess.Popen], None]) -> subprocess.Popen:
+    """Run `target(args)` in a new child process. `track(proc)` runs before the arguments are
+    sent, so the caller owns the process even if sending fails.
+
+    The child starts with SIGINT blocked: Ctrl-C reaches the whole foreground process group, and
+    one landing while the child's interpreter still imports would print a KeyboardInterrupt
+    traceback. The mask survives fork and exec; child_start ignores SIGINT, then unblocks it (the
+    one pending is discarded). Here a SIGINT only waits for the unblock. (PR_SET_PDEATHSIG needs
+    code in the child: child_start arms it and then checks that its parent is still there.)"""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "ringllm.workers.child"], stdin=subprocess.PIPE)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    track(proc)
+    proc.stdin.write(pickle.dumps((target.__module__, target.__name__, args)))
+    proc.stdin.close()
+    return proc
 
 
 def main() -> None:
