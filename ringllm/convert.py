@@ -152,7 +152,9 @@ def _convert_shard(src_shard: Path, out_path: Path, tensors: list[OutTensor], ad
                     raise RingllmError(f"{src_shard}: tensor {ext.name} has a non-finite value (inf or NaN) in "
                                        f"rows {first}..{first + count - 1}; it cannot be scaled to FP8")
                 data, scale = quantize_rows(rows)
+                del rows                    # before the next block is read: one block alive at a time
                 _write(f, data)
+                del data
                 scales.append(scale)
                 advance(count * (ext.nbytes // ext.shape[0]), t.name)
             _write(f, torch.cat(scales))    # [out, 1] float32: the next tensor in the header
