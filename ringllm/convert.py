@@ -83,6 +83,10 @@ def plan_shard(extents, quantize) -> list[OutTensor]:
 def _header(tensors: list[OutTensor]) -> bytes:
     header, offset = {"__metadata__": {"format": "pt", "quantized_by": "ringllm convert"}}, 0
     for t in tensors:
+        itemsize = t.nbytes // max(1, math.prod(t.shape))
+        if offset % max(1, itemsize):   # safetensors data has no gaps: a typed view needs its alignment
+            raise RingllmError(f"{t.source.path}: tensor {t.name} would start at byte {offset}, not a multiple "
+                               f"of its {itemsize}-byte elements (the FP8 tensors before it have an odd size)")
         header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -220,7 +224,8 @@ def convert_to_fp8(src: Path | str, dst: Path | str, quantize_lm_head: bool = Fa
         shutil.rmtree(partial, ignore_errors=True)
         raise
     if log:
-        log(f"wrote {dst}: {total_out / 1e9:.2f} GB in FP8 (from {total_in / 1e9:.2f} GB)")
+        from ringllm.workers.memory_plan import fmt_bytes
+        log(f"wrote {dst}: {fmt_bytes(total_out)} with FP8 weights (from {fmt_bytes(total_in)})")
     return dst
 
 
