@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--to", choices=("fp8",), required=True, help="target format")
     cv.add_argument("src", type=Path, metavar="SRC", help="the source model directory (bf16, fp16 or fp32)")
     cv.add_argument("dst", type=Path, metavar="DST", help="the directory to write (new or empty)")
-    cv.add_argument("--quantize-lm-head", action="store_true", help="quantize lm_head too (default: it stays 16-bit)")
+    cv.add_argument("--quantize-lm-head", action="store_true", help="quantize lm_head too (default: it keeps the source dtype)")
 
     b = sub.add_parser("bench", help="measure ringllm against this machine's floor and against peers",
                        formatter_class=HelpFormatter)
