@@ -168,8 +168,9 @@ def auto_tune(layout: ModelLayout, machine: Machine, batch: int, max_seq: int, d
         engine = EngineConfig(gpu_ahead_layers=ahead, gpu_max_groups=groups, max_cached_layers=max(8, groups))
         plan = plan_gpu_memory(layout, engine, batch, max_seq, dtype, embed_on_host)
         resident = layers_that_fit(layout, plan, budget)
+        stored = f"{dtype}, FP8 weights as stored" if layout.quantized else dtype
         reasons["gpu_resident_layers"] = (
-            f"whole layers ({fmt_bytes(plan.layer_bytes)} each in {dtype}) that fit beside the buffers, "
+            f"whole layers ({fmt_bytes(plan.layer_bytes)} each in {stored}) that fit beside the buffers, "
             f"lm_head, KV cache ({fmt_bytes(plan.kv_cache)} for {batch} x {max_seq} tokens) and workspace; "
             f"{n - resident} layer(s) stream")
     else:

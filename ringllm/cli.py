@@ -1,7 +1,7 @@
 """`ringllm` command line: parse, dispatch to the command, turn its end into an exit code (errors one
 line and 1, Ctrl-C 130, SIGTERM 143, a closed stdout 141). The commands live beside it: generate
 (ringllm.generate), the engine parameters (ringllm.choose, ringllm.config), bench, top, the demo
-model and make-checkpoint (ringllm.tools)."""
+model and make-checkpoint (ringllm.tools), convert (ringllm.convert)."""
 from __future__ import annotations
 
 import argparse
@@ -110,6 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
     mk.add_argument("--dtype", choices=dtypes.NAMES, default="bfloat16", help="weight dtype")
     mk.add_argument("--shard-size", default="5GB", help="shard size (default 5GB, as published)")
     mk.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+
+    cv = sub.add_parser("convert", help="write an FP8 copy of a bf16/fp16/fp32 checkpoint (half the bytes a token)",
+                        formatter_class=HelpFormatter,
+                        description="Quantize the decoder's Linear weights to FP8 e4m3 with one scale per output "
+                                    "channel, in the compressed-tensors float-quantized layout (read by ringllm, "
+                                    "transformers + compressed-tensors, vLLM). Norms, embeddings and lm_head keep "
+                                    "the source dtype.")
+    cv.add_argument("--to", choices=("fp8",), required=True, help="target format")
+    cv.add_argument("src", type=Path, metavar="SRC", help="the source model directory (bf16, fp16 or fp32)")
+    cv.add_argument("dst", type=Path, metavar="DST", help="the directory to write (new or empty)")
+    cv.add_argument("--quantize-lm-head", action="store_true", help="quantize lm_head too (default: it keeps the source dtype)")
 
     b = sub.add_parser("bench", help="measure ringllm against this machine's floor and against peers",
                        formatter_class=HelpFormatter)
@@ -243,6 +254,12 @@ def main(argv: list[str] | None = None) -> int:
             from ringllm.config import parse_bytes
             from ringllm.tools.make_checkpoint import make_checkpoint
             print(make_checkpoint(args.out, args.shape, args.layers, args.dtype, parse_bytes(args.shard_size), args.seed))
+            return 0
+        if args.command == "convert":
+            from ringllm.convert import convert_to_fp8
+            check_model_arg(args.src)
+            convert_to_fp8(args.src, args.dst, args.quantize_lm_head,
+                           log=lambda m: print(f"ringllm convert: {m}", file=sys.stderr))
             return 0
         if args.command == "bench":
             return cmd_bench(args)

@@ -4,9 +4,11 @@ Bytes by kind, as the GPU process really allocates them:
   - group buffers (workers/streaming.py) are raw copies of ring slots: checkpoint bytes, whatever
     the compute dtype;
   - resident weights (embed/norm/lm_head) and GPU-resident layers (workers/resident.py) are
-    converted once, at load: compute-dtype bytes;
-  - compute on a streamed group whose checkpoint dtype differs from the compute dtype converts
-    one weight at a time (model._w): the largest weight, in the compute dtype;
+    converted once, at load: compute-dtype bytes; but a quantized (FP8) weight stays as stored,
+    so an FP8 layer costs its checkpoint bytes (weights + scales), half of bf16;
+  - compute on a weight whose stored dtype differs from the compute dtype (or that is FP8: it is
+    dequantized at every use, streamed or resident) converts one weight at a time (model._w): the
+    largest weight, in the compute dtype;
   - KV cache and activations: compute dtype.
 """
 from __future__ import annotations
@@ -15,7 +17,7 @@ import math
 from dataclasses import dataclass
 
 from ringllm.checkpoint.errors import RingllmError
-from ringllm.checkpoint.dtypes import BYTES_OF_NAME, TAG_OF_NAME
+from ringllm.checkpoint.dtypes import BYTES_OF_NAME, QUANTIZED_TORCH_NAME, TAG_OF_NAME
 from ringllm.checkpoint.layout import ModelLayout
 
 WORKSPACE_SLACK = 256 << 20
@@ -29,7 +31,7 @@ class GpuMemoryPlan:
     kv_cache: int
     workspace: int
     conversion: int = 0        # one streamed weight converted to the compute dtype (0: same dtype)
-    layer_bytes: int = 0       # one GPU-resident layer, in the compute dtype
+    layer_bytes: int = 0       # one GPU-resident layer, in the compute dtype (FP8 weights as stored)
     resident_layers: int = 0   # layers GPU_RESIDENT_LAYERS keeps there (0 for auto: see layers_that_fit)
 
     @property
@@ -51,11 +53,25 @@ def _elements(extent) -> int:
     return math.prod(extent.shape)
 
 
+def _layer_entry_bytes(entry, elem_bytes: int) -> int:
+    """Bytes one tensor takes in a GPU-resident layer (workers.resident.load_groups): converted to
+    the compute dtype, unless it belongs to a quantized weight (kept as stored)."""
+    if entry.extent.dtype in QUANTIZED_TORCH_NAME or entry.part != "weight":
+        return entry.extent.nbytes
+    return _elements(entry.extent) * elem_bytes
+
+
 def plan_gpu_memory(layout: ModelLayout, engine, batch: int, max_seq: int, dtype: str,
                     embed_on_host: bool) -> GpuMemoryPlan:
     cfg, e = layout.config, BYTES_OF_NAME[dtype]
     table = cfg.vocab_size * cfg.hidden_size * e
-    resident = cfg.hidden_size * e + table + (0 if embed_on_host else table if layout.lm_head else 0)
+    if layout.lm_head is None:       # tied: shares the embed table, or its own copy when that is on the host
+        head = table if embed_on_host else 0
+    elif layout.lm_head_scale is not None:     # FP8 lm_head, kept as stored
+        head = layout.lm_head.nbytes + layout.lm_head_scale.nbytes
+    else:
+        head = table
+    resident = cfg.hidden_size * e + (0 if embed_on_host else table) + head
     sizes = layout.max_group_bytes
     n_attn, n_ffn = engine.group_budget
     kv = cfg.kv_cache_bytes(batch, max_seq, e)
@@ -63,17 +79,17 @@ def plan_gpu_memory(layout: ModelLayout, engine, batch: int, max_seq: int, dtype
                  + 2 * batch * cfg.num_heads * max_seq * cfg.head_dim * e
                  + 2 * 4 * batch * cfg.vocab_size + WORKSPACE_SLACK)
     entries = [entry for pair in layout.groups for group in pair for entry in group.entries]
-    converts = layout.dtype != TAG_OF_NAME[dtype]
+    converts = layout.dtype != TAG_OF_NAME[dtype] or layout.quantized
     conversion = max(_elements(en.extent) for en in entries) * e if converts and entries else 0
-    layer_bytes = max(sum(_elements(en.extent) for g in pair for en in g.entries) for pair in layout.groups) * e
+    layer_bytes = max(sum(_layer_entry_bytes(en, e) for g in pair for en in g.entries) for pair in layout.groups)
     explicit = min(cfg.num_layers, max(0, engine.gpu_resident_layers))
     return GpuMemoryPlan(resident, n_attn * sizes["attn"] + n_ffn * sizes["ffn"],
                          sizes["attn"] + sizes["ffn"], kv, workspace, conversion, layer_bytes, explicit)
 
 
 def layers_that_fit(layout: ModelLayout, plan: GpuMemoryPlan, budget: int) -> int:
-    """How many whole layers (converted to the compute dtype) can stay on the GPU beside the
-    streaming working set."""
+    """How many whole layers (converted to the compute dtype, FP8 weights as stored) can stay on
+    the GPU beside the streaming working set."""
     return max(0, min(layout.config.num_layers, (budget - plan.total) // plan.layer_bytes))
 
 
@@ -111,7 +127,7 @@ def check_gpu_cap(plan: GpuMemoryPlan, cap: int | None, engine) -> None:
         parts += f" + one weight converted to the compute dtype {fmt_bytes(plan.conversion)}"
     if plan.resident_layers:
         parts += (f" + GPU_RESIDENT_LAYERS={plan.resident_layers} x {fmt_bytes(plan.layer_bytes)} "
-                  "in the compute dtype")
+                  "in the compute dtype (FP8 weights as stored)")
     also = " or GPU_RESIDENT_LAYERS" if plan.resident_layers else ""
     if plan.minimum > cap:
         raise RingllmError(

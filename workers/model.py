@@ -17,27 +17,31 @@ import torch
 import torch.nn.functional as F
 
 from ringllm.checkpoint.llama_config import LlamaConfig
+from ringllm.workers.quantized import QuantizedWeight, dense
+
+# A Linear weight (q..down, lm_head) is a tensor or a QuantizedWeight (workers.quantized): Weight.
+Weight = torch.Tensor | QuantizedWeight
 
 
 class AttnWeights(NamedTuple):
     input_norm: torch.Tensor  # [hidden]
-    q: torch.Tensor           # [H*D, hidden]
-    k: torch.Tensor           # [K*D, hidden]
-    v: torch.Tensor           # [K*D, hidden]
-    o: torch.Tensor           # [hidden, H*D]
+    q: Weight                 # [H*D, hidden]
+    k: Weight                 # [K*D, hidden]
+    v: Weight                 # [K*D, hidden]
+    o: Weight                 # [hidden, H*D]
 
 
 class FfnWeights(NamedTuple):
     post_norm: torch.Tensor   # [hidden]
-    gate: torch.Tensor        # [ffn, hidden]
-    up: torch.Tensor          # [ffn, hidden]
-    down: torch.Tensor        # [hidden, ffn]
+    gate: Weight              # [ffn, hidden]
+    up: Weight                # [ffn, hidden]
+    down: Weight              # [hidden, ffn]
 
 
 class ResidentWeights(NamedTuple):
     embed: torch.Tensor       # [V, hidden]; may live in host memory (rows are gathered there)
     final_norm: torch.Tensor  # [hidden]
-    lm_head: torch.Tensor     # [V, hidden]; the embed tensor itself when tied
+    lm_head: Weight           # [V, hidden]; the embed tensor itself when tied
 
 
 class WeightSource(Protocol):
@@ -95,8 +99,10 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _w(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return t if t.dtype == dtype else t.to(dtype)
+def _w(t, dtype: torch.dtype) -> torch.Tensor:
+    """A Linear weight as the matrix to multiply with: a tensor converted to the compute dtype if
+    it is not in it, a QuantizedWeight (FP8) dequantized here, just before its one use."""
+    return dense(t, dtype)
 
 
 class Llama:

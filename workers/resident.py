@@ -13,6 +13,7 @@ import torch
 from ringllm.checkpoint.layout import GROUP_KINDS, ModelLayout
 from ringllm.workers.model import AttnWeights, FfnWeights, ResidentWeights
 from ringllm.workers.direct_read import ParallelReader
+from ringllm.workers.quantized import Fp8Weight, place
 from ringllm.workers.weights import group_weights, load_tensor
 
 
@@ -29,14 +30,17 @@ def load_resident_weights(layout: ModelLayout, dtype: torch.dtype, device: torch
     norm = load_tensor(layout.final_norm).to(device=device, dtype=dtype)
     if layout.lm_head is None:
         lm_head = embed if embed.device == torch.device(device) else embed_host.to(device)
+    elif layout.lm_head_scale is not None:     # an FP8 lm_head stays FP8 (dequantized at use)
+        lm_head = Fp8Weight(load_tensor(layout.lm_head, threads), load_tensor(layout.lm_head_scale)).to_device(device)
     else:
         lm_head = load_tensor(layout.lm_head, threads).to(device=device, dtype=dtype)
     return ResidentWeights(embed, norm, lm_head)
 
 
 def load_groups(layout: ModelLayout, layers, dtype: torch.dtype, device: torch.device, threads: int = 1) -> dict:
-    """{layer: {"attn": AttnWeights, "ffn": FfnWeights}} on the device, in the compute dtype; each
-    layer read by `threads` threads (workers.direct_read)."""
+    """{layer: {"attn": AttnWeights, "ffn": FfnWeights}} on the device, in the compute dtype (a
+    quantized weight as stored: FP8 stays FP8); each layer read by `threads` threads
+    (workers.direct_read)."""
     layers = list(layers)
     # On a GPU the host buffers are staging only: two sets, reused layer after layer, so that
     # fresh memory is touched once (first touch ran at 1.4 GB/s in an H200 VM, below its disk)
@@ -64,8 +68,9 @@ def load_groups(layout: ModelLayout, layers, dtype: torch.dtype, device: torch.d
             per_kind = {}
             for kind in GROUP_KINDS:
                 weights = group_weights(bufs[kind], layout.group(layer, kind))
-                # Convert once here rather than on every use when compute dtype differs.
-                per_kind[kind] = type(weights)(*(w.to(device=device, dtype=dtype, copy=staging is not None)
+                # Convert once here rather than on every use when compute dtype differs; a
+                # quantized weight keeps its bytes (the point of FP8: twice the layers fit)
+                per_kind[kind] = type(weights)(*(place(w, device, dtype, copy=staging is not None)
                                                  for w in weights))
             groups[layer] = per_kind
     return groups

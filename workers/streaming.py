@@ -38,7 +38,7 @@ from ringllm.shm.slot_plan import GroupViews, LayerPlan
 from ringllm.workers.model import AttnWeights, FfnWeights
 from ringllm.workers.process_setup import stop_requested
 from ringllm.workers.scheduler import GroupCopy, Lookahead, SlotOffer, StreamScheduler
-from ringllm.workers.weights import typed_view
+from ringllm.workers.weights import assemble_group, typed_view
 
 log = logging.getLogger("ringllm.gpu")
 GROUP_LOG_INTERVAL_S = 1.0
@@ -182,8 +182,8 @@ class StreamingSource:
         self.sched.take(g)
         self.stats.groups_served += 1
         buf, views = self.buffers[kind][copy.buffer], self.views[layer][kind]
-        tensors = [typed_view(buf, at, e.extent) for at, e in zip(views.offsets, self.layout.group(layer, kind).entries)]
-        return AttnWeights(*tensors) if kind == "attn" else FfnWeights(*tensors)
+        group = self.layout.group(layer, kind)
+        return assemble_group(group, [typed_view(buf, at, e.extent) for at, e in zip(views.offsets, group.entries)])
 
     def _receive(self, timeout: float) -> None:
         try:

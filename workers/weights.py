@@ -3,17 +3,18 @@ from __future__ import annotations
 
 import torch
 
-from ringllm.checkpoint.dtypes import NAME_OF_TAG
+from ringllm.checkpoint.dtypes import NAME_OF_TAG, QUANTIZED_TORCH_NAME
 from ringllm.checkpoint.layout import GroupLayout
 from ringllm.checkpoint.safetensors_index import TensorExtent
 from ringllm.workers.direct_read import read_tensors
 from ringllm.workers.model import AttnWeights, FfnWeights
+from ringllm.workers.quantized import assemble
 
 
 
 def torch_dtype(name: str) -> torch.dtype:
-    """torch's dtype for a weight dtype, by its name ("bfloat16") or safetensors tag ("BF16")."""
-    return getattr(torch, NAME_OF_TAG.get(name, name))
+    """torch's dtype for a weight dtype, by its name ("bfloat16") or safetensors tag ("BF16", "F8_E4M3")."""
+    return getattr(torch, NAME_OF_TAG.get(name) or QUANTIZED_TORCH_NAME.get(name) or name)
 
 
 def typed_view(buf: torch.Tensor, offset: int, extent: TensorExtent) -> torch.Tensor:
@@ -22,10 +23,19 @@ def typed_view(buf: torch.Tensor, offset: int, extent: TensorExtent) -> torch.Te
     return raw.view(torch_dtype(extent.dtype)).view(extent.shape)
 
 
+def assemble_group(group: GroupLayout, views: list[torch.Tensor]) -> AttnWeights | FfnWeights:
+    """A group's tensors (one view per GroupEntry, in entry order) -> the model's weights: a
+    quantized Linear's parts (weight, weight_scale) become one QuantizedWeight."""
+    by_role: dict[str, dict[str, torch.Tensor]] = {}
+    for entry, view in zip(group.entries, views):
+        by_role.setdefault(entry.role, {})[entry.part] = view
+    weights = [assemble(parts) for parts in by_role.values()]
+    return AttnWeights(*weights) if group.kind == "attn" else FfnWeights(*weights)
+
+
 def group_weights(buf: torch.Tensor, group: GroupLayout) -> AttnWeights | FfnWeights:
     """Weights of one group as views into its flat buffer (uint8, group.nbytes long)."""
-    views = [typed_view(buf, e.buf_offset, e.extent) for e in group.entries]
-    return AttnWeights(*views) if group.kind == "attn" else FfnWeights(*views)
+    return assemble_group(group, [typed_view(buf, e.buf_offset, e.extent) for e in group.entries])
 
 
 def load_tensor(extent: TensorExtent, threads: int = 1) -> torch.Tensor:

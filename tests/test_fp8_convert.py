@@ -1,0 +1,136 @@
+"""`ringllm convert --to fp8`: what it writes (checked with the safetensors library against the
+source), that it streams (a spy on its reads), and its refusals (one line, nothing left behind)."""
+from __future__ import annotations
+
+import json
+import weakref
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from ringllm.cli import main
+from tests.conftest import make_model_dir
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.fixture
+def src(tmp_path):
+    d = make_model_dir(tmp_path / "src", dtype=torch.bfloat16, max_shard_size="40KB", num_hidden_layers=3)
+    (d / "chat_template.jinja").write_text("{{ messages }}")
+    return d
+
+
+def tensors_by_file(d):
+    out = {}
+    for shard in sorted(d.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            out[shard.name] = {k: f.get_tensor(k) for k in f.keys()}
+    return out
+
+
+def test_output_is_sharded_like_the_source_and_quantized_per_channel(src, tmp_path):
+    dst = tmp_path / "fp8"
+    assert main(["convert", "--to", "fp8", str(src), str(dst)]) == 0
+    before, after = tensors_by_file(src), tensors_by_file(dst)
+    assert sorted(before) == sorted(after) and len(before) > 1          # same shard names
+    index = json.loads((dst / "model.safetensors.index.json").read_text())["weight_map"]
+    for shard, tensors in before.items():
+        for name, w in tensors.items():
+            out = after[shard]
+            if name.split(".")[-2] in LINEARS:
+                q, scale = out[name], out[name + "_scale"]
+                assert q.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32
+                assert scale.shape == (w.shape[0], 1) and index[name + "_scale"] == shard
+                wf = w.float()
+                assert torch.allclose(scale, wf.abs().amax(1, keepdim=True) / 448, rtol=1e-6)
+                # round to nearest e4m3: half an ulp (2^-4 relative), or half the smallest subnormal
+                err = (q.float() * scale - wf).abs()
+                assert bool((err <= wf.abs() * 2**-4 + scale * 2**-10 + 1e-12).all()), name
+            else:     # norms, embed_tokens, lm_head: the source's bytes
+                assert out[name].dtype == w.dtype and torch.equal(out[name], w), name
+            assert index[name] == shard
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"):
+        assert (dst / f).read_bytes() == (src / f).read_bytes(), f
+    q = json.loads((dst / "config.json").read_text())["quantization_config"]
+    assert (q["quant_method"], q["format"], q["ignore"]) == ("compressed-tensors", "float-quantized", ["lm_head"])
+    from compressed_tensors.quantization import QuantizationConfig
+    QuantizationConfig.model_validate(q)       # the published schema accepts it
+    assert not list(tmp_path.glob("*.partial-*"))
+
+
+def test_convert_holds_one_block_at_a_time(src, tmp_path, monkeypatch):
+    """A spy on every read the converter makes (workers.weights.load_tensor) keeps count of the
+    source bytes alive at once. With a 4 KiB block on tensors up to 16 KiB, a converter that held
+    a whole tensor, a shard or the model would go over."""
+    import ringllm.convert as convert
+    import ringllm.workers.weights as weights
+
+    block = 4096
+    monkeypatch.setattr(convert, "BLOCK_BYTES", block)
+    real, live, peak, reads = weights.load_tensor, [0], [0], []
+
+    def spy(extent, threads=1):
+        t = real(extent, threads)
+        n = extent.nbytes
+        live[0] += n
+        peak[0] = max(peak[0], live[0])
+        reads.append(n)
+        weakref.finalize(t, lambda: live.__setitem__(0, live[0] - n))
+        return t
+
+    monkeypatch.setattr(weights, "load_tensor", spy)
+    assert main(["convert", "--to", "fp8", str(src), str(tmp_path / "fp8")]) == 0
+    total = sum(t.numel() * t.element_size() for f in tensors_by_file(src).values() for t in f.values())
+    assert sum(reads) >= total                      # it did read the whole model through the spy
+    assert peak[0] <= block, f"{peak[0]} source bytes alive at once (block {block})"
+
+
+def one_error_line(capsys, argv):
+    code = main(argv)
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if l.startswith("ringllm: error:")]
+    assert code == 1 and len(lines) == 1, err
+    return lines[0]
+
+
+def test_refuses_a_non_empty_destination(src, tmp_path, capsys):
+    dst = tmp_path / "busy"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("x")
+    line = one_error_line(capsys, ["convert", "--to", "fp8", str(src), str(dst)])
+    assert line == f"ringllm: error: {dst}: exists and is not empty; ringllm convert writes a new directory " \
+                   "(remove it or choose another DST)"
+    assert [p.name for p in dst.iterdir()] == ["keep.txt"]
+
+
+def test_refuses_an_fp8_source_and_a_destination_inside_the_source(src, tmp_path, capsys):
+    fp8 = tmp_path / "fp8"
+    assert main(["convert", "--to", "fp8", str(src), str(fp8)]) == 0
+    line = one_error_line(capsys, ["convert", "--to", "fp8", str(fp8), str(tmp_path / "again")])
+    assert "already quantized (compressed-tensors, format 'float-quantized')" in line
+    line = one_error_line(capsys, ["convert", "--to", "fp8", str(src), str(src / "sub")])
+    assert f"{src / 'sub'}: is inside the source checkpoint" in line
+    assert not (tmp_path / "again").exists() and not (src / "sub").exists()
+
+
+def test_failure_midway_leaves_nothing(tmp_path, capsys):
+    """A weight that cannot be scaled (inf) in the last layer: one line naming it, and neither DST
+    nor the partial directory remains."""
+    from safetensors.torch import load_file, save_file
+
+    src = make_model_dir(tmp_path / "src", dtype=torch.bfloat16, num_hidden_layers=2)
+    shard = next(src.glob("*.safetensors"))
+    tensors = load_file(shard)
+    tensors["model.layers.1.mlp.down_proj.weight"][3, 5] = float("inf")
+    save_file(tensors, shard, metadata={"format": "pt"})
+    line = one_error_line(capsys, ["convert", "--to", "fp8", str(src), str(tmp_path / "out")])
+    assert "tensor model.layers.1.mlp.down_proj.weight has a non-finite value (inf or NaN) in rows" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_unknown_target_is_a_usage_error(src, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["convert", "--to", "int4", str(src), str(tmp_path / "x")])
+    assert exit_.value.code == 2
