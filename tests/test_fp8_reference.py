@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -54,8 +55,10 @@ def hf_dequantized(model_dir: Path):
     # transformers 5 names it dequantize=True; 4.x run_compressed=False (5 still takes it, deprecated)
     params = inspect.signature(CompressedTensorsConfig.__init__).parameters
     qc = CompressedTensorsConfig(dequantize=True) if "dequantize" in params else CompressedTensorsConfig(run_compressed=False)
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, quantization_config=qc,
-                                                device_map="cpu").eval()
+    with warnings.catch_warnings():   # "the quantization_config from the model will be used": that's the point
+        warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, quantization_config=qc,
+                                                    device_map="cpu").eval()
 
 
 def ringllm_logits(model_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
@@ -154,11 +157,17 @@ def test_tiny_fp8_logits_match_transformers(tmp_path, kind, source):
     check_against_transformers(make_fp8(kind, src, tmp_path / kind), tokens, source_logits)
 
 
-@pytest.mark.parametrize("kind", ["converted", "reference-channel", "reference-tensor"])
-def test_smollm2_fp8_logits_match_transformers(tmp_path, demo_model_dir, kind):
+@pytest.fixture(scope="module")
+def smollm2_source(demo_model_dir):
+    """(tokens, transformers' logits of the bf16 SmolLM2) on the eval text's first 96 tokens."""
     from transformers import AutoModelForCausalLM
 
     tokens = eval_windows(demo_model_dir, n_tokens=96, window=96)[0][None]
     with torch.no_grad():
-        source_logits = AutoModelForCausalLM.from_pretrained(demo_model_dir, dtype=torch.float32)(tokens).logits
+        return tokens, AutoModelForCausalLM.from_pretrained(demo_model_dir, dtype=torch.float32)(tokens).logits
+
+
+@pytest.mark.parametrize("kind", ["converted", "reference-channel"])   # per-tensor: the tiny cases
+def test_smollm2_fp8_logits_match_transformers(tmp_path, demo_model_dir, smollm2_source, kind):
+    tokens, source_logits = smollm2_source
     check_against_transformers(make_fp8(kind, demo_model_dir, tmp_path / kind), tokens, source_logits)
