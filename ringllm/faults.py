@@ -22,8 +22,8 @@ class FaultPlan:
     # before-check must find the slot moved on, and skip it)
     late_duplicate: tuple[int, int, float] = (-1, -1, 0.0)
     # loader: (loader index, chunk number, seconds). As late_duplicate, but the duplicate passes
-    # its before-check at once, before the original is reported, and waits this long before it
-    # writes: meanwhile the slot completes, is evicted and is given to another layer
+    # its before-check at once, before the original is reported, and waits at least this long,
+    # and until the slot has been given to another load, before it writes
     late_write: tuple[int, int, float] = (-1, -1, 0.0)
     # coordinator: rewrite the slot's generation in the header just before this offer
     tamper_at_offer: int = -1

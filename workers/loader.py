@@ -211,8 +211,9 @@ def loader_main(args: LoaderArgs) -> None:
 def _late_duplicate(writer: SlotWriter, job: ReadJob, done: ChunkDone, coord: Channel, seconds: float,
                     checked_first: bool) -> ChunkDone:
     """Tests (FaultPlan.late_duplicate / late_write): report `job` done, then serve it again,
-    `seconds` later; with checked_first the duplicate passes its before-check before the report
-    and only its write comes late. Returns the duplicate's report."""
+    `seconds` later and once the slot has moved on; with checked_first the duplicate passes its
+    before-check before the report and only its write comes late, after the slot went to
+    another load. Returns the duplicate's report."""
     if not checked_first:
         coord.send(done, timeout=30)
         time.sleep(seconds)
@@ -226,4 +227,9 @@ def _late_duplicate(writer: SlotWriter, job: ReadJob, done: ChunkDone, coord: Ch
     def report_then_wait():
         coord.send(done, timeout=30)
         time.sleep(seconds)
+        # until the slot has been given to another load: the coordinator starts loading before
+        # the GPU process is up, so a fixed delay can end while the slot still waits, READY
+        deadline = time.monotonic() + 30
+        while writer.ring.generation(job.slot) == job.generation and time.monotonic() < deadline:
+            time.sleep(0.01)
     return writer.serve(job, before_write=report_then_wait)
