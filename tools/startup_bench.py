@@ -17,6 +17,8 @@
      OUT/startup-bench.txt: a row per run with each phase's start -> end and the phase that
      ended last before the first pass began (what the first pass waited for to start); phases
      still running once it began (the fill, when the prefill waits on the disk) are named too.
+     The phases count from the engine's start, as first_token_wall_s does; the command's imports
+     come before it (with its exit, `outside`: the command's wall seconds - the engine's wall_s).
 
 Without root the page cache cannot be dropped: the tool says so, and the runs may read from DRAM.
 """
@@ -185,9 +187,12 @@ def startup_bench(args, command: str) -> dict:
             if not isinstance(startup.get("fill"), dict) or metrics.get("gpu_resident_layers") is None:
                 raise RingllmError(f"{label}: its --metrics-json has no startup.fill or gpu_resident_layers: "
                                    "this ringllm predates the start-up metrics")
+            # first_token_wall_s counts from the engine's start; the command's imports come before
+            # it and its exit after: together command_s - wall_s (an upper bound of the former)
+            wall = metrics.get("wall_s")
             runs.append({"first_token_wall_s": metrics.get("first_token_wall_s"), "startup": startup,
-                         "command_s": seconds, "gpu_resident_layers": metrics["gpu_resident_layers"],
-                         "metrics": metrics})
+                         "command_s": seconds, "outside_engine_s": seconds - wall if wall is not None else None,
+                         "gpu_resident_layers": metrics["gpu_resident_layers"], "metrics": metrics})
             log(f"{label}: first token {fmt_s(metrics.get('first_token_wall_s'))} s from the engine's start")
 
     engine = runs[0]["metrics"].get("engine") or {}
@@ -229,8 +234,9 @@ def format_table(report: dict) -> str:
              f"disk ceiling (loaders): {c['gbps']:.2f} GB/s with {c['loaders']} loader(s) "
              f"({'O_DIRECT' if c['direct'] else 'buffered'}; {fmt_bytes(c['bytes'])} in {c['seconds']:.2f} s)",
              f"target: the first token's bytes at that ceiling + {report['target_slack_s']:g} s; "
-             f"times in seconds from the engine's start", ""]
-    head = ["run", "first token", "target", "verdict", "needs", *PHASES, "first pass waited for"]
+             f"times in seconds from the engine's start; outside: the command's seconds outside the engine "
+             f"(imports before it, exit after)", ""]
+    head = ["run", "first token", "target", "verdict", "needs", "outside", *PHASES, "first pass waited for"]
     rows = []
     for i, run in enumerate(report["runs"], 1):
         spans = phase_spans(run["startup"])
@@ -240,6 +246,7 @@ def format_table(report: dict) -> str:
                                                     for n in run["running_into_first_pass"]) + ")"
         rows.append([str(i), fmt_s(run["first_token_wall_s"]), fmt_s(run["target_s"]),
                      {True: "met", False: "MISSED", None: "-"}[run["met"]], fmt_bytes(run["bytes"]["total"]),
+                     fmt_s(run["outside_engine_s"]),
                      *(f"{spans[n][0]:.2f}->{spans[n][1]:.2f}" if n in spans else "-" for n in PHASES), waited])
     widths = [max(len(r[k]) for r in [head, *rows]) for k in range(len(head))]
     for k, r in enumerate([head, *rows]):
