@@ -15,16 +15,15 @@ log = logging.getLogger("ringllm")
 
 
 def cmd_generate(args) -> int:
-    import torch
-
+    # No torch on the streaming engine's side of the command (ringllm.device_probe): the GPU
+    # process imports it while the loaders already read. Only --resident computes here.
+    from ringllm.checkpoint.dtypes import NAME_OF_TAG
     from ringllm.checkpoint.layout import load_layout
     from ringllm.checkpoint.text import StreamDecoder, TextCodec
     from ringllm.cli import default_cache_dir
+    from ringllm.device_probe import default_device
     from ringllm.tools.demo_model import ensure_demo_model
-    from ringllm.workers.generation import Sampler, SamplingParams, generate
-    from ringllm.workers.model import Llama
-    from ringllm.workers.resident import ResidentSource, load_resident_weights
-    from ringllm.workers.weights import torch_dtype
+    from ringllm.workers.sampling import SamplingParams
 
     if args.max_new_tokens < 1:
         raise RingllmError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -45,10 +44,8 @@ def cmd_generate(args) -> int:
             raise RingllmError(f"{label}: the prompt is empty (no tokens{' with --no-chat' if args.no_chat else ''})")
         prompts.append(ids)
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RingllmError("--device cuda: no CUDA device is available to torch")
-    dtype = torch_dtype(layout.dtype if args.dtype == "auto" else args.dtype)
+    device = args.device or default_device()
+    dtype_name = NAME_OF_TAG.get(layout.dtype, layout.dtype) if args.dtype == "auto" else args.dtype
     cfg = layout.config
     longest = max(len(p) for p in prompts)
     if longest + args.max_new_tokens > cfg.max_position_embeddings:
@@ -64,41 +61,55 @@ def cmd_generate(args) -> int:
             sys.stdout.write(decoder.push(step_tokens[0]))
             sys.stdout.flush()
 
-    t1 = time.perf_counter()
     if args.resident:
-        model = Llama(cfg, load_resident_weights(layout, dtype, device),
-                      ResidentSource(layout, dtype, device), dtype, device)
-        log.info("loaded %s (%d layers, %s) on %s in %.1f s", model_dir, cfg.num_layers, layout.dtype,
-                 device, time.perf_counter() - t1)
-        t1 = time.perf_counter()
-        outputs = generate(model, prompts, args.max_new_tokens, Sampler(sampling, device), codec.eos_ids,
-                           on_tokens, cfg.max_position_embeddings)
+        outputs = run_resident(layout, model_dir, prompts, args.max_new_tokens, sampling, codec.eos_ids, device,
+                               dtype_name, on_tokens)
     else:
-        outputs = run_streaming(args, layout, model_dir, prompts, sampling, codec.eos_ids, device, dtype, on_tokens)
-    elapsed = time.perf_counter() - t1
+        outputs = run_streaming(args, layout, model_dir, prompts, sampling, codec.eos_ids, device, dtype_name,
+                                on_tokens)
     if streaming:
         sys.stdout.write("\n")
     else:
         for i, ids in enumerate(outputs):
             sys.stdout.write(f"--- [{i}] ---\n{codec.decode(ids)}\n")
     sys.stdout.flush()
-    n = sum(len(o) for o in outputs)
-    if args.resident:
-        log.info("generated %d tokens in %.2f s (%.1f tokens/s, prefill included)", n, elapsed, n / elapsed)
     return 0
 
 
-def run_streaming(args, layout, model_dir, prompts, sampling, eos_ids, device, dtype, on_tokens):
+def run_resident(layout, model_dir, prompts, max_new_tokens, sampling, eos_ids, device_type, dtype_name, on_tokens):
+    """--resident: every weight in this process, no ring (the reference engine)."""
+    import torch
+
+    from ringllm.workers.generation import Sampler, generate
+    from ringllm.workers.model import Llama
+    from ringllm.workers.resident import ResidentSource, load_resident_weights
+    from ringllm.workers.weights import torch_dtype
+
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise RingllmError("--device cuda: no CUDA device is available to torch")
+    device, dtype, cfg = torch.device(device_type), torch_dtype(dtype_name), layout.config
+    t0 = time.perf_counter()
+    model = Llama(cfg, load_resident_weights(layout, dtype, device), ResidentSource(layout, dtype, device), dtype, device)
+    log.info("loaded %s (%d layers, %s) on %s in %.1f s", model_dir, cfg.num_layers, layout.dtype, device,
+             time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    outputs = generate(model, prompts, max_new_tokens, Sampler(sampling, device), eos_ids, on_tokens,
+                       cfg.max_position_embeddings)
+    elapsed, n = time.perf_counter() - t0, sum(len(o) for o in outputs)
+    log.info("generated %d tokens in %.2f s (%.1f tokens/s, prefill included)", n, elapsed, n / elapsed)
+    return outputs
+
+
+def run_streaming(args, layout, model_dir, prompts, sampling, eos_ids, device, dtype_name, on_tokens):
     """The default engine: supervisor + coordinator + loaders + GPU process over the shared ring."""
     from ringllm.supervisor.supervisor import Supervisor
     from ringllm.workers.memory_plan import check_gpu_cap, plan_gpu_memory
 
     max_seq = max(len(p) for p in prompts) + args.max_new_tokens
-    dtype_name = str(dtype).removeprefix("torch.")
-    engine = build_engine_config(args, model_dir, max_seq, len(prompts), layout, device.type, dtype_name)
-    plan = plan_gpu_memory(layout, engine, len(prompts), max_seq, dtype_name, embed_on_host=device.type == "cuda")
+    engine = build_engine_config(args, model_dir, max_seq, len(prompts), layout, device, dtype_name)
+    plan = plan_gpu_memory(layout, engine, len(prompts), max_seq, dtype_name, embed_on_host=device == "cuda")
     check_gpu_cap(plan, engine.gpu_mem, engine)
-    sup = Supervisor(layout, engine, device.type, dtype_name, verbose=args.verbose)
+    sup = Supervisor(layout, engine, device, dtype_name, verbose=args.verbose)
     result = sup.run(prompts, args.max_new_tokens, sampling, eos_ids, on_tokens)
     log_summary(result)
     if args.metrics_json is not None:

@@ -2,29 +2,13 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
 from ringllm.checkpoint.errors import RingllmError
 from ringllm.workers.model import KVCache, Llama
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.0   # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0             # 0 = off
-    seed: int | None = None
-
-    def validate(self) -> None:
-        if self.temperature < 0:
-            raise RingllmError(f"--temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise RingllmError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise RingllmError(f"--top-k must be >= 0, got {self.top_k}")
+from ringllm.workers.sampling import SamplingParams  # noqa: F401  (defined here before; torch-free now)
 
 
 class Sampler:

@@ -11,6 +11,7 @@ import os
 import time
 from dataclasses import dataclass
 
+from ringllm.checkpoint.errors import RingllmError
 from ringllm.faults import NO_FAULTS, FaultPlan
 from ringllm.shm.channel import Channel, Fatal, Finished, Mark, Ready, ResidentLayers, token_messages
 from ringllm.shm.ring import Ring
@@ -86,11 +87,14 @@ def gpu_main(args: GpuArgs) -> None:
     ring_tensor = torch.frombuffer(ring.map, dtype=torch.uint8)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    if cuda and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    registrar = SlotRegistrar(ring, ring_tensor, cuda, device if cuda else None)
+    registrar = SlotRegistrar(ring, ring_tensor, cuda)
     reader = InboxReader(inbox)
     try:
+        if cuda and not torch.cuda.is_available():   # the command chose cuda without asking torch
+            raise RingllmError("--device cuda: no CUDA device is available to torch; run with --device cpu")
+        if cuda and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        registrar.device = device if cuda else None
         info = {"pid": os.getpid(), "device": str(device), "torch_threads": torch_threads}
         if cuda:
             torch.cuda.set_device(device)
@@ -193,7 +197,9 @@ def gpu_main(args: GpuArgs) -> None:
     except BaseException as err:  # report, then exit non-zero: the supervisor ends the run
         log.debug("GPU process failed", exc_info=True)
         try:
-            sup.send(Fatal("gpu", 0, f"{type(err).__name__}: {err}"), timeout=2)   # Fatal fits the text
+            # our own errors are already one line for the user; anything else says what it is
+            text = str(err) if isinstance(err, RingllmError) else f"{type(err).__name__}: {err}"
+            sup.send(Fatal("gpu", 0, text), timeout=2)   # Fatal fits the text
         except Exception:
             pass
         raise SystemExit(1)
@@ -202,7 +208,7 @@ def gpu_main(args: GpuArgs) -> None:
         registrar.stop.set()
         if registrar.is_alive():
             registrar.join(timeout=60)      # it is at most inside one slot's registration
-        if cuda:
+        if registrar.device is not None:      # CUDA was there and in use
             torch.cuda.synchronize(device)
             registrar.unregister_all()
         del ring_tensor
