@@ -21,6 +21,8 @@ MAX_LOADERS = 64
 # (supervisor.checks.check_dram) and for choosing a ring (--preset auto, the default ring), so that a
 # ring ringllm chooses always passes the check.
 DRAM_HEADROOM = 4 * GIB
+# EngineConfig.fp8_matmul's values (workers.quantized implements them; config imports no torch)
+FP8_MATMUL_WAYS = ("auto", "dequant", "scaled_mm")
 
 # name -> (field, type); field None for pure aliases handled below
 PARAMETERS = {
@@ -72,6 +74,10 @@ class EngineConfig:
     gpu_resident_layers: int = -1     # layers kept on the GPU for the whole run; -1 = auto (cuda: what fits)
     loaders: int = 2
     gpu_mem: int | None = None        # bytes the GPU process may allocate; None = no cap
+    # how an FP8 Linear is computed (workers.quantized.choose_fp8_matmul): "dequant" (to the compute
+    # dtype, then matmul), "scaled_mm" (torch._scaled_mm, fp8 x fp8: CUDA sm_89+, bf16), "auto"
+    # (scaled_mm where it can run, else dequant). A field only: --set takes integers.
+    fp8_matmul: str = "auto"
     # ringllm's own mechanics (no guide name; tests and benchmarks set them as fields)
     chunk_bytes: int = DEFAULT_CHUNK_BYTES   # a read job: K loaders share one layer in pieces this big
     dispatch_depth: int = 2           # read jobs queued at each loader at once
@@ -289,6 +295,8 @@ def validate(cfg: EngineConfig, streamed_layers: int | None = None) -> None:
     need(cfg.dispatch_depth >= 1, f"dispatch depth {cfg.dispatch_depth}: must be >= 1")
     need(cfg.merge_gap >= 0, f"merge gap {cfg.merge_gap}: must be >= 0")
     need(cfg.wait_timeout_s > 0 and cfg.startup_timeout_s > 0, "timeouts must be positive")
+    need(cfg.fp8_matmul in FP8_MATMUL_WAYS,
+         f"fp8_matmul={cfg.fp8_matmul!r}: must be one of {', '.join(FP8_MATMUL_WAYS)}")
 
 
 def env_parameters() -> dict:

@@ -38,3 +38,84 @@ def test_pinned_ring_is_returned_and_tokens_match_the_cpu(tmp_path, resident):
     assert m["pinned_left_after_run_bytes"] in (0, None)
     if before is not None:
         assert after == 0, f"{after / 2**20:.2f} MiB still pinned after the run"
+
+
+# --- FP8 Linears by torch._scaled_mm (workers.quantized; EngineConfig.fp8_matmul) -------------------
+def _fp8_mm_capable() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9) and not torch.version.hip
+
+
+needs_fp8_mm = pytest.mark.skipif(not _fp8_mm_capable(), reason="torch._scaled_mm FP8 needs CUDA sm_89 or newer")
+
+
+@pytest.fixture(scope="module")
+def tiny_fp8_dir(tmp_path_factory):
+    from ringllm.cli import main
+
+    root = tmp_path_factory.mktemp("fp8gpu")
+    src = make_model_dir(root / "bf16", dtype=torch.bfloat16, num_hidden_layers=4)
+    assert main(["convert", "--to", "fp8", str(src), str(root / "fp8")]) == 0
+    return root / "fp8"
+
+
+def _cuda_model(fp8_dir, way):
+    from ringllm.checkpoint.layout import load_layout
+    from ringllm.workers.model import Llama
+    from ringllm.workers.resident import ResidentSource, load_resident_weights
+
+    layout, dev = load_layout(fp8_dir), torch.device("cuda")
+    return Llama(layout.config, load_resident_weights(layout, torch.bfloat16, dev),
+                 ResidentSource(layout, torch.bfloat16, dev), torch.bfloat16, dev, way)
+
+
+@needs_fp8_mm
+def test_scaled_mm_logits_match_dequant_and_transformers(tiny_fp8_dir):
+    """Both ways on the GPU in bf16 against transformers + compressed-tensors on CPU in float32
+    (the FP8 weights decompressed): dequant within bf16 rounding (0.006 on CPU), scaled_mm within
+    what per-token e4m3 activations cost (0.031 on CPU with torch's CPU kernel)."""
+    from ringllm.checkpoint.layout import load_layout
+    from ringllm.workers.model import KVCache
+    from ringllm.workers.quantized import choose_fp8_matmul
+    from tests.test_fp8_engine import transformers_fp8
+    from tests.test_fp8_matmul import SCALED_MM_LOGITS_TOL
+    from tests.test_model_vs_transformers import rel_err
+
+    assert choose_fp8_matmul("scaled_mm", load_layout(tiny_fp8_dir), torch.device("cuda"), torch.bfloat16) == "scaled_mm"
+    tokens = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        ref = transformers_fp8(tiny_fp8_dir)(tokens).logits
+
+    def logits(way):
+        model, (B, T) = _cuda_model(tiny_fp8_dir, way), tokens.shape
+        cache = KVCache(model.cfg, B, T, torch.bfloat16, model.device)
+        pos = torch.arange(T, device=model.device)[None].expand(B, T)
+        return model.forward(tokens.cuda(), pos, cache, 0, torch.ones(B, T, dtype=torch.bool, device=model.device),
+                             all_logits=True).cpu()
+    dequant, scaled = logits("dequant"), logits("scaled_mm")
+    assert rel_err(dequant, ref) < 0.02
+    assert rel_err(scaled, ref) < SCALED_MM_LOGITS_TOL
+    assert 1e-3 < rel_err(scaled, dequant) < SCALED_MM_LOGITS_TOL     # the activations did go through e4m3
+    assert (scaled.argmax(-1) == dequant.argmax(-1)).float().mean() >= 0.85   # 0.95 on CPU
+
+
+@needs_fp8_mm
+@pytest.mark.parametrize("way", ["scaled_mm", "dequant"])
+def test_streaming_tokens_equal_the_in_process_engine_for_each_fp8_way(tiny_fp8_dir, way):
+    """The streaming engine (FP8 bytes and scales through the ring and the GPU group buffers) with
+    fp8_matmul=way gives the in-process engine's tokens computed the same way, and reports the way
+    it ran. (scaled_mm and dequant are different numerics: their free-running greedy tokens part
+    after some tokens even on SmolLM2-135M, so the two ways are compared on logits above.)"""
+    from ringllm.checkpoint.layout import load_layout
+    from ringllm.config import build_config
+    from ringllm.supervisor.supervisor import Supervisor
+    from ringllm.workers.generation import Sampler, SamplingParams, generate
+
+    prompt, dev = [9, 10, 11, 12], torch.device("cuda")
+    engine = build_config(loaders=2, overrides={"CPU_CAP_VALUE": "2", "GPU_AHEAD_LAYERS": "1",
+                                                "GPU_RESIDENT_LAYERS": "1"}, fp8_matmul=way)
+    result = Supervisor(load_layout(tiny_fp8_dir), engine, "cuda", "bfloat16").run(
+        [prompt], 12, SamplingParams(), (), lambda t: None)
+    assert result.gpu_info["fp8_matmul"] == way
+    resident = generate(_cuda_model(tiny_fp8_dir, way), [prompt], 12, Sampler(SamplingParams(), dev), (),
+                        lambda t: None, 256)
+    assert result.outputs == resident and len(resident[0]) == 12

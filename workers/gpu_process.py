@@ -75,6 +75,7 @@ def gpu_main(args: GpuArgs) -> None:
 
     from ringllm.workers.generation import Sampler, generate
     from ringllm.workers.model import Llama
+    from ringllm.workers.quantized import choose_fp8_matmul
     from ringllm.workers.resident import load_groups, load_resident_weights
     from ringllm.workers.streaming import InboxReader, StreamingSource
     from ringllm.workers.weights import group_weights, torch_dtype
@@ -104,6 +105,8 @@ def gpu_main(args: GpuArgs) -> None:
             if args.engine.gpu_mem is not None:
                 torch.cuda.set_per_process_memory_fraction(min(1.0, args.engine.gpu_mem / total), device)
         dtype = torch_dtype(args.dtype)
+        fp8_matmul = choose_fp8_matmul(args.engine.fp8_matmul, args.layout, device, dtype)   # one log line at most
+        info["fp8_matmul"] = fp8_matmul
         n = args.layout.config.num_layers
         keep = resident_layer_count(args, device.type, info.get("free_bytes"))
         # The coordinator starts on the supervisor's estimate where there is one (it is exact
@@ -123,7 +126,7 @@ def gpu_main(args: GpuArgs) -> None:
         t1 = time.monotonic()
         placeholders = [group_weights(torch.zeros(args.layout.group(0, k).nbytes, dtype=torch.uint8, device=device),
                                       args.layout.group(0, k)) for k in ("attn", "ffn")]
-        Llama(args.layout.config, resident, None, dtype, device).warm_up_kernels(
+        Llama(args.layout.config, resident, None, dtype, device, fp8_matmul).warm_up_kernels(
             len(args.prompts), max(len(p) for p in args.prompts), *placeholders)
         del placeholders
         if cuda:
@@ -142,7 +145,7 @@ def gpu_main(args: GpuArgs) -> None:
                                  coord, reader, resident=resident_groups, chaos=args.faults.chaos,
                                  stats_page=page, passes=args.max_new_tokens, registrar=registrar)
         sup.send(Ready("gpu", 0, info))
-        model = Llama(args.layout.config, resident, source, dtype, device)
+        model = Llama(args.layout.config, resident, source, dtype, device, fp8_matmul)
         if args.fill_ring_first:
             wait_for_ring(ring, min(ring.slot_count, n - keep), args.engine.wait_timeout_s)
             coord.send(Mark(), timeout=args.engine.wait_timeout_s)   # timed part starts here

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ringllm.checkpoint.llama_config import LlamaConfig
-from ringllm.workers.quantized import QuantizedWeight, dense
+from ringllm.workers.quantized import DEQUANT, SCALED_MM, QuantizedWeight, dense, linear
 
 # A Linear weight (q..down, lm_head) is a tensor or a QuantizedWeight (workers.quantized): Weight.
 Weight = torch.Tensor | QuantizedWeight
@@ -101,16 +101,24 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def _w(t, dtype: torch.dtype) -> torch.Tensor:
     """A Linear weight as the matrix to multiply with: a tensor converted to the compute dtype if
-    it is not in it, a QuantizedWeight (FP8) dequantized here, just before its one use."""
+    it is not in it, a QuantizedWeight (FP8) dequantized, just before its one use (what
+    Llama._linear multiplies by on the dequant way; the memory plan counts it)."""
     return dense(t, dtype)
 
 
 class Llama:
     def __init__(self, cfg: LlamaConfig, resident: ResidentWeights, weights: WeightSource,
-                 dtype: torch.dtype, device: torch.device | str):
+                 dtype: torch.dtype, device: torch.device | str, fp8_matmul: str = DEQUANT):
+        """fp8_matmul: how FP8 Linears multiply, as quantized.choose_fp8_matmul chose it for this
+        device ("dequant" | "scaled_mm"; dense weights ignore it)."""
+        if fp8_matmul not in (DEQUANT, SCALED_MM):
+            raise ValueError(f"fp8_matmul={fp8_matmul!r}: {DEQUANT} or {SCALED_MM} (resolve auto first)")
         self.cfg, self.resident, self.weights = cfg, resident, weights
-        self.dtype, self.device = dtype, torch.device(device)
+        self.dtype, self.device, self.fp8_matmul = dtype, torch.device(device), fp8_matmul
         self.inv_freq = rope_inv_freq(cfg).to(self.device)
+
+    def _linear(self, x: torch.Tensor, w: Weight) -> torch.Tensor:
+        return linear(x, w, self.dtype, self.fp8_matmul)
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[..., None] * self.inv_freq           # [B, T, D/2] in float32
@@ -120,9 +128,9 @@ class Llama:
     def _attention(self, x, w: AttnWeights, layer, cache: KVCache, start, cos, sin, mask):
         cfg, (B, T, _) = self.cfg, x.shape
         h = rms_norm(x, w.input_norm, cfg.rms_norm_eps)
-        q = F.linear(h, _w(w.q, self.dtype)).view(B, T, cfg.num_heads, cfg.head_dim).transpose(1, 2)
-        k = F.linear(h, _w(w.k, self.dtype)).view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-        v = F.linear(h, _w(w.v, self.dtype)).view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        q = self._linear(h, w.q).view(B, T, cfg.num_heads, cfg.head_dim).transpose(1, 2)
+        k = self._linear(h, w.k).view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        v = self._linear(h, w.v).view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         end = start + T
@@ -137,12 +145,12 @@ class Llama:
                 B, cfg.num_heads, end, cfg.head_dim)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)     # [B, H, T, D]
         out = out.transpose(1, 2).reshape(B, T, cfg.q_size)
-        return x + F.linear(out, _w(w.o, self.dtype))
+        return x + self._linear(out, w.o)
 
     def _ffn(self, x, w: FfnWeights):
         h = rms_norm(x, w.post_norm, self.cfg.rms_norm_eps)
-        gated = F.silu(F.linear(h, _w(w.gate, self.dtype))) * F.linear(h, _w(w.up, self.dtype))
-        return x + F.linear(gated, _w(w.down, self.dtype))
+        gated = F.silu(self._linear(h, w.gate)) * self._linear(h, w.up)
+        return x + self._linear(gated, w.down)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, T] (host ids, or on any device) -> activations [B, T, hidden] on the device."""
@@ -168,7 +176,7 @@ class Llama:
             x = self._attention(x, attn, 0, cache, start, cos, sin, mask.expand(batch, 1, tokens, end))
             x = self._ffn(x, ffn)
         x = rms_norm(x[:, -1], self.resident.final_norm, self.cfg.rms_norm_eps)
-        F.linear(x, _w(self.resident.lm_head, self.dtype)).float().argmax(-1).tolist()
+        self._linear(x, self.resident.lm_head).float().argmax(-1).tolist()
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: int,
@@ -195,4 +203,4 @@ class Llama:
         if not all_logits:
             x = x[:, -1]
         x = rms_norm(x, self.resident.final_norm, cfg.rms_norm_eps)
-        return F.linear(x, _w(self.resident.lm_head, self.dtype)).float()
+        return self._linear(x, self.resident.lm_head).float()
