@@ -203,11 +203,13 @@ def _quiet_torch_without_numpy() -> None:
     os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [inherited, f"ignore:{message}:UserWarning"]))
 
 
-# What `generate` and `bench` import before the supervisor takes over the signals: torch alone
-# takes seconds, and dataclasses compile their methods with exec().
-ENGINE_MODULES = ("torch", "tokenizers", "jinja2.sandbox", "ringllm.supervisor.supervisor", "ringllm.checkpoint.text",
-                  "ringllm.workers.model", "ringllm.workers.generation", "ringllm.workers.resident",
+# What `generate` and `bench` import before the supervisor takes over the signals (dataclasses
+# compile their methods with exec()). A streaming `generate` never imports torch here: 6 s of an
+# H200 host's start, and only the GPU process needs it (ringllm.device_probe); --resident and
+# bench compute in this process and import it too.
+ENGINE_MODULES = ("tokenizers", "jinja2.sandbox", "ringllm.supervisor.supervisor", "ringllm.checkpoint.text",
                   "ringllm.workers.memory_plan", "ringllm.tools.demo_model", "ringllm.generate", "ringllm.choose")
+COMPUTE_MODULES = ("torch", "ringllm.workers.model", "ringllm.workers.generation", "ringllm.workers.resident")
 
 
 def _import_holding_signals(modules) -> None:
@@ -245,8 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging("[ringllm] %(message)s", getattr(args, "verbose", False))   # others' INFO stays quiet
     try:
         if argv is None and args.command in ("generate", "bench"):
-            bench = ("ringllm.tools.bench",) if args.command == "bench" else ()
-            _import_holding_signals(ENGINE_MODULES + bench)
+            here = args.command == "bench" or args.resident          # computes in this process
+            _import_holding_signals(ENGINE_MODULES + (COMPUTE_MODULES if here else ())
+                                    + (("ringllm.tools.bench",) if args.command == "bench" else ()))
         if args.command == "generate":
             from ringllm.generate import cmd_generate
             return cmd_generate(args)

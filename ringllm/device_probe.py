@@ -36,6 +36,15 @@ def nvidia_gpus(proc: Path = Path("/proc/driver/nvidia/gpus")) -> int:
         return 0
 
 
+def device_nodes_usable(dev: Path = Path("/dev")) -> bool:
+    """/dev/nvidiactl and a /dev/nvidiaN we may open: a container started without its GPUs sees
+    the host's /proc/driver/nvidia but not these."""
+    ctl = dev / "nvidiactl"
+    if not os.access(ctl, os.R_OK | os.W_OK):
+        return False
+    return any(os.access(p, os.R_OK | os.W_OK) for p in dev.glob("nvidia[0-9]*"))
+
+
 def all_gpus_hidden(env=os.environ) -> bool:
     visible = env.get("CUDA_VISIBLE_DEVICES")
     return visible is not None and visible.strip() in ("", "-1")
@@ -43,6 +52,6 @@ def all_gpus_hidden(env=os.environ) -> bool:
 
 def default_device() -> str:
     """'cuda' when this machine and its torch can run CUDA, else 'cpu'."""
-    if torch_cuda_version() and nvidia_gpus() and not all_gpus_hidden():
+    if torch_cuda_version() and nvidia_gpus() and device_nodes_usable() and not all_gpus_hidden():
         return "cuda"
     return "cpu"

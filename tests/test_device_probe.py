@@ -14,6 +14,14 @@ def test_cuda_only_with_a_cuda_torch_a_gpu_and_gpus_visible(tmp_path, monkeypatc
     gpus.mkdir()
     (gpus / "0000:01:00.0").mkdir()
     assert device_probe.nvidia_gpus(gpus) == 1 and device_probe.nvidia_gpus(tmp_path / "none") == 0
+    nodes = tmp_path / "dev"
+    nodes.mkdir()
+    assert not device_probe.device_nodes_usable(nodes)          # a container without its GPUs
+    (nodes / "nvidiactl").touch()
+    assert not device_probe.device_nodes_usable(nodes)
+    (nodes / "nvidia0").touch()
+    assert device_probe.device_nodes_usable(nodes)
+    monkeypatch.setattr(device_probe, "device_nodes_usable", lambda: True)
     monkeypatch.setattr(device_probe, "nvidia_gpus", lambda: 1)
     monkeypatch.setattr(device_probe, "torch_cuda_version", lambda: "12.4")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
@@ -40,10 +48,12 @@ def test_a_streaming_run_never_imports_torch_in_the_command(tmp_path):
     are fresh interpreters and import torch themselves)."""
     d = tmp_path / "m"
     make_model_dir(d, num_hidden_layers=2)
+    # argv from sys.argv, as the installed command runs (main(None) imports the engine's modules)
     code = ("import sys; sys.modules['torch'] = None\n"
+            f"sys.argv = ['ringllm', 'generate', '--model', {str(d)!r}, '--prompt', 'w3 w4', "
+            "'--max-new-tokens', '3', '--loaders', '1']\n"
             "from ringllm.cli import main\n"
-            f"raise SystemExit(main(['generate', '--model', {str(d)!r}, '--prompt', 'w3 w4', "
-            "'--max-new-tokens', '3', '--loaders', '1']))")
+            "raise SystemExit(main())")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip()

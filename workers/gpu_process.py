@@ -92,7 +92,8 @@ def gpu_main(args: GpuArgs) -> None:
     reader = InboxReader(inbox)
     try:
         if cuda and not torch.cuda.is_available():   # the command chose cuda without asking torch
-            raise RingllmError("--device cuda: no CUDA device is available to torch; run with --device cpu")
+            raise RingllmError("device cuda (--device, or the default on a machine with an NVIDIA GPU and a CUDA "
+                               "build of torch): no CUDA device is available to torch; run with --device cpu")
         if cuda and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         registrar.device = device if cuda else None
