@@ -10,9 +10,10 @@ compressed-tensors "float-quantized" layout (checkpoint.quantization), which rin
 
 Streaming: each output shard is written as it is produced (its header first: every output size is
 known from the source header), and a tensor is read in blocks of whole rows (per-row scales make
-rows independent) through the engine's own O_DIRECT reader. Memory stays at one block
-(BLOCK_BYTES of source rows) plus one tensor's scales, whatever the model's size: a 141 GB model
-converts on a 64 GB machine. The output keeps the source's shard file names and which tensor
+rows independent) through the engine's own O_DIRECT reader. Memory stays at one block of source
+rows (BLOCK_BYTES) and its few float32 working copies (under 0.5 GB in all), plus one tensor's
+scales, whatever the model's size: a 141 GB model converts on a 64 GB machine. Tensors that are
+not quantized are copied byte for byte, whatever their dtype. The output keeps the source's shard file names and which tensor
 lives where (a weight's scale follows it in its shard), with the index, config.json (plus
 quantization_config), tokenizer, chat template and generation config.
 
@@ -28,6 +29,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import struct
 import sys
 from dataclasses import dataclass
@@ -65,7 +67,9 @@ class OutTensor:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * (4 if self.dtype == "F32" else 2 if self.dtype in ("BF16", "F16") else 1)
+        if self.role == "copy":             # as in the source, whatever its dtype (I64, F64, ...)
+            return self.source.nbytes
+        return math.prod(self.shape) * (4 if self.role == "scale" else 1)
 
 
 def plan_shard(extents, quantize) -> list[OutTensor]:
@@ -132,7 +136,7 @@ def quantize_rows(w):
 def _convert_shard(src_shard: Path, out_path: Path, tensors: list[OutTensor], advance) -> None:
     import torch
 
-    from ringllm.workers.weights import load_tensor
+    from ringllm.workers.weights import load_bytes
 
     with open(out_path, "wb") as f:
         f.write(_header(tensors))
@@ -140,13 +144,14 @@ def _convert_shard(src_shard: Path, out_path: Path, tensors: list[OutTensor], ad
             ext = t.source
             if t.role == "scale":
                 continue                    # written right after its weight (below)
-            if t.role == "copy" and ext.shape and len(ext.shape) <= 2 and ext.nbytes > BLOCK_BYTES:
+            if (t.role == "copy" and ext.dtype in ("F32", "BF16", "F16") and ext.shape and len(ext.shape) <= 2
+                    and ext.nbytes > BLOCK_BYTES):
                 for first, count in _row_blocks(ext):
                     _write(f, read_rows(ext, first, count))
                     advance(count * (ext.nbytes // ext.shape[0]), t.name)
                 continue
-            if t.role == "copy":
-                _write(f, load_tensor(ext))
+            if t.role == "copy":            # its bytes as they are: any dtype
+                _write(f, load_bytes(ext))
                 advance(ext.nbytes, t.name)
                 continue
             scales = []
@@ -206,11 +211,14 @@ def convert_to_fp8(src: Path | str, dst: Path | str, quantize_lm_head: bool = Fa
     if total_out > free:
         raise RingllmError(f"{dst}: the FP8 checkpoint needs {total_out / 1e9:.2f} GB, the file system has "
                            f"{free / 1e9:.2f} GB free")
+    _remove_stale_partials(dst)
     partial = dst.resolve().parent / f"{dst.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
-    bar = _progress(total_in, f"converting {src.name} to FP8", progress)
+    bar = lambda done, name: None   # noqa: E731  (until the progress bar exists)
+    previous = _sigterm_exits()
     try:
+        partial.mkdir()
+        bar = _progress(total_in, f"converting {src.name} to FP8", progress)
         for shard, tensors in plans.items():
             _convert_shard(shard, partial / shard.name, tensors, bar)
         bar(None, "")
@@ -223,10 +231,40 @@ def convert_to_fp8(src: Path | str, dst: Path | str, quantize_lm_head: bool = Fa
         bar(None, "")
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if log:
         from ringllm.workers.memory_plan import fmt_bytes
         log(f"wrote {dst}: {fmt_bytes(total_out)} with FP8 weights (from {fmt_bytes(total_in)})")
     return dst
+
+
+def _sigterm_exits():
+    """SIGTERM raises SystemExit while converting, so the partial output is removed (the handler
+    it replaces is returned; None off the main thread, where signals cannot be set)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def exit_143(signum, frame):
+        raise SystemExit(143)
+    return signal.signal(signal.SIGTERM, exit_143)
+
+
+def _remove_stale_partials(dst: Path) -> None:
+    """`DST.partial-<pid>` left by a convert that was killed (SIGKILL, OOM): its process is gone."""
+    for old in dst.resolve().parent.glob(f"{dst.name}.partial-*"):
+        pid = old.name.rsplit("-", 1)[-1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(old, ignore_errors=True)
+        except PermissionError:
+            pass                     # someone else's live process
 
 
 def _write_metadata(src: Path, out: Path, plans: dict, total_out: int, quantize_lm_head: bool) -> None:

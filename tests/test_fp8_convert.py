@@ -61,7 +61,7 @@ def test_output_is_sharded_like_the_source_and_quantized_per_channel(src, tmp_pa
 
 
 def test_convert_holds_one_block_at_a_time(src, tmp_path, monkeypatch):
-    """A spy on every read the converter makes (workers.weights.load_tensor) keeps count of the
+    """A spy on every read the converter makes (workers.weights.load_bytes) keeps count of the
     source bytes alive at once. With a 4 KiB block on tensors up to 16 KiB, a converter that held
     a whole tensor, a shard or the model would go over."""
     import ringllm.convert as convert
@@ -69,7 +69,7 @@ def test_convert_holds_one_block_at_a_time(src, tmp_path, monkeypatch):
 
     block = 4096
     monkeypatch.setattr(convert, "BLOCK_BYTES", block)
-    real, live, peak, reads = weights.load_tensor, [0], [0], []
+    real, live, peak, reads = weights.load_bytes, [0], [0], []
 
     def spy(extent, threads=1):
         t = real(extent, threads)
@@ -80,7 +80,7 @@ def test_convert_holds_one_block_at_a_time(src, tmp_path, monkeypatch):
         weakref.finalize(t, lambda: live.__setitem__(0, live[0] - n))
         return t
 
-    monkeypatch.setattr(weights, "load_tensor", spy)
+    monkeypatch.setattr(weights, "load_bytes", spy)
     assert main(["convert", "--to", "fp8", str(src), str(tmp_path / "fp8")]) == 0
     total = sum(t.numel() * t.element_size() for f in tensors_by_file(src).values() for t in f.values())
     assert sum(reads) >= total                      # it did read the whole model through the spy
@@ -134,3 +134,39 @@ def test_unknown_target_is_a_usage_error(src, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["convert", "--to", "int4", str(src), str(tmp_path / "x")])
     assert exit_.value.code == 2
+
+
+def test_tensors_of_other_dtypes_are_copied_byte_for_byte(src, tmp_path):
+    """A checkpoint may carry non-float tensors (an I64 buffer, an odd-sized one): convert copies
+    them as they are, at the right offsets (a review found convert crashing on them)."""
+    from safetensors.torch import load_file, save_file
+
+    shard = next(src.glob("*.safetensors"))
+    tensors = load_file(str(shard))
+    extra = {"model.extra_ids": torch.arange(5, dtype=torch.int64), "model.extra_f64": torch.rand(3, dtype=torch.float64)}
+    save_file({**tensors, **extra}, str(shard), metadata={"format": "pt"})
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"].update({k: shard.name for k in extra})
+        index.write_text(json.dumps(data))
+    out = tmp_path / "fp8"
+    assert main(["convert", "--to", "fp8", str(src), str(out)]) == 0
+    written = load_file(str(out / shard.name))
+    for name, value in extra.items():
+        assert written[name].dtype == value.dtype and torch.equal(written[name], value), name
+
+
+def test_a_killed_converts_partial_output_is_removed_by_the_next(src, tmp_path):
+    """SIGKILL leaves DST.partial-<pid> behind; the next convert to DST removes it once that
+    process is gone."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"fp8.partial-{dead.stdout.strip()}"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    assert main(["convert", "--to", "fp8", str(src), str(tmp_path / "fp8")]) == 0
+    assert not stale.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["fp8", src.name])

@@ -179,3 +179,17 @@ def test_generate_streaming_matches_resident_on_fp8(fp8_pair):
     assert resident.returncode == 0, resident.stderr
     assert streamed.stdout == resident.stdout and streamed.stdout.strip()
     assert "[WSM] CPU ring window: advancing to layer" in streamed.stderr
+
+
+def test_the_plan_counts_an_fp8_lm_heads_dequantized_copy(tmp_path):
+    """An FP8 lm_head is dequantized whole at every step: the workspace is its [vocab, hidden] in
+    the compute dtype, when that is larger than any layer weight (a review found it uncounted)."""
+    from ringllm.config import EngineConfig
+    from ringllm.workers.memory_plan import plan_gpu_memory
+
+    src = make_model_dir(tmp_path / "src", dtype=torch.bfloat16, vocab_size=4096, num_hidden_layers=1)
+    fp8 = convert(src, tmp_path / "fp8", "--quantize-lm-head")
+    layout = load_layout(fp8)
+    cfg = layout.config
+    plan = plan_gpu_memory(layout, EngineConfig(), 1, 64, "bfloat16", embed_on_host=True)
+    assert plan.conversion == cfg.vocab_size * cfg.hidden_size * 2

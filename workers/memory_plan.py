@@ -81,6 +81,8 @@ def plan_gpu_memory(layout: ModelLayout, engine, batch: int, max_seq: int, dtype
     entries = [entry for pair in layout.groups for group in pair for entry in group.entries]
     converts = layout.dtype != TAG_OF_NAME[dtype] or layout.quantized
     conversion = max(_elements(en.extent) for en in entries) * e if converts and entries else 0
+    if layout.lm_head_scale is not None:    # an FP8 lm_head is dequantized whole, at every step
+        conversion = max(conversion, _elements(layout.lm_head) * e)
     layer_bytes = max(sum(_layer_entry_bytes(en, e) for g in pair for en in g.entries) for pair in layout.groups)
     explicit = min(cfg.num_layers, max(0, engine.gpu_resident_layers))
     return GpuMemoryPlan(resident, n_attn * sizes["attn"] + n_ffn * sizes["ffn"],

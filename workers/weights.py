@@ -38,8 +38,13 @@ def group_weights(buf: torch.Tensor, group: GroupLayout) -> AttnWeights | FfnWei
     return assemble_group(group, [typed_view(buf, e.buf_offset, e.extent) for e in group.entries])
 
 
-def load_tensor(extent: TensorExtent, threads: int = 1) -> torch.Tensor:
-    """One tensor from its file, as a CPU tensor of its dtype and shape."""
+def load_bytes(extent: TensorExtent, threads: int = 1) -> torch.Tensor:
+    """One tensor's bytes from its file, as a uint8 CPU tensor (any dtype: I64, F64, ...)."""
     raw = torch.empty(extent.nbytes, dtype=torch.uint8)
     read_tensors([(extent, raw)], threads)
-    return typed_view(raw, 0, extent)
+    return raw
+
+
+def load_tensor(extent: TensorExtent, threads: int = 1) -> torch.Tensor:
+    """One tensor from its file, as a CPU tensor of its dtype and shape."""
+    return typed_view(load_bytes(extent, threads), 0, extent)
