@@ -250,7 +250,7 @@ def format_table(r: dict) -> str:
     t = r["targets"]
     lines += ["", f"targets: DRAM-fed s/token x bf16 <= {t['dram_ratio_max']}; floor/achieved against the FP8 bytes "
                   f">= {t['floor_over_achieved_min']}; disk bytes per token x bf16 about {t['disk_bytes_ratio_about']}"]
-    if r["best_fp8"]:
+    if r["best_fp8"] and r["variants"][r["best_fp8"]].get("dram_ratio_to_bf16") is not None:
         best = r["variants"][r["best_fp8"]]
         ok = (best["dram_ratio_to_bf16"] <= t["dram_ratio_max"],
               (best["dram_floor_over_achieved"] or 0) >= t["floor_over_achieved_min"])
