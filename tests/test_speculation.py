@@ -166,7 +166,8 @@ def test_cli_ngram_matches_plain_greedy_streaming_and_resident(tmp_path):
 def test_refusals(tmp_path, extra, message):
     d = tmp_path / "m"
     make_model_dir(d, num_hidden_layers=2)
-    r = ringllm("generate", "--model", str(d), "--device", "cpu", "--prompt", "w1", "--draft", "ngram", *extra)
+    r = ringllm("generate", "--model", str(d), "--device", "cpu", "--prompt", "w1", "--max-new-tokens", "4",
+                "--draft", "ngram", *extra)
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"ringllm: error: {message}"), r.stderr
