@@ -23,17 +23,21 @@ def cmd_generate(args) -> int:
     from ringllm.cli import default_cache_dir
     from ringllm.device_probe import default_device
     from ringllm.tools.demo_model import ensure_demo_model
-    from ringllm.workers.sampling import SamplingParams
+    from ringllm.workers.speculation import DraftParams, SpeculativeSampling
 
     if args.max_new_tokens < 1:
         raise RingllmError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    sampling = SamplingParams(args.temperature, args.top_p, args.top_k, args.seed)
-    sampling.validate()
+    draft = DraftParams(args.draft, args.spec_tokens, args.ngram_max) if args.draft is not None else None
+    sampling = SpeculativeSampling(args.temperature, args.top_p, args.top_k, args.seed, draft=draft)
+    sampling.validate()     # refuses an unknown draft and sampling with a draft
     if args.metrics_json is not None:
         check_output_path(args.metrics_json, "--metrics-json")
     if args.model is not None:
         check_model_arg(args.model)
     texts = read_prompts(args.prompt, args.prompt_file)
+    if draft is not None and len(texts) > 1:
+        raise RingllmError(f"--draft {draft.kind} with {len(texts)} prompts: speculative decoding takes one "
+                           "prompt at a time (batches are not supported yet)")
     model_dir = args.model if args.model is not None else ensure_demo_model(default_cache_dir())
     layout = load_layout(model_dir)
     codec = TextCodec(model_dir, layout.config)
@@ -63,7 +67,7 @@ def cmd_generate(args) -> int:
 
     if args.resident:
         outputs = run_resident(layout, model_dir, prompts, args.max_new_tokens, sampling, codec.eos_ids, device,
-                               dtype_name, on_tokens)
+                               dtype_name, on_tokens, args.metrics_json)
     else:
         outputs = run_streaming(args, layout, model_dir, prompts, sampling, codec.eos_ids, device, dtype_name,
                                 on_tokens)
@@ -76,13 +80,16 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def run_resident(layout, model_dir, prompts, max_new_tokens, sampling, eos_ids, device_type, dtype_name, on_tokens):
-    """--resident: every weight in this process, no ring (the reference engine)."""
+def run_resident(layout, model_dir, prompts, max_new_tokens, sampling, eos_ids, device_type, dtype_name, on_tokens,
+                 metrics_json=None):
+    """--resident: every weight in this process, no ring (the reference engine). Its metrics
+    file holds what it knows: tokens, seconds and the speculation counts."""
     import torch
 
     from ringllm.workers.generation import Sampler, generate
     from ringllm.workers.model import Llama
     from ringllm.workers.resident import ResidentSource, load_resident_weights
+    from ringllm.workers.speculation import SpecStats
     from ringllm.workers.weights import torch_dtype
 
     if device_type == "cuda" and not torch.cuda.is_available():
@@ -93,11 +100,31 @@ def run_resident(layout, model_dir, prompts, max_new_tokens, sampling, eos_ids, 
     log.info("loaded %s (%d layers, %s) on %s in %.1f s", model_dir, cfg.num_layers, layout.dtype, device,
              time.perf_counter() - t0)
     t0 = time.perf_counter()
+    spec = SpecStats() if getattr(sampling, "draft", None) is not None else None
     outputs = generate(model, prompts, max_new_tokens, Sampler(sampling, device), eos_ids, on_tokens,
-                       cfg.max_position_embeddings)
+                       cfg.max_position_embeddings, spec)
     elapsed, n = time.perf_counter() - t0, sum(len(o) for o in outputs)
-    log.info("generated %d tokens in %.2f s (%.1f tokens/s, prefill included)", n, elapsed, n / elapsed)
+    log.info("generated %d tokens in %.2f s (%.1f tokens/s, prefill included)%s", n, elapsed, n / elapsed,
+             spec_summary(spec.as_dict() if spec else None))
+    if metrics_json is not None:
+        import json
+        metrics = {"new_tokens": n, "seconds": elapsed, "tokens_per_second": n / elapsed if elapsed else None}
+        if spec is not None:
+            metrics["speculation"] = spec.as_dict()
+        metrics_json.write_text(json.dumps(metrics, indent=1) + "\n")
     return outputs
+
+
+def spec_summary(spec: dict | None) -> str:
+    """The summary line's speculation part ('' without a draft)."""
+    if not spec:
+        return ""
+    per_pass = spec["tokens_per_pass"]
+    acceptance = spec["acceptance"]
+    return (f"; --draft {spec['draft']}: {spec['tokens']} tokens in {spec['passes']} decode passes "
+            f"({per_pass if per_pass is not None else 0:.2f} tokens per pass), "
+            f"{spec['accepted']}/{spec['drafted']} drafts accepted"
+            + (f" ({acceptance:.0%})" if acceptance is not None else ""))
 
 
 def run_streaming(args, layout, model_dir, prompts, sampling, eos_ids, device, dtype_name, on_tokens):
@@ -164,6 +191,7 @@ def run_metrics(result, engine) -> dict:
         "direct_fallback_chunks": c.get("direct_fallback_chunks"),  # ... on a file that took O_DIRECT: 0
         "skipped_chunks": c.get("skipped_chunks"),             # jobs whose slot had moved on; 0
         "engine": engine.as_dict(),
+        **({"speculation": g["speculation"]} if g.get("speculation") else {}),
     }
 
 
@@ -177,3 +205,5 @@ def log_summary(result) -> None:
              c.get("disk_bytes", 0) / 2**20, result.gpu_info.get("device", "device"),
              g.get("h2d_bytes", 0) / 2**20, g.get("wait_seconds", 0.0),
              f"; loader restarts {result.loader_restarts}" if result.loader_restarts else "")
+    if g.get("speculation"):
+        log.info("summary: %s", spec_summary(g["speculation"]).lstrip("; "))

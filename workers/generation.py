@@ -9,6 +9,7 @@ import torch
 from ringllm.checkpoint.errors import RingllmError
 from ringllm.workers.model import KVCache, Llama
 from ringllm.workers.sampling import SamplingParams  # noqa: F401  (defined here before; torch-free now)
+from ringllm.workers.speculation import NgramProposer, SpecStats, accept_greedy
 
 
 class Sampler:
@@ -40,11 +41,13 @@ class Sampler:
 
 def generate(model: Llama, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampler: Sampler,
              eos_ids: Sequence[int], on_tokens: Callable[[list[int]], None] | None = None,
-             max_context: int | None = None) -> list[list[int]]:
+             max_context: int | None = None, spec_stats: SpecStats | None = None) -> list[list[int]]:
     """Left-pad the prompts, prefill, then decode until every row hit EOS or max_new_tokens.
 
     on_tokens(step_tokens) is called after every step with one token per row (finished rows
-    repeat their EOS). Returns each row's new tokens, EOS included when it was produced.
+    repeat their EOS); a speculative pass calls it once per token it produced. Returns each
+    row's new tokens, EOS included when it was produced. With the sampler's params carrying a
+    draft (workers.speculation), decoding is speculative and its counts go into spec_stats.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise RingllmError("every prompt must have at least one token")
@@ -55,6 +58,10 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], max_new_tokens: int
         raise RingllmError(
             f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the model's context of "
             f"{max_context} tokens (max_position_embeddings)")
+    draft = getattr(sampler.params, "draft", None)
+    if draft is not None and batch > 1:
+        raise RingllmError(f"--draft {draft.kind} with {batch} prompts: speculative decoding "
+                           "takes one prompt at a time (batches are not supported yet)")
     device = model.device
     pad = torch.tensor([longest - n for n in lengths], device=device)
     # token ids stay on the host: the embedding gathers them where its table lives (DRAM for the
@@ -67,6 +74,9 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], max_new_tokens: int
 
     logits = model.forward(tokens, positions, cache, 0, key_valid)
     eos = set(eos_ids)
+    if draft is not None:
+        return [_speculate(model, list(prompts[0]), logits, cache, key_valid, max_new_tokens, sampler,
+                           eos, on_tokens, draft, spec_stats if spec_stats is not None else SpecStats())]
     pad_token = min(eos) if eos else 0
     finished = [False] * batch
     out: list[list[int]] = [[] for _ in prompts]
@@ -86,4 +96,49 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], max_new_tokens: int
         last_pos = last_pos + 1
         nxt = torch.tensor(step_tokens)
         logits = model.forward(nxt[:, None], last_pos[:, None], cache, longest + step, key_valid)
+    return out
+
+
+def _speculate(model: Llama, prompt: list[int], logits: torch.Tensor, cache: KVCache, key_valid: torch.Tensor,
+               max_new_tokens: int, sampler: Sampler, eos: set[int], on_tokens, draft,
+               stats: SpecStats) -> list[int]:
+    """Greedy decoding of one row, verifying prompt-lookup drafts: each pass runs [last accepted
+    token, d1..dk] in one forward and keeps what greedy decoding would have produced.
+
+    KV invariant: cache slots 0..len(seq)-2 hold exactly the accepted sequence (the newest
+    accepted token is not in it yet; it leads the next pass). A pass writes slots
+    len(seq)-1 .. len(seq)-1+k; the entries of rejected drafts lie at or past the next pass's
+    start, and the model writes its slots start..start+T-1 before attending to :start+T, so a
+    rejected entry is overwritten before it is ever read, and slots past it are never read.
+    """
+    proposer = NgramProposer(draft.ngram_max, list(prompt))
+    first = sampler(logits).tolist()[0]
+    out = [first]
+    proposer.seq.append(first)
+    stats.draft = draft.kind
+    if on_tokens is not None:
+        on_tokens([first])
+    while out[-1] not in eos and len(out) < max_new_tokens:
+        seq = proposer.seq
+        # drafts + the target's own token never pass max_new_tokens (nor the cache's end)
+        drafts = proposer.propose(min(draft.spec_tokens, max_new_tokens - len(out) - 1))
+        start = len(seq) - 1
+        chain = torch.tensor([[seq[-1], *drafts]])
+        positions = torch.arange(start, start + chain.shape[1], device=model.device)[None]
+        logits = model.forward(chain, positions, cache, start, key_valid, all_logits=True)   # [1, T, V]
+        target = sampler(logits[0]).tolist()           # greedy: the argmax after each position
+        accepted = accept_greedy(drafts, target)
+        emitted = 0
+        for tok in accepted:                           # an EOS cuts the accepted run
+            out.append(tok)
+            seq.append(tok)
+            emitted += 1
+            if on_tokens is not None:
+                on_tokens([tok])
+            if tok in eos:
+                break
+        stats.passes += 1
+        stats.tokens += emitted
+        stats.drafted += len(drafts)
+        stats.accepted += min(len(accepted) - 1, emitted)
     return out

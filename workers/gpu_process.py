@@ -77,6 +77,7 @@ def gpu_main(args: GpuArgs) -> None:
     from ringllm.workers.model import Llama
     from ringllm.workers.quantized import choose_fp8_matmul
     from ringllm.workers.resident import load_groups, load_resident_weights
+    from ringllm.workers.speculation import SpecStats
     from ringllm.workers.streaming import InboxReader, StreamingSource
     from ringllm.workers.weights import group_weights, torch_dtype
 
@@ -171,9 +172,10 @@ def gpu_main(args: GpuArgs) -> None:
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
             profiler = profile(activities=activities)
             profiler.__enter__()
+        spec = SpecStats() if getattr(args.sampling, "draft", None) is not None else None
         outputs = generate(model, [list(p) for p in args.prompts], args.max_new_tokens,
                            Sampler(args.sampling, device), args.eos_ids, on_tokens,
-                           args.layout.config.max_position_embeddings)
+                           args.layout.config.max_position_embeddings, spec)
         if profiler is not None:
             if cuda:
                 torch.cuda.synchronize(device)
@@ -192,6 +194,8 @@ def gpu_main(args: GpuArgs) -> None:
                  "waits": s.waits, "groups_served": s.groups_served,
                  "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
                  "phases": phases, **registrar.report(),
+                 # --draft: passes, tokens per pass, acceptance (a pass may give several tokens)
+                 "speculation": spec.as_dict() if spec is not None else None,
                  # torch must see the ring as page-locked, or non_blocking copies from it go synchronous
                  "ring_pinned": _slots_pinned(ring, ring_tensor, registrar) if cuda else None}
         sup.send(Finished(stats), timeout=args.engine.wait_timeout_s)

@@ -1,0 +1,220 @@
+"""--draft ngram (prompt-lookup speculative decoding): the proposer and accept rule, token identity
+with plain greedy decoding against transformers (tiny model and SmolLM2, both engines), the KV
+cache holding only the accepted path, tokens per pass on a copying prompt, the refusals."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ringllm.checkpoint.layout import load_layout
+from ringllm.workers import generation
+from ringllm.workers.generation import Sampler, generate
+from ringllm.workers.model import Llama
+from ringllm.workers.resident import ResidentSource, load_resident_weights
+from ringllm.workers.sampling import SamplingParams
+from ringllm.workers.speculation import DraftParams, NgramProposer, SpecStats, SpeculativeSampling, accept_greedy
+from tests.conftest import hf_greedy_cached, make_model_dir
+
+CPU = torch.device("cpu")
+NGRAM = SpeculativeSampling(draft=DraftParams("ngram", spec_tokens=8, ngram_max=3))
+
+
+def ringllm(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "ringllm", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def resident_model(model_dir, dtype=torch.float32) -> Llama:
+    layout = load_layout(model_dir)
+    return Llama(layout.config, load_resident_weights(layout, dtype, CPU), ResidentSource(layout, dtype, CPU), dtype, CPU)
+
+
+# --- the proposer and the accept rule --------------------------------------------------------------
+
+def test_proposer_takes_the_longest_suffix_at_its_most_recent_occurrence():
+    # suffix "1 2 3" occurs at 0 and at 5; the most recent earlier one (5) is followed by 7 8
+    p = NgramProposer(3, [1, 2, 3, 4, 9, 1, 2, 3, 7, 8, 0, 1, 2, 3])
+    assert p.propose(8) == [7, 8, 0, 1, 2, 3]
+    assert p.propose(2) == [7, 8]
+    # no 3-gram or 2-gram repeats; the 1-gram "5" does (most recent: index 3, followed by 6)
+    assert NgramProposer(3, [5, 1, 9, 5, 6, 2, 5]).propose(4) == [6, 2, 5]
+    assert NgramProposer(1, [1, 2, 3]).propose(4) == []
+    assert NgramProposer(3, [4]).propose(4) == []
+
+
+def test_accept_rule_keeps_what_greedy_would_produce():
+    # target[i]: the argmax after position i (0 = the last accepted token)
+    assert accept_greedy([5, 6, 7], [5, 6, 9, 1]) == [5, 6, 9]
+    assert accept_greedy([5, 6, 7], [5, 6, 7, 1]) == [5, 6, 7, 1]
+    assert accept_greedy([5, 6, 7], [4, 6, 7, 1]) == [4]
+    assert accept_greedy([], [3]) == [3]
+
+
+# --- exactness and the KV cache --------------------------------------------------------------------
+
+def test_ngram_greedy_matches_transformers_on_a_tiny_model(tiny_checkpoint):
+    d, hf = tiny_checkpoint
+    model = resident_model(d)
+    prompt = [3, 9, 14, 3, 9, 14, 3, 9, 14, 3, 9]       # repeats, so drafts get proposed
+    stats = SpecStats()
+    got = generate(model, [prompt], 40, Sampler(NGRAM, CPU), eos_ids=[], spec_stats=stats)[0]
+    assert got == hf_greedy_cached(hf, prompt, 40)
+    assert stats.tokens == 39 and stats.drafted > 0 and stats.passes < 39
+
+
+class CorruptedReference:
+    """A proposer that drafts transformers' own greedy continuation with one wrong token at a
+    position that moves every pass: each pass accepts a prefix and leaves rejected KV entries."""
+    reference: list[int] = []
+    vocab = 128
+
+    def __init__(self, ngram_max, seq):
+        self.seq, self.prompt_len, self.passes = seq, len(seq), 0   # seq: the accepted sequence
+        CorruptedReference.current = self
+
+    def propose(self, limit):
+        done = len(self.seq) - self.prompt_len
+        drafts = list(self.reference[done:done + limit])
+        if drafts:
+            wrong = self.passes % (len(drafts) + 1)      # len(drafts): all correct this time
+            if wrong < len(drafts):
+                drafts[wrong] = (drafts[wrong] + 1) % self.vocab
+        self.passes += 1
+        return drafts
+
+
+def test_kv_cache_never_reads_a_rejected_draft(tiny_checkpoint, monkeypatch):
+    """Every verify pass's logits equal transformers' logits for the accepted sequence followed by
+    the pass's drafts, computed from scratch (no cache): a rejected draft's K/V read in a later
+    pass would change them. And before every forward, every cache slot from its start on (never
+    written, or holding a rejected draft of an earlier pass) is set to NaN: one read of such a
+    slot, even a masked one inside the attended range, makes the logits NaN."""
+    d, hf = tiny_checkpoint
+    model = resident_model(d)
+    prompt = [5, 17, 2, 40, 8, 99, 23]
+    reference = hf_greedy_cached(hf, prompt, 30)
+    CorruptedReference.reference = reference
+    monkeypatch.setattr(generation, "NgramProposer", CorruptedReference)
+    forward, checked = model.forward, []
+
+    def checked_forward(tokens, positions, cache, start, key_valid, all_logits=False):
+        cache.k[:, :, :, start:] = float("nan")
+        cache.v[:, :, :, start:] = float("nan")
+        logits = forward(tokens, positions, cache, start, key_valid, all_logits)
+        assert torch.isfinite(logits).all(), f"NaN logits in the pass at slot {start}: a poisoned slot was read"
+        if all_logits:       # a verify pass: [accepted sequence's last token, drafts...]
+            seq = CorruptedReference.current.seq
+            with torch.no_grad():
+                want = hf(torch.tensor([seq + tokens[0, 1:].tolist()])).logits[0, len(seq) - 1:]
+            torch.testing.assert_close(logits[0], want, atol=1e-4, rtol=1e-4,
+                                       msg=lambda m: f"pass {len(checked)} (slot {start}) differs from "
+                                                     f"transformers without a cache: {m}")
+            checked.append(start)
+        return logits
+
+    model.forward = checked_forward
+    stats = SpecStats()
+    got = generate(model, [prompt], 30, Sampler(NGRAM, CPU), eos_ids=[], spec_stats=stats)[0]
+    rejected = stats.drafted - stats.accepted
+    assert rejected >= 10 and stats.accepted >= 10, stats      # the test exercised both
+    assert len(checked) == stats.passes
+    assert got == reference
+
+
+def test_eos_and_max_new_tokens_cut_the_accepted_run(tiny_checkpoint):
+    d, hf = tiny_checkpoint
+    model = resident_model(d)
+    prompt = [3, 9, 14, 3, 9, 14, 3, 9, 14, 3, 9]
+    reference = hf_greedy_cached(hf, prompt, 40)
+    for n in (1, 2, 7):
+        assert generate(model, [prompt], n, Sampler(NGRAM, CPU), eos_ids=[])[0] == reference[:n]
+    eos = reference[12]              # a token greedy produces: generation stops right after it
+    cut = reference.index(eos) + 1
+    assert generate(model, [prompt], 40, Sampler(NGRAM, CPU), eos_ids=[eos])[0] == reference[:cut]
+
+
+# --- both engines through the command --------------------------------------------------------------
+
+def test_cli_ngram_matches_plain_greedy_streaming_and_resident(tmp_path):
+    d = tmp_path / "m"
+    make_model_dir(d, num_hidden_layers=4)
+    common = ["generate", "--model", str(d), "--device", "cpu", "--prompt", "w9 w10 w11 w9 w10 w11 w9 w10",
+              "--max-new-tokens", "30"]
+    plain = ringllm(*common, "--resident")
+    assert plain.returncode == 0, plain.stderr
+    metrics = tmp_path / "metrics.json"
+    for engine in (["--resident"], ["--loaders", "2", "--set", "GPU_AHEAD_LAYERS=1"]):
+        r = ringllm(*common, "--draft", "ngram", "--metrics-json", str(metrics), *engine)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == plain.stdout and r.stdout.strip()
+        spec = json.loads(metrics.read_text())["speculation"]
+        assert spec["draft"] == "ngram" and spec["tokens"] == 29        # + the prefill's token
+        assert spec["passes"] < 29 and spec["tokens_per_pass"] == pytest.approx(29 / spec["passes"])
+        assert 0 < spec["accepted"] <= spec["drafted"]
+        assert spec["acceptance"] == pytest.approx(spec["accepted"] / spec["drafted"])
+        assert "tokens per pass" in r.stderr
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--temperature", "0.7"], "--draft ngram with --temperature 0.7: sampling with a draft is not supported yet"),
+    (["--prompt", "w1 w2"], "--draft ngram with 2 prompts: speculative decoding takes one prompt at a time"),
+    (["--spec-tokens", "0"], "--spec-tokens must be >= 1, got 0"),
+])
+def test_refusals(tmp_path, extra, message):
+    d = tmp_path / "m"
+    make_model_dir(d, num_hidden_layers=2)
+    r = ringllm("generate", "--model", str(d), "--device", "cpu", "--prompt", "w1", "--max-new-tokens", "4",
+                "--draft", "ngram", *extra)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"ringllm: error: {message}"), r.stderr
+
+
+def test_refuses_a_draft_other_than_ngram(tmp_path):
+    d = tmp_path / "m"
+    make_model_dir(d, num_hidden_layers=2)
+    r = ringllm("generate", "--model", str(d), "--device", "cpu", "--draft", str(d))
+    assert r.returncode == 1
+    assert r.stderr.strip() == (f"ringllm: error: --draft {d}: only 'ngram' (prompt lookup) is supported; "
+                                "a draft model directory is not supported yet")
+
+
+# --- SmolLM2-135M ----------------------------------------------------------------------------------
+
+PARAGRAPH = ("The lighthouse keeper climbed the spiral stairs every evening at dusk. He polished the great "
+             "lens, trimmed the wick, and wrote the weather in a leather book. Ships passed safely because "
+             "of his quiet work, though few sailors ever knew his name.")
+
+
+@pytest.fixture(scope="module")
+def smollm2(demo_model_dir):
+    from ringllm.checkpoint.text import TextCodec
+
+    model = resident_model(demo_model_dir)
+    return model, TextCodec(demo_model_dir, model.cfg)
+
+
+def test_smollm2_ngram_matches_transformers(demo_model_dir, smollm2):
+    from transformers import AutoModelForCausalLM
+
+    model, codec = smollm2
+    hf = AutoModelForCausalLM.from_pretrained(demo_model_dir, dtype=torch.float32).eval()
+    prompt = codec.encode("Write a short poem about the sea.", chat=True)
+    got = generate(model, [prompt], 40, Sampler(NGRAM, CPU), eos_ids=[])[0]
+    assert got == hf_greedy_cached(hf, prompt, 40)
+
+
+def test_smollm2_copying_prompt_reaches_1_5_tokens_per_pass(smollm2):
+    model, codec = smollm2
+    prompt = codec.encode(f"Repeat this text exactly: {PARAGRAPH}", chat=True)
+    stats = SpecStats()
+    spec = generate(model, [prompt], 48, Sampler(NGRAM, CPU), codec.eos_ids, spec_stats=stats)[0]
+    plain = generate(model, [prompt], 48, Sampler(SamplingParams(), CPU), codec.eos_ids)[0]
+    assert spec == plain
+    assert "lighthouse keeper" in codec.decode(spec)       # it did copy
+    per_pass = stats.tokens / stats.passes
+    print(f"SmolLM2-135M copying prompt: {stats.as_dict()}")
+    assert per_pass >= 1.5, stats.as_dict()
