@@ -56,9 +56,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1.0 = off")
     p.add_argument("--top-k", type=int, default=0, help="top-k sampling; 0 = off")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (default: random)")
-    p.add_argument("--draft", default=None, metavar="ngram",
-                   help="speculative decoding, greedy only: 'ngram' verifies prompt-lookup drafts, several "
-                        "tokens per weight pass (default: off)")
+    p.add_argument("--draft", default=None, metavar="ngram|DIR",
+                   help="speculative decoding, greedy only: 'ngram' verifies prompt-lookup drafts, DIR a small "
+                        "draft model's greedy chain (same vocabulary); several tokens per weight pass (default: off)")
     p.add_argument("--spec-tokens", type=int, default=8, help="with --draft: draft tokens verified per pass at most")
     p.add_argument("--ngram-max", type=int, default=3, help="with --draft ngram: longest n-gram looked up")
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")

@@ -40,6 +40,9 @@ def cmd_generate(args) -> int:
                            "prompt at a time (batches are not supported yet)")
     model_dir = args.model if args.model is not None else ensure_demo_model(default_cache_dir())
     layout = load_layout(model_dir)
+    if draft is not None and draft.model_dir is not None:
+        from ringllm.workers.speculation import check_draft_vocab
+        check_draft_vocab(model_dir, draft.model_dir)     # before anything starts: one line if not
     codec = TextCodec(model_dir, layout.config)
     prompts = []
     for label, text in texts:
@@ -124,7 +127,8 @@ def spec_summary(spec: dict | None) -> str:
     return (f"; --draft {spec['draft']}: {spec['tokens']} tokens in {spec['passes']} decode passes "
             f"({per_pass if per_pass is not None else 0:.2f} tokens per pass), "
             f"{spec['accepted']}/{spec['drafted']} drafts accepted"
-            + (f" ({acceptance:.0%})" if acceptance is not None else ""))
+            + (f" ({acceptance:.0%})" if acceptance is not None else "")
+            + (f", {spec['draft_seconds']:.2f} s drafting" if spec.get("draft_seconds") is not None else ""))
 
 
 def run_streaming(args, layout, model_dir, prompts, sampling, eos_ids, device, dtype_name, on_tokens):

@@ -173,13 +173,13 @@ def test_refusals(tmp_path, extra, message):
     assert len(lines) == 1 and lines[0].startswith(f"ringllm: error: {message}"), r.stderr
 
 
-def test_refuses_a_draft_other_than_ngram(tmp_path):
+def test_refuses_a_draft_other_than_ngram_or_a_model_directory(tmp_path):
     d = tmp_path / "m"
     make_model_dir(d, num_hidden_layers=2)
-    r = ringllm("generate", "--model", str(d), "--device", "cpu", "--draft", str(d))
+    r = ringllm("generate", "--model", str(d), "--device", "cpu", "--draft", str(tmp_path))
     assert r.returncode == 1
-    assert r.stderr.strip() == (f"ringllm: error: --draft {d}: only 'ngram' (prompt lookup) is supported; "
-                                "a draft model directory is not supported yet")
+    assert r.stderr.strip() == (f"ringllm: error: --draft {tmp_path}: neither 'ngram' (prompt lookup) nor a "
+                                "model directory (no config.json there)")
 
 
 # --- SmolLM2-135M ----------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import time
 from typing import Callable, Sequence
 
 import torch
@@ -102,7 +103,7 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], max_new_tokens: int
 def _speculate(model: Llama, prompt: list[int], logits: torch.Tensor, cache: KVCache, key_valid: torch.Tensor,
                max_new_tokens: int, sampler: Sampler, eos: set[int], on_tokens, draft,
                stats: SpecStats) -> list[int]:
-    """Greedy decoding of one row, verifying prompt-lookup drafts: each pass runs [last accepted
+    """Greedy decoding of one row, verifying drafts (prompt lookup or a draft model): each pass runs [last accepted
     token, d1..dk] in one forward and keeps what greedy decoding would have produced.
 
     KV invariant: cache slots 0..len(seq)-2 hold exactly the accepted sequence (the newest
@@ -111,7 +112,8 @@ def _speculate(model: Llama, prompt: list[int], logits: torch.Tensor, cache: KVC
     start, and the model writes its slots start..start+T-1 before attending to :start+T, so a
     rejected entry is overwritten before it is ever read, and slots past it are never read.
     """
-    proposer = NgramProposer(draft.ngram_max, list(prompt))
+    proposer = (NgramProposer(draft.ngram_max, list(prompt)) if draft.model_dir is None
+                else DraftModelProposer.load(draft.model_dir, list(prompt), key_valid.shape[1], model.dtype, model.device))
     first = sampler(logits).tolist()[0]
     out = [first]
     proposer.seq.append(first)
@@ -121,7 +123,9 @@ def _speculate(model: Llama, prompt: list[int], logits: torch.Tensor, cache: KVC
     while out[-1] not in eos and len(out) < max_new_tokens:
         seq = proposer.seq
         # drafts + the target's own token never pass max_new_tokens (nor the cache's end)
+        t0 = time.perf_counter()
         drafts = proposer.propose(min(draft.spec_tokens, max_new_tokens - len(out) - 1))
+        stats.draft_seconds += time.perf_counter() - t0
         start = len(seq) - 1
         chain = torch.tensor([[seq[-1], *drafts]])
         positions = torch.arange(start, start + chain.shape[1], device=model.device)[None]
@@ -142,3 +146,47 @@ def _speculate(model: Llama, prompt: list[int], logits: torch.Tensor, cache: KVC
         stats.drafted += len(drafts)
         stats.accepted += min(len(accepted) - 1, emitted)
     return out
+
+
+class DraftModelProposer:
+    """`--draft DIR`: a small Llama, whole on the compute device, proposing greedily.
+
+    KV invariant (the target's argument, for the draft's own cache): slots 0..cached-1 hold the
+    accepted sequence seq[:cached]. A pass first catches up on seq[cached:] (the tokens accepted
+    since the last pass, the whole prompt on the first), then feeds its own drafts d1..d(k-1) at
+    len(seq).. to get d2..dk. Those draft slots lie at or past the next catch-up's start, which
+    writes them before attending to them, so a rejected draft's entry is never read.
+    """
+
+    def __init__(self, model: Llama, seq: list[int], max_seq: int):
+        self.model, self.seq, self.cached = model, seq, 0
+        self.cache = KVCache(model.cfg, 1, max_seq, model.dtype, model.device)
+        self.key_valid = torch.ones(1, max_seq, dtype=torch.bool, device=model.device)   # one row, no padding
+
+    @classmethod
+    def load(cls, model_dir: str, seq: list[int], max_seq: int, dtype: torch.dtype, device: torch.device):
+        """The resident engine's loading: every weight on `device`, in the target's compute dtype
+        (an FP8 draft stays FP8)."""
+        from ringllm.checkpoint.layout import load_layout
+        from ringllm.workers.resident import ResidentSource, load_resident_weights
+
+        layout = load_layout(model_dir)
+        model = Llama(layout.config, load_resident_weights(layout, dtype, device),
+                      ResidentSource(layout, dtype, device), dtype, device)
+        return cls(model, seq, max_seq)
+
+    def _step(self, tokens: list[int], start: int) -> int:
+        """Feed tokens at positions start.., return the greedy token after the last."""
+        positions = torch.arange(start, start + len(tokens), device=self.model.device)[None]
+        logits = self.model.forward(torch.tensor([tokens]), positions, self.cache, start, self.key_valid)
+        return int(logits[0].argmax())
+
+    def propose(self, limit: int) -> list[int]:
+        if limit <= 0:
+            return []
+        nxt = self._step(self.seq[self.cached:], self.cached)     # catch up: seq[:len(seq)] cached now
+        self.cached = len(self.seq)
+        drafts = [nxt]
+        while len(drafts) < limit:
+            drafts.append(self._step([drafts[-1]], self.cached + len(drafts) - 1))
+        return drafts

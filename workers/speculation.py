@@ -1,5 +1,6 @@
-"""Prompt-lookup speculative decoding (`--draft ngram`): the n-gram proposer and the greedy
-accept rule. Torch-free: the supervisor's side of a run imports the parameters.
+"""Speculative decoding: `--draft ngram` (prompt lookup: the n-gram proposer) or `--draft DIR` (a
+small draft model: workers.generation.DraftModelProposer), and the greedy accept rule. Torch-free: the supervisor's
+side of a run imports the parameters and checks a draft model's vocabulary.
 
 One decode pass verifies a chain [last accepted token, d1..dk] in a single forward (one weight
 pass, streamed or not). The target's argmax after each position says what greedy decoding would
@@ -8,7 +9,9 @@ that run. So the output is exactly greedy decoding's, whatever the drafts were.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 from ringllm.checkpoint.errors import RingllmError
@@ -23,10 +26,15 @@ class DraftParams:
     spec_tokens: int = 8      # drafts verified per pass at most (K)
     ngram_max: int = 3        # longest suffix looked up
 
+    @property
+    def model_dir(self) -> str | None:
+        """The draft model's directory, or None for prompt lookup."""
+        return None if self.kind in DRAFTS else self.kind
+
     def validate(self) -> None:
-        if self.kind not in DRAFTS:
-            raise RingllmError(f"--draft {self.kind}: only 'ngram' (prompt lookup) is supported; "
-                               "a draft model directory is not supported yet")
+        if self.model_dir is not None and not (Path(self.model_dir) / "config.json").is_file():
+            raise RingllmError(f"--draft {self.kind}: neither 'ngram' (prompt lookup) nor a model directory "
+                               "(no config.json there)")
         if self.spec_tokens < 1:
             raise RingllmError(f"--spec-tokens must be >= 1, got {self.spec_tokens}")
         if self.ngram_max < 1:
@@ -56,9 +64,10 @@ class SpecStats:
     tokens: int = 0           # tokens those passes produced
     drafted: int = 0          # draft tokens verified
     accepted: int = 0         # of those, accepted
+    draft_seconds: float = 0.0  # time spent proposing (a draft model's forwards; ngram's lookups)
 
     def as_dict(self) -> dict:
-        return {"draft": self.draft, "passes": self.passes, "tokens": self.tokens,
+        return {"draft": self.draft, "passes": self.passes, "tokens": self.tokens, "draft_seconds": self.draft_seconds,
                 "tokens_per_pass": self.tokens / self.passes if self.passes else None,
                 "drafted": self.drafted, "accepted": self.accepted,
                 "acceptance": self.accepted / self.drafted if self.drafted else None}
@@ -98,3 +107,31 @@ def accept_greedy(drafts: Sequence[int], target: Sequence[int]) -> list[int]:
         out.append(d)
     out.append(target[len(out)])
     return out
+
+
+SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def check_draft_vocab(target_dir, draft_dir) -> None:
+    """A draft model must speak the target's tokens: same config.json vocab_size and special ids,
+    same tokenizer vocabulary (added tokens included). Refuses with one line otherwise."""
+    from tokenizers import Tokenizer
+
+    def describe(d):
+        d = Path(d)
+        try:
+            raw = json.loads((d / "config.json").read_text())
+            vocab = Tokenizer.from_file(str(d / "tokenizer.json")).get_vocab(with_added_tokens=True)
+        except Exception as err:   # tokenizers raises a plain Exception on a bad file
+            raise RingllmError(f"--draft {draft_dir}: cannot read {d}'s config.json or tokenizer.json ({err})") from None
+        return {"vocab_size": raw.get("vocab_size"), **{k: raw.get(k) for k in SPECIAL_IDS}}, vocab
+
+    (t_cfg, t_vocab), (d_cfg, d_vocab) = describe(target_dir), describe(draft_dir)
+    for key in t_cfg:
+        if t_cfg[key] != d_cfg[key]:
+            raise RingllmError(f"--draft {draft_dir}: config.json {key} is {d_cfg[key]}, the model's "
+                               f"({target_dir}) is {t_cfg[key]}: a draft model must share the vocabulary")
+    if t_vocab != d_vocab:
+        differ = sorted(set(t_vocab.items()) ^ set(d_vocab.items()), key=lambda kv: kv[1])
+        raise RingllmError(f"--draft {draft_dir}: its tokenizer's vocabulary differs from the model's ({target_dir}): "
+                           f"{len(differ)} token/id pairs differ, e.g. {differ[0]!r}")
