@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from ringllm.checkpoint.errors import RingllmError
 from ringllm.workers.generation import Sampler, generate
 from ringllm.workers.speculation import DraftParams, SpecStats, SpeculativeSampling
 from tests.conftest import hf_greedy_cached, make_hf_checkpoint, make_model_dir, write_tokenizer
@@ -71,6 +72,14 @@ def test_refuses_a_draft_with_another_vocabulary(tmp_path):
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "its tokenizer's vocabulary differs" in lines[0], r.stderr
+
+
+def test_refuses_a_draft_with_a_shorter_context(tiny_checkpoint, tmp_path):
+    d, _ = tiny_checkpoint
+    draft_dir = tmp_path / "short"
+    make_model_dir(draft_dir, max_position_embeddings=32)
+    with pytest.raises(RingllmError, match=r"exceed the draft's context of 32 tokens"):
+        generate(resident_model(d), [[3, 9, 14]], 40, Sampler(with_draft(draft_dir), CPU), eos_ids=[])
 
 
 def test_cli_draft_model_streaming_and_resident(tmp_path):

@@ -171,6 +171,9 @@ class DraftModelProposer:
         from ringllm.workers.resident import ResidentSource, load_resident_weights
 
         layout = load_layout(model_dir)
+        if max_seq > layout.config.max_position_embeddings:
+            raise RingllmError(f"--draft {model_dir}: prompt + new tokens ({max_seq}) exceed the draft's context of "
+                               f"{layout.config.max_position_embeddings} tokens (max_position_embeddings)")
         model = Llama(layout.config, load_resident_weights(layout, dtype, device),
                       ResidentSource(layout, dtype, device), dtype, device)
         return cls(model, seq, max_seq)
