@@ -218,3 +218,25 @@ def test_tests_judge_only_their_own_runs():
     finally:
         foreign.unlink(missing_ok=True)
         ours.unlink(missing_ok=True)
+
+
+def test_a_child_that_dies_before_reading_its_arguments_is_no_closed_stdout(monkeypatch):
+    """SIGTERM to the process group can kill a child between its start and the write of its
+    arguments; that write then fails with EPIPE, which must not pass for a closed stdout (exit
+    141): spawn returns the dead child and the caller notices it (CI saw 141 instead of 143)."""
+    import subprocess as sp
+
+    from ringllm.workers import child
+
+    real_popen = sp.Popen
+
+    def dying_popen(cmd, **kwargs):
+        proc = real_popen([sys.executable, "-c", "import os; os.close(0)"], **kwargs)   # never reads stdin
+        proc.wait(timeout=30)
+        return proc
+
+    monkeypatch.setattr(child.subprocess, "Popen", dying_popen)
+    tracked = []
+    big = b"x" * (1 << 20)           # more than a pipe holds: the write must hit the closed end
+    proc = child.spawn(print, big, tracked.append)
+    assert tracked == [proc] and proc.poll() is not None

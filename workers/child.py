@@ -27,8 +27,17 @@ def spawn(target: Callable, args, track: Callable[[subprocess.Popen], None]) -> 
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     track(proc)
-    proc.stdin.write(pickle.dumps((target.__module__, target.__name__, args)))
-    proc.stdin.close()
+    try:
+        proc.stdin.write(pickle.dumps((target.__module__, target.__name__, args)))
+        proc.stdin.close()
+    except BrokenPipeError:
+        # The child died before it read its arguments (a signal to the whole process group, as
+        # Ctrl-C or a service manager sends): not our stdout closing. Its exit is noticed where
+        # the children are watched, and the signal where the caller checks for one.
+        try:
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass
     return proc
 
 
