@@ -240,3 +240,24 @@ def test_a_child_that_dies_before_reading_its_arguments_is_no_closed_stdout(monk
     big = b"x" * (1 << 20)           # more than a pipe holds: the write must hit the closed end
     proc = child.spawn(print, big, tracked.append)
     assert tracked == [proc] and proc.poll() is not None
+
+
+def test_sigterm_during_torchs_import_waits_for_its_end():
+    """The GPU process imports torch under sigterm_deferred: a SIGTERM meanwhile is raised as
+    SystemExit(143) only when the block ends (raised inside C++-called Python code, it aborted the
+    process with "terminate called after throwing ... SystemExit": CI saw it)."""
+    from ringllm.workers import process_setup
+    from ringllm.workers.process_setup import sigterm_deferred, stop_requested
+
+    reached = False
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            with sigterm_deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.1)
+                reached = True
+        assert reached and exit_.value.code == 143 and stop_requested()
+        assert signal.getsignal(signal.SIGTERM) is before
+    finally:
+        process_setup._stop_requested = False     # this test process goes on

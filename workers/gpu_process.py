@@ -16,7 +16,7 @@ from ringllm.faults import NO_FAULTS, FaultPlan
 from ringllm.shm.channel import Channel, Fatal, Finished, Mark, Ready, ResidentLayers, token_messages
 from ringllm.shm.ring import Ring
 from ringllm.shm.stats import StatsPage
-from ringllm.workers.process_setup import apply_torch_threads, child_start, stop_requested
+from ringllm.workers.process_setup import apply_torch_threads, child_start, sigterm_deferred, stop_requested
 from ringllm.workers.registrar import SlotRegistrar
 
 log = logging.getLogger("ringllm.gpu")
@@ -69,17 +69,18 @@ def wait_for_ring(ring: Ring, slots: int, timeout_s: float) -> None:
 
 def gpu_main(args: GpuArgs) -> None:
     child_start("ringllm-gpu", args.parent_pid, args.verbose)
-    import torch
+    with sigterm_deferred():      # a SystemExit inside torch's import would abort, loudly
+        import torch
 
-    torch_threads = apply_torch_threads(torch)   # before torch runs anything in parallel
+        torch_threads = apply_torch_threads(torch)   # before torch runs anything in parallel
 
-    from ringllm.workers.generation import Sampler, generate
-    from ringllm.workers.model import Llama
-    from ringllm.workers.quantized import choose_fp8_matmul
-    from ringllm.workers.resident import load_groups, load_resident_weights
-    from ringllm.workers.speculation import SpecStats
-    from ringllm.workers.streaming import InboxReader, StreamingSource
-    from ringllm.workers.weights import group_weights, torch_dtype
+        from ringllm.workers.generation import Sampler, generate
+        from ringllm.workers.model import Llama
+        from ringllm.workers.quantized import choose_fp8_matmul
+        from ringllm.workers.resident import load_groups, load_resident_weights
+        from ringllm.workers.speculation import SpecStats
+        from ringllm.workers.streaming import InboxReader, StreamingSource
+        from ringllm.workers.weights import group_weights, torch_dtype
 
     t0 = time.monotonic()
     phases = {"spawn": (None, t0)}       # name -> (start, end): time.monotonic(); spawn starts in the supervisor

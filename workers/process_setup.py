@@ -38,6 +38,27 @@ def _on_sigterm(signum, frame):
     sys.exit(143)
 
 
+class sigterm_deferred:
+    """A SIGTERM while this block runs is remembered and raised (SystemExit 143) when it ends.
+    For torch's import: SystemExit raised inside Python code that C++ (pybind11) called aborts
+    the process with "terminate called after throwing ... SystemExit" on stderr."""
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGTERM, self._remember)
+        self.pending = False
+        return self
+
+    def _remember(self, signum, frame):
+        global _stop_requested
+        _stop_requested = self.pending = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self.previous)
+        if self.pending and exc[0] is None:
+            raise SystemExit(143)
+        return False
+
+
 def stop_requested() -> bool:
     return _stop_requested
 
