@@ -66,6 +66,14 @@ def measure_disk_ceiling(layout: ModelLayout, resident: int, engine: EngineConfi
 
 
 
+def save_report(out: Path, stem: str, report: dict, table: str) -> None:
+    """What every bench tool leaves: OUT/<stem>.json (the whole report), OUT/<stem>.txt (the
+    table), and the table on stdout."""
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    (out / f"{stem}.txt").write_text(table + "\n")
+    print(table)
+
+
 # --- ringllm runs --------------------------------------------------------------------------------
 def streamed_bytes(layout: ModelLayout, resident: int) -> int:
     """Weight bytes that cross to the GPU each pass: every layer not kept there."""

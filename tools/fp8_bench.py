@@ -324,10 +324,9 @@ def main(argv: list[str] | None = None) -> int:
         print("ringllm: interrupted", file=sys.stderr)
         return 130
     report.update(command=command, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
-    table = format_table(report)
-    (args.out / "fp8-bench.json").write_text(json.dumps(report, indent=1, default=str))
-    (args.out / "fp8-bench.txt").write_text(table + "\n")
-    print(table)
+    from ringllm.tools.bench import save_report
+
+    save_report(args.out, "fp8-bench", report, format_table(report))
     return 0
 
 

@@ -9,7 +9,6 @@ bench.json, bench.txt and the partial results as it goes into OUT_DIR.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
@@ -54,7 +53,7 @@ def main() -> int:
     args.scratch.mkdir(parents=True, exist_ok=True)
 
     from ringllm.config import build_config, default_loader_count, parse_bytes
-    from ringllm.tools.bench import bench, format_table
+    from ringllm.tools.bench import bench, format_table, save_report
 
     model, made = bench_checkpoint(args.scratch, args.layers, args.max_layers, args.reserve_gb)
 
@@ -64,10 +63,7 @@ def main() -> int:
                    log=lambda m: print(m, flush=True))
     report["checkpoint_seconds"] = made
     report["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    (args.out / "bench.json").write_text(json.dumps(report, indent=1, default=str))
-    table = format_table(report)
-    (args.out / "bench.txt").write_text(table + "\n")
-    print(table)
+    save_report(args.out, "bench", report, format_table(report))
     return 0
 
 

@@ -301,10 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:          # the run was stopped and waited for; the probe cleans up
         print("ringllm: interrupted", file=sys.stderr)
         return 130
-    table = format_table(report)
-    (args.out / "startup-bench.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
-    (args.out / "startup-bench.txt").write_text(table + "\n")
-    print(table)
+    from ringllm.tools.bench import save_report
+
+    save_report(args.out, "startup-bench", report, format_table(report))
     return 0
 
 

@@ -24,7 +24,6 @@ and tier-bench.txt into --out.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import time
@@ -204,10 +203,9 @@ def main(argv: list[str] | None = None) -> int:
         print("ringllm: interrupted", file=sys.stderr)
         return 130
     report.update(command=command, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
-    table = format_table(report)
-    (args.out / "tier-bench.json").write_text(json.dumps(report, indent=1, default=str))
-    (args.out / "tier-bench.txt").write_text(table + "\n")
-    print(table)
+    from ringllm.tools.bench import save_report
+
+    save_report(args.out, "tier-bench", report, format_table(report))
     return 0
 
 
