@@ -174,17 +174,6 @@ def test_scaled_mm_loss_against_bf16_on_smollm2(tmp_path, demo_model_dir, smollm
 
 
 def scores_bf16(model_dir, windows, way):
-    from ringllm.workers.model import KVCache, Llama
-    from ringllm.workers.resident import ResidentSource, load_resident_weights
-    from tests.test_fp8_quality import NextTokenScores
+    from tests.test_fp8_quality import ringllm_scores
 
-    layout = load_layout(model_dir)
-    model = Llama(layout.config, load_resident_weights(layout, torch.bfloat16, CPU),
-                  ResidentSource(layout, torch.bfloat16, CPU), torch.bfloat16, CPU, way)
-    logits = []
-    for tokens in windows:
-        T = len(tokens)
-        cache = KVCache(model.cfg, 1, T, model.dtype, CPU)
-        logits.append(model.forward(tokens[None], torch.arange(T)[None], cache, 0,
-                                    torch.ones(1, T, dtype=torch.bool), all_logits=True)[0])
-    return NextTokenScores.of(logits, windows)
+    return ringllm_scores(model_dir, windows, torch.bfloat16, way)

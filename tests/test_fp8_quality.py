@@ -96,15 +96,15 @@ def compare(ref: NextTokenScores, test: NextTokenScores) -> Quality:
                    ppl_ref=ref.perplexity, ppl_test=test.perplexity, positions=ref.top1.numel())
 
 
-def ringllm_scores(model_dir: Path, windows) -> NextTokenScores:
-    """ringllm's resident engine, float32 compute, all logits of each window."""
+def ringllm_scores(model_dir: Path, windows, dtype=torch.float32, fp8_matmul: str = "dequant") -> NextTokenScores:
+    """ringllm's resident engine (float32 compute unless told), all logits of each window."""
     from ringllm.checkpoint.layout import load_layout
     from ringllm.workers.model import KVCache, Llama
     from ringllm.workers.resident import ResidentSource, load_resident_weights
 
     layout = load_layout(model_dir)
-    model = Llama(layout.config, load_resident_weights(layout, torch.float32, CPU),
-                  ResidentSource(layout, torch.float32, CPU), torch.float32, CPU)
+    model = Llama(layout.config, load_resident_weights(layout, dtype, CPU),
+                  ResidentSource(layout, dtype, CPU), dtype, CPU, fp8_matmul)
     logits = []
     with torch.no_grad():
         for tokens in windows:
