@@ -136,7 +136,9 @@ def run_streaming(args, layout, model_dir, prompts, sampling, eos_ids, device, d
     from ringllm.supervisor.supervisor import Supervisor
     from ringllm.workers.memory_plan import check_gpu_cap, plan_gpu_memory
 
-    max_seq = max(len(p) for p in prompts) + args.max_new_tokens
+    from ringllm.workers.speculation import cache_slots
+
+    max_seq = cache_slots(max(len(p) for p in prompts), args.max_new_tokens, sampling)
     engine = build_engine_config(args, model_dir, max_seq, len(prompts), layout, device, dtype_name)
     plan = plan_gpu_memory(layout, engine, len(prompts), max_seq, dtype_name, embed_on_host=device == "cuda")
     check_gpu_cap(plan, engine.gpu_mem, engine)

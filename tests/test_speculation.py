@@ -136,6 +136,35 @@ def test_eos_and_max_new_tokens_cut_the_accepted_run(tiny_checkpoint):
     assert generate(model, [prompt], 40, Sampler(NGRAM, CPU), eos_ids=[eos])[0] == reference[:cut]
 
 
+def test_last_passes_verify_full_drafts_and_the_surplus_is_cut(tiny_checkpoint):
+    """The cache has room for one pass's drafts past the new tokens (speculation.cache_slots):
+    a pass near max_new_tokens still verifies spec_tokens drafts, and what it accepts past
+    max_new_tokens is dropped. The transformers continuation as drafts: every draft is right."""
+    d, hf = tiny_checkpoint
+    model = resident_model(d)
+    prompt = [5, 17, 2, 40, 8, 99, 23]
+    reference = hf_greedy_cached(hf, prompt, 40)
+
+    class Oracle:
+        def __init__(self, ngram_max, seq):
+            self.seq, self.n = seq, len(seq)
+
+        def propose(self, limit):
+            done = len(self.seq) - self.n
+            return (reference + [0] * 40)[done:done + limit]
+
+    stats = SpecStats()
+    params = SpeculativeSampling(draft=DraftParams("ngram", spec_tokens=8))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(generation, "NgramProposer", Oracle)
+        got = generate(model, [prompt], 12, Sampler(params, CPU), eos_ids=[], spec_stats=stats)[0]
+    assert got == reference[:12]
+    # the prefill gives token 1; pass 1 verifies 8 drafts and yields 9 (tokens 2..10); pass 2 still
+    # verifies 8 drafts, though only 2 more tokens are wanted
+    assert [w for w, _ in stats.pass_log] == [9, 9], stats.pass_log
+    assert stats.tokens == 11
+
+
 # --- both engines through the command --------------------------------------------------------------
 
 def test_cli_ngram_matches_plain_greedy_streaming_and_resident(tmp_path):

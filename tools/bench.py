@@ -81,12 +81,13 @@ def streamed_bytes(layout: ModelLayout, resident: int) -> int:
     return sum(e.extent.nbytes for layer in range(n - resident) for g in layout.groups[layer] for e in g.entries)
 
 
-def run_ringllm(layout, engine: EngineConfig, device: str, dtype: str, prompt, new_tokens: int):
+def run_ringllm(layout, engine: EngineConfig, device: str, dtype: str, prompt, new_tokens: int, sampling=None):
+    """One supervised run, greedy unless `sampling` says otherwise, timed once the ring is full."""
     from ringllm.supervisor.supervisor import Supervisor
     from ringllm.workers.generation import SamplingParams
 
     sup = Supervisor(layout, engine, device, dtype, fill_ring_first=True)
-    result = sup.run([prompt], new_tokens, SamplingParams(), (), lambda t: None)
+    result = sup.run([prompt], new_tokens, sampling or SamplingParams(), (), lambda t: None)
     g, c = result.gpu, result.coordinator
     since = c.get("since_mark", c)
     # the rest of RunResult as it is (start-up and wall-clock times, processes, pinned memory)

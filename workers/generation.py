@@ -10,7 +10,7 @@ import torch
 from ringllm.checkpoint.errors import RingllmError
 from ringllm.workers.model import KVCache, Llama
 from ringllm.workers.sampling import SamplingParams  # noqa: F401  (defined here before; torch-free now)
-from ringllm.workers.speculation import NgramProposer, SpecStats, accept_greedy
+from ringllm.workers.speculation import PROBE, NgramProposer, SpecStats, WidthProbe, accept_greedy, cache_slots
 
 
 class Sampler:
@@ -63,6 +63,10 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], max_new_tokens: int
     if draft is not None and batch > 1:
         raise RingllmError(f"--draft {draft.kind} with {batch} prompts: speculative decoding "
                            "takes one prompt at a time (batches are not supported yet)")
+    # a draft's room past the new tokens, where the context allows it (speculation.cache_slots)
+    slots_total = cache_slots(longest, max_new_tokens, sampler.params)
+    if max_context is not None:
+        slots_total = min(slots_total, max(total, max_context))
     device = model.device
     pad = torch.tensor([longest - n for n in lengths], device=device)
     # token ids stay on the host: the embedding gathers them where its table lives (DRAM for the
@@ -70,8 +74,8 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], max_new_tokens: int
     tokens = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts])
     slots = torch.arange(longest, device=device)[None, :]
     positions = (slots - pad[:, None]).clamp(min=0)
-    key_valid = torch.arange(total, device=device)[None, :] >= pad[:, None]     # [B, total]
-    cache = KVCache(model.cfg, batch, total, model.dtype, device)
+    key_valid = torch.arange(slots_total, device=device)[None, :] >= pad[:, None]     # [B, slots]
+    cache = KVCache(model.cfg, batch, slots_total, model.dtype, device)
 
     logits = model.forward(tokens, positions, cache, 0, key_valid)
     eos = set(eos_ids)
@@ -111,9 +115,15 @@ def _speculate(model: Llama, prompt: list[int], logits: torch.Tensor, cache: KVC
     len(seq)-1 .. len(seq)-1+k; the entries of rejected drafts lie at or past the next pass's
     start, and the model writes its slots start..start+T-1 before attending to :start+T, so a
     rejected entry is overwritten before it is ever read, and slots past it are never read.
+    Drafts never run past the cache (k <= slots - len(seq)); tokens past max_new_tokens are cut.
     """
-    proposer = (NgramProposer(draft.ngram_max, list(prompt)) if draft.model_dir is None
-                else DraftModelProposer.load(draft.model_dir, list(prompt), key_valid.shape[1], model.dtype, model.device))
+    slots = key_valid.shape[1]
+    if draft.kind == PROBE:
+        proposer = WidthProbe(draft.probe_widths, list(prompt))
+    elif draft.model_dir is None:
+        proposer = NgramProposer(draft.ngram_max, list(prompt))
+    else:
+        proposer = DraftModelProposer.load(draft.model_dir, list(prompt), slots, model.dtype, model.device)
     first = sampler(logits).tolist()[0]
     out = [first]
     proposer.seq.append(first)
@@ -122,16 +132,17 @@ def _speculate(model: Llama, prompt: list[int], logits: torch.Tensor, cache: KVC
         on_tokens([first])
     while out[-1] not in eos and len(out) < max_new_tokens:
         seq = proposer.seq
-        # drafts + the target's own token never pass max_new_tokens (nor the cache's end)
         t0 = time.perf_counter()
-        drafts = proposer.propose(min(draft.spec_tokens, max_new_tokens - len(out) - 1))
-        stats.draft_seconds += time.perf_counter() - t0
+        drafts = proposer.propose(min(draft.spec_tokens, slots - len(seq)))
+        t1 = time.perf_counter()
+        stats.draft_seconds += t1 - t0
         start = len(seq) - 1
         chain = torch.tensor([[seq[-1], *drafts]])
         positions = torch.arange(start, start + chain.shape[1], device=model.device)[None]
         logits = model.forward(chain, positions, cache, start, key_valid, all_logits=True)   # [1, T, V]
         target = sampler(logits[0]).tolist()           # greedy: the argmax after each position
-        accepted = accept_greedy(drafts, target)
+        stats.pass_log.append([chain.shape[1], time.perf_counter() - t1])   # tolist() waited for the pass
+        accepted = accept_greedy(drafts, target)[:max_new_tokens - len(out)]
         emitted = 0
         for tok in accepted:                           # an EOS cuts the accepted run
             out.append(tok)

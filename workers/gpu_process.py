@@ -49,7 +49,9 @@ def resident_layer_count(args: GpuArgs, device_type: str, free_bytes: int | None
     """GPU_RESIDENT_LAYERS, or with -1 (auto) as many layers as fit (memory_plan.planned_resident_layers)."""
     from ringllm.workers.memory_plan import planned_resident_layers
 
-    max_seq = max(len(p) for p in args.prompts) + args.max_new_tokens
+    from ringllm.workers.speculation import cache_slots
+
+    max_seq = cache_slots(max(len(p) for p in args.prompts), args.max_new_tokens, args.sampling)
     keep = planned_resident_layers(args.layout, args.engine, len(args.prompts), max_seq, args.dtype,
                                    device_type, free_bytes)
     return keep or 0

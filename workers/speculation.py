@@ -18,6 +18,7 @@ from ringllm.checkpoint.errors import RingllmError
 from ringllm.workers.sampling import SamplingParams
 
 DRAFTS = ("ngram",)
+PROBE = "probe"           # tools.spec_bench only: fixed-width passes of filler drafts (no user flag)
 
 
 @dataclass(frozen=True)
@@ -25,13 +26,17 @@ class DraftParams:
     kind: str = "ngram"
     spec_tokens: int = 8      # drafts verified per pass at most (K)
     ngram_max: int = 3        # longest suffix looked up
+    # kind "probe": the tokens each pass verifies, in turn (the verification cost curve)
+    probe_widths: tuple[int, ...] = ()
 
     @property
     def model_dir(self) -> str | None:
-        """The draft model's directory, or None for prompt lookup."""
-        return None if self.kind in DRAFTS else self.kind
+        """The draft model's directory, or None for prompt lookup (and the bench's probe)."""
+        return None if self.kind in DRAFTS or self.kind == PROBE else self.kind
 
     def validate(self) -> None:
+        if self.kind == PROBE and not all(w >= 1 for w in self.probe_widths or (0,)):
+            raise RingllmError(f"probe widths must be >= 1 tokens, got {self.probe_widths}")
         if self.model_dir is not None and not (Path(self.model_dir) / "config.json").is_file():
             raise RingllmError(f"--draft {self.kind}: neither 'ngram' (prompt lookup) nor a model directory "
                                "(no config.json there)")
@@ -56,6 +61,14 @@ class SpeculativeSampling(SamplingParams):
                                    "sampling with a draft is not supported yet (use --temperature 0)")
 
 
+def cache_slots(longest_prompt: int, max_new_tokens: int, sampling) -> int:
+    """KV cache slots (and the memory plan's sequence length) of a run: prompt + new tokens, plus
+    room for one pass's drafts with a draft, so that the last passes verify as many drafts as the
+    first (their surplus tokens are cut at max_new_tokens, never written past the cache)."""
+    draft = getattr(sampling, "draft", None)
+    return longest_prompt + max_new_tokens + (draft.spec_tokens if draft is not None else 0)
+
+
 @dataclass
 class SpecStats:
     """What `--metrics-json` reports under `speculation`."""
@@ -65,12 +78,34 @@ class SpecStats:
     drafted: int = 0          # draft tokens verified
     accepted: int = 0         # of those, accepted
     draft_seconds: float = 0.0  # time spent proposing (a draft model's forwards; ngram's lookups)
+    # per pass: [tokens the target verified (1 + drafts), seconds of its forward and accept step]
+    pass_log: list = field(default_factory=list)
 
     def as_dict(self) -> dict:
+        verify = sum(s for _, s in self.pass_log)
+        per = (lambda x: x / self.passes if self.passes else None)
         return {"draft": self.draft, "passes": self.passes, "tokens": self.tokens, "draft_seconds": self.draft_seconds,
-                "tokens_per_pass": self.tokens / self.passes if self.passes else None,
+                "tokens_per_pass": per(self.tokens),
                 "drafted": self.drafted, "accepted": self.accepted,
-                "acceptance": self.accepted / self.drafted if self.drafted else None}
+                "acceptance": self.accepted / self.drafted if self.drafted else None,
+                "draft_seconds_per_pass": per(self.draft_seconds), "verify_seconds_per_pass": per(verify),
+                "pass_log": self.pass_log}
+
+
+@dataclass
+class WidthProbe:
+    """tools.spec_bench's proposer: pass i verifies widths[i % len] tokens, its drafts filler
+    (the prompt's tokens over and over). A random-weight target rejects them, so each pass
+    verifies exactly its width and yields one token: a pass's cost as a function of its width."""
+    widths: tuple[int, ...]
+    seq: list[int] = field(default_factory=list)
+    turn: int = 0
+
+    def propose(self, limit: int) -> list[int]:
+        width = self.widths[self.turn % len(self.widths)]
+        self.turn += 1
+        filler = self.seq * (1 + width // max(1, len(self.seq)))
+        return filler[:min(limit, width - 1)]
 
 
 @dataclass
