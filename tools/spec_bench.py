@@ -56,7 +56,10 @@ def spec_bench(model_dir: Path, device: str, gpu_mem: int | None, engine, widths
         raise RingllmError(f"--widths up to {max(widths)}: {max_seq} positions exceed the model's context of "
                            f"{layout.config.max_position_embeddings} tokens")
     placed = replace(engine, gpu_mem=gpu_mem)
-    resident = planned_resident_layers(layout, placed, 1, max_seq, dtype_name, dev.type,
+    # the widest pass's logits (float32 + the compute dtype, every position) beside the plan's
+    logits_bytes = 8 * layout.config.vocab_size * max(widths)
+    planned = replace(placed, gpu_mem=gpu_mem - logits_bytes if gpu_mem else None)
+    resident = planned_resident_layers(layout, planned, 1, max_seq, dtype_name, dev.type,
                                        torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else None) or 0
     resident = min(resident, n - 1)                    # something must stream: that is the point
     streamed = n - resident
