@@ -134,8 +134,8 @@ def draft_loaded_once(tiny, monkeypatch):
     draft_dir = tiny[0].parent / "draft"
     draft = resident_model(draft_dir)
     monkeypatch.setattr(spec_decode.DraftModelProposer, "load",
-                        lambda _dir, seq, max_seq, spec_tokens, *_: spec_decode.DraftModelProposer(
-                            draft, seq, max_seq + spec_tokens))
+                        lambda _dir, seq, max_seq, spec_tokens, rank_temperature, *_: spec_decode.DraftModelProposer(
+                            draft, seq, max_seq + spec_tokens, rank_temperature))
     return draft_dir
 
 

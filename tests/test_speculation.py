@@ -248,8 +248,11 @@ def test_smollm2_ngram_matches_transformers(demo_model_dir, smollm2):
     model, codec = smollm2
     hf = AutoModelForCausalLM.from_pretrained(demo_model_dir, dtype=torch.float32).eval()
     prompt = codec.encode("Write a short poem about the sea.", chat=True)
-    got = generate(model, [prompt], 40, Sampler(NGRAM, CPU), eos_ids=[])[0]
+    stats = SpecStats()
+    got = generate(model, [prompt], 40, Sampler(NGRAM, CPU), eos_ids=[], spec_stats=stats)[0]
     assert got == hf_greedy_cached(hf, prompt, 40)
+    print(f"SmolLM2-135M poem: {stats.as_dict()}")
+    assert stats.branched > 0 and stats.accepted > 0, stats.as_dict()        # trees, taken into
 
 
 def test_smollm2_copying_prompt_reaches_1_5_tokens_per_pass(smollm2):
