@@ -175,3 +175,36 @@ def test_cli_trees_match_plain_greedy_streaming_and_resident(tmp_path, draft):
         assert r.stdout == plain.stdout and r.stdout.strip()
         spec = json.loads(metrics.read_text())["speculation"]
         assert spec["branched"] > 0 and spec["tokens"] == 23, spec
+
+
+def test_draft_model_tree_holds_the_likeliest_continuations(tmp_path):
+    """The draft model's tree (its own logits, rank temperature 1) is the `limit` likeliest nodes
+    by cumulative probability, found here by a best-first search over transformers' logits (pop
+    the likeliest path, push its children: the first `limit` popped are the likeliest). A model
+    peaked enough that the trees are both wide and deep."""
+    import heapq
+
+    d = tmp_path / "m"
+    hf = make_hf_checkpoint(d, initializer_range=0.5)
+    prompt, limit = [5, 17, 2, 40, 8, 99, 23], 8
+    seq = list(prompt)
+    proposer = spec_decode.DraftModelProposer(resident_model(d), seq, 64)
+    shapes = []                            # (depth, root children) per tree
+    for step in range(3):                  # the second and third proposals catch up on 1 and 2 tokens
+        tree = proposer.propose(limit)
+        heap, popped = [], []
+        with torch.no_grad():
+            def push(path, base):
+                logp = hf(torch.tensor([seq + path])).logits[0, -1].log_softmax(-1)
+                for tok, lp in enumerate(logp.tolist()):
+                    heapq.heappush(heap, (-(base + lp), path + [tok]))
+            push([], 0.0)
+            while len(popped) <= limit:      # one more: the margin to the first left out
+                neg, path = heapq.heappop(heap)
+                popped.append((-neg, path))
+                push(path, -neg)
+        assert popped[limit - 1][0] - popped[limit][0] > 1e-4      # no near-tie at the cut
+        assert sorted(path_to(tree, n) for n in range(len(tree))) == sorted(p for _, p in popped[:limit])
+        shapes.append((max(tree.depths()), sum(p == -1 for p in tree.parents)))
+        seq += [tree.tokens[0]] * (step + 1)      # accept something: the next proposal catches up
+    assert max(depth for depth, _ in shapes) >= 3 and max(width for _, width in shapes) >= 2, shapes
