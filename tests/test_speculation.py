@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from ringllm.checkpoint.layout import load_layout
-from ringllm.workers import generation
+from ringllm.workers import spec_decode
 from ringllm.workers.generation import Sampler, generate
 from ringllm.workers.model import Llama
 from ringllm.workers.resident import ResidentSource, load_resident_weights
 from ringllm.workers.sampling import SamplingParams
-from ringllm.workers.speculation import DraftParams, NgramProposer, SpecStats, SpeculativeSampling, accept_greedy
+from ringllm.workers.speculation import DraftParams, DraftTree, NgramProposer, SpecStats, SpeculativeSampling, walk_tree
 from tests.conftest import hf_greedy_cached, make_model_dir
 
 CPU = torch.device("cpu")
@@ -35,22 +35,39 @@ def resident_model(model_dir, dtype=torch.float32) -> Llama:
 # --- the proposer and the accept rule --------------------------------------------------------------
 
 def test_proposer_takes_the_longest_suffix_at_its_most_recent_occurrence():
-    # suffix "1 2 3" occurs at 0 and at 5; the most recent earlier one (5) is followed by 7 8
+    # suffix "1 2 3" occurs at 0 and at 5, both followed by different text: two branches, the
+    # most recent occurrence's (7 8 0 ...) first, grown level by level
     p = NgramProposer(3, [1, 2, 3, 4, 9, 1, 2, 3, 7, 8, 0, 1, 2, 3])
-    assert p.propose(8) == [7, 8, 0, 1, 2, 3]
-    assert p.propose(2) == [7, 8]
-    # no 3-gram or 2-gram repeats; the 1-gram "5" does (most recent: index 3, followed by 6)
-    assert NgramProposer(3, [5, 1, 9, 5, 6, 2, 5]).propose(4) == [6, 2, 5]
-    assert NgramProposer(1, [1, 2, 3]).propose(4) == []
-    assert NgramProposer(3, [4]).propose(4) == []
+    assert p.propose(8) == DraftTree((7, 4, 8, 9, 0, 1, 1, 2), (-1, -1, 0, 1, 2, 3, 4, 5))
+    assert p.propose(3) == DraftTree((7, 4, 8), (-1, -1, 0))
+    # one occurrence: a chain. No 3-gram or 2-gram repeats; the 1-gram "5" does (at 0 and 3:
+    # continuations 1 9 5 and 6 2 5)
+    assert NgramProposer(3, [1, 2, 3, 4, 1, 2, 3]).propose(8) == DraftTree.chain([4, 1, 2, 3])
+    assert NgramProposer(3, [5, 1, 9, 5, 6, 2, 5]).propose(4) == DraftTree((6, 1, 2, 9), (-1, -1, 0, 1))
+    # continuations sharing a prefix share its nodes
+    assert NgramProposer(1, [7, 3, 4, 7, 3, 5, 7]).propose(5) == DraftTree((3, 5, 4, 7, 7), (-1, 0, 0, 1, 2))
+    assert NgramProposer(1, [1, 2, 3]).propose(4) == DraftTree()
+    assert NgramProposer(3, [4]).propose(4) == DraftTree()
 
 
-def test_accept_rule_keeps_what_greedy_would_produce():
-    # target[i]: the argmax after position i (0 = the last accepted token)
-    assert accept_greedy([5, 6, 7], [5, 6, 9, 1]) == [5, 6, 9]
-    assert accept_greedy([5, 6, 7], [5, 6, 7, 1]) == [5, 6, 7, 1]
-    assert accept_greedy([5, 6, 7], [4, 6, 7, 1]) == [4]
-    assert accept_greedy([], [3]) == [3]
+def test_accept_rule_follows_the_drawn_child():
+    # target[j]: the token drawn at pass position j (0 = the root, the last accepted token)
+    chain = DraftTree.chain([5, 6, 7])
+    assert walk_tree(chain, [5, 6, 9, 1]) == ([5, 6, 9], [1, 2])
+    assert walk_tree(chain, [5, 6, 7, 1]) == ([5, 6, 7, 1], [1, 2, 3])
+    assert walk_tree(chain, [4, 6, 7, 1]) == ([4], [])
+    assert walk_tree(DraftTree(), [3]) == ([3], [])
+    #        root
+    #       /    \
+    #   5 (1)    6 (2)
+    #     |      /   \
+    #   7 (3)  8 (4)  9 (5)
+    tree = DraftTree((5, 6, 7, 8, 9), (-1, -1, 0, 1, 1))
+    assert walk_tree(tree, [6, 0, 9, 0, 0, 2]) == ([6, 9, 2], [2, 5])
+    assert walk_tree(tree, [5, 7, 0, 4, 0, 0]) == ([5, 7, 4], [1, 3])
+    assert walk_tree(tree, [6, 0, 7, 0, 0, 0]) == ([6, 7], [2])        # 7 is 5's child, not 6's
+    with pytest.raises(ValueError):
+        DraftTree((5, 5), (-1, -1))                                    # siblings carry distinct tokens
 
 
 # --- exactness and the KV cache --------------------------------------------------------------------
@@ -83,7 +100,7 @@ class CorruptedReference:
             if wrong < len(drafts):
                 drafts[wrong] = (drafts[wrong] + 1) % self.vocab
         self.passes += 1
-        return drafts
+        return DraftTree.chain(drafts)
 
 
 def test_kv_cache_never_reads_a_rejected_draft(tiny_checkpoint, monkeypatch):
@@ -97,13 +114,13 @@ def test_kv_cache_never_reads_a_rejected_draft(tiny_checkpoint, monkeypatch):
     prompt = [5, 17, 2, 40, 8, 99, 23]
     reference = hf_greedy_cached(hf, prompt, 30)
     CorruptedReference.reference = reference
-    monkeypatch.setattr(generation, "NgramProposer", CorruptedReference)
+    monkeypatch.setattr(spec_decode, "NgramProposer", CorruptedReference)
     forward, checked = model.forward, []
 
-    def checked_forward(tokens, positions, cache, start, key_valid, all_logits=False):
+    def checked_forward(tokens, positions, cache, start, key_valid, all_logits=False, attend=None):
         cache.k[:, :, :, start:] = float("nan")
         cache.v[:, :, :, start:] = float("nan")
-        logits = forward(tokens, positions, cache, start, key_valid, all_logits)
+        logits = forward(tokens, positions, cache, start, key_valid, all_logits, attend)
         assert torch.isfinite(logits).all(), f"NaN logits in the pass at slot {start}: a poisoned slot was read"
         if all_logits:       # a verify pass: [accepted sequence's last token, drafts...]
             seq = CorruptedReference.current.seq
@@ -151,12 +168,12 @@ def test_last_passes_verify_full_drafts_and_the_surplus_is_cut(tiny_checkpoint):
 
         def propose(self, limit):
             done = len(self.seq) - self.n
-            return (reference + [0] * 40)[done:done + limit]
+            return DraftTree.chain((reference + [0] * 40)[done:done + limit])
 
     stats = SpecStats()
     params = SpeculativeSampling(draft=DraftParams("ngram", spec_tokens=8))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(generation, "NgramProposer", Oracle)
+        mp.setattr(spec_decode, "NgramProposer", Oracle)
         got = generate(model, [prompt], 12, Sampler(params, CPU), eos_ids=[], spec_stats=stats)[0]
     assert got == reference[:12]
     # the prefill gives token 1; pass 1 verifies 8 drafts and yields 9 (tokens 2..10); pass 2 still
@@ -188,7 +205,6 @@ def test_cli_ngram_matches_plain_greedy_streaming_and_resident(tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--temperature", "0.7"], "--draft ngram with --temperature 0.7: sampling with a draft is not supported yet"),
     (["--prompt", "w1 w2"], "--draft ngram with 2 prompts: speculative decoding takes one prompt at a time"),
     (["--spec-tokens", "0"], "--spec-tokens must be >= 1, got 0"),
 ])
@@ -232,8 +248,11 @@ def test_smollm2_ngram_matches_transformers(demo_model_dir, smollm2):
     model, codec = smollm2
     hf = AutoModelForCausalLM.from_pretrained(demo_model_dir, dtype=torch.float32).eval()
     prompt = codec.encode("Write a short poem about the sea.", chat=True)
-    got = generate(model, [prompt], 40, Sampler(NGRAM, CPU), eos_ids=[])[0]
+    stats = SpecStats()
+    got = generate(model, [prompt], 40, Sampler(NGRAM, CPU), eos_ids=[], spec_stats=stats)[0]
     assert got == hf_greedy_cached(hf, prompt, 40)
+    print(f"SmolLM2-135M poem: {stats.as_dict()}")
+    assert stats.branched > 0 and stats.accepted > 0, stats.as_dict()        # trees, taken into
 
 
 def test_smollm2_copying_prompt_reaches_1_5_tokens_per_pass(smollm2):

@@ -43,16 +43,20 @@ def test_random_draft_model_keeps_transformers_greedy_output(tiny_checkpoint, tm
     assert stats.draft_seconds > 0
 
 
-def test_identical_draft_model_is_always_accepted(tiny_checkpoint):
-    """The target drafting for itself: every draft must be accepted. This fails if the draft's
-    catch-up or its cache positions are off by one (its chain would not be greedy's)."""
-    d, hf = tiny_checkpoint
+def test_identical_draft_model_gives_long_accepts(tmp_path):
+    """The target drafting for itself, on a peaked model (large random weights: its greedy token is
+    likely), so the best-first tree is mostly the greedy chain: most drafts must be accepted. This
+    fails if the draft's catch-up, its tree mask or its cache positions are off (its tree would
+    not be the target's likeliest continuations)."""
+    d = tmp_path / "peaked"
+    hf = make_hf_checkpoint(d, initializer_range=1.0)
+    write_tokenizer(d)
     prompt = [3, 9, 14, 27, 5, 88, 41]
     stats = SpecStats()
-    got = generate(resident_model(d), [prompt], 31, Sampler(with_draft(d, k=5), CPU), eos_ids=[],
+    got = generate(resident_model(d), [prompt], 31, Sampler(with_draft(d, k=8), CPU), eos_ids=[],
                    spec_stats=stats)[0]
     assert got == hf_greedy_cached(hf, prompt, 31)
-    assert stats.accepted == stats.drafted == 25 and stats.passes == 5, stats.as_dict()
+    assert stats.accepted >= 0.75 * stats.drafted and stats.passes <= 5, stats.as_dict()
 
 
 def test_refuses_a_draft_with_another_vocabulary(tmp_path):

@@ -1,8 +1,8 @@
-"""Prefill + decode loop and sampling, shared by the resident and the streaming engines."""
+"""Prefill + decode loop and sampling, shared by the resident and the streaming engines; with a
+draft, the decode loop is workers.spec_decode's."""
 from __future__ import annotations
 
 import random
-import time
 from typing import Callable, Sequence
 
 import torch
@@ -10,7 +10,8 @@ import torch
 from ringllm.checkpoint.errors import RingllmError
 from ringllm.workers.model import KVCache, Llama
 from ringllm.workers.sampling import SamplingParams  # noqa: F401  (defined here before; torch-free now)
-from ringllm.workers.speculation import PROBE, NgramProposer, SpecStats, WidthProbe, accept_greedy, cache_slots
+from ringllm.workers.spec_decode import speculate
+from ringllm.workers.speculation import SpecStats, cache_slots
 
 
 class Sampler:
@@ -80,8 +81,8 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], max_new_tokens: int
     logits = model.forward(tokens, positions, cache, 0, key_valid)
     eos = set(eos_ids)
     if draft is not None:
-        return [_speculate(model, list(prompts[0]), logits, cache, key_valid, max_new_tokens, sampler,
-                           eos, on_tokens, draft, spec_stats if spec_stats is not None else SpecStats())]
+        return [speculate(model, list(prompts[0]), logits, cache, key_valid, max_new_tokens, sampler,
+                          eos, on_tokens, draft, spec_stats if spec_stats is not None else SpecStats())]
     pad_token = min(eos) if eos else 0
     finished = [False] * batch
     out: list[list[int]] = [[] for _ in prompts]
@@ -102,105 +103,3 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], max_new_tokens: int
         nxt = torch.tensor(step_tokens)
         logits = model.forward(nxt[:, None], last_pos[:, None], cache, longest + step, key_valid)
     return out
-
-
-def _speculate(model: Llama, prompt: list[int], logits: torch.Tensor, cache: KVCache, key_valid: torch.Tensor,
-               max_new_tokens: int, sampler: Sampler, eos: set[int], on_tokens, draft,
-               stats: SpecStats) -> list[int]:
-    """Greedy decoding of one row, verifying drafts (prompt lookup or a draft model): each pass runs [last accepted
-    token, d1..dk] in one forward and keeps what greedy decoding would have produced.
-
-    KV invariant: cache slots 0..len(seq)-2 hold exactly the accepted sequence (the newest
-    accepted token is not in it yet; it leads the next pass). A pass writes slots
-    len(seq)-1 .. len(seq)-1+k; the entries of rejected drafts lie at or past the next pass's
-    start, and the model writes its slots start..start+T-1 before attending to :start+T, so a
-    rejected entry is overwritten before it is ever read, and slots past it are never read.
-    Drafts never run past the cache (k <= slots - len(seq)); tokens past max_new_tokens are cut.
-    """
-    slots = key_valid.shape[1]
-    if draft.kind == PROBE:
-        proposer = WidthProbe(draft.probe_widths, list(prompt))
-    elif draft.model_dir is None:
-        proposer = NgramProposer(draft.ngram_max, list(prompt))
-    else:
-        proposer = DraftModelProposer.load(draft.model_dir, list(prompt), slots, model.dtype, model.device)
-    first = sampler(logits).tolist()[0]
-    out = [first]
-    proposer.seq.append(first)
-    stats.draft = draft.kind
-    if on_tokens is not None:
-        on_tokens([first])
-    while out[-1] not in eos and len(out) < max_new_tokens:
-        seq = proposer.seq
-        t0 = time.perf_counter()
-        drafts = proposer.propose(min(draft.spec_tokens, slots - len(seq)))
-        t1 = time.perf_counter()
-        stats.draft_seconds += t1 - t0
-        start = len(seq) - 1
-        chain = torch.tensor([[seq[-1], *drafts]])
-        positions = torch.arange(start, start + chain.shape[1], device=model.device)[None]
-        logits = model.forward(chain, positions, cache, start, key_valid, all_logits=True)   # [1, T, V]
-        target = sampler(logits[0]).tolist()           # greedy: the argmax after each position
-        stats.pass_log.append([chain.shape[1], time.perf_counter() - t1])   # tolist() waited for the pass
-        accepted = accept_greedy(drafts, target)[:max_new_tokens - len(out)]
-        emitted = 0
-        for tok in accepted:                           # an EOS cuts the accepted run
-            out.append(tok)
-            seq.append(tok)
-            emitted += 1
-            if on_tokens is not None:
-                on_tokens([tok])
-            if tok in eos:
-                break
-        stats.passes += 1
-        stats.tokens += emitted
-        stats.drafted += len(drafts)
-        stats.accepted += min(len(accepted) - 1, emitted)
-    return out
-
-
-class DraftModelProposer:
-    """`--draft DIR`: a small Llama, whole on the compute device, proposing greedily.
-
-    KV invariant (the target's argument, for the draft's own cache): slots 0..cached-1 hold the
-    accepted sequence seq[:cached]. A pass first catches up on seq[cached:] (the tokens accepted
-    since the last pass, the whole prompt on the first), then feeds its own drafts d1..d(k-1) at
-    len(seq).. to get d2..dk. Those draft slots lie at or past the next catch-up's start, which
-    writes them before attending to them, so a rejected draft's entry is never read.
-    """
-
-    def __init__(self, model: Llama, seq: list[int], max_seq: int):
-        self.model, self.seq, self.cached = model, seq, 0
-        self.cache = KVCache(model.cfg, 1, max_seq, model.dtype, model.device)
-        self.key_valid = torch.ones(1, max_seq, dtype=torch.bool, device=model.device)   # one row, no padding
-
-    @classmethod
-    def load(cls, model_dir: str, seq: list[int], max_seq: int, dtype: torch.dtype, device: torch.device):
-        """The resident engine's loading: every weight on `device`, in the target's compute dtype
-        (an FP8 draft stays FP8)."""
-        from ringllm.checkpoint.layout import load_layout
-        from ringllm.workers.resident import ResidentSource, load_resident_weights
-
-        layout = load_layout(model_dir)
-        if max_seq > layout.config.max_position_embeddings:
-            raise RingllmError(f"--draft {model_dir}: prompt + new tokens ({max_seq}) exceed the draft's context of "
-                               f"{layout.config.max_position_embeddings} tokens (max_position_embeddings)")
-        model = Llama(layout.config, load_resident_weights(layout, dtype, device),
-                      ResidentSource(layout, dtype, device), dtype, device)
-        return cls(model, seq, max_seq)
-
-    def _step(self, tokens: list[int], start: int) -> int:
-        """Feed tokens at positions start.., return the greedy token after the last."""
-        positions = torch.arange(start, start + len(tokens), device=self.model.device)[None]
-        logits = self.model.forward(torch.tensor([tokens]), positions, self.cache, start, self.key_valid)
-        return int(logits[0].argmax())
-
-    def propose(self, limit: int) -> list[int]:
-        if limit <= 0:
-            return []
-        nxt = self._step(self.seq[self.cached:], self.cached)     # catch up: seq[:len(seq)] cached now
-        self.cached = len(self.seq)
-        drafts = [nxt]
-        while len(drafts) < limit:
-            drafts.append(self._step([drafts[-1]], self.cached + len(drafts) - 1))
-        return drafts

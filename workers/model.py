@@ -180,8 +180,13 @@ class Llama:
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: int,
-                key_valid: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+                key_valid: torch.Tensor, all_logits: bool = False, attend: torch.Tensor | None = None) -> torch.Tensor:
         """tokens, positions: [B, T] filling cache slots start..start+T-1; key_valid: [B, max_seq].
+
+        attend (a tree of tokens, workers.spec_decode): [T, A] bool over the last A slots up to
+        start+T: new token i sees slot start+T-A+j iff attend[i, j] (itself and its ancestors);
+        every slot before those is seen (the accepted sequence). None: causal (A = T, lower
+        triangle). key_valid masks padding either way.
 
         Returns float32 logits [B, V] for the last position, or [B, T, V] with all_logits.
         """
@@ -189,8 +194,12 @@ class Llama:
         B, T = tokens.shape
         end = start + T
         slots = torch.arange(start, end, device=self.device)
-        causal = slots[:, None] >= torch.arange(end, device=self.device)[None, :]          # [T, S]
-        mask = causal[None] & key_valid[:, None, :end]                                      # [B, T, S]
+        if attend is None:
+            seen = slots[:, None] >= torch.arange(end, device=self.device)[None, :]          # [T, S] causal
+        else:
+            before = torch.ones(T, end - attend.shape[1], dtype=torch.bool, device=self.device)
+            seen = torch.cat((before, attend.to(self.device)), dim=1)                      # [T, S]
+        mask = seen[None] & key_valid[:, None, :end]                                         # [B, T, S]
         mask = mask | (slots[:, None] == torch.arange(end, device=self.device)[None, :])[None]  # pad rows see themselves
         mask = mask[:, None]                                                                # [B, 1, T, S]
         cos, sin = self._rope(positions)

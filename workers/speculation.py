@@ -1,11 +1,19 @@
 """Speculative decoding: `--draft ngram` (prompt lookup: the n-gram proposer) or `--draft DIR` (a
-small draft model: workers.generation.DraftModelProposer), and the greedy accept rule. Torch-free: the supervisor's
-side of a run imports the parameters and checks a draft model's vocabulary.
+small draft model: workers.spec_decode.DraftModelProposer), the draft tree, and the accept rule.
+Torch-free: the supervisor's side of a run imports the parameters and checks a draft model's
+vocabulary; the torch side (the verification pass, the KV compaction) is workers.spec_decode.
 
-One decode pass verifies a chain [last accepted token, d1..dk] in a single forward (one weight
-pass, streamed or not). The target's argmax after each position says what greedy decoding would
-have produced there; the run of drafts equal to it is accepted, plus the target's own token after
-that run. So the output is exactly greedy decoding's, whatever the drafts were.
+A pass verifies a draft TREE: its root is the last accepted token, each node a drafted token
+whose parent is the token before it (a chain is a tree with one branch). One forward runs every
+node, each seeing only its ancestors (a tree attention mask, position = start + depth). The
+target's token at each node is then drawn as decoding without a draft would draw it there (the
+argmax when greedy, a sample of its processed distribution otherwise), and the walk from the root
+follows the child carrying that token, stopping where no child does: the path's tokens plus the
+target's token at its end are emitted. Greedy: exactly greedy decoding's output, whatever the
+drafts were. Sampling: the drafts are a deterministic function of the sequence, so moving to the
+child c whose token was drawn is accepting c with probability p(c) and otherwise emitting a draw
+from p restricted to the non-children, renormalised: the standard rule, which keeps the target's
+distribution exactly (SpecExec).
 """
 from __future__ import annotations
 
@@ -24,7 +32,7 @@ PROBE = "probe"           # tools.spec_bench only: fixed-width passes of filler 
 @dataclass(frozen=True)
 class DraftParams:
     kind: str = "ngram"
-    spec_tokens: int = 8      # drafts verified per pass at most (K)
+    spec_tokens: int = 8      # draft tree nodes verified per pass at most (K)
     ngram_max: int = 3        # longest suffix looked up
     # kind "probe": the tokens each pass verifies, in turn (the verification cost curve)
     probe_widths: tuple[int, ...] = ()
@@ -56,9 +64,6 @@ class SpeculativeSampling(SamplingParams):
         super().validate()
         if self.draft is not None:
             self.draft.validate()
-            if self.temperature > 0:
-                raise RingllmError(f"--draft {self.draft.kind} with --temperature {self.temperature}: "
-                                   "sampling with a draft is not supported yet (use --temperature 0)")
 
 
 def cache_slots(longest_prompt: int, max_new_tokens: int, sampling) -> int:
@@ -75,10 +80,11 @@ class SpecStats:
     draft: str = "ngram"
     passes: int = 0           # decode passes (the prefill not counted)
     tokens: int = 0           # tokens those passes produced
-    drafted: int = 0          # draft tokens verified
+    drafted: int = 0          # draft tokens (tree nodes) verified
     accepted: int = 0         # of those, accepted
+    branched: int = 0         # passes whose draft tree had more than one branch
     draft_seconds: float = 0.0  # time spent proposing (a draft model's forwards; ngram's lookups)
-    # per pass: [tokens the target verified (1 + drafts), seconds of its forward and accept step]
+    # per pass: [tokens the target verified (1 + tree nodes), seconds of its forward and accept step]
     pass_log: list = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -87,61 +93,136 @@ class SpecStats:
         return {"draft": self.draft, "passes": self.passes, "tokens": self.tokens, "draft_seconds": self.draft_seconds,
                 "tokens_per_pass": per(self.tokens),
                 "drafted": self.drafted, "accepted": self.accepted,
-                "acceptance": self.accepted / self.drafted if self.drafted else None,
+                "acceptance": self.accepted / self.drafted if self.drafted else None, "branched": self.branched,
                 "draft_seconds_per_pass": per(self.draft_seconds), "verify_seconds_per_pass": per(verify),
                 "pass_log": self.pass_log}
 
 
+@dataclass(frozen=True)
+class DraftTree:
+    """The drafted tokens of one pass, below the root (the last accepted token): node i carries
+    tokens[i] and hangs below parents[i] (-1: the root). Parents come before their children and
+    siblings carry distinct tokens. In the verification pass node i sits at position i + 1
+    (position 0 is the root), at depth depths()[i] below the root."""
+    tokens: tuple[int, ...] = ()
+    parents: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if len(self.tokens) != len(self.parents):
+            raise ValueError(f"{len(self.tokens)} tokens, {len(self.parents)} parents")
+        seen = set()
+        for i, (tok, parent) in enumerate(zip(self.tokens, self.parents)):
+            if not -1 <= parent < i or (parent, tok) in seen:
+                raise ValueError(f"node {i}: parent {parent} not an earlier node, or a sibling carries {tok} too")
+            seen.add((parent, tok))
+
+    @classmethod
+    def chain(cls, tokens) -> "DraftTree":
+        tokens = tuple(tokens)
+        return cls(tokens, tuple(range(-1, len(tokens) - 1)))
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def is_chain(self) -> bool:
+        return all(parent == i - 1 for i, parent in enumerate(self.parents))
+
+    def depths(self) -> list[int]:
+        depth: list[int] = []
+        for parent in self.parents:
+            depth.append(1 + (depth[parent] if parent >= 0 else 0))
+        return depth
+
+    def children(self) -> list[dict[int, int]]:
+        """Per pass position (0 = the root): {token: pass position} of its children."""
+        kids: list[dict[int, int]] = [{} for _ in range(len(self) + 1)]
+        for i, (tok, parent) in enumerate(zip(self.tokens, self.parents)):
+            kids[parent + 1][tok] = i + 1
+        return kids
+
+
+def walk_tree(tree: DraftTree, target: Sequence[int]) -> tuple[list[int], list[int]]:
+    """The accept rule, greedy and sampling alike. target[j] is the target's token drawn at pass
+    position j (0 = the root, i + 1 = node i) as decoding without a draft draws it there: its
+    argmax, or a sample of its processed distribution (independent draws per position). From the
+    root, move to the child carrying the drawn token while there is one; emit each drawn token.
+
+    Returns (the emitted tokens: the accepted nodes' tokens and the target's token at the last
+    one, pass positions of the accepted nodes). Only the draws along the path are read: each is
+    made at a node the walk reached, so the output has the target's distribution whatever the
+    (deterministic) tree was."""
+    kids = tree.children()
+    emitted, path, at = [], [], 0
+    while True:
+        tok = target[at]
+        emitted.append(tok)
+        at = kids[at].get(tok, 0)
+        if not at:
+            return emitted, path
+        path.append(at)
+
+
+def branch_tree(continuations: Sequence[Sequence[int]], limit: int) -> DraftTree:
+    """Merge continuations (the likelier first) into one tree of at most `limit` nodes, sharing
+    common prefixes. Grown level by level, so every branch gets as deep as the others before the
+    budget runs out; one continuation gives a chain."""
+    tokens: list[int] = []
+    parents: list[int] = []
+    node_of: dict[tuple[int, ...], int] = {}     # a continuation's prefix -> its node
+    for depth in range(max(map(len, continuations), default=0)):
+        for cont in continuations:
+            key = tuple(cont[:depth + 1])
+            if len(cont) <= depth or key in node_of:
+                continue
+            if len(tokens) == limit:
+                return DraftTree(tuple(tokens), tuple(parents))
+            node_of[key] = len(tokens)
+            tokens.append(cont[depth])
+            parents.append(node_of[key[:-1]] if depth else -1)
+    return DraftTree(tuple(tokens), tuple(parents))
+
+
 @dataclass
 class WidthProbe:
-    """tools.spec_bench's proposer: pass i verifies widths[i % len] tokens, its drafts filler
-    (the prompt's tokens over and over). A random-weight target rejects them, so each pass
+    """tools.spec_bench's proposer: pass i verifies widths[i % len] tokens, a chain of filler
+    drafts (the prompt's tokens over and over). A random-weight target rejects them, so each pass
     verifies exactly its width and yields one token: a pass's cost as a function of its width."""
     widths: tuple[int, ...]
     seq: list[int] = field(default_factory=list)
     turn: int = 0
 
-    def propose(self, limit: int) -> list[int]:
+    def propose(self, limit: int) -> DraftTree:
         width = self.widths[self.turn % len(self.widths)]
         self.turn += 1
         filler = self.seq * (1 + width // max(1, len(self.seq)))
-        return filler[:min(limit, width - 1)]
+        return DraftTree.chain(filler[:min(limit, width - 1)])
 
 
 @dataclass
 class NgramProposer:
-    """Proposes what followed the most recent earlier occurrence of the sequence's longest
-    suffix (n = ngram_max down to 1)."""
+    """Prompt lookup. The longest suffix of the sequence (n = ngram_max down to 1) that occurred
+    earlier: what followed each earlier occurrence, the most recent first, merged into a tree
+    (branch_tree): one branch per distinct continuation, a chain when there is one."""
     ngram_max: int
     seq: list[int] = field(default_factory=list)
 
-    def propose(self, limit: int) -> list[int]:
+    def propose(self, limit: int) -> DraftTree:
         seq, end = self.seq, len(self.seq)
         if limit <= 0:
-            return []
+            return DraftTree()
         for n in range(min(self.ngram_max, end - 1), 0, -1):
             suffix = seq[end - n:]
-            # most recent earlier occurrence: it must end before the suffix itself does
+            follows: list[list[int]] = []
+            # earlier occurrences end before the suffix itself does, so each has a continuation
             for at in range(end - n - 1, -1, -1):
-                if seq[at:at + n] == suffix:
-                    follow = seq[at + n:at + n + limit]
-                    if follow:
-                        return follow
-        return []
-
-
-def accept_greedy(drafts: Sequence[int], target: Sequence[int]) -> list[int]:
-    """target[i] is the target's argmax after the pass's position i (position 0 = the last
-    accepted token, i >= 1 = draft i). Returns the tokens greedy decoding produces: the drafts
-    while they equal the target's choice, then the target's token where they first differ (or
-    after the last draft)."""
-    out = []
-    for i, d in enumerate(drafts):
-        if target[i] != d:
-            break
-        out.append(d)
-    out.append(target[len(out)])
-    return out
+                if seq[at:at + n] == suffix and seq[at + n:at + n + limit] not in follows:
+                    follows.append(seq[at + n:at + n + limit])
+                    if len(follows) == limit:       # more branches than nodes: never used
+                        break
+            if follows:
+                return branch_tree(follows, limit)
+        return DraftTree()
 
 
 SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
