@@ -197,3 +197,115 @@ def test_auto_preset_explains_the_draft_bytes(pair):
     slots = prompt_tokens(target, "w5 w6") + 3 + 2
     expected = safetensors_device_bytes(draft, 4)[0] + kv_bytes(draft, slots, 4)
     assert f"draft model {draft}: {fmt_bytes(expected)} ({expected} bytes) on the cpu" in r.stderr, r.stderr
+
+
+# --- 3. --spec-tokens auto -----------------------------------------------------------------------
+
+def linear_params(model_dir: Path, first_layer: int) -> int:
+    """Elements of the decoder layers' Linear weights from `first_layer` on, from the safetensors files."""
+    from safetensors import safe_open
+
+    total = 0
+    for shard in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            for name in f.keys():
+                if (name.startswith("model.layers.") and int(name.split(".")[2]) >= first_layer
+                        and name.endswith("_proj.weight")):
+                    total += math.prod(f.get_slice(name).get_shape())
+    return total
+
+
+def test_pass_cost_counts_the_streamed_bytes_and_flops_of_the_checkpoint(pair):
+    from tests.conftest import layer_tensor_bytes
+
+    target, draft = pair
+    layout, cfg = load_layout(target), load_layout(target).config
+    context, resident = 40, 1
+    cost = pass_cost(layout, resident, "cuda", "bfloat16", context, h2d_gbps=10.0, draft=load_layout(draft))
+    streamed = layer_tensor_bytes(target, first_layer=resident)
+    assert cost.streamed_bytes == streamed and cost.copy_s == pytest.approx(streamed / 10e9)
+    attention = 4 * cfg.num_heads * cfg.head_dim * context          # scores + weighted sum, per layer
+    assert cost.streamed_flops == 2 * linear_params(target, resident) + 3 * attention
+    head = 2 * cfg.hidden_size * cfg.vocab_size
+    assert cost.resident_flops == 2 * (linear_params(target, 0) - linear_params(target, resident)) + attention + head
+
+
+def test_auto_rule_big_tree_when_a_pass_costs_the_same_for_1_and_256_tokens(pair):
+    target, draft = pair
+    layout, d_layout = load_layout(target), load_layout(draft)
+    room = dict(max_new_tokens=1000, context_room=1000, text_tokens=2000)
+    # a streamed pass of seconds (a slow link), the tiny layers' compute is nothing beside it
+    slow = pass_cost(layout, 0, "cuda", "bfloat16", 64, h2d_gbps=1e-4, draft=d_layout)
+    assert slow.copy_s > 1 and slow.seconds(256) == pytest.approx(slow.seconds(1), rel=1e-3)    # the premise
+    assert choose_spec_tokens(slow, True, spec_cap(True, **room))[0] == DRAFT_MODEL_CAP == 256
+    ngram = pass_cost(layout, 0, "cuda", "bfloat16", 64, h2d_gbps=1e-4)
+    assert choose_spec_tokens(ngram, False, spec_cap(False, **room))[0] == NGRAM_CAP
+    # cpu: a pass is compute, W tokens cost W times one: the smallest tree
+    cpu = pass_cost(layout, 0, "cpu", "float32", 64, cpu_cores=2, draft=d_layout)
+    assert cpu.seconds(2) == pytest.approx(2 * cpu.seconds(1))
+    for draft_model in (True, False):
+        k, why = choose_spec_tokens(cpu, draft_model, spec_cap(draft_model, **room))
+        assert k == MIN_SPEC_TOKENS == 4 and "on cpu" in why
+
+
+def test_auto_rule_widest_pass_within_its_slack_and_the_caps():
+    """copy 1 s, 10 ms of compute a token, nothing resident: W tokens cost max(1, 0.01 W) s, so
+    the widest power of two within 1.25 s is 64 (125 would be the limit): K = 63."""
+    cost = PassCost("cuda", copy_s=1.0, streamed_flops=1e10, resident_read_s=0.0, resident_flops=0.0,
+                    flops_rate=1e12, h2d_gbps=25.0, streamed_bytes=25 * 10**9)
+    assert choose_spec_tokens(cost, False, (1000, "test"))[0] == 63
+    # the caps: new tokens, context, what prompt lookup can copy
+    assert spec_cap(True, max_new_tokens=10, context_room=1000, text_tokens=20)[0] == 9
+    assert spec_cap(True, max_new_tokens=1000, context_room=17, text_tokens=20)[0] == 17
+    assert spec_cap(False, max_new_tokens=1000, context_room=1000, text_tokens=20)[0] == 19
+    assert spec_cap(True, max_new_tokens=1, context_room=0, text_tokens=2)[0] == 1
+    assert choose_spec_tokens(cost, False, (9, "test"))[0] == 9
+
+
+def pass_widths(metrics: Path) -> list[int]:
+    return [width for width, _ in json.loads(metrics.read_text())["speculation"]["pass_log"]]
+
+
+def test_cli_spec_tokens_auto_is_the_default_and_a_number_wins(pair, tmp_path):
+    """On cpu auto chooses 4 and says why; the passes verify at most 1 + 4 tokens (prompt lookup
+    has 6 to offer on this prompt); --spec-tokens 6 verifies 7."""
+    target, _ = pair
+    common = ("generate", "--model", str(target), "--device", "cpu", "--no-chat", "--prompt", PROMPT,
+              "--max-new-tokens", "12", "--draft", "ngram")
+    metrics = tmp_path / "m.json"
+    for engine in ((), ("--resident",)):
+        r = ringllm(*common, "--metrics-json", str(metrics), *engine)
+        assert r.returncode == 0, r.stderr
+        assert re.search(r"--spec-tokens auto: 4 \(on cpu a pass is compute.*at least 4, at most 11 "
+                         r"\(--max-new-tokens - 1", r.stderr), r.stderr
+        assert max(pass_widths(metrics)) == 5, pass_widths(metrics)
+        r = ringllm(*common, "--metrics-json", str(metrics), "--spec-tokens", "6", *engine)
+        assert r.returncode == 0, r.stderr
+        assert "--spec-tokens auto" not in r.stderr and max(pass_widths(metrics)) == 7, pass_widths(metrics)
+    r = ringllm(*common, "--spec-tokens", "many")
+    assert r.returncode == 2 and "--spec-tokens: expected 'auto' or a whole number, got 'many'" in r.stderr
+
+
+# --- 4. the end-of-run summary -------------------------------------------------------------------
+
+def test_summary_line_shows_passes_tokens_per_pass_times_per_pass_and_acceptance(pair, tmp_path):
+    target, draft = pair
+    common = ("generate", "--model", str(target), "--device", "cpu", "--no-chat", "--prompt", PROMPT,
+              "--max-new-tokens", "12", "--spec-tokens", "4")
+    metrics = tmp_path / "m.json"
+    for flags in (("--draft", "ngram"), ("--draft-model", str(draft)), ("--draft", "ngram", "--resident")):
+        r = ringllm(*common, *flags, "--metrics-json", str(metrics))
+        assert r.returncode == 0, r.stderr
+        spec = json.loads(metrics.read_text())["speculation"]
+        log = spec["pass_log"]
+        m = re.search(r"(\d+) tokens in (\d+) decode passes \(([\d.]+) tokens per pass\), (\d+)/(\d+) drafts "
+                      r"accepted \((\d+)%\); per pass: draft ([\d.]+) ms, verify ([\d.]+) ms", r.stderr)
+        assert m, r.stderr
+        tokens, passes, per_pass, accepted, drafted, pct, draft_ms, verify_ms = m.groups()
+        # against the run's own records: the pass log (one entry a pass) and the counts
+        assert int(passes) == len(log) == spec["passes"] and int(tokens) == spec["tokens"] == 11
+        assert float(per_pass) == pytest.approx(11 / len(log), abs=0.005)
+        assert (int(accepted), int(drafted)) == (spec["accepted"], spec["drafted"])
+        assert int(pct) == round(100 * spec["accepted"] / spec["drafted"])
+        assert float(verify_ms) == pytest.approx(1e3 * sum(s for _, s in log) / len(log), abs=0.05)
+        assert float(draft_ms) == pytest.approx(1e3 * spec["draft_seconds"] / len(log), abs=0.05)

@@ -70,6 +70,11 @@ def layer_flops_per_token(layout: ModelLayout, layer: int, context: int) -> int:
     return 2 * linear + 4 * cfg.num_heads * cfg.head_dim * context
 
 
+def _layer_bytes(layout: ModelLayout, layer: int) -> int:
+    """One layer's checkpoint bytes (its tensors, without the group buffers' alignment)."""
+    return sum(en.extent.nbytes for g in layout.groups[layer] for en in g.entries)
+
+
 @dataclass(frozen=True)
 class PassCost:
     """One verify pass, split into what streams and what stays on the compute device."""
@@ -100,16 +105,16 @@ def pass_cost(layout: ModelLayout, resident_layers: int, device: str, dtype: str
     head = 2 * cfg.hidden_size * cfg.vocab_size       # every verified position gets its logits
     streamed_flops = sum(layer_flops_per_token(layout, i, context) for i in streamed)
     resident_flops = sum(layer_flops_per_token(layout, i, context) for i in kept) + head
-    streamed_bytes = sum(g.nbytes for i in streamed for g in layout.groups[i])
+    streamed_bytes = sum(_layer_bytes(layout, i) for i in streamed)
     if device == "cuda":
         rate = GPU_FLOPS.get(dtype, GPU_FLOPS["float32"])
         measured = h2d_gbps is not None
         gbps = h2d_gbps if measured else ASSUMED_H2D_GBPS
-        resident_bytes = (sum(g.nbytes for i in kept for g in layout.groups[i])
+        resident_bytes = (sum(_layer_bytes(layout, i) for i in kept)
                           + cfg.vocab_size * cfg.hidden_size * BYTES_OF_NAME[dtype])
         step = 0.0
         if draft is not None:
-            d_bytes = sum(g.nbytes for pair in draft.groups for g in pair)
+            d_bytes = sum(_layer_bytes(draft, i) for i in range(draft.config.num_layers))
             step = d_bytes / (GPU_MEMORY_GBPS * 1e9) + draft.config.num_layers * GPU_STEP_OVERHEAD_S
         return PassCost(device, streamed_bytes / (gbps * 1e9), streamed_flops, resident_bytes / (GPU_MEMORY_GBPS * 1e9),
                         resident_flops, rate, step, gbps, measured, streamed_bytes)
