@@ -199,6 +199,33 @@ def test_auto_preset_explains_the_draft_bytes(pair):
     assert f"draft model {draft}: {fmt_bytes(expected)} ({expected} bytes) on the cpu" in r.stderr, r.stderr
 
 
+def test_auto_preset_on_a_gpu_keeps_fewer_layers_for_the_draft_and_says_why(pair):
+    """At the smallest budget where --preset auto keeps all 4 layers without a draft, the draft
+    (its safetensors bytes, KV cache, the wider logits) costs ceil(draft / layer) of them."""
+    from ringllm.autotune import Machine, auto_tune
+
+    target, draft = pair
+    layout, slots, k = load_layout(target), 24, 3
+    spec = spec_plan(with_draft(draft, k))
+    layer = plan_gpu_memory(layout, build_config(), 1, slots, "float32", True).layer_bytes
+
+    def kept(budget, spec=None):
+        choice = auto_tune(layout, Machine(budget, 2**30, 1), 1, slots, "float32", True, spec)
+        return choice.values["gpu_resident_layers"], choice
+
+    low, high = 0, 2**30          # the smallest budget that keeps every layer, without a draft
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if kept(mid)[0] == 4 else (mid, high)
+    draft_bytes = safetensors_device_bytes(draft, 4)[0] + kv_bytes(draft, slots, 4)
+    extra = draft_bytes + 8 * k * layout.config.vocab_size
+    n, choice = kept(high, spec)
+    assert 0 < n == 4 - -(-extra // layer) < 4
+    assert f"the draft model {draft} ({fmt_bytes(draft_bytes)}" in choice.reasons["gpu_resident_layers"]
+    assert any(line.startswith(f"draft model {draft}: {fmt_bytes(draft_bytes)} ({draft_bytes} bytes)")
+               for line in choice.extra)
+
+
 # --- 3. --spec-tokens auto -----------------------------------------------------------------------
 
 def linear_params(model_dir: Path, first_layer: int) -> int:

@@ -164,5 +164,5 @@ def choose_spec_tokens(cost: PassCost, draft_model: bool, cap: tuple[int, str]) 
                  f"{cost.copy_s * 1e3:.1f} ms, a one-token pass costs {one * 1e3:.1f} ms in all")
     else:
         where = "on cpu a pass is compute: W tokens cost about W times one, nothing hides under a copy"
-    return k, (f"{where}; {width} token(s) verify within {PASS_SLACK:g}x of it; at least {MIN_SPEC_TOKENS}, "
-               f"at most {limit} ({cap_why})")
+    floor = f"at least {MIN_SPEC_TOKENS}, " if limit > MIN_SPEC_TOKENS else ""
+    return k, f"{where}; {width} token(s) verify within {PASS_SLACK:g}x of it; {floor}at most {limit} ({cap_why})"
