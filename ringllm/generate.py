@@ -107,7 +107,7 @@ def draft_kind(args) -> str | None:
                            "lookup; --draft DIR is the same as --draft-model DIR)")
     if not (Path(model) / "config.json").is_file():
         raise RingllmError(f"--draft-model {model}: not a model directory (no config.json there)")
-    return model if model not in DRAFTS else str(Path(".") / model)   # ./ngram: the directory, not prompt lookup
+    return model if model not in DRAFTS else f"./{model}"   # ./ngram: the directory, not prompt lookup
 
 
 def with_spec_tokens(sampling, spec_tokens: int):
