@@ -134,7 +134,9 @@ class AutoChoice:
 
 
 def auto_tune(layout: ModelLayout, machine: Machine, batch: int, max_seq: int, dtype: str,
-              embed_on_host: bool) -> AutoChoice:
+              embed_on_host: bool, spec=None) -> AutoChoice:
+    """spec: the run's speculation (workers.spec_plan.SpecPlan): its draft model and verify
+    logits take their bytes before any layer is kept on the GPU."""
     from ringllm.config import EngineConfig
     from ringllm.workers.memory_plan import layers_that_fit, plan_gpu_memory
 
@@ -166,13 +168,17 @@ def auto_tune(layout: ModelLayout, machine: Machine, batch: int, max_seq: int, d
     # 2. what stays on the compute device for the whole run
     if cuda:
         engine = EngineConfig(gpu_ahead_layers=ahead, gpu_max_groups=groups, max_cached_layers=max(8, groups))
-        plan = plan_gpu_memory(layout, engine, batch, max_seq, dtype, embed_on_host)
+        plan = plan_gpu_memory(layout, engine, batch, max_seq, dtype, embed_on_host, spec)
         resident = layers_that_fit(layout, plan, budget)
         stored = f"{dtype}, FP8 weights as stored" if layout.quantized else dtype
         reasons["gpu_resident_layers"] = (
             f"whole layers ({fmt_bytes(plan.layer_bytes)} each in {stored}) that fit beside the buffers, "
-            f"lm_head, KV cache ({fmt_bytes(plan.kv_cache)} for {batch} x {max_seq} tokens) and workspace; "
-            f"{n - resident} layer(s) stream")
+            f"lm_head, KV cache ({fmt_bytes(plan.kv_cache)} for {batch} x {max_seq} tokens)"
+            + (f", the draft model {plan.draft_dir} ({fmt_bytes(plan.draft)}: weights {fmt_bytes(plan.draft_weights)}"
+               f" + KV cache {fmt_bytes(plan.draft_kv)})" if plan.draft else "")
+            + (f" and workspace (verify logits for {spec.verify_rows} positions)" if spec is not None else
+               " and workspace")
+            + f"; {n - resident} layer(s) stream")
     else:
         resident = 0
         reasons["gpu_resident_layers"] = ("on cpu every layer streams through the ring unless you set "
@@ -188,7 +194,15 @@ def auto_tune(layout: ModelLayout, machine: Machine, batch: int, max_seq: int, d
                           if machine.disk_gbps else "from the CPU count and the disk type")
     values = {"gpu_ahead_layers": ahead, "gpu_max_groups": groups, "cpu_cap": cap, "cpu_pinned_layers": pinned,
               "gpu_resident_layers": resident, "loaders": machine.loaders}
-    return AutoChoice(values, reasons, layer, machine)
+    extra = []
+    if spec is not None and spec.draft_layout is not None:
+        from ringllm.config import EngineConfig
+        d = plan_gpu_memory(layout, EngineConfig(), batch, max_seq, dtype, embed_on_host, spec)
+        extra.append(f"draft model {d.draft_dir}: {fmt_bytes(d.draft)} ({d.draft} bytes) on the {machine.device} "
+                     f"(weights {fmt_bytes(d.draft_weights)} in {dtype}, FP8 as stored, + KV cache "
+                     f"{fmt_bytes(d.draft_kv)} for {batch} x {max_seq} tokens), taken from the budget before "
+                     "any layer is kept there")
+    return AutoChoice(values, reasons, layer, machine, extra)
 
 
 # what --preset auto prints, in this order: (the guide's name, EngineConfig field)
@@ -233,4 +247,4 @@ def final_lines(choice: AutoChoice, resolved, n_layers: int, user_loaders: bool 
         lines.append(f"expected floor: {max(copy, disk):.3f} s/token (H2D {m.h2d_gbps:.1f} GB/s: {copy:.3f} s"
                      + (f"; disk {m.disk_gbps:.2f} GB/s for {disk_layers} of {streamed} streamed layers: {disk:.3f} s"
                         if m.disk_gbps else "") + ")")
-    return lines
+    return lines + list(choice.extra)

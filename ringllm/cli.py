@@ -42,6 +42,16 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def spec_tokens_arg(text: str):
+    """--spec-tokens: 'auto' or a whole number (checked >= 1 with the other draft settings)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a whole number, got {text!r}") from None
+
+
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a prompt", formatter_class=HelpFormatter,
                        description="Generate a completion; tokens stream to stdout, logs go to stderr.")
@@ -57,9 +67,14 @@ def _add_generate(sub) -> None:
     p.add_argument("--top-k", type=int, default=0, help="top-k sampling; 0 = off")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (default: random)")
     p.add_argument("--draft", default=None, metavar="ngram|DIR",
-                   help="speculative decoding, greedy only: 'ngram' verifies prompt-lookup drafts, DIR a small "
-                        "draft model's greedy chain (same vocabulary); several tokens per weight pass (default: off)")
-    p.add_argument("--spec-tokens", type=int, default=8, help="with --draft: draft tokens verified per pass at most")
+                   help="speculative decoding, greedy only: 'ngram' verifies prompt-lookup drafts; a DIR here is "
+                        "the same as --draft-model DIR; several tokens per weight pass (default: off)")
+    p.add_argument("--draft-model", default=None, metavar="DIR",
+                   help="speculative decoding by a small draft model (a Llama checkpoint with the same tokenizer), "
+                        "kept whole on the GPU inside --gpu-mem (default: none)")
+    p.add_argument("--spec-tokens", type=spec_tokens_arg, default="auto", metavar="auto|K",
+                   help="with a draft: draft tokens verified per pass at most; auto chooses from the cost of a "
+                        "pass (README: Speculative decoding)")
     p.add_argument("--ngram-max", type=int, default=3, help="with --draft ngram: longest n-gram looked up")
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,

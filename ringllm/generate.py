@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from dataclasses import replace
+from pathlib import Path
 
 from ringllm.checkpoint.errors import RingllmError
 from ringllm.choose import build_engine_config
@@ -23,11 +25,16 @@ def cmd_generate(args) -> int:
     from ringllm.cli import default_cache_dir
     from ringllm.device_probe import default_device
     from ringllm.tools.demo_model import ensure_demo_model
+    from ringllm.workers.spec_plan import AUTO
     from ringllm.workers.speculation import DraftParams, SpeculativeSampling
 
     if args.max_new_tokens < 1:
         raise RingllmError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    draft = DraftParams(args.draft, args.spec_tokens, args.ngram_max) if args.draft is not None else None
+    kind = draft_kind(args)
+    # --spec-tokens auto is chosen once the run's shape is known (resolve_spec_tokens); until then
+    # the draft is checked with a placeholder
+    spec_tokens = 1 if args.spec_tokens == AUTO else args.spec_tokens
+    draft = DraftParams(kind, spec_tokens, args.ngram_max) if kind is not None else None
     sampling = SpeculativeSampling(args.temperature, args.top_p, args.top_k, args.seed, draft=draft)
     sampling.validate()     # refuses an unknown draft and sampling with a draft
     if args.metrics_json is not None:
@@ -60,6 +67,8 @@ def cmd_generate(args) -> int:
             f"prompt of {longest} tokens + --max-new-tokens {args.max_new_tokens} exceeds the model's "
             f"context of {cfg.max_position_embeddings} tokens")
 
+    if draft is not None and args.spec_tokens == AUTO:     # the most it may be, until the pass cost says
+        sampling = with_spec_tokens(sampling, auto_cap(layout, sampling, longest, args.max_new_tokens)[0])
     streaming = len(prompts) == 1
     decoder = StreamDecoder(codec)
 
@@ -69,6 +78,9 @@ def cmd_generate(args) -> int:
             sys.stdout.flush()
 
     if args.resident:
+        if draft is not None and args.spec_tokens == AUTO:   # every layer stays in this process
+            sampling = resolve_spec_tokens(layout, sampling, cfg.num_layers, device, dtype_name, longest,
+                                           args.max_new_tokens)
         outputs = run_resident(layout, model_dir, prompts, args.max_new_tokens, sampling, codec.eos_ids, device,
                                dtype_name, on_tokens, args.metrics_json)
     else:
@@ -81,6 +93,58 @@ def cmd_generate(args) -> int:
             sys.stdout.write(f"--- [{i}] ---\n{codec.decode(ids)}\n")
     sys.stdout.flush()
     return 0
+
+
+def draft_kind(args) -> str | None:
+    """DraftParams.kind from --draft (ngram or DIR) or --draft-model DIR (the same for a directory)."""
+    from ringllm.workers.speculation import DRAFTS
+
+    model = getattr(args, "draft_model", None)
+    if model is None:
+        return args.draft
+    if args.draft is not None:
+        raise RingllmError(f"--draft {args.draft} and --draft-model {model}: give one (--draft ngram is prompt "
+                           "lookup; --draft DIR is the same as --draft-model DIR)")
+    if not (Path(model) / "config.json").is_file():
+        raise RingllmError(f"--draft-model {model}: not a model directory (no config.json there)")
+    return model if model not in DRAFTS else f"./{model}"   # ./ngram: the directory, not prompt lookup
+
+
+def with_spec_tokens(sampling, spec_tokens: int):
+    return replace(sampling, draft=replace(sampling.draft, spec_tokens=spec_tokens))
+
+
+def auto_cap(layout, sampling, longest: int, max_new_tokens: int) -> tuple[int, str]:
+    """The most --spec-tokens auto may choose for this run (workers.spec_plan.spec_cap)."""
+    from ringllm.workers.spec_plan import spec_cap, spec_plan
+
+    spec = spec_plan(sampling)
+    context = layout.config.max_position_embeddings
+    if spec.draft_layout is not None:
+        context = min(context, spec.draft_layout.config.max_position_embeddings)
+    return spec_cap(spec.draft_layout is not None, max_new_tokens, context - longest - max_new_tokens,
+                    longest + max_new_tokens)
+
+
+def resolve_spec_tokens(layout, sampling, resident_layers: int | None, device: str, dtype_name: str, longest: int,
+                        max_new_tokens: int, h2d_gbps: float | None = None):
+    """--spec-tokens auto: the sampling with K chosen from the cost of a pass (workers.spec_plan),
+    logged with its reason. resident_layers: those that stay on the device (None: not known
+    before the GPU process starts; planned as if every layer streamed)."""
+    import os
+
+    from ringllm.workers.spec_plan import choose_spec_tokens, pass_cost, spec_plan
+    from ringllm.workers.speculation import cache_slots
+
+    spec = spec_plan(sampling)
+    cost = pass_cost(layout, resident_layers or 0, device, dtype_name, cache_slots(longest, max_new_tokens, sampling),
+                     h2d_gbps, len(os.sched_getaffinity(0)), spec.draft_layout)
+    k, why = choose_spec_tokens(cost, spec.draft_layout is not None,
+                                auto_cap(layout, sampling, longest, max_new_tokens))
+    if resident_layers is None:
+        why += "; the GPU process decides its resident layers at start: planned as if every layer streamed"
+    log.info("--spec-tokens auto: %d (%s)", k, why)
+    return with_spec_tokens(sampling, k)
 
 
 def run_resident(layout, model_dir, prompts, max_new_tokens, sampling, eos_ids, device_type, dtype_name, on_tokens,
@@ -119,28 +183,45 @@ def run_resident(layout, model_dir, prompts, max_new_tokens, sampling, eos_ids, 
 
 
 def spec_summary(spec: dict | None) -> str:
-    """The summary line's speculation part ('' without a draft)."""
+    """The summary line's speculation part ('' without a draft): passes, tokens per pass,
+    acceptance, and the draft's and the verify pass's time per pass."""
     if not spec:
         return ""
     per_pass = spec["tokens_per_pass"]
     acceptance = spec["acceptance"]
+
+    def ms(key):
+        value = spec.get(key)
+        return f"{value * 1e3:.1f} ms" if value is not None else "-"
+
     return (f"; --draft {spec['draft']}: {spec['tokens']} tokens in {spec['passes']} decode passes "
             f"({per_pass if per_pass is not None else 0:.2f} tokens per pass), "
             f"{spec['accepted']}/{spec['drafted']} drafts accepted"
             + (f" ({acceptance:.0%})" if acceptance is not None else "")
-            + (f", {spec['draft_seconds']:.2f} s drafting" if spec.get("draft_seconds") is not None else ""))
+            + f"; per pass: draft {ms('draft_seconds_per_pass')}, verify {ms('verify_seconds_per_pass')}")
 
 
 def run_streaming(args, layout, model_dir, prompts, sampling, eos_ids, device, dtype_name, on_tokens):
     """The default engine: supervisor + coordinator + loaders + GPU process over the shared ring."""
+    from ringllm.supervisor.startup import resident_estimate
     from ringllm.supervisor.supervisor import Supervisor
     from ringllm.workers.memory_plan import check_gpu_cap, plan_gpu_memory
-
+    from ringllm.workers.spec_plan import AUTO, spec_plan
     from ringllm.workers.speculation import cache_slots
 
-    max_seq = cache_slots(max(len(p) for p in prompts), args.max_new_tokens, sampling)
-    engine = build_engine_config(args, model_dir, max_seq, len(prompts), layout, device, dtype_name)
-    plan = plan_gpu_memory(layout, engine, len(prompts), max_seq, dtype_name, embed_on_host=device == "cuda")
+    # Every planner call of the run (here, the supervisor's estimate, the GPU process's resident
+    # layers) plans the same sequence length and speculation: cache_slots and spec_plan of `sampling`.
+    longest, batch = max(len(p) for p in prompts), len(prompts)
+    max_seq, spec = cache_slots(longest, args.max_new_tokens, sampling), spec_plan(sampling)
+    measured: dict = {}
+    engine = build_engine_config(args, model_dir, max_seq, batch, layout, device, dtype_name, spec, measured)
+    if spec is not None and args.spec_tokens == AUTO:
+        # the engine was planned with the widest pass auto may choose; K only frees memory from it
+        resident = resident_estimate(layout, engine, batch, max_seq, dtype_name, device, spec)
+        sampling = resolve_spec_tokens(layout, sampling, resident, device, dtype_name, longest, args.max_new_tokens,
+                                       measured.get("h2d_gbps"))
+        max_seq, spec = cache_slots(longest, args.max_new_tokens, sampling), spec_plan(sampling)
+    plan = plan_gpu_memory(layout, engine, batch, max_seq, dtype_name, embed_on_host=device == "cuda", spec=spec)
     check_gpu_cap(plan, engine.gpu_mem, engine)
     sup = Supervisor(layout, engine, device, dtype_name, verbose=args.verbose)
     result = sup.run(prompts, args.max_new_tokens, sampling, eos_ids, on_tokens)

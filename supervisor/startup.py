@@ -30,16 +30,18 @@ def free_gpu_bytes_nvidia_smi(timeout_s: float = 5.0) -> int | None:
         return None
 
 
-def resident_estimate(layout, engine, batch: int, max_seq: int, dtype: str, device: str) -> int | None:
-    """GPU-resident layers as the GPU process will choose them, or None when unknown."""
-    exact = planned_resident_layers(layout, engine, batch, max_seq, dtype, device)
+def resident_estimate(layout, engine, batch: int, max_seq: int, dtype: str, device: str,
+                      spec=None) -> int | None:
+    """GPU-resident layers as the GPU process will choose them, or None when unknown. spec: the
+    run's workers.spec_plan.SpecPlan, as the GPU process plans with it."""
+    exact = planned_resident_layers(layout, engine, batch, max_seq, dtype, device, spec=spec)
     if exact is not None or device != "cuda":
         return exact
     free = free_gpu_bytes_nvidia_smi()
     if free is None:
         return None
     return planned_resident_layers(layout, engine, batch, max_seq, dtype, device,
-                                   max(0, free - CUDA_CONTEXT_BYTES))
+                                   max(0, free - CUDA_CONTEXT_BYTES), spec=spec)
 
 
 def startup_phases(run_started: float, gpu: dict, coordinator: dict, first_token_at: float | None) -> dict:

@@ -39,6 +39,7 @@ from ringllm.shm.ring import Ring, ring_bytes
 from ringllm.shm.stats import DONE, RUNNING, StatsPage
 from ringllm.shm.slot_plan import file_table, plan_model, slot_size
 from ringllm.supervisor.startup import resident_estimate, startup_phases
+from ringllm.workers.spec_plan import spec_plan
 from ringllm.workers.speculation import cache_slots
 from ringllm.workers.child import spawn
 from ringllm.workers.gpu_process import GpuArgs, gpu_main
@@ -211,7 +212,7 @@ class Supervisor:
         if estimate is None:
             estimate = resident_estimate(self.layout, self.engine, len(prompts),
                                          cache_slots(max(map(len, prompts)), max_new_tokens, sampling),
-                                         self.dtype, self.device)
+                                         self.dtype, self.device, spec_plan(sampling))
         n_layers = self.layout.config.num_layers
         self.prefaulter = SlotPrefaulter(self.ring, None if estimate is None else n_layers - estimate)
         self.prefaulter.start()      # fresh pages faulted ahead of the loaders (shm.prefault)

@@ -48,12 +48,13 @@ class GpuArgs:
 def resident_layer_count(args: GpuArgs, device_type: str, free_bytes: int | None) -> int:
     """GPU_RESIDENT_LAYERS, or with -1 (auto) as many layers as fit (memory_plan.planned_resident_layers)."""
     from ringllm.workers.memory_plan import planned_resident_layers
-
+    from ringllm.workers.spec_plan import spec_plan
     from ringllm.workers.speculation import cache_slots
 
+    # the same sequence length and speculation as every other planner call (ringllm.generate)
     max_seq = cache_slots(max(len(p) for p in args.prompts), args.max_new_tokens, args.sampling)
     keep = planned_resident_layers(args.layout, args.engine, len(args.prompts), max_seq, args.dtype,
-                                   device_type, free_bytes)
+                                   device_type, free_bytes, spec=spec_plan(args.sampling))
     return keep or 0
 
 
