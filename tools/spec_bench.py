@@ -40,6 +40,7 @@ def spec_bench(model_dir: Path, device: str, gpu_mem: int | None, engine, widths
     from ringllm.measure import GIB, measure_group_copies
     from ringllm.tools.bench import run_ringllm, streamed_bytes
     from ringllm.workers.memory_plan import planned_resident_layers
+    from ringllm.workers.spec_plan import spec_plan
     from ringllm.workers.speculation import PROBE, DraftParams, SpeculativeSampling, cache_slots
     from ringllm.workers.weights import torch_dtype
 
@@ -56,11 +57,10 @@ def spec_bench(model_dir: Path, device: str, gpu_mem: int | None, engine, widths
         raise RingllmError(f"--widths up to {max(widths)}: {max_seq} positions exceed the model's context of "
                            f"{layout.config.max_position_embeddings} tokens")
     placed = replace(engine, gpu_mem=gpu_mem)
-    # the widest pass's logits (float32 + the compute dtype, every position) beside the plan's
-    logits_bytes = 8 * layout.config.vocab_size * max(widths)
-    planned = replace(placed, gpu_mem=gpu_mem - logits_bytes if gpu_mem else None)
-    resident = planned_resident_layers(layout, planned, 1, max_seq, dtype_name, dev.type,
-                                       torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else None) or 0
+    # planned as a run with this draft is (the widest pass's logits counted: spec_plan)
+    resident = planned_resident_layers(layout, placed, 1, max_seq, dtype_name, dev.type,
+                                       torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else None,
+                                       spec=spec_plan(sampling)) or 0
     resident = min(resident, n - 1)                    # something must stream: that is the point
     streamed = n - resident
     copy_bytes = streamed_bytes(layout, resident)
