@@ -259,3 +259,33 @@ def test_pinning_every_slot_then_learning_that_more_layers_stream_does_not_stall
     for seed in range(40):
         simulate(seed, n=10, resident=0, estimate=3, cap=0, pinned=7, passes=3, warmup=0,
                  look=Lookahead(want=2, copy=2, pair=1, backlog=4))
+
+
+def test_resident_layers_do_not_shorten_the_copy_look_ahead():
+    """While compute is on a GPU-resident layer, the look-ahead holds as many streamed layers as
+    anywhere else: the pass's first streamed layer and GPU_AHEAD_LAYERS past it (counted from the
+    resident layer, it held one fewer, and the copy engine ran dry at each pass boundary)."""
+    n, resident, ahead = 8, 3, 2
+    sched = StreamScheduler(n, resident, Lookahead(want=ahead, copy=ahead, pair=8, backlog=16), (8, 8), passes=3)
+    for step in range(3 * n):
+        if sched.streams(step):
+            sched.offer(SlotOffer(step, step % n, step, 0))
+
+    def layers_copied_ahead():
+        """streamed layers past compute whose groups are copied (or copying): not yet computed."""
+        for c in sched.start_copies(0):
+            sched.verified(c.g)
+        return sorted({g // 2 for g in sched.copies if g > sched.consumed})
+
+    def walk_to(step: int):
+        while sched.consumed // 2 < step or sched.consumed % 2 == 0:
+            g = sched.next_group((sched.consumed + 1) // 2 % n, (sched.consumed + 1) % 2)
+            layers_copied_ahead()
+            sched.take(g)
+            sched.done()
+
+    walk_to(n + resident)                  # pass 1: compute on its first streamed layer (step 11)
+    assert layers_copied_ahead() == [n + resident + 1, n + resident + 2]       # 2 past compute
+    walk_to(2 * n)                         # pass 2, resident layer 0 done: compute is resident
+    # the pass's first streamed step and `ahead` past it: 3 layers, as with compute at step 11
+    assert layers_copied_ahead() == [2 * n + resident, 2 * n + resident + 1, 2 * n + resident + 2]
