@@ -36,7 +36,7 @@ def cmd_generate(args) -> int:
     spec_tokens = 1 if args.spec_tokens == AUTO else args.spec_tokens
     draft = DraftParams(kind, spec_tokens, args.ngram_max) if kind is not None else None
     sampling = SpeculativeSampling(args.temperature, args.top_p, args.top_k, args.seed, draft=draft)
-    sampling.validate()     # refuses an unknown draft and sampling with a draft
+    sampling.validate()     # refuses an unknown draft, bad sampling values
     if args.metrics_json is not None:
         check_output_path(args.metrics_json, "--metrics-json")
     if args.model is not None:
