@@ -11,7 +11,7 @@ positions start at 0 there; `key_valid[b, s]` masks the padding slots.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -213,3 +213,127 @@ class Llama:
             x = x[:, -1]
         x = rms_norm(x, self.resident.final_norm, cfg.rms_norm_eps)
         return self._linear(x, self.resident.lm_head).float()
+
+
+# --- one pass over several segments (continuous batching, workers.batching) -------------------
+# Slot-based KV: a request owns one row of a KVCache [layers, rows, K, max_context, D] and its slot
+# s holds its position s (no left padding), so a row's keys are exactly slots 0..pos.
+
+class DecodeRows(NamedTuple):
+    """One new token for each of several rows, each at its own position (= the slot it fills)."""
+    rows: Sequence[int]
+    tokens: Sequence[int]
+    positions: Sequence[int]
+
+
+class PrefillChunk(NamedTuple):
+    """One request's prompt tokens filling slots start..start+T-1 of its row; later chunks of the
+    same prompt attend to the earlier ones already in the cache."""
+    row: int
+    tokens: Sequence[int]
+    start: int
+    wants_logits: bool     # the prompt's last chunk: its last token's logits give the first new token
+
+
+def _expand_kv(t: torch.Tensor, rep: int) -> torch.Tensor:
+    """[B, K, S, D] -> [B, K*rep, S, D], each kv head repeated for its query heads (GQA)."""
+    if rep == 1:
+        return t
+    B, K, S, D = t.shape
+    return t[:, :, None].expand(B, K, rep, S, D).reshape(B, K * rep, S, D)
+
+
+class SegmentPass:
+    """The Llama layers applied to decode rows and prefill chunks in one pass: each layer's
+    weights are fetched once and multiply every segment's tokens together (concatenated into one
+    [1, N, hidden] sequence); only attention runs per segment, against the segment's own row."""
+
+    def __init__(self, model: "Llama"):
+        self.model = model
+
+    @torch.inference_mode()
+    def forward(self, cache: KVCache, decode: DecodeRows | None, prefills: Sequence[PrefillChunk]) -> torch.Tensor:
+        """Returns float32 logits [M, V]: one per decode row (in order), then one per prefill
+        chunk with wants_logits (in order). Rows not named are not touched."""
+        m, cfg, dev = self.model, self.model.cfg, self.model.device
+        decode = decode if decode is not None and len(decode.rows) else None
+        tokens, positions = [], []
+        if decode is not None:
+            tokens += list(decode.tokens)
+            positions += list(decode.positions)
+        for chunk in prefills:
+            tokens += list(chunk.tokens)
+            positions += range(chunk.start, chunk.start + len(chunk.tokens))
+        if not tokens:
+            raise ValueError("a pass needs at least one segment")
+        pos = torch.tensor(positions, device=dev)[None]                    # [1, N]
+        cos, sin = m._rope(pos)                                            # [1, 1, N, D]
+        plan = self._attention_plan(cache, decode, prefills)
+        x = m.embed(torch.tensor(tokens)[None])                            # [1, N, hidden]
+        for layer in range(cfg.num_layers):
+            x = self._attention(x, m.weights.attn(layer), layer, cache, cos, sin, plan)
+            m.weights.release(layer, "attn")
+            x = m._ffn(x, m.weights.ffn(layer))
+            m.weights.release(layer, "ffn")
+        # logits only where a token is drawn: every decode row, each prompt's last chunk
+        wanted, offset = [], 0
+        if decode is not None:
+            wanted += range(len(decode.rows))
+            offset = len(decode.rows)
+        for chunk in prefills:
+            offset += len(chunk.tokens)
+            if chunk.wants_logits:
+                wanted.append(offset - 1)
+        h = rms_norm(x[0, wanted], m.resident.final_norm, cfg.rms_norm_eps)
+        return m._linear(h, m.resident.lm_head).float()
+
+    def _attention_plan(self, cache, decode, prefills) -> list:
+        """Per segment, built once per pass: (offset, length, rows, write slots, keys seen, mask)."""
+        dev, plan, offset = self.model.device, [], 0
+        if decode is not None:
+            R = len(decode.rows)
+            rows = torch.tensor(list(decode.rows), device=dev)
+            slots = torch.tensor(list(decode.positions), device=dev)
+            seen = int(max(decode.positions)) + 1
+            # each row sees its own slots 0..pos (its other slots hold nothing of its own yet)
+            mask = (torch.arange(seen, device=dev)[None, :] <= slots[:, None])[:, None, None]  # [R,1,1,S]
+            plan.append((offset, R, rows, slots, seen, mask))
+            offset += R
+        for chunk in prefills:
+            T, end = len(chunk.tokens), chunk.start + len(chunk.tokens)
+            if end > cache.max_seq:
+                raise ValueError(f"prefill to slot {end} past the cache's {cache.max_seq}")
+            new = torch.arange(chunk.start, end, device=dev)
+            mask = (new[:, None] >= torch.arange(end, device=dev)[None, :])[None, None]       # [1,1,T,S]
+            plan.append((offset, T, chunk.row, chunk.start, end, mask))
+            offset += T
+        return plan
+
+    def _attention(self, x, w: AttnWeights, layer, cache: KVCache, cos, sin, plan):
+        m, cfg, (_, N, _) = self.model, self.model.cfg, x.shape
+        H, K, D, rep = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_heads // cfg.num_kv_heads
+        h = rms_norm(x, w.input_norm, cfg.rms_norm_eps)
+        q = m._linear(h, w.q).view(1, N, H, D).transpose(1, 2)             # [1, H, N, D]
+        k = m._linear(h, w.k).view(1, N, K, D).transpose(1, 2)
+        v = m._linear(h, w.v).view(1, N, K, D).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        ck, cv = cache.k[layer], cache.v[layer]                            # [rows, K, max_seq, D]
+        outs = []
+        for offset, n, rows, slots, seen, mask in plan:
+            seg = slice(offset, offset + n)
+            if isinstance(rows, torch.Tensor):                             # the decode rows: T = 1 each
+                ck[rows, :, slots] = k[0, :, seg].transpose(0, 1)          # [R, K, D] at each row's slot
+                cv[rows, :, slots] = v[0, :, seg].transpose(0, 1)
+                keys, values = ck[rows, :, :seen], cv[rows, :, :seen]     # [R, K, S, D]
+                qs = q[0, :, seg].transpose(0, 1)[:, :, None]              # [R, H, 1, D]
+            else:                                                          # one prompt chunk
+                ck[rows, :, slots:seen] = k[0, :, seg]
+                cv[rows, :, slots:seen] = v[0, :, seg]
+                keys, values = ck[rows:rows + 1, :, :seen], cv[rows:rows + 1, :, :seen]
+                qs = q[:, :, seg]                                          # [1, H, T, D]
+            out = F.scaled_dot_product_attention(qs, _expand_kv(keys, rep), _expand_kv(values, rep),
+                                                 attn_mask=mask)           # [B, H, T, D]
+            outs.append(out.transpose(1, 2).reshape(n, cfg.q_size))
+        out = torch.cat(outs)[None] if len(outs) > 1 else outs[0][None]    # [1, N, H*D]
+        return x + m._linear(out, w.o)
