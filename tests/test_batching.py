@@ -174,8 +174,8 @@ def test_finish_reasons(tiny):
     hf, model = tiny
     p, q = random_prompts([7, 4], seed=4)
     ref = hf_greedy_cached(hf, list(p), 10)
-    eos = ref[3]
-    stop_at = ref.index(eos)
+    stop_at = next(i for i in range(2, 10) if ref[i] not in ref[:i])    # EOS first seen mid-way
+    eos = ref[stop_at]
     engine = BatchEngine(model, max_batch=2, max_context=64)
     tokens, finished, _ = run(engine, {0: [BatchRequest("eos", p, 10, GREEDY, eos_ids=(eos, 127)),
                                            BatchRequest("len", q, 5, GREEDY)]})
@@ -213,3 +213,36 @@ def test_over_context_is_refused(tiny):
     assert engine.waiting == 1
     with pytest.raises(RingllmError, match="max_context 300 exceeds the model's context of 256"):
         BatchEngine(model, max_batch=1, max_context=300)
+
+
+def test_submit_and_cancel_from_another_thread(tiny):
+    import threading
+    import time
+
+    hf, model = tiny
+    prompts = random_prompts([3, 8, 17, 5, 2, 11], seed=7)
+    engine = BatchEngine(model, max_batch=3, max_context=64, prefill_chunk=8)
+    tokens, finished = {}, {}
+
+    def client():
+        for i, p in enumerate(prompts):
+            engine.submit(BatchRequest(f"t{i}", p, 6, GREEDY))
+            time.sleep(0.002)
+        engine.submit(BatchRequest("gone", prompts[0], 40, GREEDY))
+        engine.cancel("gone")
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while len(finished) < len(prompts) + 1:
+        assert time.monotonic() < deadline, f"finished only {sorted(finished)}"
+        for e in engine.step():
+            if e.token is not None:
+                tokens.setdefault(e.id, []).append(e.token)
+            if e.finish:
+                finished[e.id] = e.finish
+    thread.join(timeout=10)
+    assert finished["gone"] == "cancelled"
+    for i, p in enumerate(prompts):
+        assert tokens[f"t{i}"] == hf_greedy_cached(hf, list(p), 6), f"t{i} differs from alone"
+    assert engine.idle() and engine.free_rows == 3

@@ -7,7 +7,8 @@ position) and to the prefill chunks of newly admitted requests. A prompt longer 
 prefill budget is prefilled over several passes (chunked prefill), while the others keep decoding.
 
 Thread-safety: submit() and cancel() may be called from any thread; step() and the rows it owns
-run on one thread. The lock guards the waiting queue, the cancel set and the live ids.
+run on one thread. The lock guards the waiting queue, the cancel set, the live ids and the row
+table (changed by step()'s thread only, read by the properties from any thread).
 """
 from __future__ import annotations
 
@@ -114,7 +115,8 @@ class BatchEngine:
 
     @property
     def running(self) -> int:
-        return len(self._active)
+        with self._lock:
+            return len(self._active)
 
     @property
     def waiting(self) -> int:
@@ -123,11 +125,13 @@ class BatchEngine:
 
     @property
     def free_rows(self) -> int:
-        return len(self._free)
+        with self._lock:
+            return len(self._free)
 
     @property
     def kv_tokens_used(self) -> int:
-        return sum(a.cached for a in list(self._active.values()))
+        with self._lock:
+            return sum(a.cached for a in self._active.values())
 
     def idle(self) -> bool:
         with self._lock:
