@@ -144,7 +144,7 @@ class BatchEngine:
         events = self._take_cancels_and_admit()
         decoding = [a for a in self._active.values() if not a.prefilling]
         prefills, chunked, budget = [], [], self.prefill_chunk
-        for a in sorted((a for a in self._active.values() if a.prefilling), key=lambda a: a.row):
+        for a in [a for a in self._active.values() if a.prefilling]:   # admission order (dict order)
             if budget == 0:
                 break
             prompt = a.req.prompt
