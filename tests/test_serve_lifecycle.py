@@ -106,3 +106,18 @@ def test_sigterm_drains_and_exits_0(tmp_path):
     assert "draining" in err and "cancelled" in err, err
     assert short == {"chunks": 101, "finish": "length", "done": True, "status": 200}, short
     assert long_["finish"] == "cancelled" and long_["done"] and long_["chunks"] < 3800, long_
+
+
+def test_port_taken_is_one_error_line(tmp_path):
+    model = tmp_path / "tiny"
+    make_hf_checkpoint(model)
+    write_tokenizer(model)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "ringllm", "serve", "--model", str(model), "--port", str(port),
+                            "--device", "cpu"], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "RINGLLM_API_KEY": "k"})
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip().splitlines() == [f"ringllm: error: cannot listen on 127.0.0.1:{port}: Address already in use"]
