@@ -182,6 +182,10 @@ def test_bad_requests_are_openai_errors(server):
     assert err.value.param == "n"
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=MODEL_NAME, prompt="w5", temperature=-1)
+    for ids in ([5, 128], [-1, 5]):       # token ids outside the vocabulary of 128
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model=MODEL_NAME, prompt=ids, max_tokens=2)
+        assert err.value.param == "prompt"
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="other", prompt="w5")
     with pytest.raises(openai.APIStatusError) as err:      # over the 64 KiB body limit of this server
@@ -224,6 +228,20 @@ def test_cancelled_stream_frees_its_slot(tiny):
         # the slot is free: the next request runs at once (the engine takes one at a time)
         r = client.completions.create(model=MODEL_NAME, prompt="w12", max_tokens=3, temperature=0)
         assert r.usage.completion_tokens >= 1
+    finally:
+        s.close()
+
+
+def test_disconnect_cancels_a_request_not_streamed(tiny):
+    import httpx
+
+    s = LiveServer(tiny[0], delay_s=0.02)      # 200 tokens take >= 4 s
+    try:
+        with pytest.raises(httpx.ReadTimeout):      # the client gives up and closes its connection
+            httpx.post(s.url + "/v1/completions", json={"prompt": "w10", "max_tokens": 200, "temperature": 0},
+                       timeout=0.5)
+        assert s.wait_idle(1.5), f"a request whose client left still runs: {s.runner.in_flight} in flight"
+        assert len(s.engine.cancelled) == 1
     finally:
         s.close()
 

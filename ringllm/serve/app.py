@@ -91,7 +91,7 @@ def create_app(runner: EngineRunner, codec: TextCodec, settings: ServeSettings):
         params = generation_params(body, chat=False)
         prompt = completion_prompt(body)
         ids = list(prompt) if isinstance(prompt, list) else codec.encode(prompt, chat=False)
-        if isinstance(prompt, list) and max(ids) >= codec.tokenizer.get_vocab_size(with_added_tokens=True):
+        if isinstance(prompt, list) and not 0 <= min(ids) <= max(ids) < codec.tokenizer.get_vocab_size(True):
             raise bad("prompt holds a token id outside the vocabulary", "prompt")
         return await respond(request, "cmpl", "text_completion", ids, params, chat=False)
 
@@ -151,17 +151,21 @@ def create_app(runner: EngineRunner, codec: TextCodec, settings: ServeSettings):
         """The request's text as it is decoded; sets outcome at its end. Leaving early (client
         gone, stop string) cancels the request in the engine, which frees its KV rows."""
         text = StopTextStream(codec, list(params.stop))
-        received = 0
+        received, next_poll = 0, time.monotonic() + DISCONNECT_POLL_S
         try:
             while True:
                 if request is None:
                     event = await queue.get()
                 else:   # not streamed: nothing is sent until the end, so look for a disconnect
                     try:
-                        event = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
+                        event = await asyncio.wait_for(queue.get(), max(0.0, next_poll - time.monotonic()))
                     except asyncio.TimeoutError:
+                        event = None
+                    if time.monotonic() >= next_poll:
+                        next_poll = time.monotonic() + DISCONNECT_POLL_S
                         if await request.is_disconnected():
                             return
+                    if event is None:
                         continue
                 if event.token is not None:
                     received += 1
