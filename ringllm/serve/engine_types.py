@@ -28,5 +28,3 @@ except ImportError:   # h-batch not merged yet: the interface as its brief fixes
         finish: str | None = None       # None | "stop" | "length" | "cancelled"
         prompt_tokens: int = 0          # filled on the finish event
         completion_tokens: int = 0
-
-FINISH_REASONS = ("stop", "length", "cancelled")
