@@ -101,6 +101,29 @@ def _add_generate(sub) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve the OpenAI API (completions, chat) over HTTP", formatter_class=HelpFormatter,
+                       description="An OpenAI-compatible HTTP server (needs the extra: pip install 'ringllm[serve]'). "
+                                   "SIGINT/SIGTERM drain: no new requests, in-flight ones finish, exit 0.")
+    p.add_argument("--model", type=Path, required=True, help="Hugging Face Llama model directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every endpoint but /health (default: $RINGLLM_API_KEY, "
+                        "else none)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together at most")
+    p.add_argument("--max-waiting", type=int, default=256, help="requests queued beyond the batch; more get 503")
+    p.add_argument("--max-context", type=int, default=None,
+                   help="prompt + max_tokens per request at most (default: the model's max_position_embeddings)")
+    p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="request body size limit")
+    p.add_argument("--served-model-name", default=None, help="the model id clients use (default: the directory name)")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGINT/SIGTERM, seconds in-flight requests get before they are cancelled")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--dtype", choices=("auto", *dtypes.NAMES), default="auto", help="compute dtype; auto = the checkpoint's")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ringllm", description=(
         "Run a Llama model far larger than your GPU by streaming its weights "
@@ -141,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("src", type=Path, metavar="SRC", help="the source model directory (bf16, fp16 or fp32)")
     cv.add_argument("dst", type=Path, metavar="DST", help="the directory to write (new or empty)")
     cv.add_argument("--quantize-lm-head", action="store_true", help="quantize lm_head too (default: it keeps the source dtype)")
+
+    _add_serve(sub)
 
     b = sub.add_parser("bench", help="measure ringllm against this machine's floor and against peers",
                        formatter_class=HelpFormatter)
@@ -273,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             from ringllm.generate import cmd_generate
             return cmd_generate(args)
+        if args.command == "serve":
+            from ringllm.serve.server import cmd_serve
+            return cmd_serve(args)
         if args.command == "make-checkpoint":
             from ringllm.config import parse_bytes
             from ringllm.tools.make_checkpoint import make_checkpoint

@@ -1,0 +1,238 @@
+"""The FastAPI application: OpenAI's /v1/models, /v1/completions, /v1/chat/completions (streamed
+as server-sent events or not), /health, /metrics; the API key, the body-size limit and the
+access log are one ASGI layer around it (gate.py)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from sse_starlette.sse import EventSourceResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ringllm.checkpoint.errors import RingllmError
+from ringllm.checkpoint.text import TextCodec
+from ringllm.workers.batching import BatchRequest
+from ringllm.serve.gate import Gate
+from ringllm.serve.metrics import metrics_response
+from ringllm.serve.requests import (ApiError, GenerationParams, bad, chat_messages, completion_prompt,
+                                    generation_params)
+from ringllm.serve.runner import EngineRunner, QueueFull
+from ringllm.serve.text import StopTextStream, render_chat
+
+DISCONNECT_POLL_S = 0.5     # how often a non-streamed request checks that its client is still there
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    model_name: str
+    max_context: int
+    api_key: str | None = None
+    max_body_bytes: int = 4 << 20
+    drain_s: float = 30.0          # SIGTERM: in-flight requests get this long before they are cancelled
+
+
+@dataclass
+class Outcome:
+    finish: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def usage(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+def create_app(runner: EngineRunner, codec: TextCodec, settings: ServeSettings):
+    app = FastAPI(title="ringllm", docs_url=None, redoc_url=None, openapi_url=None)
+    eos_ids = frozenset(codec.eos_ids)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, err: ApiError):
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, err: StarletteHTTPException):
+        code = "not_found" if err.status_code == 404 else None
+        return JSONResponse(ApiError(err.status_code, str(err.detail), code=code).body(), status_code=err.status_code)
+
+    @app.get("/health")
+    async def health():
+        if runner.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        body, content_type = metrics_response(runner)
+        return Response(body, media_type=content_type)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str):
+        if name != settings.model_name:
+            raise ApiError(404, f"model {name!r} does not exist", code="model_not_found")
+        return model_card()
+
+    def model_card() -> dict:
+        return {"id": settings.model_name, "object": "model", "created": 0, "owned_by": "ringllm",
+                "max_model_len": settings.max_context}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await read_json(request)
+        params = generation_params(body, chat=False)
+        prompt = completion_prompt(body)
+        ids = list(prompt) if isinstance(prompt, list) else codec.encode(prompt, chat=False)
+        if isinstance(prompt, list) and not 0 <= min(ids) <= max(ids) < codec.tokenizer.get_vocab_size(True):
+            raise bad("prompt holds a token id outside the vocabulary", "prompt")
+        return await respond(request, "cmpl", "text_completion", ids, params, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await read_json(request)
+        params = generation_params(body, chat=True)
+        try:
+            text = render_chat(codec, chat_messages(body))
+        except RingllmError as err:
+            raise bad(str(err), "messages") from None
+        ids = codec.tokenizer.encode(text, add_special_tokens=False).ids   # the template wrote the specials
+        return await respond(request, "chatcmpl", "chat.completion", ids, params, chat=True)
+
+    async def read_json(request: Request) -> dict:
+        # the gate refused a too-large Content-Length; a chunked body is counted as it arrives
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > settings.max_body_bytes:
+                raise ApiError(413, f"request body over the limit of {settings.max_body_bytes} bytes",
+                               code="body_too_large")
+            chunks.append(chunk)
+        try:
+            body = json.loads(b"".join(chunks))
+        except ValueError as err:
+            raise bad(f"the body is not valid JSON ({err})") from None
+        if not isinstance(body, dict):
+            raise bad("the body must be a JSON object")
+        name = body.get("model")
+        if name is not None and name != settings.model_name:
+            raise ApiError(404, f"model {name!r} does not exist (this server serves {settings.model_name!r})",
+                           param="model", code="model_not_found")
+        return body
+
+    def admit(ids: list[int], params: GenerationParams, prefix: str):
+        """Checks the prompt against the context, then hands the request to the runner."""
+        if not ids:
+            raise bad("the prompt is empty (no tokens)", "prompt")
+        room = settings.max_context - len(ids)
+        max_tokens = params.max_tokens if params.max_tokens is not None else room
+        if room < 1 or max_tokens > room:
+            raise bad(f"prompt of {len(ids)} tokens + max_tokens {max_tokens} exceeds the context of "
+                      f"{settings.max_context} tokens", "max_tokens" if room >= 1 else "prompt",
+                      "context_length_exceeded")
+        rid = f"{prefix}-{uuid.uuid4().hex}"
+        try:
+            queue = runner.submit(BatchRequest(rid, tuple(ids), max_tokens, params.sampling, tuple(eos_ids)))
+        except QueueFull as err:
+            raise ApiError(503, str(err), "server_error", code="queue_full") from None
+        except RingllmError as err:
+            raise bad(str(err)) from None
+        return rid, queue
+
+    async def pieces(rid: str, queue: asyncio.Queue, prompt_len: int, params: GenerationParams, outcome: Outcome,
+                     request: Request | None):
+        """The request's text as it is decoded; sets outcome at its end. Leaving early (client
+        gone, stop string) cancels the request in the engine, which frees its KV rows."""
+        text = StopTextStream(codec, list(params.stop))
+        received, next_poll = 0, time.monotonic() + DISCONNECT_POLL_S
+        try:
+            while True:
+                if request is None:
+                    event = await queue.get()
+                else:   # not streamed: nothing is sent until the end, so look for a disconnect
+                    try:
+                        event = await asyncio.wait_for(queue.get(), max(0.0, next_poll - time.monotonic()))
+                    except asyncio.TimeoutError:
+                        event = None
+                    if time.monotonic() >= next_poll:
+                        next_poll = time.monotonic() + DISCONNECT_POLL_S
+                        if await request.is_disconnected():
+                            return
+                    if event is None:
+                        continue
+                if event.token is not None:
+                    received += 1
+                    if event.token not in eos_ids:
+                        piece = text.push(event.token)
+                        if piece:
+                            yield piece
+                if text.stopped:
+                    outcome.finish, outcome.prompt_tokens, outcome.completion_tokens = "stop", prompt_len, received
+                    return
+                if event.finish is not None:
+                    piece = text.flush()
+                    if piece:
+                        yield piece
+                    outcome.finish = event.finish
+                    outcome.prompt_tokens = event.prompt_tokens or prompt_len
+                    outcome.completion_tokens = event.completion_tokens or received
+                    return
+        finally:
+            runner.cancel(rid)     # a no-op once its finish event came (the runner forgot the id)
+
+    async def respond(request: Request, prefix: str, kind: str, ids: list[int], params: GenerationParams, chat: bool):
+        rid, queue = admit(ids, params, prefix)
+        created = int(time.time())
+        outcome = Outcome()
+        if params.stream:
+            return EventSourceResponse(stream(rid, queue, created, ids, params, outcome, chat), ping=15,
+                                       shutdown_grace_period=settings.drain_s + 5.0)
+        parts = [piece async for piece in pieces(rid, queue, len(ids), params, outcome, request)]
+        if outcome.finish is None:      # the client went away: nobody reads this
+            return Response(status_code=499)
+        if outcome.finish == "error":
+            raise ApiError(500, "the engine failed while generating", "server_error", code="engine_error")
+        text = "".join(parts)
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                   "finish_reason": outcome.finish} if chat else
+                  {"index": 0, "text": text, "logprobs": None, "finish_reason": outcome.finish})
+        return {"id": rid, "object": kind, "created": created, "model": settings.model_name,
+                "choices": [choice], "usage": outcome.usage()}
+
+    async def stream(rid, queue, created, ids, params: GenerationParams, outcome: Outcome, chat: bool):
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(choices, **extra) -> dict:
+            return {"data": json.dumps({"id": rid, "object": kind, "created": created, "model": settings.model_name,
+                                        "choices": choices, **extra})}
+
+        def choice(piece: str | None, finish: str | None, first: bool = False) -> dict:
+            if chat:
+                delta = {"role": "assistant", "content": ""} if first else ({"content": piece} if piece else {})
+                return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return {"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish}
+
+        try:
+            if chat:
+                yield chunk([choice(None, None, first=True)])
+            async for piece in pieces(rid, queue, len(ids), params, outcome, None):
+                yield chunk([choice(piece, None)])
+        finally:
+            runner.cancel(rid)     # the client went away before the first piece
+        if outcome.finish == "error":
+            yield {"data": json.dumps(ApiError(500, "the engine failed while generating", "server_error",
+                                               code="engine_error").body())}
+        else:
+            yield chunk([choice(None, outcome.finish)])
+            if params.include_usage:
+                yield chunk([], usage=outcome.usage())
+        yield {"data": "[DONE]"}
+
+    return Gate(app, settings.api_key, settings.max_body_bytes)

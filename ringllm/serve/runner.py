@@ -1,0 +1,190 @@
+"""EngineRunner: the engine's own thread, the bounded admission queue, and the drain.
+
+Invariants, enforced here:
+- Only the runner thread calls engine.step(); submit() and cancel() are the engine's thread-safe
+  entry points and may come from the event loop.
+- Every admitted request gets exactly one finish event on its queue (its own, or "error" when
+  the engine failed, or "cancelled" when a drain ran out of time); its queue is forgotten then.
+- At most max_batch + max_waiting requests are admitted; beyond that submit raises QueueFull.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from ringllm.workers.batching import BatchRequest, TokenEvent
+
+log = logging.getLogger("ringllm.serve")
+
+IDLE_WAIT_S = 1.0          # the thread re-checks its state at least this often while idle
+RATE_WINDOW_S = 10.0       # tokens/s and passes/s are averaged over this window
+
+
+class QueueFull(Exception):
+    """The admission queue is full (HTTP 503), or the server is draining."""
+
+
+@dataclass
+class RunnerStats:
+    running: int
+    waiting: int
+    admitted: int
+    kv_tokens_used: int
+    tokens_total: int
+    passes_total: int
+    pass_seconds_total: float
+    tokens_per_second: float
+    passes_per_second: float
+    seconds_per_pass: float | None
+
+
+class EngineRunner:
+    def __init__(self, engine, max_batch: int, max_waiting: int):
+        self.engine = engine
+        self.capacity = max_batch + max_waiting
+        self._cond = threading.Condition()
+        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._cancel_sent: set[str] = set()     # each request is cancelled in the engine once
+        self._draining = False
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._tokens_total = self._passes_total = 0
+        self._pass_seconds_total = 0.0
+        self._recent: deque[tuple[float, int, float]] = deque()   # (time, tokens, seconds) per pass
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="ringllm-engine", daemon=True)
+        self._thread.start()
+
+    def begin_drain(self) -> None:
+        """Stop admitting; requests in flight go on."""
+        with self._cond:
+            self._draining = True
+
+    def drain(self, deadline_s: float) -> int:
+        """(Any thread.) Stop admitting, let in-flight requests finish for deadline_s, then
+        cancel the rest. Returns how many were cancelled."""
+        self.begin_drain()
+        end = time.monotonic() + deadline_s
+        while self.in_flight and time.monotonic() < end:
+            time.sleep(0.05)
+        left = list(self._queues)
+        for rid in left:
+            self.cancel(rid)
+        if left:
+            log.info("drain: %d request(s) still running after %.0f s: cancelled", len(left), deadline_s)
+        end = time.monotonic() + 5.0      # a cancel lands within one step
+        while self.in_flight and time.monotonic() < end:
+            time.sleep(0.02)
+        return len(left)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                log.warning("the engine thread did not stop within %.0f s", timeout_s)
+        # whatever is still registered never gets another event: end it
+        for rid in list(self._queues):
+            self._deliver(TokenEvent(rid, None, "cancelled"))
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._queues)
+
+    # --- requests --------------------------------------------------------------------------
+    def submit(self, req: BatchRequest) -> asyncio.Queue:
+        """Admit a request (from the event loop): its events arrive on the returned queue.
+        Raises QueueFull, or the engine's RingllmError for a request it refuses."""
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        with self._cond:
+            if self._draining or self._stopping:
+                raise QueueFull("the server is shutting down")
+            if len(self._queues) >= self.capacity:
+                raise QueueFull(f"the queue is full ({self.capacity} requests in flight)")
+            self._queues[req.id] = (loop, queue)
+            try:
+                self.engine.submit(req)
+            except BaseException:
+                del self._queues[req.id]
+                raise
+            self._cond.notify_all()
+        return queue
+
+    def cancel(self, request_id: str) -> None:
+        """Cancel a request in flight (client gone, stop string seen); its "cancelled" event
+        comes from the next step. Unknown or finished ids are ignored."""
+        with self._cond:
+            if request_id not in self._queues or request_id in self._cancel_sent:
+                return
+            self._cancel_sent.add(request_id)
+            self.engine.cancel(request_id)
+            self._cond.notify_all()
+
+    def stats(self) -> RunnerStats:
+        now = time.monotonic()
+        recent = [r for r in list(self._recent) if r[0] >= now - RATE_WINDOW_S]
+        passes = len(recent)
+        seconds = sum(r[2] for r in recent)
+        return RunnerStats(
+            running=self.engine.running, waiting=self.engine.waiting, admitted=len(self._queues),
+            kv_tokens_used=self.engine.kv_tokens_used, tokens_total=self._tokens_total,
+            passes_total=self._passes_total, pass_seconds_total=self._pass_seconds_total,
+            tokens_per_second=sum(r[1] for r in recent) / RATE_WINDOW_S,
+            passes_per_second=passes / RATE_WINDOW_S,
+            seconds_per_pass=seconds / passes if passes else None)
+
+    # --- the engine thread -----------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and self.engine.idle():
+                    self._cond.wait(IDLE_WAIT_S)
+                if self._stopping:
+                    return
+            t0 = time.perf_counter()
+            try:
+                events = self.engine.step()
+            except Exception:
+                log.exception("the engine failed a step; ending every request in flight")
+                for rid in list(self._queues):
+                    self.engine.cancel(rid)
+                    self._deliver(TokenEvent(rid, None, "error"))
+                time.sleep(0.1)     # a failing engine must not spin this thread
+                continue
+            seconds = time.perf_counter() - t0
+            tokens = sum(1 for e in events if e.token is not None)
+            self._tokens_total += tokens
+            self._passes_total += 1
+            self._pass_seconds_total += seconds
+            now = time.monotonic()
+            self._recent.append((now, tokens, seconds))
+            while self._recent and self._recent[0][0] < now - RATE_WINDOW_S:
+                self._recent.popleft()
+            for event in events:
+                self._deliver(event)
+
+    def _deliver(self, event: TokenEvent) -> None:
+        with self._cond:
+            target = self._queues.get(event.id)
+            if target is not None and event.finish is not None:
+                del self._queues[event.id]
+                self._cancel_sent.discard(event.id)
+        if target is None:
+            return
+        loop, queue = target
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+        except RuntimeError:     # the loop has closed: nobody is listening any more
+            pass

@@ -1,0 +1,143 @@
+"""`ringllm serve`: load the model, start the engine thread, run uvicorn until SIGINT/SIGTERM,
+then drain: stop admitting, let in-flight requests finish within --drain-timeout, cancel the
+rest, stop the engine thread, exit 0."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+from ringllm.checkpoint.errors import RingllmError
+
+log = logging.getLogger("ringllm")
+
+API_KEY_ENV = "RINGLLM_API_KEY"
+
+
+def load_engine(layout, model_dir: Path, device_type: str, dtype_name: str, max_batch: int, max_context: int):
+    """The in-process engine over the resident model (as `ringllm generate --resident` builds it):
+    workers.batching.BatchEngine, continuous batching over --max-batch KV rows."""
+    import torch
+
+    from ringllm.workers.model import Llama
+    from ringllm.workers.resident import ResidentSource, load_resident_weights
+    from ringllm.workers.weights import torch_dtype
+
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise RingllmError("--device cuda: no CUDA device is available to torch")
+    device, dtype, cfg = torch.device(device_type), torch_dtype(dtype_name), layout.config
+    t0 = time.perf_counter()
+    model = Llama(cfg, load_resident_weights(layout, dtype, device), ResidentSource(layout, dtype, device), dtype, device)
+    log.info("loaded %s (%d layers, %s) on %s in %.1f s", model_dir, cfg.num_layers, layout.dtype, device,
+             time.perf_counter() - t0)
+    from ringllm.workers.batching import BatchEngine
+
+    return BatchEngine(model, max_batch, max_context), max_batch
+
+
+def check_serve_extra() -> None:
+    import importlib.util
+
+    missing = [name for name in ("fastapi", "uvicorn", "sse_starlette", "prometheus_client")
+               if importlib.util.find_spec(name) is None]
+    if missing:
+        raise RingllmError(f"ringllm serve needs the serve extra (missing {', '.join(missing)}): "
+                           "pip install 'ringllm[serve]'")
+
+
+def cmd_serve(args) -> int:
+    from ringllm.checkpoint.dtypes import NAME_OF_TAG
+    from ringllm.checkpoint.layout import load_layout
+    from ringllm.checkpoint.text import TextCodec
+    from ringllm.cli_input import check_model_arg
+    from ringllm.device_probe import default_device
+
+    check_serve_extra()
+    for name in ("max_batch", "max_waiting", "max_body_bytes"):
+        if getattr(args, name) < 1:
+            raise RingllmError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 1 <= args.port <= 65535:
+        raise RingllmError(f"--port must be in 1..65535, got {args.port}")
+    if args.drain_timeout < 0:
+        raise RingllmError(f"--drain-timeout must be >= 0, got {args.drain_timeout}")
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    check_model_arg(args.model)
+    layout = load_layout(args.model)
+    context = layout.config.max_position_embeddings
+    max_context = args.max_context if args.max_context is not None else context
+    if not 2 <= max_context <= context:
+        raise RingllmError(f"--max-context must be in 2..{context} (the model's max_position_embeddings), "
+                           f"got {max_context}")
+    codec = TextCodec(args.model, layout.config)
+    device = args.device or default_device()
+    dtype_name = NAME_OF_TAG.get(layout.dtype, layout.dtype) if args.dtype == "auto" else args.dtype
+
+    from ringllm.serve.app import ServeSettings, create_app
+    from ringllm.serve.runner import EngineRunner
+
+    sock = listen(args.host, args.port)     # a taken port fails before the model loads
+    try:
+        engine, max_batch = load_engine(layout, args.model, device, dtype_name, args.max_batch, max_context)
+        runner = EngineRunner(engine, max_batch, args.max_waiting)
+        settings = ServeSettings(args.served_model_name or Path(args.model).resolve().name, max_context, api_key,
+                                 args.max_body_bytes, args.drain_timeout)
+        app = create_app(runner, codec, settings)
+        runner.start()
+        try:
+            serve_until_signal(app, runner, sock, args.drain_timeout)
+        finally:
+            runner.stop()
+    finally:
+        sock.close()
+    return 0
+
+
+def listen(host: str, port: int):
+    """The listening socket, bound here: a taken port is one `ringllm: error:` line, not uvicorn's exit."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as err:
+        raise RingllmError(f"--host {host}: {err.strerror or err}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as err:
+        sock.close()
+        raise RingllmError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve_until_signal(app, runner, sock, drain_s: float) -> None:
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            if not runner.draining:
+                log.info("draining: no new requests; %d in flight get %.0f s", runner.in_flight, drain_s)
+                runner.begin_drain()
+                threading.Thread(target=runner.drain, args=(drain_s,), name="ringllm-drain", daemon=True).start()
+            super().handle_exit(sig, frame)
+
+    host, port = sock.getsockname()[:2]
+    config = uvicorn.Config(app, access_log=False, log_config=None, lifespan="off",
+                            timeout_graceful_shutdown=drain_s + 10.0, timeout_keep_alive=5)
+    server = DrainingServer(config)
+    # uvicorn re-raises a caught SIGINT/SIGTERM once it has shut down, to end the process by the
+    # signal's default action; the drain is the whole answer to it, so that re-raise is a no-op here
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, lambda signum, frame: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        log.info("serving on http://%s:%d/v1", host, port)
+        server.run(sockets=[sock])
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    log.info("stopped")
