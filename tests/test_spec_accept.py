@@ -90,3 +90,15 @@ def test_an_output_that_differs_is_a_failure(tmp_path, tiny, monkeypatch, capsys
     tpp = table_rows(text, "tokens per decode pass:")
     assert tpp[("ngram", 5)][-1] == "1/2" and tpp[("ngram", 2)][-1] == "2/2"
     assert "output differs from the no-draft output" in capsys.readouterr().err
+
+
+def test_jobs_join_the_parts_in_prompt_order(tmp_path, tiny):
+    """--jobs 2 (two processes, prompts dealt between them) gives the table one process gives."""
+    args = ["--model", str(tiny), "--drafts", "ngram", "--prompts", "copy,days,poem", "--spec-tokens", "3",
+            "--max-new-tokens", "8"]
+    assert sa.main([*args, "--out", str(tmp_path / "one")]) == 0
+    assert sa.main([*args, "--out", str(tmp_path / "two"), "--jobs", "2"]) == 0
+    one, two = ((tmp_path / d / "spec-accept.txt").read_text() for d in ("one", "two"))
+    assert two == one
+    assert [r["prompt"] for r in json.loads((tmp_path / "two" / "spec-accept.json").read_text())["runs"]] == \
+        ["copy", "days", "poem"]

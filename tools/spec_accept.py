@@ -156,6 +156,41 @@ def spec_accept(model: Path, out: Path, drafts: list[dict], spec_tokens, prompts
             "wall_seconds": time.perf_counter() - t_start}
 
 
+def run_in_parts(args, model: Path, drafts_dir: Path, names: list[str], log, timeout_s: float = 4 * 3600) -> dict:
+    """--jobs N: N copies of this tool, prompts dealt round-robin, each into OUT/part-i; their
+    reports joined in the prompts' order (the runs and verdicts are the parts' own)."""
+    import subprocess
+
+    parts = [names[i::args.jobs] for i in range(args.jobs) if names[i::args.jobs]]
+    t_start, procs = time.perf_counter(), []
+    for i, share in enumerate(parts):
+        cmd = [sys.executable, "-m", "ringllm.tools.spec_accept", "--model", str(model), "--out",
+               str(args.out / f"part-{i}"), "--drafts", args.drafts, "--drafts-dir", str(drafts_dir),
+               "--spec-tokens", args.spec_tokens, "--prompts", ",".join(share),
+               "--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads)]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL))
+    reports = []
+    for i, proc in enumerate(procs):
+        try:
+            rc = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise RingllmError(f"--jobs: part {i} ran past {timeout_s:.0f} s") from None
+        part = args.out / f"part-{i}" / "spec-accept.json"
+        if rc not in (0, 1) or not part.is_file():      # 1: it ran, and an output differed
+            raise RingllmError(f"--jobs: part {i} ({','.join(parts[i])}) failed with exit code {rc}")
+        reports.append(json.loads(part.read_text()))
+    merged = {**reports[0], "prompts": [p for n in names for r in reports for p in r["prompts"] if p["name"] == n],
+              "runs": [run for n in names for r in reports for run in r["runs"] if run["prompt"] == n],
+              "failures": sum(r["failures"] for r in reports), "wall_seconds": time.perf_counter() - t_start,
+              "parts": [{"prompts": share, "out": str(args.out / f"part-{i}")} for i, share in enumerate(parts)]}
+    for key in ("command", "date", "table", "pass_seconds", "threads"):
+        merged.pop(key, None)
+    log(f"[spec_accept] {len(parts)} parts joined")
+    return merged
+
+
 def rows(report: dict) -> list[dict]:
     """Per draft x K: tokens per pass and acceptance per prompt, their means, identical outputs."""
     names = [p["name"] for p in report["prompts"]]
@@ -214,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: on a busy 2-core machine two spinning OpenMP threads made "
                          "a run 20x slower)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="processes, each running a share of the prompts (the drafts are built first)")
     ap.add_argument("--pass-seconds", type=float, default=None,
                     help="seconds of one verification pass elsewhere: adds tokens per pass / S as tok/s")
     return ap
@@ -226,9 +263,9 @@ def main(argv: list[str] | None = None) -> int:
         spec_tokens = tuple(int(k) for k in args.spec_tokens.split(","))
     except ValueError:
         ap.error(f"--spec-tokens: comma-separated counts, got {args.spec_tokens!r}")
-    if (min(spec_tokens) < 1 or args.max_new_tokens < 1 or args.threads < 1
+    if (min(spec_tokens) < 1 or args.max_new_tokens < 1 or args.threads < 1 or args.jobs < 1
             or (args.pass_seconds is not None and args.pass_seconds <= 0)):
-        ap.error("--spec-tokens, --max-new-tokens and --threads must be >= 1, --pass-seconds > 0")
+        ap.error("--spec-tokens, --max-new-tokens, --threads and --jobs must be >= 1, --pass-seconds > 0")
     known = dict(PROMPTS)
     names = args.prompts.split(",") if args.prompts else list(known)
     unknown = [n for n in names if n not in known]
@@ -252,8 +289,11 @@ def main(argv: list[str] | None = None) -> int:
         drafts_dir = args.drafts_dir or args.out / "drafts"
         drafts_dir.mkdir(parents=True, exist_ok=True)
         drafts = [prepare_draft(s, model, drafts_dir, log) for s in args.drafts.split(",") if s]
-        report = spec_accept(model, args.out, drafts, spec_tokens, [(n, known[n]) for n in names],
-                             args.max_new_tokens, log)
+        if args.jobs > 1:
+            report = run_in_parts(args, model, drafts_dir, names, log)
+        else:
+            report = spec_accept(model, args.out, drafts, spec_tokens, [(n, known[n]) for n in names],
+                                 args.max_new_tokens, log)
     except RingllmError as err:
         print(f"ringllm: error: {err}", file=sys.stderr)
         return 1
