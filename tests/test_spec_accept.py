@@ -103,3 +103,12 @@ def test_jobs_join_the_parts_in_prompt_order(tmp_path, tiny):
     assert two == one
     assert [r["prompt"] for r in json.loads((tmp_path / "two" / "spec-accept.json").read_text())["runs"]] == \
         ["copy", "days", "poem"]
+
+
+@pytest.mark.parametrize("drafts,needle", [("bogus", "--drafts bogus"), ("3", "--drafts 3: 3 layers"),
+                                           ("ngram,1/1", "--drafts 1/1: 3 layers")])
+def test_bad_drafts_one_line_exit_1_nothing_created(tmp_path, tiny, capsys, drafts, needle):
+    rc = sa.main(["--model", str(tiny), "--out", str(tmp_path / "out"), "--drafts", drafts])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and err[0].startswith("ringllm: error: ") and needle in err[0], err
+    assert not (tmp_path / "out").exists()

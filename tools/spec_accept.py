@@ -3,7 +3,7 @@ and drafts built here.
 
     python -m ringllm.tools.spec_accept --out DIR [--model DIR] [--drafts ngram,fp8,1/2,1/3,1/6]
                                         [--spec-tokens 4,8,16] [--prompts NAME,...] [--max-new-tokens 64]
-                                        [--drafts-dir DIR] [--pass-seconds S]
+                                        [--drafts-dir DIR] [--pass-seconds S] [--threads 1] [--jobs N]
 
 For each prompt of PROMPTS (kept here, so every run of the tool measures the same text) it runs
 `ringllm generate` (in this process, through ringllm.cli.main: the resident engine, float32, cpu,
@@ -17,7 +17,13 @@ fraction `A/B` or a count `N` of the target's layers (a layer-truncated draft: t
 or a model directory. Drafts the tool builds go to --drafts-dir (default OUT/drafts) and are
 reused from there. Writes spec-accept.json (every run, the pair descriptions, the command) and
 spec-accept.txt (tokens per pass and acceptance per draft x K, per prompt and the mean) into
---out, and each run's metrics file into OUT/runs/.
+--out, and each run's metrics file into OUT/runs/. --pass-seconds S adds a tok/s column: the
+mean tokens per pass / S (a verification pass's time measured elsewhere, e.g. the H200's 70B pass).
+
+Cost: the default set is 8 prompts x (1 + 5 drafts x 3 K) = 128 runs of 64 tokens; the FP8
+draft dominates (dequantized per use on cpu). On a 2-core VM shared with other jobs it took 32
+min with --jobs 2 (two processes; each torch at --threads 1, as spinning threads on busy cores
+made runs 20x slower). `--prompts`, `--drafts` and `--spec-tokens` take a subset.
 """
 from __future__ import annotations
 
@@ -108,6 +114,18 @@ def prepare_draft(spec: str, model: Path, drafts_dir: Path, log) -> dict:
         raise RingllmError(f"--drafts {spec}: not ngram, fp8, a fraction A/B or count of layers, or a model "
                            "directory (no config.json there)")
     return {"name": path.name, "args": ["--draft-model", str(path)], "dir": str(path), "pair": f"the model at {path}"}
+
+
+def check_draft_specs(specs: list[str], model: Path) -> None:
+    """Every --drafts entry names a draft, before anything is created or built (one line if not)."""
+    from ringllm.checkpoint.layout import load_layout
+
+    layers = load_layout(model).config.num_layers
+    for spec in specs:
+        if spec not in ("ngram", "fp8") and _layer_count(spec, layers) is None \
+                and not (Path(spec) / "config.json").is_file():
+            raise RingllmError(f"--drafts {spec}: not ngram, fp8, a fraction A/B or count of layers, or a model "
+                               "directory (no config.json there)")
 
 
 def _layer_count(spec: str, layers: int) -> int | None:
@@ -216,7 +234,8 @@ def format_table(report: dict, pass_seconds: float | None = None) -> str:
                             ("acceptance (accepted / drafted tree nodes)", "acceptance", "9.0%")):
         extra = f"{'same':>6}" if key == "tokens_per_pass" else ""
         implied = key == "tokens_per_pass" and pass_seconds
-        lines += ["", label + ":", head + extra + (f"{'tok/s':>7}" if implied else ""), "-" * (len(head) + 13)]
+        header = head + extra + (f"{'tok/s':>7}" if implied else "")
+        lines += ["", label + ":", header, "-" * len(header)]
         for row in table:
             line = (f"{row['draft'][:15]:<16}{row['spec_tokens']:>3}" + "".join(format(v, fmt) for v in row[key])
                     + format(row["mean_" + key], fmt[:-3].replace("9", "8") + fmt[-3:]))
@@ -282,13 +301,15 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)   # every run of the tool computes in this process
         model = args.model if args.model is not None else ensure_demo_model(default_cache_dir())
+        specs = [s for s in args.drafts.split(",") if s]
+        check_draft_specs(specs, model)
         try:
             args.out.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise RingllmError(f"--out {args.out}: cannot create it ({err.strerror})") from None
         drafts_dir = args.drafts_dir or args.out / "drafts"
         drafts_dir.mkdir(parents=True, exist_ok=True)
-        drafts = [prepare_draft(s, model, drafts_dir, log) for s in args.drafts.split(",") if s]
+        drafts = [prepare_draft(s, model, drafts_dir, log) for s in specs]
         if args.jobs > 1:
             report = run_in_parts(args, model, drafts_dir, names, log)
         else:
