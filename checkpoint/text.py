@@ -56,8 +56,14 @@ class TextCodec:
         self.eos_ids = tuple(sorted(eos))
 
     def render_chat(self, user_text: str) -> str:
+        """One user turn through the chat template (`ringllm generate`)."""
+        return self.render_messages([{"role": "user", "content": user_text}], "use --no-chat")
+
+    def render_messages(self, messages: list[dict], without_template: str) -> str:
+        """A conversation through the checkpoint's chat template, in jinja2's sandbox, ready for
+        the assistant's turn. without_template: what to tell a user whose model has none."""
         if not self.chat_template:
-            raise RingllmError("this model has no chat template (tokenizer_config.json); use --no-chat")
+            raise RingllmError(f"this model has no chat template (tokenizer_config.json); {without_template}")
         from jinja2 import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -68,7 +74,7 @@ class TextCodec:
         env.globals["raise_exception"] = raise_exception
         try:
             return env.from_string(self.chat_template).render(
-                messages=[{"role": "user", "content": user_text}], add_generation_prompt=True,
+                messages=messages, add_generation_prompt=True,
                 bos_token=self.bos_token or "", eos_token=self.eos_token or "")
         except TemplateError as err:
             raise RingllmError(f"chat template failed: {err}") from None

@@ -2,7 +2,6 @@
 with stop strings held back until they cannot match."""
 from __future__ import annotations
 
-from ringllm.checkpoint.errors import RingllmError
 from ringllm.checkpoint.text import StreamDecoder, TextCodec
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
@@ -23,24 +22,8 @@ def message_text(content) -> str:
 
 
 def render_chat(codec: TextCodec, messages: list[dict]) -> str:
-    """The checkpoint's chat template over the whole conversation (TextCodec.render_chat renders
-    one user turn; the same sandbox, the same globals)."""
-    if not codec.chat_template:
-        raise RingllmError("this model has no chat template (tokenizer_config.json); use /v1/completions")
-    from jinja2 import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    try:
-        return env.from_string(codec.chat_template).render(
-            messages=messages, add_generation_prompt=True,
-            bos_token=codec.bos_token or "", eos_token=codec.eos_token or "")
-    except TemplateError as err:
-        raise RingllmError(f"chat template failed: {err}") from None
+    """The checkpoint's chat template over the whole conversation."""
+    return codec.render_messages(messages, "use /v1/completions")
 
 
 class StopTextStream:
