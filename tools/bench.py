@@ -66,6 +66,47 @@ def measure_disk_ceiling(layout: ModelLayout, resident: int, engine: EngineConfi
 
 
 
+def run_bench_tool(module: str, stem: str, args, argv, measure, format_table) -> int:
+    """The command-line shell every bench tool shares: logging, --out created, the engine from
+    --preset / --set / --loaders and the environment, the device (--device, else cuda when there
+    is one), then measure(engine, device, log) -> report; one `ringllm: error:` line and exit 1 on
+    bad input, 130 on Ctrl-C (the runs clean up after themselves); the report saved with the
+    command line and the date (save_report)."""
+    import shlex
+    import time
+
+    from ringllm.checkpoint.errors import RingllmError
+    from ringllm.config import build_config, default_loader_count, env_parameters
+    from ringllm.workers.process_setup import configure_logging
+
+    configure_logging("[ringllm] %(message)s", False)
+
+    def log(message):
+        print(message, file=sys.stderr, flush=True)
+    try:
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise RingllmError(f"--out {args.out}: cannot create it ({err.strerror})") from None
+        overrides = dict(item.partition("=")[::2] for item in args.params)
+        # the disk the model is on (or will be made on) says how many loaders it wants
+        where = getattr(args, "model", None) or getattr(args, "scratch", None) or args.out
+        engine = build_config(preset=args.preset, env=env_parameters(), overrides=overrides,
+                              loaders=args.loaders or default_loader_count(where))
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        command = shlex.join([sys.executable, "-m", module, *(argv if argv is not None else sys.argv[1:])])
+        report = measure(engine, device, log)
+    except RingllmError as err:
+        print(f"ringllm: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("ringllm: interrupted", file=sys.stderr)
+        return 130
+    report.update(command=command, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    save_report(args.out, stem, report, format_table(report))
+    return 0
+
+
 def save_report(out: Path, stem: str, report: dict, table: str) -> None:
     """What every bench tool leaves: OUT/<stem>.json (the whole report), OUT/<stem>.txt (the
     table), and the table on stdout."""

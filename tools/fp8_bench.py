@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import shutil
 import sys
 import time
@@ -289,45 +288,19 @@ def main(argv: list[str] | None = None) -> int:
     ways = [w for w in args.ways.split(",") if w]
     if not set(ways) <= set(WAYS):
         build_parser().error(f"--ways {args.ways}: from {', '.join(WAYS)}")
-    from ringllm.workers.process_setup import configure_logging
-    configure_logging("[ringllm] %(message)s", False)
+    from ringllm.cli_input import check_model_arg
+    from ringllm.config import parse_bytes
+    from ringllm.tools.bench import run_bench_tool
 
-    def log(m):
-        print(m, file=sys.stderr, flush=True)
-    try:
-        import torch
-
-        from ringllm.cli_input import check_model_arg
-        from ringllm.config import build_config, default_loader_count, env_parameters, parse_bytes
-
-        try:
-            args.out.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise RingllmError(f"--out {args.out}: cannot create it ({err.strerror})") from None
+    def measure(engine, device, log):
         if args.model is None:
             args.model = bf16_checkpoint(args.scratch or Path("/tmp/ringllm-bench"), args.layers, args.max_layers, log)
         check_model_arg(args.model)
         fp8_dir = args.scratch / f"{args.model.name}-fp8" if args.scratch else args.out / "fp8"
-        overrides = dict(item.partition("=")[::2] for item in args.params)
-        engine = build_config(preset=args.preset, env=env_parameters(), overrides=overrides,
-                              loaders=args.loaders or default_loader_count(args.model))
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        command = shlex.join([sys.executable, "-m", "ringllm.tools.fp8_bench",
-                              *(argv if argv is not None else sys.argv[1:])])
-        report = fp8_bench(args.model, fp8_dir, args.out, device, parse_bytes(args.gpu_mem), engine, ways,
-                           args.decode_tokens, args.prompt_tokens, args.prefill_tokens,
-                           loaders_fixed=args.loaders is not None, log=log)
-    except RingllmError as err:
-        print(f"ringllm: error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:       # the runs have cleaned up (supervisor, disk_probe) by now
-        print("ringllm: interrupted", file=sys.stderr)
-        return 130
-    report.update(command=command, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
-    from ringllm.tools.bench import save_report
-
-    save_report(args.out, "fp8-bench", report, format_table(report))
-    return 0
+        return fp8_bench(args.model, fp8_dir, args.out, device, parse_bytes(args.gpu_mem), engine, ways,
+                         args.decode_tokens, args.prompt_tokens, args.prefill_tokens,
+                         loaders_fixed=args.loaders is not None, log=log)
+    return run_bench_tool("ringllm.tools.fp8_bench", "fp8-bench", args, argv, measure, format_table)
 
 
 if __name__ == "__main__":

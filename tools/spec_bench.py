@@ -19,10 +19,8 @@ spec-bench.json and spec-bench.txt into --out.
 from __future__ import annotations
 
 import argparse
-import shlex
 import statistics
 import sys
-import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -145,37 +143,15 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--widths must be counts >= 1 and include 1 (the pass the others are compared to), got {args.widths!r}")
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
-    from ringllm.workers.process_setup import configure_logging
-    configure_logging("[ringllm] %(message)s", False)
-    try:
-        import torch
+    from ringllm.cli_input import check_model_arg
+    from ringllm.config import parse_bytes
+    from ringllm.tools.bench import run_bench_tool
 
-        from ringllm.cli_input import check_model_arg
-        from ringllm.config import build_config, default_loader_count, env_parameters, parse_bytes
-
+    def measure(engine, device, log):
         check_model_arg(args.model)
-        try:
-            args.out.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise RingllmError(f"--out {args.out}: cannot create it ({err.strerror})") from None
-        overrides = dict(item.partition("=")[::2] for item in args.params)
-        engine = build_config(preset=args.preset, env=env_parameters(), overrides=overrides,
-                              loaders=args.loaders or default_loader_count(args.model))
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        command = shlex.join([sys.executable, "-m", "ringllm.tools.spec_bench", *(argv if argv is not None else sys.argv[1:])])
-        report = spec_bench(args.model, device, parse_bytes(args.gpu_mem) if device == "cuda" else None, engine,
-                            widths, args.repeats, args.prompt_tokens, log=lambda m: print(m, file=sys.stderr, flush=True))
-    except RingllmError as err:
-        print(f"ringllm: error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:       # the run has cleaned up (supervisor) by now
-        print("ringllm: interrupted", file=sys.stderr)
-        return 130
-    report.update(command=command, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
-    from ringllm.tools.bench import save_report
-
-    save_report(args.out, "spec-bench", report, format_table(report))
-    return 0
+        return spec_bench(args.model, device, parse_bytes(args.gpu_mem) if device == "cuda" else None, engine,
+                          widths, args.repeats, args.prompt_tokens, log=log)
+    return run_bench_tool("ringllm.tools.spec_bench", "spec-bench", args, argv, measure, format_table)
 
 
 if __name__ == "__main__":
