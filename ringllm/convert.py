@@ -171,11 +171,13 @@ def _convert_shard(src_shard: Path, out_path: Path, tensors: list[OutTensor], ad
         os.fsync(f.fileno())
 
 
-def _check_paths(src: Path, dst: Path) -> None:
+def check_new_checkpoint_dir(src: Path, dst: Path, writer: str = "ringllm convert") -> None:
+    """DST of a command that writes a checkpoint from SRC: new or empty, outside SRC, in a
+    writable directory. One line naming what is wrong otherwise."""
     if dst.exists() and not dst.is_dir():
         raise RingllmError(f"{dst}: exists and is a file; DST must be a new (or empty) directory")
     if dst.is_dir() and any(dst.iterdir()):
-        raise RingllmError(f"{dst}: exists and is not empty; ringllm convert writes a new directory "
+        raise RingllmError(f"{dst}: exists and is not empty; {writer} writes a new directory "
                            "(remove it or choose another DST)")
     s, d = src.resolve(), dst.resolve()
     if d == s or s in d.parents:
@@ -198,7 +200,7 @@ def convert_to_fp8(src: Path | str, dst: Path | str, quantize_lm_head: bool = Fa
         q = layout.quantization
         raise RingllmError(f"{src}/config.json: the checkpoint is already quantized ({q.method}, format "
                            f"'{q.fmt}'); convert reads a bf16, fp16 or fp32 checkpoint")
-    _check_paths(src, dst)
+    check_new_checkpoint_dir(src, dst)
 
     def quantize(name: str) -> bool:
         return bool(LINEAR.fullmatch(name)) or (quantize_lm_head and name == "lm_head.weight")

@@ -77,21 +77,6 @@ def _copy_shard(extents, out_path: Path) -> int:
     return total
 
 
-def _check_paths(src: Path, dst: Path) -> None:
-    if dst.exists() and not dst.is_dir():
-        raise RingllmError(f"{dst}: exists and is a file; DST must be a new (or empty) directory")
-    if dst.is_dir() and any(dst.iterdir()):
-        raise RingllmError(f"{dst}: exists and is not empty; make_draft writes a new directory "
-                           "(remove it or choose another DST)")
-    s, d = src.resolve(), dst.resolve()
-    if d == s or s in d.parents:
-        raise RingllmError(f"{dst}: is inside the source checkpoint {src}; choose a DST outside it")
-    if not d.parent.is_dir():
-        raise RingllmError(f"{dst}: its parent directory {d.parent} does not exist")
-    if not os.access(d.parent, os.W_OK | os.X_OK):
-        raise RingllmError(f"{dst}: its parent directory {d.parent} is not writable")
-
-
 def _write_metadata(src: Path, out: Path, layers: int, shards: dict[str, list], total: int) -> None:
     config = json.loads((src / "config.json").read_text())
     config["num_hidden_layers"] = layers
@@ -114,7 +99,8 @@ def make_draft(src: Path | str, dst: Path | str, layers: int, log=None) -> Path:
     """Write the `layers`-layer truncation of checkpoint `src` at `dst` (module docstring); returns dst."""
     from ringllm.checkpoint.layout import load_layout
     from ringllm.checkpoint.safetensors_index import read_safetensors_header, shard_files
-    from ringllm.convert import _remove_stale_partials, _sigterm_exits   # the same DST.partial-<pid> rules
+    from ringllm.convert import (_remove_stale_partials, _sigterm_exits,   # the same DST.partial-<pid> rules
+                                 check_new_checkpoint_dir)
 
     src, dst = Path(src), Path(dst)
     layout = load_layout(src)          # a readable Llama checkpoint, names and shapes checked
@@ -122,7 +108,7 @@ def make_draft(src: Path | str, dst: Path | str, layers: int, log=None) -> Path:
     if not 1 <= layers < source_layers:
         raise RingllmError(f"--layers {layers}: a draft keeps 1 to {source_layers - 1} of {src}'s "
                            f"{source_layers} decoder layers")
-    _check_paths(src, dst)
+    check_new_checkpoint_dir(src, dst, "make_draft")
     shards = {}
     for shard in shard_files(src):
         extents = [e for e in read_safetensors_header(shard).values() if kept(e.name, layers)]
