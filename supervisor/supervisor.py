@@ -33,6 +33,7 @@ from ringllm.shm.channel import (QUEUE_MESSAGES, Channel, Fatal, Finished, Loade
                                  StatsRequest, TokenRows, Tokens)
 from ringllm.shm.prefault import SlotPrefaulter
 from ringllm.supervisor.checks import check_dram, fallback_warning, process_memory
+from ringllm.supervisor.prefetch import start_library_prefetch
 from ringllm.shm.resources import (RunNames, new_run_id, pinned_above, run_id_of, sweep, system_pinned_bytes,
                                    unlink_all)
 from ringllm.shm.ring import Ring, ring_bytes
@@ -208,6 +209,7 @@ class Supervisor:
 
     def _start_all(self, prompts, max_new_tokens, sampling, eos_ids) -> None:
         n, pid = self.names, os.getpid()
+        start_library_prefetch(self.device)   # first: ahead of the loaders' reads (supervisor.prefetch)
         estimate = self.faults.resident_estimate
         if estimate is None:
             estimate = resident_estimate(self.layout, self.engine, len(prompts),
