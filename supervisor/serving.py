@@ -15,7 +15,6 @@ end of Supervisor.run does: no /dev/shm segment, no queue, no child.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import signal
 import threading
@@ -51,18 +50,19 @@ class ServedEngine:
         self._prompt: dict[int, int] = {}      # wire id -> prompt length
         self.failure: str | None = None
         self.passes = 0                        # weight passes the GPU process reported
+        self._previous: dict = {}              # SIGINT/SIGTERM handlers before start()
 
     # --- start and stop ----------------------------------------------------------------------
     @classmethod
     def start(cls, sup, max_batch: int, max_context: int) -> "ServedEngine":
         engine = cls(sup, max_batch, max_context)
-        with engine._signals_remembered():
-            try:
-                engine._start()
-            except BaseException:
-                engine._close_now()
-                raise
+        engine._hold_signals()
+        try:
+            engine._start()
             sup._raise_if_signalled()     # a signal during start-up: the caller exits 130/143
+        except BaseException:
+            engine.close()
+            raise
         return engine
 
     def _start(self) -> None:
@@ -85,31 +85,33 @@ class ServedEngine:
                 raise RingllmError(f"the GPU process did not become ready within {sup.engine.startup_timeout_s:.0f} s")
 
     def close(self) -> None:
-        """Stop every child and remove every resource (the runner thread has stopped)."""
-        with self._signals_remembered():
-            self._close_now()
-
-    def _close_now(self) -> None:
+        """Stop every child and remove every resource (the runner thread has stopped), then give
+        SIGINT/SIGTERM back their handlers from before start()."""
         sup = self.sup
         sup.stopping = True     # a signal now only says the cleanup is under way
         try:
             sup._stop()
         finally:
-            sup._unlink()
-            sup._account_pinned(final=True)
+            try:
+                sup._unlink()
+                sup._account_pinned(final=True)
+            finally:
+                for sig, handler in self._previous.items():
+                    signal.signal(sig, handler)
+                self._previous = {}
 
-    @contextlib.contextmanager
-    def _signals_remembered(self):
-        """SIGINT/SIGTERM only remembered (Supervisor._on_signal) while processes start or stop,
-        as in Supervisor.run; between those uvicorn owns them (the drain). Main thread only."""
-        previous = {}
+    def _hold_signals(self) -> None:
+        """From start() to the end of close(), SIGINT/SIGTERM are only remembered
+        (Supervisor._on_signal), as in Supervisor.run: with their default action a signal between
+        start-up and uvicorn (or after it) would end the process and leave the ring behind.
+        uvicorn takes them over while it serves (the drain) and gives them back. Main thread only."""
         if threading.current_thread() is threading.main_thread():
-            previous = {sig: signal.signal(sig, self.sup._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            self._previous = {sig: signal.signal(sig, self.sup._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    @property
+    def signalled(self) -> int | None:
+        """A SIGINT/SIGTERM that came while no one else handled it (then: do not serve; close)."""
+        return self.sup.signalled
 
     # --- any thread: BatchEngine's entry points ----------------------------------------------
     def submit(self, req: BatchRequest) -> None:

@@ -112,7 +112,8 @@ def cmd_serve(args) -> int:
             app = create_app(runner, codec, settings)
             runner.start()
             try:
-                serve_until_signal(app, runner, sock, args.drain_timeout)
+                if getattr(engine, "signalled", None) is None:    # none came between start-up and now
+                    serve_until_signal(app, runner, sock, args.drain_timeout)
             finally:
                 runner.stop()
         finally:
