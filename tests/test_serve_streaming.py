@@ -243,3 +243,22 @@ def test_kv_rows_over_the_gpu_cap_refused_in_one_line(tiny):
     errors = [line for line in r.stderr.splitlines() if line.startswith("ringllm: error:")]
     assert len(errors) == 1 and "--gpu-mem 300.0 MiB" in errors[0] and "KV cache" in errors[0], r.stderr
     assert "memory plan: 64 sequences (--max-batch) of 256 tokens" in r.stderr, r.stderr
+
+
+def test_request_and_event_messages_keep_to_the_cap():
+    """A prompt and a pass's events bigger than one message travel in several, in order."""
+    from ringllm.shm.channel import MESSAGE_BYTES, Events, PromptPart, Submit, decode, encode, event_messages, \
+        submit_messages
+    from ringllm.workers.sampling import SamplingParams
+
+    prompt = [2**32 - 1 - i for i in range(700)]      # 5 msgpack bytes each: 3.5 KB
+    msgs = [decode(encode(m)) for m in submit_messages(7, prompt, 9, SamplingParams(0.7, 0.9, 5, 2**40), [2, 3])]
+    assert len(msgs) > 1 and all(isinstance(m, PromptPart) for m in msgs[:-1]) and isinstance(msgs[-1], Submit)
+    assert [t for m in msgs for t in m.tokens] == prompt and msgs[-1].prompt_len == len(prompt)
+    assert (msgs[-1].max_tokens, msgs[-1].temperature, msgs[-1].top_k, msgs[-1].seed, msgs[-1].eos_ids) == \
+        (9, 0.7, 5, 2**40, [2, 3])
+    rows = [[2**31 + i, 2**32 - 1, "cancelled", 4096, 4096] for i in range(100)]
+    events = [decode(encode(m)) for m in event_messages(rows, True)]
+    assert all(isinstance(m, Events) and len(encode(m)) <= MESSAGE_BYTES for m in events)
+    assert [m.last for m in events] == [False] * (len(events) - 1) + [True]
+    assert [r for m in events for r in m.events] == rows
