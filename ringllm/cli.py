@@ -121,7 +121,24 @@ def _add_serve(sub) -> None:
                    help="on SIGINT/SIGTERM, seconds in-flight requests get before they are cancelled")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available, else cpu")
     p.add_argument("--dtype", choices=("auto", *dtypes.NAMES), default="auto", help="compute dtype; auto = the checkpoint's")
+    _add_engine_flags(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _add_engine_flags(p) -> None:
+    """serve: the streaming engine's settings, as generate takes them."""
+    p.add_argument("--resident", action="store_true",
+                   help="load every weight in the server process (the in-process engine) instead of streaming")
+    p.add_argument("--loaders", type=int, default=None,
+                   help="loader processes (default: from the CPU count and the disk)")
+    p.add_argument("--gpu-mem", default=None, help="cap on what the GPU process allocates, e.g. 24GiB; "
+                   "--max-batch rows of --max-context tokens must fit (default: no cap)")
+    p.add_argument("--preset", choices=("conservative", "balanced", "aggressive", "auto"), default=None,
+                   help="the user guide's presets, or auto: chosen for this machine (default: none)")
+    p.add_argument("--measure", action="store_true", help="with --preset auto: also measure disk and H2D GB/s")
+    p.add_argument("--dram-limit", default=None, help="DRAM the ring may use when ringllm sizes it (default: available)")
+    p.add_argument("--set", dest="params", action="append", default=[], metavar="NAME=VALUE",
+                   help="set an engine parameter by its guide name, e.g. --set CPU_CAP_VALUE=16")
 
 
 def build_parser() -> argparse.ArgumentParser:

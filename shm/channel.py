@@ -136,6 +136,71 @@ class StatsRequest:
     pass
 
 
+# --- `ringllm serve`: supervisor <-> GPU process --------------------------------------------
+# Requests travel by a small integer id the supervisor assigns (supervisor.serving), so that a
+# pass's events stay small. A prompt longer than one message goes first as PromptPart messages,
+# then the Submit with its last part; one sender (the supervisor, under a lock) and one queue keep
+# them in order, so the GPU process puts them together by id ([P12]: every message under the cap).
+@message(13)
+class PromptPart:
+    id: int
+    tokens: list
+
+
+@message(14)
+class Submit:
+    """A request joins the GPU process's batch (workers.batching.BatchEngine.submit); `tokens`
+    ends the prompt of prompt_len tokens whose start came in PromptPart messages."""
+    id: int
+    prompt_len: int
+    tokens: list
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    eos_ids: list
+
+
+@message(15)
+class Cancel:
+    id: int
+
+
+@message(6)
+class Events:
+    """One engine step's TokenEvents as [id, token, finish, prompt_tokens, completion_tokens]
+    rows; a step too big for one message comes as several, `last` set on its final one.
+    forward: the step ran a weight pass (a step that only drops cancelled requests does not)."""
+    forward: bool
+    last: bool
+    events: list
+
+
+def submit_messages(id: int, prompt: list, max_tokens: int, sampling, eos_ids: list) -> list:
+    """A request as PromptPart messages and the Submit that ends it, each under the cap."""
+    def submit(tokens):
+        return Submit(id, len(prompt), tokens, max_tokens, float(sampling.temperature), float(sampling.top_p),
+                      int(sampling.top_k), sampling.seed, list(eos_ids))
+    room = (MESSAGE_BYTES - len(encode(submit([])))) // 5 - 1   # token ids take 5 bytes at most
+    header = len(encode(PromptPart(id, [])))
+    part = (MESSAGE_BYTES - header) // 5 - 1
+    if room < 1:
+        raise ValueError(f"{len(eos_ids)} EOS ids do not fit a Submit message")
+    head, last = prompt[:max(0, len(prompt) - room)], prompt[max(0, len(prompt) - room):]
+    return [PromptPart(id, head[i:i + part]) for i in range(0, len(head), part)] + [submit(last)]
+
+
+EVENT_BYTES = 32     # an event row: id, token (< 2**32), a finish name, two counts
+
+
+def event_messages(rows: list, forward: bool) -> list:
+    """A step's event rows in as many Events messages as the cap needs (at least one)."""
+    per = (MESSAGE_BYTES - 16) // EVENT_BYTES
+    parts = [rows[i:i + per] for i in range(0, len(rows), per)] or [[]]
+    return [Events(forward, i == len(parts) - 1, part) for i, part in enumerate(parts)]
+
+
 # --- coordinator <-> loaders -----------------------------------------------------------------
 @message(20)
 class ReadJob:

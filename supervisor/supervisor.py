@@ -155,6 +155,14 @@ class Supervisor:
         self._raise_if_signalled()   # a signal during the cleanup of a run that ended well
         return self.result
 
+    def serve_engine(self, max_batch: int, max_context: int):
+        """`ringllm serve`: start every process, wait for the GPU process, and return an engine with
+        BatchEngine's interface over it (supervisor.serving.ServedEngine); its close() stops and
+        removes everything as the end of run() does."""
+        from ringllm.supervisor.serving import ServedEngine
+
+        return ServedEngine.start(self, max_batch, max_context)
+
     def _on_signal(self, signum, frame):
         # Only remembered here; _raise_if_signalled raises it where the supervisor checks: the
         # serve loop (at least every 0.1 s: a signal also ends the queue wait), after each spawn,
@@ -207,14 +215,16 @@ class Supervisor:
                           tuple(self.files), self.verbose, faults=self.faults, stats_name=n.stats_segment,
                           epoch=self.loader_epochs[index])
 
-    def _start_all(self, prompts, max_new_tokens, sampling, eos_ids) -> None:
+    def _start_all(self, prompts, max_new_tokens, sampling, eos_ids, serve: tuple | None = None) -> None:
+        """serve: (max_batch, max_context) for `ringllm serve` (no prompts: requests come later)."""
         n, pid = self.names, os.getpid()
         start_library_prefetch(self.device)   # first: ahead of the loaders' reads (supervisor.prefetch)
         estimate = self.faults.resident_estimate
         if estimate is None:
-            estimate = resident_estimate(self.layout, self.engine, len(prompts),
-                                         cache_slots(max(map(len, prompts)), max_new_tokens, sampling),
-                                         self.dtype, self.device, spec_plan(sampling))
+            batch, max_seq = serve if serve is not None else (
+                len(prompts), cache_slots(max(map(len, prompts)), max_new_tokens, sampling))
+            estimate = resident_estimate(self.layout, self.engine, batch, max_seq, self.dtype, self.device,
+                                         spec_plan(sampling))
         n_layers = self.layout.config.num_layers
         self.prefaulter = SlotPrefaulter(self.ring, None if estimate is None else n_layers - estimate)
         self.prefaulter.start()      # fresh pages faulted ahead of the loaders (shm.prefault)
@@ -228,7 +238,7 @@ class Supervisor:
             pid, n.segment, n.gpu_queue, n.coord_queue, n.sup_queue, self.layout, tuple(self.plans),
             self.engine, self.device, self.dtype, tuple(tuple(p) for p in prompts), max_new_tokens,
             sampling, tuple(eos_ids), self.verbose, faults=self.faults, profile_trace=self.profile_trace,
-            fill_ring_first=self.fill_ring_first, stats_name=n.stats_segment))
+            fill_ring_first=self.fill_ring_first, stats_name=n.stats_segment, serve=serve))
 
     def _first_pass_bar(self):
         """A progress bar on stderr for the first pass (slow on a big model: the ring fills from
@@ -264,18 +274,7 @@ class Supervisor:
             if not self.tokens_seen:
                 bar_update()
             if isinstance(msg, Ready):
-                key = f"{msg.role}{msg.index if msg.role == 'loader' else ''}"
-                if msg.info.get("pid") == self.procs[key].pid:     # not a restarted loader's predecessor
-                    self.ready.add(key)
-                if msg.role == "loader" and self.loader_epochs[msg.index] < self.faults.loader_kills(msg.index):
-                    os.kill(msg.info["pid"], signal.SIGKILL)
-                if msg.role == "gpu":
-                    self.result.startup_wall_s = time.monotonic() - self._run_started
-                    self.result.gpu_info = msg.info
-                    self.page.set_status(RUNNING)
-                    if msg.info.get("name"):
-                        log.info("GPU process ready on %s (%s, %.1f GiB free)", msg.info["name"], msg.info["device"],
-                                 msg.info.get("free_bytes", 0) / 2**30)
+                self._on_ready(msg)
             elif isinstance(msg, Tokens) and (tokens := token_rows.add(msg)) is not None:
                 # (a big batch's step comes in several Tokens messages: this is its last)
                 if not self.tokens_seen:
@@ -302,6 +301,20 @@ class Supervisor:
             self._sample_memory()
             if "gpu" not in self.ready and time.monotonic() - started > self.engine.startup_timeout_s:
                 raise RingllmError(f"the GPU process did not become ready within {self.engine.startup_timeout_s:.0f} s")
+
+    def _on_ready(self, msg: Ready) -> None:
+        key = f"{msg.role}{msg.index if msg.role == 'loader' else ''}"
+        if msg.info.get("pid") == self.procs[key].pid:     # not a restarted loader's predecessor
+            self.ready.add(key)
+        if msg.role == "loader" and self.loader_epochs[msg.index] < self.faults.loader_kills(msg.index):
+            os.kill(msg.info["pid"], signal.SIGKILL)
+        if msg.role == "gpu":
+            self.result.startup_wall_s = time.monotonic() - self._run_started
+            self.result.gpu_info = msg.info
+            self.page.set_status(RUNNING)
+            if msg.info.get("name"):
+                log.info("GPU process ready on %s (%s, %.1f GiB free)", msg.info["name"], msg.info["device"],
+                         msg.info.get("free_bytes", 0) / 2**30)
 
     def _sample_memory(self) -> None:
         now = time.monotonic()

@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import time
 from dataclasses import dataclass
 
 from ringllm.checkpoint.errors import RingllmError
 from ringllm.faults import NO_FAULTS, FaultPlan
-from ringllm.shm.channel import Channel, Fatal, Finished, Mark, Ready, ResidentLayers, token_messages
+from ringllm.shm.channel import (Cancel, Channel, Fatal, Finished, Mark, PromptPart, Ready, ResidentLayers, Submit,
+                                 event_messages, token_messages)
 from ringllm.shm.ring import Ring
 from ringllm.shm.stats import StatsPage
 from ringllm.workers.process_setup import apply_torch_threads, child_start, sigterm_deferred, stop_requested
 from ringllm.workers.registrar import SlotRegistrar
 
 log = logging.getLogger("ringllm.gpu")
+IDLE_WAIT_S = 0.1     # serve mode: an idle GPU process looks for requests and Shutdown this often
 
 
 @dataclass(frozen=True)
@@ -43,17 +46,30 @@ class GpuArgs:
     profile_trace: str | None = None   # write a Chrome trace (torch.profiler) of the generation here
     fill_ring_first: bool = False  # bench: wait until the ring holds what it can before timing starts
     stats_name: str = ""           # the run's stats page (shm.stats)
+    # `ringllm serve`: (max_batch, max_context); prompts are empty and requests come as messages
+    serve: tuple | None = None
+
+
+def planned_shape(args: GpuArgs) -> tuple[int, int, int]:
+    """(batch, max_seq, prompt length) the memory plan and the warm-up assume: the prompts of a
+    generate run, or serve's max_batch rows of max_context slots."""
+    from ringllm.workers.speculation import cache_slots
+
+    if args.serve is not None:
+        max_batch, max_context = args.serve
+        return max_batch, max_context, min(max_context - 1, 16)
+    longest = max(len(p) for p in args.prompts)
+    # the same sequence length and speculation as every other planner call (ringllm.generate)
+    return len(args.prompts), cache_slots(longest, args.max_new_tokens, args.sampling), longest
 
 
 def resident_layer_count(args: GpuArgs, device_type: str, free_bytes: int | None) -> int:
     """GPU_RESIDENT_LAYERS, or with -1 (auto) as many layers as fit (memory_plan.planned_resident_layers)."""
     from ringllm.workers.memory_plan import planned_resident_layers
     from ringllm.workers.spec_plan import spec_plan
-    from ringllm.workers.speculation import cache_slots
 
-    # the same sequence length and speculation as every other planner call (ringllm.generate)
-    max_seq = cache_slots(max(len(p) for p in args.prompts), args.max_new_tokens, args.sampling)
-    keep = planned_resident_layers(args.layout, args.engine, len(args.prompts), max_seq, args.dtype,
+    batch, max_seq, _ = planned_shape(args)
+    keep = planned_resident_layers(args.layout, args.engine, batch, max_seq, args.dtype,
                                    device_type, free_bytes, spec=spec_plan(args.sampling))
     return keep or 0
 
@@ -132,8 +148,9 @@ def gpu_main(args: GpuArgs) -> None:
         t1 = time.monotonic()
         placeholders = [group_weights(torch.zeros(args.layout.group(0, k).nbytes, dtype=torch.uint8, device=device),
                                       args.layout.group(0, k)) for k in ("attn", "ffn")]
+        batch, _, prompt_len = planned_shape(args)
         Llama(args.layout.config, resident, None, dtype, device, fp8_matmul).warm_up_kernels(
-            len(args.prompts), max(len(p) for p in args.prompts), *placeholders)
+            batch, prompt_len, *placeholders)
         del placeholders
         if cuda:
             torch.cuda.synchronize(device)
@@ -145,13 +162,21 @@ def gpu_main(args: GpuArgs) -> None:
         if keep:
             log.info("layers 0..%d stay on %s (%d of %d); the other %d stream", keep - 1,
                      "the GPU" if cuda else "cpu, loaded once", keep, n, n - keep)
+        if args.serve is not None:
+            reader.channel = RequestTap(inbox)    # Submit/Cancel aside; the reader keeps the rest
         reader.start()
         page = StatsPage(args.stats_name) if args.stats_name else None
         source = StreamingSource(args.layout, list(args.plans), args.engine, ring, ring_tensor, device,
                                  coord, reader, resident=resident_groups, chaos=args.faults.chaos,
-                                 stats_page=page, passes=args.max_new_tokens, registrar=registrar)
+                                 stats_page=page, registrar=registrar,
+                                 passes=None if args.serve is not None else args.max_new_tokens)
         sup.send(Ready("gpu", 0, info))
         model = Llama(args.layout.config, resident, source, dtype, device, fp8_matmul)
+        if args.serve is not None:
+            if args.engine.warmup_layers:
+                source.warm_up()
+            serve_requests(args, model, source, sup, reader)
+            return
         if args.fill_ring_first:
             wait_for_ring(ring, min(ring.slot_count, n - keep), args.engine.wait_timeout_s)
             coord.send(Mark(), timeout=args.engine.wait_timeout_s)   # timed part starts here
@@ -225,6 +250,73 @@ def gpu_main(args: GpuArgs) -> None:
             registrar.unregister_all()
         del ring_tensor
         ring.close()
+
+
+class RequestTap:
+    """The GPU inbox as the InboxReader sees it in serve mode: Submit, PromptPart and Cancel go to
+    `requests` (the serve loop's), everything else (SlotReady, Shutdown) to the reader as before."""
+
+    def __init__(self, channel: Channel):
+        self.channel, self.requests = channel, queue.Queue()
+
+    def receive(self, timeout: float):
+        msg = self.channel.receive(timeout)
+        if isinstance(msg, (Submit, PromptPart, Cancel)):
+            self.requests.put(msg)
+            return None
+        return msg
+
+
+def serve_requests(args: GpuArgs, model, source, sup: Channel, reader) -> None:
+    """`ringllm serve`: one BatchEngine over the streaming model. Each step is one weight pass that
+    advances every running request; requests join and leave between passes. Idle, it blocks on
+    its requests (bounded), so a Shutdown is seen within IDLE_WAIT_S."""
+    from ringllm.workers.batching import BatchEngine, BatchRequest
+    from ringllm.workers.sampling import SamplingParams
+
+    max_batch, max_context = args.serve
+    engine = BatchEngine(model, max_batch, max_context)
+    requests: queue.Queue = reader.channel.requests
+    parts: dict[int, list] = {}      # id -> the prompt's tokens so far (PromptPart messages)
+    refused: list = []               # event rows of requests the engine refused at submit
+    timeout = args.engine.wait_timeout_s
+
+    def take(msg) -> None:
+        if isinstance(msg, PromptPart):
+            parts.setdefault(msg.id, []).extend(msg.tokens)
+        elif isinstance(msg, Cancel):
+            engine.cancel(str(msg.id))
+        elif isinstance(msg, Submit):
+            prompt = parts.pop(msg.id, []) + list(msg.tokens)
+            if len(prompt) != msg.prompt_len:      # a protocol bug, not a user error
+                raise RingllmError(f"request {msg.id}: {len(prompt)} prompt tokens arrived of {msg.prompt_len}")
+            sampling = SamplingParams(msg.temperature, msg.top_p, msg.top_k, msg.seed)
+            try:
+                engine.submit(BatchRequest(str(msg.id), tuple(prompt), msg.max_tokens, sampling, tuple(msg.eos_ids)))
+            except RingllmError:     # the supervisor checked it first; answer rather than die
+                log.warning("request %d refused", msg.id, exc_info=True)
+                refused.append([msg.id, None, "error", len(prompt), 0])
+
+    while not reader.shutdown.is_set():
+        try:
+            take(requests.get(timeout=IDLE_WAIT_S if engine.idle() and not refused else 0))
+            while True:
+                take(requests.get_nowait())
+        except queue.Empty:
+            pass
+        rows, refused[:] = list(refused), []
+        forward = False
+        if not engine.idle():
+            served = source.stats.groups_served
+            events = engine.step()
+            forward = source.stats.groups_served > served
+            if forward:
+                source.tokens += 1
+                source.publish(force=True)
+            rows += [[int(e.id), e.token, e.finish, e.prompt_tokens, e.completion_tokens] for e in events]
+        if rows or forward:
+            for msg in event_messages(rows, forward):
+                sup.send(msg, timeout=timeout)
 
 
 def _slots_pinned(ring: Ring, ring_tensor, registrar: SlotRegistrar) -> bool:

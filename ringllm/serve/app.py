@@ -21,7 +21,7 @@ from ringllm.serve.gate import Gate
 from ringllm.serve.metrics import metrics_response
 from ringllm.serve.requests import (ApiError, GenerationParams, bad, chat_messages, completion_prompt,
                                     generation_params)
-from ringllm.serve.runner import EngineRunner, QueueFull
+from ringllm.serve.runner import UNAVAILABLE, EngineRunner, QueueFull
 from ringllm.serve.text import StopTextStream, render_chat
 
 DISCONNECT_POLL_S = 0.5     # how often a non-streamed request checks that its client is still there
@@ -50,6 +50,9 @@ class Outcome:
 def create_app(runner: EngineRunner, codec: TextCodec, settings: ServeSettings):
     app = FastAPI(title="ringllm", docs_url=None, redoc_url=None, openapi_url=None)
     eos_ids = frozenset(codec.eos_ids)
+
+    def unavailable() -> ApiError:
+        return ApiError(503, runner.failure or "the engine stopped", "server_error", code="engine_unavailable")
 
     @app.exception_handler(ApiError)
     async def api_error(request, err: ApiError):
@@ -197,6 +200,8 @@ def create_app(runner: EngineRunner, codec: TextCodec, settings: ServeSettings):
         parts = [piece async for piece in pieces(rid, queue, len(ids), params, outcome, request)]
         if outcome.finish is None:      # the client went away: nobody reads this
             return Response(status_code=499)
+        if outcome.finish == UNAVAILABLE:
+            raise unavailable()
         if outcome.finish == "error":
             raise ApiError(500, "the engine failed while generating", "server_error", code="engine_error")
         text = "".join(parts)
@@ -226,7 +231,9 @@ def create_app(runner: EngineRunner, codec: TextCodec, settings: ServeSettings):
                 yield chunk([choice(piece, None)])
         finally:
             runner.cancel(rid)     # the client went away before the first piece
-        if outcome.finish == "error":
+        if outcome.finish == UNAVAILABLE:
+            yield {"data": json.dumps(unavailable().body())}
+        elif outcome.finish == "error":
             yield {"data": json.dumps(ApiError(500, "the engine failed while generating", "server_error",
                                                code="engine_error").body())}
         else:

@@ -21,7 +21,8 @@ from ringllm.workers.batching import BatchRequest, TokenEvent
 log = logging.getLogger("ringllm.serve")
 
 IDLE_WAIT_S = 1.0          # the thread re-checks its state at least this often while idle
-RATE_WINDOW_S = 10.0       # tokens/s and passes/s are averaged over this window
+RATE_WINDOW_S = 10.0
+UNAVAILABLE = "unavailable"    # the finish of requests in flight when the engine died (HTTP 503)       # tokens/s and passes/s are averaged over this window
 
 
 class QueueFull(Exception):
@@ -50,6 +51,8 @@ class EngineRunner:
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._cancel_sent: set[str] = set()     # each request is cancelled in the engine once
         self._draining = False
+        self.failure: str | None = None     # why the engine stopped for good (then every request is 503)
+        self.on_failure = None              # called once from the engine thread after such a failure
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._tokens_total = self._passes_total = 0
@@ -110,7 +113,7 @@ class EngineRunner:
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         with self._cond:
             if self._draining or self._stopping:
-                raise QueueFull("the server is shutting down")
+                raise QueueFull(self.failure or "the server is shutting down")
             if len(self._queues) >= self.capacity:
                 raise QueueFull(f"the queue is full ({self.capacity} requests in flight)")
             self._queues[req.id] = (loop, queue)
@@ -156,7 +159,10 @@ class EngineRunner:
             t0 = time.perf_counter()
             try:
                 events = self.engine.step()
-            except Exception:
+            except Exception as err:
+                if getattr(err, "fatal", False):    # the engine cannot go on (supervisor.serving.EngineDown)
+                    self._fail(str(err))
+                    return
                 log.exception("the engine failed a step; ending every request in flight")
                 for rid in list(self._queues):
                     self.engine.cancel(rid)
@@ -174,6 +180,16 @@ class EngineRunner:
                 self._recent.popleft()
             for event in events:
                 self._deliver(event)
+
+    def _fail(self, text: str) -> None:
+        """Every request in flight ends "unavailable" (HTTP 503 with `text`), new ones are refused
+        with it, and on_failure (the server: exit non-zero) is called."""
+        with self._cond:
+            self.failure, self._draining = text, True
+        for rid in list(self._queues):
+            self._deliver(TokenEvent(rid, None, UNAVAILABLE))
+        if self.on_failure is not None:
+            self.on_failure()
 
     def _deliver(self, event: TokenEvent) -> None:
         with self._cond:

@@ -38,6 +38,26 @@ def load_engine(layout, model_dir: Path, device_type: str, dtype_name: str, max_
     return BatchEngine(model, max_batch, max_context), max_batch
 
 
+def load_streaming_engine(args, layout, device: str, dtype_name: str, max_batch: int, max_context: int):
+    """The default engine: the supervisor, coordinator, loaders and a GPU process that runs
+    BatchEngine over the streamed model (supervisor.serving.ServedEngine). Refuses, before any
+    process starts, when --max-batch rows of --max-context tokens do not fit --gpu-mem."""
+    from ringllm.choose import build_engine_config
+    from ringllm.supervisor.supervisor import Supervisor
+    from ringllm.workers.memory_plan import check_gpu_cap, fmt_bytes, plan_gpu_memory
+
+    engine = build_engine_config(args, args.model, max_context, max_batch, layout, device, dtype_name)
+    plan = plan_gpu_memory(layout, engine, max_batch, max_context, dtype_name, embed_on_host=device == "cuda")
+    cap = f"--gpu-mem {fmt_bytes(engine.gpu_mem)}" if engine.gpu_mem is not None else "no --gpu-mem cap"
+    log.info("memory plan: %d sequences (--max-batch) of %d tokens (--max-context): KV cache %s + resident %s + "
+             "group buffers %s + workspace %s = %s at the least, %s", max_batch, max_context,
+             fmt_bytes(plan.kv_cache), fmt_bytes(plan.resident), fmt_bytes(plan.group_buffers),
+             fmt_bytes(plan.workspace), fmt_bytes(plan.minimum), cap)
+    check_gpu_cap(plan, engine.gpu_mem, engine)
+    sup = Supervisor(layout, engine, device, dtype_name, verbose=args.verbose)
+    return sup.serve_engine(max_batch, max_context)
+
+
 def check_serve_extra() -> None:
     import importlib.util
 
@@ -80,18 +100,29 @@ def cmd_serve(args) -> int:
 
     sock = listen(args.host, args.port)     # a taken port fails before the model loads
     try:
-        engine, max_batch = load_engine(layout, args.model, device, dtype_name, args.max_batch, max_context)
-        runner = EngineRunner(engine, max_batch, args.max_waiting)
-        settings = ServeSettings(args.served_model_name or Path(args.model).resolve().name, max_context, api_key,
-                                 args.max_body_bytes, args.drain_timeout)
-        app = create_app(runner, codec, settings)
-        runner.start()
+        if args.resident:
+            engine, max_batch = load_engine(layout, args.model, device, dtype_name, args.max_batch, max_context)
+        else:
+            engine, max_batch = load_streaming_engine(args, layout, device, dtype_name, args.max_batch,
+                                                      max_context), args.max_batch
         try:
-            serve_until_signal(app, runner, sock, args.drain_timeout)
+            runner = EngineRunner(engine, max_batch, args.max_waiting)
+            settings = ServeSettings(args.served_model_name or Path(args.model).resolve().name, max_context,
+                                     api_key, args.max_body_bytes, args.drain_timeout)
+            app = create_app(runner, codec, settings)
+            runner.start()
+            try:
+                if getattr(engine, "signalled", None) is None:    # none came between start-up and now
+                    serve_until_signal(app, runner, sock, args.drain_timeout)
+            finally:
+                runner.stop()
         finally:
-            runner.stop()
+            if hasattr(engine, "close"):     # the streaming engine: its processes and shared memory
+                engine.close()
     finally:
         sock.close()
+    if runner.failure is not None:      # the engine died: non-zero, so that a process manager restarts us
+        raise RingllmError(runner.failure)
     return 0
 
 
@@ -129,6 +160,7 @@ def serve_until_signal(app, runner, sock, drain_s: float) -> None:
     config = uvicorn.Config(app, access_log=False, log_config=None, lifespan="off",
                             timeout_graceful_shutdown=drain_s + 10.0, timeout_keep_alive=5)
     server = DrainingServer(config)
+    runner.on_failure = lambda: setattr(server, "should_exit", True)     # the requests got their 503
     # uvicorn re-raises a caught SIGINT/SIGTERM once it has shut down, to end the process by the
     # signal's default action; the drain is the whole answer to it, so that re-raise is a no-op here
     previous = {}
