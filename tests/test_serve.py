@@ -333,3 +333,40 @@ def test_curl(server, tiny):
     assert events[-1] == "[DONE]"
     ids = server.codec.tokenizer.encode(PROMPTS[0], add_special_tokens=True).ids
     assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1]) == expected(tiny, server.codec, ids, 5)[0]
+
+
+def test_a_pass_longer_than_a_step_is_counted_once_with_all_its_seconds():
+    """The streaming engine's step() returns after a bounded wait even when the GPU process's pass
+    has not ended (supervisor.serving.STEP_WAIT_S): /metrics must count passes by the engine's own
+    counter and give a pass every second it took, not one 'pass' per step() call."""
+    from ringllm.serve.runner import EngineRunner
+
+    class SlowPassEngine:
+        """Each weight pass takes three step() calls of 0.05 s; two passes, then idle."""
+        running = waiting = kv_tokens_used = 0
+
+        def __init__(self):
+            self.calls, self.passes = 0, 0
+
+        def idle(self):
+            return self.passes >= 2
+
+        def step(self):
+            time.sleep(0.05)
+            self.calls += 1
+            if self.calls % 3 == 0:
+                self.passes += 1
+            return []
+
+    engine = SlowPassEngine()
+    runner = EngineRunner(engine, 1, 1)
+    runner.start()
+    deadline = time.monotonic() + 10
+    while not engine.idle() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    stats = runner.stats()
+    runner.stop()
+    assert engine.calls == 6 and stats.passes_total == 2
+    assert stats.pass_seconds_total >= 6 * 0.05 * 0.95
+    assert stats.seconds_per_pass >= 3 * 0.05 * 0.95

@@ -78,6 +78,7 @@ class BatchEngine:
             raise RingllmError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.model, self.max_batch, self.max_context = model, max_batch, max_context
         self.prefill_chunk = prefill_chunk
+        self.passes = 0          # forwards run: weight passes (a step with nothing to run runs none)
         self.cache = KVCache(model.cfg, max_batch, max_context, model.dtype, model.device)
         self._pass = SegmentPass(model)
         self._lock = threading.Lock()
@@ -158,6 +159,7 @@ class BatchEngine:
         decode = DecodeRows([a.row for a in decoding], [a.generated[-1] for a in decoding],
                             [a.cached for a in decoding]) if decoding else None
         logits = self._pass.forward(self.cache, decode, prefills)
+        self.passes += 1
         for a in decoding:
             a.cached += 1
         drawing = list(decoding)

@@ -57,7 +57,10 @@ class EngineRunner:
         self._thread: threading.Thread | None = None
         self._tokens_total = self._passes_total = 0
         self._pass_seconds_total = 0.0
-        self._recent: deque[tuple[float, int, float]] = deque()   # (time, tokens, seconds) per pass
+        # (time, tokens, seconds, passes) per step; a step can end without a pass (the streaming
+        # engine's step() returns after a bounded wait), its seconds go to the pass that ends next
+        self._recent: deque[tuple[float, int, float, int]] = deque()
+        self._unfinished_seconds = 0.0
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -138,8 +141,8 @@ class EngineRunner:
     def stats(self) -> RunnerStats:
         now = time.monotonic()
         recent = [r for r in list(self._recent) if r[0] >= now - RATE_WINDOW_S]
-        passes = len(recent)
-        seconds = sum(r[2] for r in recent)
+        passes = sum(r[3] for r in recent)
+        seconds = sum(r[2] for r in recent if r[3])
         return RunnerStats(
             running=self.engine.running, waiting=self.engine.waiting, admitted=len(self._queues),
             kv_tokens_used=self.engine.kv_tokens_used, tokens_total=self._tokens_total,
@@ -157,6 +160,7 @@ class EngineRunner:
                 if self._stopping:
                     return
             t0 = time.perf_counter()
+            passes_before = self.engine.passes
             try:
                 events = self.engine.step()
             except Exception as err:
@@ -169,13 +173,16 @@ class EngineRunner:
                     self._deliver(TokenEvent(rid, None, "error"))
                 time.sleep(0.1)     # a failing engine must not spin this thread
                 continue
-            seconds = time.perf_counter() - t0
+            seconds = self._unfinished_seconds + time.perf_counter() - t0
+            passes = self.engine.passes - passes_before     # the engine counts its weight passes
+            self._unfinished_seconds = 0.0 if passes else seconds
             tokens = sum(1 for e in events if e.token is not None)
             self._tokens_total += tokens
-            self._passes_total += 1
-            self._pass_seconds_total += seconds
+            if passes:
+                self._passes_total += passes
+                self._pass_seconds_total += seconds
             now = time.monotonic()
-            self._recent.append((now, tokens, seconds))
+            self._recent.append((now, tokens, seconds if passes else 0.0, passes))
             while self._recent and self._recent[0][0] < now - RATE_WINDOW_S:
                 self._recent.popleft()
             for event in events:
