@@ -81,7 +81,7 @@ def cmd_generate(args) -> int:
         if draft is not None and args.spec_tokens == AUTO:   # every layer stays in this process
             sampling = resolve_spec_tokens(layout, sampling, cfg.num_layers, device, dtype_name, longest,
                                            args.max_new_tokens)
-        outputs = run_resident(layout, model_dir, prompts, args.max_new_tokens, sampling, codec.eos_ids, device,
+        outputs = run_resident(layout, prompts, args.max_new_tokens, sampling, codec.eos_ids, device,
                                dtype_name, on_tokens, args.metrics_json)
     else:
         outputs = run_streaming(args, layout, model_dir, prompts, sampling, codec.eos_ids, device, dtype_name,
@@ -147,25 +147,16 @@ def resolve_spec_tokens(layout, sampling, resident_layers: int | None, device: s
     return with_spec_tokens(sampling, k)
 
 
-def run_resident(layout, model_dir, prompts, max_new_tokens, sampling, eos_ids, device_type, dtype_name, on_tokens,
+def run_resident(layout, prompts, max_new_tokens, sampling, eos_ids, device_type, dtype_name, on_tokens,
                  metrics_json=None):
     """--resident: every weight in this process, no ring (the reference engine). Its metrics
     file holds what it knows: tokens, seconds and the speculation counts."""
-    import torch
-
     from ringllm.workers.generation import Sampler, generate
-    from ringllm.workers.model import Llama
-    from ringllm.workers.resident import ResidentSource, load_resident_weights
+    from ringllm.workers.resident import load_resident_model
     from ringllm.workers.speculation import SpecStats
-    from ringllm.workers.weights import torch_dtype
 
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise RingllmError("--device cuda: no CUDA device is available to torch")
-    device, dtype, cfg = torch.device(device_type), torch_dtype(dtype_name), layout.config
-    t0 = time.perf_counter()
-    model = Llama(cfg, load_resident_weights(layout, dtype, device), ResidentSource(layout, dtype, device), dtype, device)
-    log.info("loaded %s (%d layers, %s) on %s in %.1f s", model_dir, cfg.num_layers, layout.dtype, device,
-             time.perf_counter() - t0)
+    model = load_resident_model(layout, device_type, dtype_name)
+    device, cfg = model.device, layout.config
     t0 = time.perf_counter()
     spec = SpecStats() if getattr(sampling, "draft", None) is not None else None
     outputs = generate(model, prompts, max_new_tokens, Sampler(sampling, device), eos_ids, on_tokens,

@@ -116,15 +116,7 @@ class ServedEngine:
     # --- any thread: BatchEngine's entry points ----------------------------------------------
     def submit(self, req: BatchRequest) -> None:
         # the checks BatchEngine.submit makes, here, so that a refusal is the caller's error now
-        if not req.prompt:
-            raise RingllmError(f"request {req.id}: the prompt must have at least one token")
-        if req.max_tokens < 1:
-            raise RingllmError(f"request {req.id}: max_tokens must be >= 1, got {req.max_tokens}")
-        total = len(req.prompt) + req.max_tokens
-        if total > self.max_context:
-            raise RingllmError(f"request {req.id}: prompt of {len(req.prompt)} tokens + max_tokens "
-                               f"{req.max_tokens} = {total} exceeds max_context {self.max_context}")
-        req.sampling.validate()
+        req.check(self.max_context)
         with self._lock:
             if self.failure is not None:
                 raise EngineDown(self.failure)

@@ -60,7 +60,7 @@ class LiveServer:
         layout = load_layout(model_dir)
         self.codec = TextCodec(model_dir, layout.config)
         context = layout.config.max_position_embeddings
-        engine, max_batch = load_engine(layout, model_dir, "cpu", "float32", max_batch, context)
+        engine, max_batch = load_engine(layout, "cpu", "float32", max_batch, context)
         self.engine = SlowEngine(engine, delay_s)
         self.runner = EngineRunner(self.engine, max_batch, max_waiting)
         app = create_app(self.runner, self.codec, ServeSettings(MODEL_NAME, context, api_key, 1 << 16, 5.0))

@@ -34,6 +34,19 @@ class BatchRequest:
     sampling: SamplingParams         # per request: temperature, top_p, top_k, seed
     eos_ids: tuple[int, ...] = ()
 
+    def check(self, max_context: int) -> None:
+        """What any engine refuses at submit, in one line naming the limit."""
+        if not self.prompt:
+            raise RingllmError(f"request {self.id}: the prompt must have at least one token")
+        if self.max_tokens < 1:
+            raise RingllmError(f"request {self.id}: max_tokens must be >= 1, got {self.max_tokens}")
+        total = len(self.prompt) + self.max_tokens
+        if total > max_context:
+            raise RingllmError(
+                f"request {self.id}: prompt of {len(self.prompt)} tokens + max_tokens {self.max_tokens} = "
+                f"{total} exceeds max_context {max_context}")
+        self.sampling.validate()
+
 
 @dataclass(frozen=True)
 class TokenEvent:
@@ -91,16 +104,7 @@ class BatchEngine:
     # --- any thread --------------------------------------------------------------------------
     def submit(self, req: BatchRequest) -> None:
         """Queue a request; it joins the batch at the next step with a free row."""
-        if not req.prompt:
-            raise RingllmError(f"request {req.id}: the prompt must have at least one token")
-        if req.max_tokens < 1:
-            raise RingllmError(f"request {req.id}: max_tokens must be >= 1, got {req.max_tokens}")
-        total = len(req.prompt) + req.max_tokens
-        if total > self.max_context:
-            raise RingllmError(
-                f"request {req.id}: prompt of {len(req.prompt)} tokens + max_tokens {req.max_tokens} = "
-                f"{total} exceeds max_context {self.max_context}")
-        req.sampling.validate()
+        req.check(self.max_context)
         with self._lock:
             if req.id in self._live:
                 raise RingllmError(f"request id {req.id!r} is already queued or running")

@@ -17,6 +17,26 @@ from ringllm.workers.quantized import Fp8Weight, place
 from ringllm.workers.weights import group_weights, load_tensor
 
 
+def load_resident_model(layout: ModelLayout, device_type: str, dtype_name: str):
+    """The in-process engine's model (`generate --resident`, `serve --resident`): every weight on
+    the device, in the compute dtype. Logs how long loading took."""
+    import logging
+    import time
+
+    from ringllm.checkpoint.errors import RingllmError
+    from ringllm.workers.model import Llama
+    from ringllm.workers.weights import torch_dtype
+
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise RingllmError("--device cuda: no CUDA device is available to torch")
+    device, dtype, cfg = torch.device(device_type), torch_dtype(dtype_name), layout.config
+    t0 = time.perf_counter()
+    model = Llama(cfg, load_resident_weights(layout, dtype, device), ResidentSource(layout, dtype, device), dtype, device)
+    logging.getLogger("ringllm").info("loaded %s (%d layers, %s) on %s in %.1f s", layout.model_dir, cfg.num_layers,
+                                      layout.dtype, device, time.perf_counter() - t0)
+    return model
+
+
 def load_resident_weights(layout: ModelLayout, dtype: torch.dtype, device: torch.device,
                           embed_on_host: bool = False, threads: int = 1) -> ResidentWeights:
     """embed_tokens, final norm and lm_head, converted to the compute dtype; read by `threads`

@@ -7,7 +7,6 @@ import logging
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 
 from ringllm.checkpoint.errors import RingllmError
@@ -17,24 +16,13 @@ log = logging.getLogger("ringllm")
 API_KEY_ENV = "RINGLLM_API_KEY"
 
 
-def load_engine(layout, model_dir: Path, device_type: str, dtype_name: str, max_batch: int, max_context: int):
+def load_engine(layout, device_type: str, dtype_name: str, max_batch: int, max_context: int):
     """The in-process engine over the resident model (as `ringllm generate --resident` builds it):
     workers.batching.BatchEngine, continuous batching over --max-batch KV rows."""
-    import torch
-
-    from ringllm.workers.model import Llama
-    from ringllm.workers.resident import ResidentSource, load_resident_weights
-    from ringllm.workers.weights import torch_dtype
-
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise RingllmError("--device cuda: no CUDA device is available to torch")
-    device, dtype, cfg = torch.device(device_type), torch_dtype(dtype_name), layout.config
-    t0 = time.perf_counter()
-    model = Llama(cfg, load_resident_weights(layout, dtype, device), ResidentSource(layout, dtype, device), dtype, device)
-    log.info("loaded %s (%d layers, %s) on %s in %.1f s", model_dir, cfg.num_layers, layout.dtype, device,
-             time.perf_counter() - t0)
     from ringllm.workers.batching import BatchEngine
+    from ringllm.workers.resident import load_resident_model
 
+    model = load_resident_model(layout, device_type, dtype_name)
     return BatchEngine(model, max_batch, max_context), max_batch
 
 
@@ -101,7 +89,7 @@ def cmd_serve(args) -> int:
     sock = listen(args.host, args.port)     # a taken port fails before the model loads
     try:
         if args.resident:
-            engine, max_batch = load_engine(layout, args.model, device, dtype_name, args.max_batch, max_context)
+            engine, max_batch = load_engine(layout, device, dtype_name, args.max_batch, max_context)
         else:
             engine, max_batch = load_streaming_engine(args, layout, device, dtype_name, args.max_batch,
                                                       max_context), args.max_batch
