@@ -6,7 +6,9 @@ for the whole run and never stream. The coordinator's window (coordinator.policy
 process's look-ahead (workers.scheduler) both count *streamed* steps from the compute step with
 `streamed_steps`, so the two ends skip resident layers and stop at the same boundaries alike.
 They start differently on purpose: the coordinator's targets include the compute step itself
-(its layer must be in the ring), the GPU process's look-ahead counts the steps after it.
+(its layer must be in the ring), the GPU process's look-ahead counts the steps after it, and
+while compute is on a GPU-resident layer, the steps after the pass's first streamed one
+(`step_ahead`).
 """
 from __future__ import annotations
 
