@@ -97,6 +97,13 @@ class ModelLayout:
     def streamed_bytes(self) -> int:
         return sum(g.nbytes for pair in self.groups for g in pair)
 
+    def resident_extents(self, layers: int) -> list[TensorExtent]:
+        """What the GPU process reads for itself at start, in its order (workers.resident):
+        embeddings, final norm, lm_head (and its scale), then layers 0..layers-1 group by group."""
+        head = [self.embed, self.final_norm, self.lm_head, self.lm_head_scale]
+        return [e for e in head if e is not None] + [
+            entry.extent for layer in range(layers) for kind in GROUP_KINDS for entry in self.group(layer, kind).entries]
+
 
 def _expected_shapes(cfg: LlamaConfig, layer: int) -> dict[str, tuple[str, tuple[int, ...]]]:
     p = f"model.layers.{layer}."

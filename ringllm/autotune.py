@@ -137,7 +137,7 @@ def auto_tune(layout: ModelLayout, machine: Machine, batch: int, max_seq: int, d
               embed_on_host: bool, spec=None) -> AutoChoice:
     """spec: the run's speculation (workers.spec_plan.SpecPlan): its draft model and verify
     logits take their bytes before any layer is kept on the GPU."""
-    from ringllm.config import EngineConfig
+    from ringllm.config import EngineConfig, weight_scale
     from ringllm.workers.memory_plan import layers_that_fit, plan_gpu_memory
 
     n = layout.config.num_layers
@@ -153,6 +153,11 @@ def auto_tune(layout: ModelLayout, machine: Machine, batch: int, max_seq: int, d
         ahead, klass = 4, "40 GB class (the guide's balanced preset)"
     else:
         ahead, klass = 2, "24 GB class (the guide's conservative preset)"
+    # counted in 16-bit layers: FP8 layers are half the bytes, so twice as many cover the same
+    # copy time in the same buffer bytes (config.preset_values_for)
+    scale = weight_scale(layout)
+    if scale > 1:
+        ahead, klass = ahead * scale, f"{klass}, x{scale} for FP8 layers (half the bytes)"
     class_ahead = ahead
     groups = 2 + 2 * ahead + 1
     while ahead > 1 and ((groups + 1) // 2 * sizes["attn"] + groups // 2 * sizes["ffn"]) > GROUP_SHARE * budget:
@@ -194,6 +199,8 @@ def auto_tune(layout: ModelLayout, machine: Machine, batch: int, max_seq: int, d
                           if machine.disk_gbps else "from the CPU count and the disk type")
     values = {"gpu_ahead_layers": ahead, "gpu_max_groups": groups, "cpu_cap": cap, "cpu_pinned_layers": pinned,
               "gpu_resident_layers": resident, "loaders": machine.loaders}
+    if scale > 1:       # the GPU layer cache must not cap the doubled group buffers (EngineConfig.group_budget)
+        values["max_cached_layers"] = max(EngineConfig.max_cached_layers, groups)
     extra = []
     if spec is not None and spec.draft_layout is not None:
         from ringllm.config import EngineConfig

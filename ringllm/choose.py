@@ -26,7 +26,8 @@ def build_engine_config(args, model_dir, max_seq: int = 2048, batch: int = 1, la
     spec: the run's speculation (workers.spec_plan.SpecPlan), planned with the GPU memory;
     measured: filled with what --measure measured ("h2d_gbps"), for --spec-tokens auto."""
     from ringllm.autotune import describe_ring, describe_tiers, final_lines, ring_fit, tier_split
-    from ringllm.config import default_loader_count, env_parameters, parse_bytes, resolve_config
+    from ringllm.config import (PRESETS, default_loader_count, env_parameters, parse_bytes, preset_values_for,
+                                resolve_config, weight_scale)
     from ringllm.workers.memory_plan import planned_resident_layers
 
     overrides = {}
@@ -50,7 +51,14 @@ def build_engine_config(args, model_dir, max_seq: int = 2048, batch: int = 1, la
         preset_values = dict(auto.values)
         auto_loaders = preset_values.pop("loaders")
         loaders = loaders if args.loaders is not None else auto_loaders
-    common.update(preset=None if args.preset == "auto" else args.preset, loaders=loaders)
+    preset = None if args.preset == "auto" else args.preset
+    scale = weight_scale(layout)
+    if preset in PRESETS and scale > 1:     # the preset's counts are 16-bit layers (config.preset_values_for)
+        preset_values, label = preset_values_for(preset, scale), f"--preset {preset} x{scale} (FP8 weights)"
+        log.info("--preset %s: its layer and group counts doubled for FP8 weights (half the bytes a layer), so the "
+                 "look-ahead and the ring take the same GPU and DRAM bytes as for bf16 layers", preset)
+        preset = None
+    common.update(preset=preset, loaders=loaders)
     # what streams decides the ring; the settings decide what streams (a first pass, unchecked)
     first = resolve_config(preset_values=preset_values, check=False, **common).engine
     n = layout.config.num_layers

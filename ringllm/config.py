@@ -52,6 +52,27 @@ PRESETS = {
     "balanced": dict(gpu_ahead_layers=4, gpu_max_groups=10, cpu_cap=12, cpu_ring_offset=4),     # 40 GB GPU, 64 GB DRAM
     "aggressive": dict(gpu_ahead_layers=6, gpu_max_groups=15, cpu_cap=20, cpu_ring_offset=6),   # 80 GB GPU, 128 GB DRAM
 }
+# What a preset counts in layers and groups (the look-ahead, the GPU group buffers, the ring and
+# its offset) it counts in 16-bit layers: its GPU and DRAM class hold that many of a bf16 70B's.
+PRESET_COUNTS = ("gpu_ahead_layers", "gpu_max_groups", "cpu_cap", "cpu_ring_offset")
+
+
+def weight_scale(layout) -> int:
+    """Layers of this checkpoint in the bytes of one 16-bit layer: 2 for FP8 weights, else 1."""
+    return 2 if layout.quantized else 1
+
+
+def preset_values_for(preset: str, scale: int) -> dict:
+    """The guide's preset for layers `scale` times smaller than 16-bit ones: its counts times
+    `scale`, so that the look-ahead covers the same copy time (the compute of the GPU-resident
+    layers at a pass's start, FP8 having halved each copy: 0.56 of bf16's s/token at the
+    preset's 2 FP8 layers against 0.50 of its bytes, on an H200) in the same GPU and DRAM bytes."""
+    if preset not in PRESETS:
+        raise RingllmError(f"--preset {preset!r}: one of {', '.join(PRESETS)}")
+    values = {k: v * scale if k in PRESET_COUNTS else v for k, v in PRESETS[preset].items()}
+    if scale > 1:       # the GPU layer cache must not cap the doubled group buffers (EngineConfig.group_budget)
+        values["max_cached_layers"] = max(EngineConfig.max_cached_layers, values["gpu_max_groups"])
+    return values
 
 
 @dataclass(frozen=True)

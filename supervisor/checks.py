@@ -43,6 +43,12 @@ def check_dram(total: int, engine: EngineConfig) -> None:
             "lower CPU_CAP_VALUE or enlarge /dev/shm")
 
 
+def spare_dram(ring_total: int) -> int:
+    """DRAM left beside the ring (counted whole, faulted or not) and the headroom: what the page
+    cache may take at start without pushing anything out (supervisor.prefetch.WeightWarmer)."""
+    return max(0, psutil.virtual_memory().available - ring_total - DRAM_HEADROOM)
+
+
 def fallback_warning(coordinator: dict) -> str | None:
     """The end-of-run warning when O_DIRECT reads fell back to buffered ones on files that had
     accepted O_DIRECT at open (a refused read: misaligned), else None. Files whose file system

@@ -9,6 +9,15 @@ an 80-layer fill (about 6 s with the disk idle). posix_fadvise(WILLNEED) queues 
 readahead at the start, before the loaders' reads pile up, and returns; the
 import then finds its pages resident. Files already cached cost nothing; on a disk that can't
 keep up both ways this only moves those bytes earlier, and they must be read anyway.
+
+WeightWarmer: a supervisor thread that reads, from the run's start, what the GPU process will
+read for itself (embeddings, lm_head, the GPU-resident layers) into the page cache. The GPU
+process can read nothing before it runs (torch's import and CUDA's start: 18-22 s of a 22-layer
+start on one H200 while the loaders filled the ring), and it found the disk idle for 3.3 s after
+the fill, then read 21 GB while the first token waited (33.4 s against 24.9 s of disk reading).
+Warmed, those bytes are read while the GPU process starts, and it then reads them buffered
+(from the cache) instead of O_DIRECT (which would go to the disk again). When the GPU process
+reports Ready it has read them all: the cache is given back (POSIX_FADV_DONTNEED).
 """
 from __future__ import annotations
 
@@ -16,6 +25,7 @@ import importlib.util
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 
 log = logging.getLogger("ringllm")
@@ -95,3 +105,109 @@ def start_library_prefetch(device: str) -> LibraryPrefetcher | None:
     prefetcher = LibraryPrefetcher(None, cuda=device == "cuda")
     prefetcher.start()
     return prefetcher
+
+
+WARM_PIECE = 8 << 20       # bytes per buffered read: the kernel's readahead grows to meet it
+WARM_THREADS = 2           # beside the loaders' queues; more only splits the same disk
+
+
+class WeightWarmer(threading.Thread):
+    """Reads `extents` (checkpoint.safetensors_index.TensorExtent) into the page cache in their
+    order, WARM_PIECE at a time by `threads` threads. Best effort: a file that fails to read is
+    skipped (the GPU process reads it again and names the error). release() stops it and drops
+    what it warmed from the cache."""
+
+    def __init__(self, extents: list, threads: int = WARM_THREADS):
+        super().__init__(name="ringllm-warm", daemon=True)
+        self.extents = list(extents)
+        self.threads = max(1, threads)
+        self.stop = threading.Event()
+        self.bytes_read = 0
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
+        self._lock = threading.Lock()
+        self._pieces = iter([(e.path, at, min(WARM_PIECE, e.offset + e.nbytes - at))
+                             for e in self.extents for at in range(e.offset, e.offset + e.nbytes, WARM_PIECE)])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.extents)
+
+    def run(self) -> None:
+        self.started_at = time.monotonic()
+        workers = [threading.Thread(target=self._read_pieces, name=f"ringllm-warm{i}", daemon=True)
+                   for i in range(self.threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        self.finished_at = time.monotonic()
+
+    def _read_pieces(self) -> None:
+        buf = bytearray(WARM_PIECE)
+        fds: dict[str, int | None] = {}
+        try:
+            while not self.stop.is_set():
+                with self._lock:       # pieces go out in order: the GPU process reads in that order
+                    piece = next(self._pieces, None)
+                if piece is None:
+                    return
+                path, offset, nbytes = piece
+                if path not in fds:
+                    try:
+                        fds[path] = os.open(path, os.O_RDONLY)
+                    except OSError:
+                        fds[path] = None
+                if fds[path] is None:
+                    continue
+                try:
+                    n = os.preadv(fds[path], [memoryview(buf)[:nbytes]], offset)
+                except OSError:
+                    continue
+                with self._lock:
+                    self.bytes_read += n
+        finally:
+            for fd in fds.values():
+                if fd is not None:
+                    os.close(fd)
+
+    def release(self) -> None:
+        """Stop reading, and drop the warmed ranges from the page cache: its reader is done
+        with them (or the run is over), and they would only crowd the ring's DRAM."""
+        self.stop.set()
+        if self.is_alive():
+            self.join(timeout=5.0)
+        if not hasattr(os, "posix_fadvise"):
+            return
+        for e in self.extents:
+            try:
+                fd = os.open(e.path, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.posix_fadvise(fd, e.offset, e.nbytes, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+
+    def report(self) -> dict:
+        """For --metrics-json's startup object (monotonic stamps; startup_phases makes them relative)."""
+        return {"started_at": self.started_at, "finished_at": self.finished_at,
+                "bytes": self.bytes_read, "planned_bytes": self.nbytes}
+
+
+def start_weight_warmer(layout, resident_layers: int | None, spare_dram: int) -> WeightWarmer | None:
+    """At a run's start: the warmer over what the GPU process reads itself (ModelLayout.resident_extents
+    for the estimated GPU-resident layers; the head alone when the estimate is unknown), if those
+    bytes fit in `spare_dram` (the DRAM the ring leaves): a page cache evicted before its reader
+    comes would only read them twice. RINGLLM_NO_PREFETCH=1 turns it off with the library prefetch."""
+    if os.environ.get("RINGLLM_NO_PREFETCH") == "1":
+        return None
+    warmer = WeightWarmer(layout.resident_extents(max(0, resident_layers or 0)))
+    if warmer.nbytes > spare_dram:
+        log.debug("warm: %.2f GB of GPU-resident weights would not fit the %.2f GB of DRAM the ring leaves; "
+                  "the GPU process reads them itself", warmer.nbytes / 1e9, spare_dram / 1e9)
+        return None
+    warmer.start()
+    return warmer

@@ -44,12 +44,15 @@ def resident_estimate(layout, engine, batch: int, max_seq: int, dtype: str, devi
                                    max(0, free - CUDA_CONTEXT_BYTES), spec=spec)
 
 
-def startup_phases(run_started: float, gpu: dict, coordinator: dict, first_token_at: float | None) -> dict:
+def startup_phases(run_started: float, gpu: dict, coordinator: dict, first_token_at: float | None,
+                   warm: dict | None = None) -> dict:
     """{phase: {"start": s, "seconds": d}} from the run's start, in the order they begin:
       spawn          the run's start -> the GPU process runs, torch imported (6.5 s of an H200 host's
                      start: the coordinator and loaders are reading by then)
       attach         CUDA started, ring mapped, resident layers decided and sent
       fill           the first read job -> every streamed layer has been in the ring once
+      warm           the supervisor reading what the GPU process loads itself into the page cache
+                     (supervisor.prefetch.WeightWarmer; absent when off)
       register       the first slot pinned for CUDA -> the last (busy_seconds: inside the driver)
       resident_load  embeddings, norms, lm_head and the GPU-resident layers onto the device (the
                      warm-up runs inside it, after lm_head, before the layers)
@@ -69,6 +72,10 @@ def startup_phases(run_started: float, gpu: dict, coordinator: dict, first_token
         put("attach", *phases["attach"])
     boot = (coordinator or {}).get("startup") or {}
     put("fill", boot.get("first_job_at"), boot.get("filled_at"))
+    if warm:
+        put("warm", warm.get("started_at"), warm.get("finished_at"))
+        if "warm" in out:
+            out["warm"]["bytes"] = warm.get("bytes")
     put("register", gpu.get("register_first_at"), gpu.get("register_last_at"))
     for name in ("resident_load", "warm_up", "first_pass"):
         if name in phases:

@@ -32,8 +32,8 @@ from ringllm.coordinator.process import CoordinatorArgs, coordinator_main
 from ringllm.shm.channel import (QUEUE_MESSAGES, Channel, Fatal, Finished, LoaderRestarted, Ready, Shutdown, Stats,
                                  StatsRequest, TokenRows, Tokens)
 from ringllm.shm.prefault import SlotPrefaulter
-from ringllm.supervisor.checks import check_dram, fallback_warning, process_memory
-from ringllm.supervisor.prefetch import start_library_prefetch
+from ringllm.supervisor.checks import check_dram, fallback_warning, process_memory, spare_dram
+from ringllm.supervisor.prefetch import WeightWarmer, start_library_prefetch, start_weight_warmer
 from ringllm.shm.resources import (RunNames, new_run_id, pinned_above, run_id_of, sweep, system_pinned_bytes,
                                    unlink_all)
 from ringllm.shm.ring import Ring, ring_bytes
@@ -69,6 +69,7 @@ class RunResult:
     first_token_wall_s: float | None = None
     wall_s: float | None = None
     startup: dict = field(default_factory=dict)   # supervisor.startup.startup_phases
+    warm: dict | None = None                      # supervisor.prefetch.WeightWarmer.report
 
 
 def plan_ring(layout: ModelLayout, engine: EngineConfig):
@@ -94,6 +95,7 @@ class Supervisor:
         self.channels: dict[str, Channel] = {}
         self.ring: Ring | None = None
         self.prefaulter: SlotPrefaulter | None = None
+        self.warmer: WeightWarmer | None = None
         self.procs: dict[str, subprocess.Popen] = {}
         self.ready: set[str] = set()      # keys of self.procs that reported Ready: they read their queue
         self.deaths: dict[int, deque[float]] = {i: deque() for i in range(engine.loaders)}   # per loader
@@ -226,6 +228,8 @@ class Supervisor:
             estimate = resident_estimate(self.layout, self.engine, batch, max_seq, self.dtype, self.device,
                                          spec_plan(sampling))
         n_layers = self.layout.config.num_layers
+        # what the GPU process will read itself, read while it starts (supervisor.prefetch)
+        self.warmer = start_weight_warmer(self.layout, estimate, spare_dram(self.ring_total))
         self.prefaulter = SlotPrefaulter(self.ring, None if estimate is None else n_layers - estimate)
         self.prefaulter.start()      # fresh pages faulted ahead of the loaders (shm.prefault)
         self._spawn("coordinator", coordinator_main, CoordinatorArgs(
@@ -238,7 +242,8 @@ class Supervisor:
             pid, n.segment, n.gpu_queue, n.coord_queue, n.sup_queue, self.layout, tuple(self.plans),
             self.engine, self.device, self.dtype, tuple(tuple(p) for p in prompts), max_new_tokens,
             sampling, tuple(eos_ids), self.verbose, faults=self.faults, profile_trace=self.profile_trace,
-            fill_ring_first=self.fill_ring_first, stats_name=n.stats_segment, serve=serve))
+            fill_ring_first=self.fill_ring_first, stats_name=n.stats_segment, serve=serve,
+            warmed_layers=-1 if self.warmer is None else max(0, estimate or 0)))
 
     def _first_pass_bar(self):
         """A progress bar on stderr for the first pass (slow on a big model: the ring fills from
@@ -292,7 +297,7 @@ class Supervisor:
                 self.result.gpu = msg.stats
                 self.result.coordinator = self._coordinator_stats()
                 self.result.startup = startup_phases(self._run_started, msg.stats, self.result.coordinator,
-                                                     self._first_token_at)
+                                                     self._first_token_at, self.result.warm)
                 warning = fallback_warning(self.result.coordinator)
                 if warning:
                     log.warning("%s", warning)
@@ -310,11 +315,18 @@ class Supervisor:
             os.kill(msg.info["pid"], signal.SIGKILL)
         if msg.role == "gpu":
             self.result.startup_wall_s = time.monotonic() - self._run_started
+            self._release_warmer()      # it has read what was warmed for it
             self.result.gpu_info = msg.info
             self.page.set_status(RUNNING)
             if msg.info.get("name"):
                 log.info("GPU process ready on %s (%s, %.1f GiB free)", msg.info["name"], msg.info["device"],
                          msg.info.get("free_bytes", 0) / 2**30)
+
+    def _release_warmer(self) -> None:
+        if self.warmer is not None:
+            self.warmer.release()
+            self.result.warm = self.warmer.report()
+            self.warmer = None
 
     def _sample_memory(self) -> None:
         now = time.monotonic()
@@ -453,6 +465,7 @@ class Supervisor:
             self.page.close()
         for ch in self.channels.values():
             ch.close()
+        self._release_warmer()
         # the prefaulter touches the mapping: it goes only once that thread has ended
         if self.ring is not None and (self.prefaulter is None or self.prefaulter.finish(timeout_s=30)):
             self.ring.close()

@@ -67,8 +67,12 @@ def test_fp8_bench_numbers_add_up(bench_run, capsys):
     # cpu cannot run scaled_mm: skipped with the reason, not measured as the fallback
     assert set(v) == {"bf16", "fp8 dequant", "fp8 scaled_mm"} and "cpu" in v["fp8 scaled_mm"]["skipped"]
     assert d["ran_as"] == "dequant" and b["ran_as"] is None
-    # under the cap 2 bf16 layers fit and more FP8 ones; both runs keep bf16's placement
-    assert r["resident_layers_fit"]["bf16"] == 2 and r["resident_layers_fit"]["fp8"] >= 4
+    # under the cap 2 bf16 layers fit and more FP8 ones (beside the FP8 runs' doubled look-ahead
+    # buffers: the preset's counts are 16-bit layers); both runs keep bf16's placement
+    assert r["resident_layers_fit"]["bf16"] == 2 and r["resident_layers_fit"]["fp8"] >= 3
+    e, f8 = r["engine"], r["fp8_engine"]
+    # the preset's counts doubled for FP8, your --set kept: GPU_AHEAD_LAYERS=1 both
+    assert (f8["gpu_ahead_layers"], f8["gpu_max_groups"]) == (e["gpu_ahead_layers"], 2 * e["gpu_max_groups"]) == (1, 14)
     assert b["resident_layers"] == d["resident_layers"] == 2 and b["streamed_layers"] == d["streamed_layers"] == 4
     # bytes: the checkpoints' own files (safetensors), layers 2.. stream
     assert b["streamed_bytes_per_pass"] == tensor_bytes(src, first_layer=2)

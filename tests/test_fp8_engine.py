@@ -193,3 +193,22 @@ def test_the_plan_counts_an_fp8_lm_heads_dequantized_copy(tmp_path):
     cfg = layout.config
     plan = plan_gpu_memory(layout, EngineConfig(), 1, 64, "bfloat16", embed_on_host=True)
     assert plan.conversion == cfg.vocab_size * cfg.hidden_size * 2
+
+
+def test_a_presets_layer_counts_double_for_fp8_weights(fp8_pair, tmp_path):
+    """The guide's presets count 16-bit layers: on the FP8 dir, --preset conservative runs with
+    twice its look-ahead and group buffers (the same bytes); on the bf16 dir, as the guide says.
+    A count you set is yours either way. The tokens stay the bf16-placement engine's."""
+    engines = {}
+    for name, model in (("bf16", fp8_pair[0]), ("fp8", fp8_pair[1])):
+        out = tmp_path / f"{name}.json"
+        r = ringllm_cli("generate", "--model", str(model), "--device", "cpu", "--prompt", "w9 w10", "--max-new-tokens",
+                        "2", "--loaders", "2", "--preset", "conservative", "--set", "CPU_RING_OFFSET=1",
+                        "--metrics-json", str(out))
+        assert r.returncode == 0, r.stderr
+        engines[name] = json.loads(out.read_text())["engine"]
+        assert ("doubled for FP8 weights" in r.stderr) == (name == "fp8")
+    b, f = engines["bf16"], engines["fp8"]
+    assert (b["gpu_ahead_layers"], b["gpu_max_groups"]) == (2, 7)
+    assert (f["gpu_ahead_layers"], f["gpu_max_groups"]) == (4, 14) and f["max_cached_layers"] >= 7
+    assert b["cpu_ring_offset"] == f["cpu_ring_offset"] == 1

@@ -1,5 +1,7 @@
 """supervisor.prefetch: torch's libraries found without importing torch, and a file evicted from
-the page cache is resident again after the prefetcher ran (the kernel's mincore says so)."""
+the page cache is resident again after the prefetcher ran (the kernel's mincore says so); the
+weight warmer's ranges are resident after it ran and evicted after its release, and what it
+warms is every tensor the GPU process reads itself, in its order."""
 from __future__ import annotations
 
 import ctypes
@@ -8,10 +10,16 @@ import os
 import time
 from pathlib import Path
 
-from ringllm.supervisor.prefetch import LibraryPrefetcher, torch_library_files
+import pytest
+
+from ringllm.checkpoint.layout import load_layout
+from ringllm.checkpoint.safetensors_index import TensorExtent, read_safetensors_header
+from ringllm.supervisor.prefetch import LibraryPrefetcher, WeightWarmer, torch_library_files
+from tests.conftest import make_model_dir
 
 
-def resident_fraction(path: Path) -> float:
+def page_residency(path: Path) -> bytes:
+    """mincore's vector for the whole file: one byte a page, bit 0 set when it is in the page cache."""
     size = path.stat().st_size
     # a private mapping (never written, so nothing reaches the file) that ctypes can address
     with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as m:
@@ -24,7 +32,24 @@ def resident_fraction(path: Path) -> float:
             assert libc.mincore(base, size, vec) == 0, os.strerror(ctypes.get_errno())
         finally:
             del base
-        return sum(b & 1 for b in vec.raw) / pages
+        return vec.raw
+
+
+def resident_fraction(path: Path, start: int = 0, end: int | None = None) -> float:
+    """The fraction of the pages of bytes start..end (default: the whole file) in the page cache."""
+    vec = page_residency(path)[start // mmap.PAGESIZE:None if end is None else -(-end // mmap.PAGESIZE)]
+    return sum(b & 1 for b in vec) / len(vec)
+
+
+def evicted(path: Path) -> float:
+    """Drop the file's clean pages; what is still resident (some file systems keep them)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return resident_fraction(path)
 
 
 def test_torch_libraries_are_found_largest_first():
@@ -42,15 +67,8 @@ def test_torch_libraries_are_found_largest_first():
 def test_an_evicted_file_is_resident_after_the_prefetch(tmp_path):
     f = tmp_path / "lib.so"
     f.write_bytes(os.urandom(32 << 20))
-    fd = os.open(f, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)     # clean pages: the kernel drops them
-    finally:
-        os.close(fd)
-    before = resident_fraction(f)
+    before = evicted(f)
     if before > 0.5:
-        import pytest
         pytest.skip(f"this file system keeps the file cached after DONTNEED ({before:.0%} resident)")
     p = LibraryPrefetcher([f, tmp_path / "missing.so"])
     p.start()
@@ -60,3 +78,61 @@ def test_an_evicted_file_is_resident_after_the_prefetch(tmp_path):
     while resident_fraction(f) < 0.9 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert resident_fraction(f) >= 0.9, f"{resident_fraction(f):.0%} resident after the prefetch (before: {before:.0%})"
+
+
+def test_the_warmer_caches_its_ranges_in_order_and_its_release_drops_them(tmp_path, monkeypatch):
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(os.urandom(48 << 20))
+    before = evicted(f)
+    if before > 0.5:
+        pytest.skip(f"this file system keeps the file cached after DONTNEED ({before:.0%} resident)")
+    mib = 1 << 20
+    # two tensors, the second first in the file: the warmer follows the list, not the file
+    extents = [TensorExtent("b", str(f), 30 * mib + 100, 17 * mib, "BF16", (17 * mib // 2,)),
+               TensorExtent("a", str(f), 4096 + 7, 9 * mib, "BF16", (9 * mib // 2,))]
+    reads, real_preadv = [], os.preadv
+    monkeypatch.setattr(os, "preadv", lambda fd, bufs, off: reads.append(off) or real_preadv(fd, bufs, off))
+    w = WeightWarmer(extents, threads=1)
+    w.start()
+    w.join(timeout=30)
+    assert not w.is_alive() and w.bytes_read == w.nbytes == 26 * mib
+    assert reads[0] == 30 * mib + 100 and reads[-1] > 4096 and reads.index(4096 + 7) == 3   # 17 MiB: 3 pieces first
+    for e in extents:
+        assert resident_fraction(f, e.offset, e.offset + e.nbytes) >= 0.99, e.name
+    w.release()
+    for e in extents:
+        assert resident_fraction(f, e.offset, e.offset + e.nbytes) <= 0.01, e.name
+    assert w.report()["bytes"] == 26 * mib and w.report()["finished_at"] >= w.report()["started_at"]
+
+
+def test_the_warmer_skips_what_it_cannot_read_and_stops_when_released(tmp_path):
+    missing = TensorExtent("x", str(tmp_path / "gone.safetensors"), 0, 1 << 20, "BF16", (1 << 19,))
+    w = WeightWarmer([missing])
+    w.start()
+    w.join(timeout=10)
+    assert not w.is_alive() and w.bytes_read == 0
+    w.release()                 # nothing to drop, no error
+    big = tmp_path / "big.safetensors"
+    big.write_bytes(b"\0" * (64 << 20))
+    w = WeightWarmer([TensorExtent("y", str(big), 0, 64 << 20, "BF16", (32 << 20,))] * 50, threads=1)
+    w.start()
+    w.release()                 # 3.2 GB asked: the release does not wait for it
+    assert not w.is_alive() and w.bytes_read < w.nbytes
+
+
+def test_what_is_warmed_is_every_tensor_the_gpu_process_reads_itself_in_its_order(tmp_path):
+    d = tmp_path / "m"
+    make_model_dir(d, num_hidden_layers=3, tie_word_embeddings=False)
+    layout = load_layout(d)
+    # the checkpoint's own headers, not the layout, say which tensors exist
+    names = {n for shard in d.glob("*.safetensors") for n in read_safetensors_header(shard)}
+    warmed = [e.name for e in layout.resident_extents(3)]
+    assert len(warmed) == len(set(warmed)) and set(warmed) == names
+    assert warmed[:3] == ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
+    layer_of = [int(n.split(".")[2]) for n in warmed[3:]]
+    assert layer_of == sorted(layer_of)                      # layer by layer, as load_groups reads
+    first = [e.name for e in layout.resident_extents(1)]
+    assert first == warmed[:len(first)] and all(".layers.0." in n for n in first[3:])
+    # the attention group (input norm, q/k/v/o) before the FFN group (post-attention norm, MLP)
+    is_attn = [("self_attn" in n or "input_layernorm" in n) for n in first[3:]]
+    assert is_attn == sorted(is_attn, reverse=True) and any(is_attn) and not all(is_attn)

@@ -262,3 +262,37 @@ def test_request_and_event_messages_keep_to_the_cap():
     assert all(isinstance(m, Events) and len(encode(m)) <= MESSAGE_BYTES for m in events)
     assert [m.last for m in events] == [False] * (len(events) - 1) + [True]
     assert [r for m in events for r in m.events] == rows
+
+
+def test_an_fp8_checkpoint_serves_what_transformers_compressed_tensors_generates(tiny, tmp_path):
+    """`ringllm serve` on an FP8 checkpoint in the published layout (written by the tests' own
+    writer, tests.fp8_reference): concurrent completions give transformers + compressed-tensors'
+    greedy tokens on the same files, and nothing is left behind."""
+    from tests.fp8_reference import write_fp8_checkpoint
+    from tests.test_fp8_engine import transformers_fp8
+
+    from ringllm.checkpoint.layout import load_layout
+    from ringllm.checkpoint.text import TextCodec
+
+    fp8 = write_fp8_checkpoint(tiny[0], tmp_path / "fp8")
+    hf = transformers_fp8(fp8)
+    codec = TextCodec(fp8, load_layout(fp8).config)
+    server = ServerProcess(fp8, "--max-batch", "4")
+    try:
+        client = server.client()
+        results = {}
+        threads = [threading.Thread(target=lambda p=p: results.setdefault(p, client.completions.create(
+            model="tiny", prompt=p, max_tokens=12, temperature=0))) for p in PROMPTS[:3]]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        for prompt in PROMPTS[:3]:
+            ref = expected_tokens(hf, codec.tokenizer.encode(prompt, add_special_tokens=True).ids, 12)
+            assert results[prompt].choices[0].text == codec.decode([t for t in ref if t != EOS]), prompt
+        server.proc.send_signal(signal.SIGTERM)
+        rc = server.wait()
+    finally:
+        server.kill()
+    assert rc == 0, server.err
+    assert not queues_left(server.run_id()), server.err

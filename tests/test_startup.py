@@ -44,6 +44,10 @@ def test_the_ring_fills_before_the_gpu_process_is_up_and_every_phase_is_timed(tm
     first = s["first_pass"]["start"] + s["first_pass"]["seconds"]
     assert first <= s["first_token_s"] <= m["first_token_wall_s"] + 1e-3
     assert all(v["seconds"] >= 0 for k, v in s.items() if k in PHASES)
+    # what the GPU process reads itself (the head and its 2 layers) was warmed by the supervisor
+    # from the start, before the GPU process had started (supervisor.prefetch.WeightWarmer)
+    warmed = sum(e.nbytes for e in load_layout(d).resident_extents(2))
+    assert s["warm"]["bytes"] == warmed and s["warm"]["start"] < s["spawn"]["seconds"]
 
 
 @pytest.mark.parametrize("estimate", [0, 3])

@@ -20,7 +20,7 @@ from ringllm.tools import startup_bench
 from ringllm.tools.make_checkpoint import make_checkpoint
 
 LAYERS, RESIDENT, LOADERS, RUNS = 4, 1, 1, 2
-PHASES = ("spawn", "attach", "fill", "register", "resident_load", "warm_up", "first_pass")
+PHASES = ("spawn", "attach", "fill", "warm", "register", "resident_load", "warm_up", "first_pass")
 O_DIRECT_ALIGN = 4096
 
 

@@ -66,6 +66,18 @@ def measure_disk_ceiling(layout: ModelLayout, resident: int, engine: EngineConfi
 
 
 
+def bench_engine(args, scale: int = 1):
+    """The engine a bench tool runs: --preset (its layer counts x scale for layers `scale` times
+    smaller than 16-bit ones: config.preset_values_for) < environment < --set, and --loaders
+    (else what the disk the model is on, or will be made on, wants)."""
+    from ringllm.config import build_config, default_loader_count, env_parameters, preset_values_for
+
+    overrides = dict(item.partition("=")[::2] for item in args.params)
+    where = getattr(args, "model", None) or getattr(args, "scratch", None) or args.out
+    return build_config(preset_values=preset_values_for(args.preset, scale) if args.preset else None,
+                        env=env_parameters(), overrides=overrides, loaders=args.loaders or default_loader_count(where))
+
+
 def run_bench_tool(module: str, stem: str, args, argv, measure, format_table) -> int:
     """The command-line shell every bench tool shares: logging, --out created, the engine from
     --preset / --set / --loaders and the environment, the device (--device, else cuda when there
@@ -76,7 +88,6 @@ def run_bench_tool(module: str, stem: str, args, argv, measure, format_table) ->
     import time
 
     from ringllm.checkpoint.errors import RingllmError
-    from ringllm.config import build_config, default_loader_count, env_parameters
     from ringllm.workers.process_setup import configure_logging
 
     configure_logging("[ringllm] %(message)s", False)
@@ -88,11 +99,7 @@ def run_bench_tool(module: str, stem: str, args, argv, measure, format_table) ->
             args.out.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise RingllmError(f"--out {args.out}: cannot create it ({err.strerror})") from None
-        overrides = dict(item.partition("=")[::2] for item in args.params)
-        # the disk the model is on (or will be made on) says how many loaders it wants
-        where = getattr(args, "model", None) or getattr(args, "scratch", None) or args.out
-        engine = build_config(preset=args.preset, env=env_parameters(), overrides=overrides,
-                              loaders=args.loaders or default_loader_count(where))
+        engine = bench_engine(args)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         command = shlex.join([sys.executable, "-m", module, *(argv if argv is not None else sys.argv[1:])])
         report = measure(engine, device, log)

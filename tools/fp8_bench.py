@@ -176,7 +176,9 @@ def ratio(a, b):
 
 def fp8_bench(bf16_dir: Path, fp8_dir: Path, out: Path, device: str, gpu_mem: int, engine, ways=WAYS,
               decode_tokens: int = 4, prompt_tokens: int = 128, prefill_tokens: int = 2048,
-              loaders_fixed: bool = False, log=print) -> dict:
+              loaders_fixed: bool = False, log=print, fp8_engine=None) -> dict:
+    """fp8_engine: the FP8 runs' engine (default `engine`): the preset's counts doubled
+    (tools.bench.bench_engine), its buffers the same bytes as bf16's."""
     import torch
 
     from ringllm.checkpoint.layout import load_layout
@@ -191,7 +193,7 @@ def fp8_bench(bf16_dir: Path, fp8_dir: Path, out: Path, device: str, gpu_mem: in
     base = run_variant(BF16, bf16_dir, engine, settings, runs_dir, log)
     variants = {BF16: summarize(base, None)}
     # the FP8 runs keep the layers bf16 kept: the same layers stream, in half the bytes
-    fp8_engine = replace(engine, gpu_resident_layers=base["resident_layers"])
+    fp8_engine = replace(fp8_engine or engine, gpu_resident_layers=base["resident_layers"])
     for way in ways:
         skipped = why_not(way, fp8_dir, device)
         if skipped:
@@ -213,9 +215,9 @@ def fp8_bench(bf16_dir: Path, fp8_dir: Path, out: Path, device: str, gpu_mem: in
     dev = torch.device(device)
     return {"card": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "device": device,
             "bf16_model": str(bf16_dir), "fp8_model": str(fp8_dir), "layers": base["layers"], "gpu_mem": gpu_mem,
-            "engine": asdict(engine), **settings,
+            "engine": asdict(engine), "fp8_engine": asdict(fp8_engine), **settings,
             "resident_layers_fit": {BF16: layers_fitting(bf16_dir, engine, gpu_mem, device, max_seq),
-                                    "fp8": layers_fitting(fp8_dir, engine, gpu_mem, device, max_seq)},
+                                    "fp8": layers_fitting(fp8_dir, fp8_engine, gpu_mem, device, max_seq)},
             "variants": variants, "best_fp8": best, "targets": TARGETS,
             "reports": {k: str(runs_dir / f"{k.replace(' ', '-')}.json") for k in variants if "skipped" not in variants[k]}}
 
@@ -232,6 +234,10 @@ def format_table(r: dict) -> str:
              f"{r['gpu_mem'] / 2**30:.1f} GiB",
              f"GPU-resident layers that fit under the cap: bf16 {fit[BF16]}, FP8 {fit['fp8']}; every run below keeps "
              f"{b['resident_layers']} (bf16's placement) and streams {b['streamed_layers']}",
+             *([f"look-ahead: bf16 GPU_AHEAD_LAYERS={r['engine']['gpu_ahead_layers']} GPU_MAX_GROUPS="
+                f"{r['engine']['gpu_max_groups']}; FP8 {r['fp8_engine']['gpu_ahead_layers']} and "
+                f"{r['fp8_engine']['gpu_max_groups']} (the preset's counts in 16-bit layers: the same buffer bytes)"]
+               if "fp8_engine" in r else []),
              "", f"{'variant':<16}{'matmul':>10}{'streamed/pass':>15}{'DRAM s/tok':>12}{'x bf16':>8}{'floor/ach':>11}"
              f"{'disk s/tok':>12}{'disk read/tok':>15}{'x bf16':>8}{'prefill s':>11}", "-" * 118]
     for name, v in r["variants"].items():
@@ -290,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().error(f"--ways {args.ways}: from {', '.join(WAYS)}")
     from ringllm.cli_input import check_model_arg
     from ringllm.config import parse_bytes
-    from ringllm.tools.bench import run_bench_tool
+    from ringllm.tools.bench import bench_engine, run_bench_tool
 
     def measure(engine, device, log):
         if args.model is None:
@@ -299,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         fp8_dir = args.scratch / f"{args.model.name}-fp8" if args.scratch else args.out / "fp8"
         return fp8_bench(args.model, fp8_dir, args.out, device, parse_bytes(args.gpu_mem), engine, ways,
                          args.decode_tokens, args.prompt_tokens, args.prefill_tokens,
-                         loaders_fixed=args.loaders is not None, log=log)
+                         loaders_fixed=args.loaders is not None, log=log, fp8_engine=bench_engine(args, 2))
     return run_bench_tool("ringllm.tools.fp8_bench", "fp8-bench", args, argv, measure, format_table)
 
 

@@ -40,7 +40,7 @@ CEILING_MAX_BYTES = 24 * 2**30       # the probe reads at most this much, or for
 CEILING_MAX_SECONDS = 10.0
 RUN_TIMEOUT_S = 1200.0               # one generate run (80 layers of 70B: 101 s to first token)
 STOP_GRACE_S = 30.0                  # a terminated run removes its ring and queues first
-PHASES = ("spawn", "attach", "fill", "register", "resident_load", "warm_up", "first_pass")
+PHASES = ("spawn", "attach", "fill", "warm", "register", "resident_load", "warm_up", "first_pass")
 EPS_S = 1e-3                         # the phases' stamps are rounded to 0.1 ms
 
 

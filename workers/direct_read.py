@@ -7,7 +7,9 @@ token waited for them. Here each tensor is cut into pieces read by `threads` thr
 O_DIRECT, the same path as the loaders' (no page-cache copy, no page cache filled with weights
 that live on the GPU). O_DIRECT needs file offset, length and buffer aligned: a piece is read
 as its aligned cover into an aligned per-thread bounce buffer, and its bytes are copied out.
-Files whose file system refuses O_DIRECT (tmpfs) are read buffered, the same way.
+Files whose file system refuses O_DIRECT (tmpfs) are read buffered, the same way; so is
+everything when the caller asks (direct=False): bytes the supervisor warmed into the page cache
+(supervisor.prefetch.WeightWarmer), which O_DIRECT would fetch from the disk again.
 """
 from __future__ import annotations
 
@@ -27,7 +29,9 @@ ALIGN = 4096
 PIECE = 16 << 20
 
 
-def _open(path: str) -> tuple[int, bool]:
+def _open(path: str, direct: bool = True) -> tuple[int, bool]:
+    if not direct:
+        return os.open(path, os.O_RDONLY), False
     try:
         return os.open(path, os.O_RDONLY | os.O_DIRECT), True
     except OSError as err:
@@ -39,7 +43,8 @@ def _open(path: str) -> tuple[int, bool]:
 class _Reader:
     """One thread's bounce buffer and file descriptors."""
 
-    def __init__(self):
+    def __init__(self, direct: bool = True):
+        self.direct = direct
         self.bounce = mmap.mmap(-1, PIECE + 2 * ALIGN)     # page-aligned
         self.view = memoryview(self.bounce)
         self.base = ctypes.addressof(ctypes.c_char.from_buffer(self.bounce))   # the mapping never moves
@@ -47,7 +52,7 @@ class _Reader:
 
     def read(self, path: str, offset: int, nbytes: int, dst_address: int) -> None:
         if path not in self.fds:
-            self.fds[path] = _open(path)
+            self.fds[path] = _open(path, self.direct)
         fd, direct = self.fds[path]
         start = offset - offset % ALIGN if direct else offset
         end = -(-(offset + nbytes) // ALIGN) * ALIGN if direct else offset + nbytes
@@ -76,9 +81,10 @@ class _Reader:
 class ParallelReader:
     """`threads` readers, each with its bounce buffer and open files, kept for as many `read`
     calls as the caller makes (a layer at a time: fresh bounce buffers per layer would be
-    first-touched memory again)."""
+    first-touched memory again). direct=False: buffered reads (see the module page)."""
 
-    def __init__(self, threads: int):
+    def __init__(self, threads: int, direct: bool = True):
+        self.direct = direct
         self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="ringllm-read")
         self.local = threading.local()
         self.readers: list[_Reader] = []
@@ -88,7 +94,7 @@ class ParallelReader:
         extent, at, nbytes, address = piece
         reader = getattr(self.local, "reader", None)
         if reader is None:
-            reader = self.local.reader = _Reader()
+            reader = self.local.reader = _Reader(self.direct)
             with self.lock:
                 self.readers.append(reader)
         try:
@@ -128,7 +134,7 @@ class ParallelReader:
         self.close()
 
 
-def read_tensors(items: list[tuple[TensorExtent, torch.Tensor]], threads: int) -> None:
+def read_tensors(items: list[tuple[TensorExtent, torch.Tensor]], threads: int, direct: bool = True) -> None:
     """One ParallelReader's read of `items`."""
-    with ParallelReader(threads) as reader:
+    with ParallelReader(threads, direct) as reader:
         reader.read(items)

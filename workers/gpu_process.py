@@ -48,6 +48,9 @@ class GpuArgs:
     stats_name: str = ""           # the run's stats page (shm.stats)
     # `ringllm serve`: (max_batch, max_context); prompts are empty and requests come as messages
     serve: tuple | None = None
+    # the supervisor's WeightWarmer read the head (embeddings, norm, lm_head) and layers below
+    # this into the page cache (-1: nothing warmed): those are read buffered, not O_DIRECT
+    warmed_layers: int = -1
 
 
 def planned_shape(args: GpuArgs) -> tuple[int, int, int]:
@@ -140,7 +143,8 @@ def gpu_main(args: GpuArgs) -> None:
         t0 = time.monotonic()
         # as many parallel reads as the run has loaders: what this disk was found to want
         readers = args.engine.loaders
-        resident = load_resident_weights(args.layout, dtype, device, embed_on_host=cuda, threads=readers)
+        resident = load_resident_weights(args.layout, dtype, device, embed_on_host=cuda, threads=readers,
+                                         direct=args.warmed_layers < 0)
         # Pay the one-time kernel costs now, while the loaders fill the ring, and before the
         # resident layers load: on an H200 host those were the last bytes to arrive, and a
         # warm-up after them added its 0.7-1.5 s to the first token. Any layer-shaped weights do:
@@ -156,7 +160,8 @@ def gpu_main(args: GpuArgs) -> None:
             torch.cuda.synchronize(device)
             torch.cuda.empty_cache()
         phases["warm_up"] = (t1, time.monotonic())
-        resident_groups = load_groups(args.layout, range(keep), dtype, device, threads=readers)
+        resident_groups = load_groups(args.layout, range(keep), dtype, device, threads=readers,
+                                      warmed=args.warmed_layers)
         phases["resident_load"] = (t0, time.monotonic())   # its time includes the warm-up's
         info.update(resident_layers=keep, resident_load_seconds=phases["resident_load"][1] - t0)
         if keep:

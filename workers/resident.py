@@ -38,29 +38,32 @@ def load_resident_model(layout: ModelLayout, device_type: str, dtype_name: str):
 
 
 def load_resident_weights(layout: ModelLayout, dtype: torch.dtype, device: torch.device,
-                          embed_on_host: bool = False, threads: int = 1) -> ResidentWeights:
+                          embed_on_host: bool = False, threads: int = 1, direct: bool = True) -> ResidentWeights:
     """embed_tokens, final norm and lm_head, converted to the compute dtype; read by `threads`
-    threads (workers.direct_read).
+    threads (workers.direct_read; direct=False: through the page cache, which the supervisor warmed).
 
     With embed_on_host the embedding table stays in DRAM (rows are gathered there), and a tied
     lm_head gets its own copy on the device.
     """
-    embed_host = load_tensor(layout.embed, threads).to(dtype)
+    embed_host = load_tensor(layout.embed, threads, direct).to(dtype)
     embed = embed_host if embed_on_host else embed_host.to(device)
-    norm = load_tensor(layout.final_norm).to(device=device, dtype=dtype)
+    norm = load_tensor(layout.final_norm, 1, direct).to(device=device, dtype=dtype)
     if layout.lm_head is None:
         lm_head = embed if embed.device == torch.device(device) else embed_host.to(device)
     elif layout.lm_head_scale is not None:     # an FP8 lm_head stays FP8 (dequantized at use)
-        lm_head = Fp8Weight(load_tensor(layout.lm_head, threads), load_tensor(layout.lm_head_scale)).to_device(device)
+        lm_head = Fp8Weight(load_tensor(layout.lm_head, threads, direct),
+                            load_tensor(layout.lm_head_scale, 1, direct)).to_device(device)
     else:
-        lm_head = load_tensor(layout.lm_head, threads).to(device=device, dtype=dtype)
+        lm_head = load_tensor(layout.lm_head, threads, direct).to(device=device, dtype=dtype)
     return ResidentWeights(embed, norm, lm_head)
 
 
-def load_groups(layout: ModelLayout, layers, dtype: torch.dtype, device: torch.device, threads: int = 1) -> dict:
+def load_groups(layout: ModelLayout, layers, dtype: torch.dtype, device: torch.device, threads: int = 1,
+                warmed: int = 0) -> dict:
     """{layer: {"attn": AttnWeights, "ffn": FfnWeights}} on the device, in the compute dtype (a
     quantized weight as stored: FP8 stays FP8); each layer read by `threads` threads
-    (workers.direct_read)."""
+    (workers.direct_read). Layers below `warmed` are in the page cache (supervisor.prefetch):
+    read buffered; the rest O_DIRECT."""
     layers = list(layers)
     # On a GPU the host buffers are staging only: two sets, reused layer after layer, so that
     # fresh memory is touched once (first touch ran at 1.4 GB/s in an H200 VM, below its disk)
@@ -73,14 +76,15 @@ def load_groups(layout: ModelLayout, layers, dtype: torch.dtype, device: torch.d
         bufs = {kind: (staging[i % 2][kind] if staging else torch.empty(layout.group(layer, kind).nbytes,
                                                                          dtype=torch.uint8))
                 for kind in GROUP_KINDS}
-        reader.read([(e.extent, bufs[kind][e.buf_offset:e.buf_offset + e.extent.nbytes])
-                     for kind in GROUP_KINDS for e in layout.group(layer, kind).entries])
+        (cached if layer < warmed else direct).read([(e.extent, bufs[kind][e.buf_offset:e.buf_offset + e.extent.nbytes])
+                                                      for kind in GROUP_KINDS for e in layout.group(layer, kind).entries])
         return bufs
 
     groups = {}
     # the next layer is read (into the other staging set) while this one goes to the device;
     # a copy from pageable memory has read its source when it returns, so the set is free again
-    with ParallelReader(threads) as reader, ThreadPoolExecutor(1, thread_name_prefix="ringllm-read-ahead") as ahead:
+    with ParallelReader(threads) as direct, ParallelReader(threads, direct=False) as cached, \
+            ThreadPoolExecutor(1, thread_name_prefix="ringllm-read-ahead") as ahead:
         pending = ahead.submit(read_layer, 0) if layers else None
         for i, layer in enumerate(layers):
             bufs = pending.result()

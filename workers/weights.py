@@ -38,13 +38,14 @@ def group_weights(buf: torch.Tensor, group: GroupLayout) -> AttnWeights | FfnWei
     return assemble_group(group, [typed_view(buf, e.buf_offset, e.extent) for e in group.entries])
 
 
-def load_bytes(extent: TensorExtent, threads: int = 1) -> torch.Tensor:
-    """One tensor's bytes from its file, as a uint8 CPU tensor (any dtype: I64, F64, ...)."""
+def load_bytes(extent: TensorExtent, threads: int = 1, direct: bool = True) -> torch.Tensor:
+    """One tensor's bytes from its file, as a uint8 CPU tensor (any dtype: I64, F64, ...);
+    direct=False reads through the page cache (workers.direct_read)."""
     raw = torch.empty(extent.nbytes, dtype=torch.uint8)
-    read_tensors([(extent, raw)], threads)
+    read_tensors([(extent, raw)], threads, direct)
     return raw
 
 
-def load_tensor(extent: TensorExtent, threads: int = 1) -> torch.Tensor:
+def load_tensor(extent: TensorExtent, threads: int = 1, direct: bool = True) -> torch.Tensor:
     """One tensor from its file, as a CPU tensor of its dtype and shape."""
-    return typed_view(load_bytes(extent, threads), 0, extent)
+    return typed_view(load_bytes(extent, threads, direct), 0, extent)
