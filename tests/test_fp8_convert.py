@@ -71,8 +71,8 @@ def test_convert_holds_one_block_at_a_time(src, tmp_path, monkeypatch):
     monkeypatch.setattr(convert, "BLOCK_BYTES", block)
     real, live, peak, reads = weights.load_bytes, [0], [0], []
 
-    def spy(extent, threads=1):
-        t = real(extent, threads)
+    def spy(extent, threads=1, direct=True):
+        t = real(extent, threads, direct)
         n = extent.nbytes
         live[0] += n
         peak[0] = max(peak[0], live[0])
