@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -151,7 +152,9 @@ def serve_bench(model_dir: Path, streams: list[int], max_tokens: int, prompt_tok
     for r in rounds:
         r["over_1_stream"] = r["tokens_per_s"] / one if one and r["tokens_per_s"] else None
     at_64 = next((r["over_1_stream"] for r in rounds if r["streams"] == 64), None)
-    return {"model": str(model_dir), "layers": layout.config.num_layers, "command_serve": cmd,
+    # the card, as the server's GPU process named it ("GPU process ready on NVIDIA H200 (cuda:0, ...)")
+    ready = next((m.group(1) for line in stderr_tail if (m := re.search(r"GPU process ready on (.+?) \(", line))), None)
+    return {"model": str(model_dir), "layers": layout.config.num_layers, "card": ready or "cpu", "command_serve": cmd,
             "max_tokens": max_tokens, "prompt_tokens": prompt_tokens, "rounds": rounds,
             "server_exit": server.returncode, "target_64_over_1": TARGET_64_OVER_1,
             "met": None if at_64 is None else at_64 >= TARGET_64_OVER_1,
@@ -162,7 +165,8 @@ def format_table(report: dict) -> str:
     def f(v, fmt):
         return format(v, fmt) if v is not None else "-"
 
-    lines = [f"ringllm serve on {report['model']} ({report['layers']} layers): {report['prompt_tokens']}-token "
+    lines = [f"ringllm serve on {report.get('card', '?')}, {report['model']} ({report['layers']} layers): "
+             f"{report['prompt_tokens']}-token "
              f"prompts, {report['max_tokens']} tokens each, greedy, streamed", "",
              f"{'streams':>8}{'tokens':>8}{'wall s':>9}{'tok/s':>9}{'x 1 stream':>12}{'p50 s/tok':>11}"
              f"{'p95 s/tok':>11}{'1st tok p50':>13}{'errors':>8}", "-" * 89]
