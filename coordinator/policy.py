@@ -26,11 +26,18 @@ HWM = cap + 3 the ring's size is the effective high-water mark), and goes down t
 WSM_CPU_CACHE_LWM_LAYERS. Should the slots still be short, a nearer target takes the slot of the
 farthest target the GPU does not hold yet. Wanted steps are handed out strictly in step order, so
 slots are always held by the steps compute needs first (no deadlock: see the randomized test).
+
+Consumers. With tensor parallel, N GPU processes (ranks) copy their share of every layer out of
+the same slots, in lock-step. An offer goes to every rank and is held once by each [P19]; the slot
+is evictable only once every rank released it. Each rank reports its own compute step: the window
+and the targets follow the most advanced rank, but the steps already offered are forgotten only
+behind the least advanced one, so a slow rank's Want for a step offered already is not a new offer
+(a second offer would add holds no rank ever releases, and the slot would never free again).
 """
 from __future__ import annotations
 
-from collections import deque
-from dataclasses import dataclass
+from collections import Counter, deque
+from dataclasses import dataclass, field
 
 from ringllm.shm.protocol import streamed_steps
 from ringllm.shm.ring import FREE, LOADING, READY
@@ -41,7 +48,12 @@ class SlotInfo:
     state: int = FREE
     layer: int = -1
     generation: int = 0
-    held: int = 0          # steps handed to the GPU and not yet released
+    holds: Counter = field(default_factory=Counter)    # rank -> steps offered to it, not yet released
+
+    @property
+    def held(self) -> int:
+        """Holds of every rank together: the slot may be evicted only at 0 [P4][P19]."""
+        return sum(self.holds.values())
 
 
 @dataclass(frozen=True)
@@ -74,8 +86,11 @@ class PolicyStats:
 class RingPolicy:
     def __init__(self, num_layers: int, slots: int, offset: int, cap: int, ring_mode: int = 1,
                  hwm: int | None = None, lwm: int | None = None, back_margin: int = 0, pinned: int = 0,
-                 min_disk_slots: int = 1):
+                 min_disk_slots: int = 1, consumers: int = 1):
         self.n, self.offset, self.cap, self.ring_mode = num_layers, offset, cap, ring_mode
+        if consumers < 1:
+            raise ValueError(f"the ring needs at least one consumer, not {consumers}")
+        self.consumers = consumers                # GPU processes (ranks) every offer goes to
         self.pinned = pinned                      # CPU_PINNED_LAYERS (which layers: see pinned_layers)
         self.min_disk_slots = max(1, min_disk_slots)   # the GPU look-ahead: slots the disk part keeps
         self.slots = [SlotInfo() for _ in range(slots)]
@@ -83,27 +98,30 @@ class RingPolicy:
         self.lwm = lwm if lwm is not None else max(0, slots - 1)
         self.back_margin = back_margin
         self.layer_slot: dict[int, int] = {}     # layer -> slot (LOADING or READY)
-        self.compute_step = 0
+        self.rank_compute = [0] * consumers       # each rank's compute step, as it last reported it
+        self.compute_step = 0                     # the most advanced rank's: window and targets follow it
         self.wants: dict[int, bool] = {}          # step -> was it a hit when asked (not yet offered)
         self.resident_layers = 0                  # layers below this stay on the GPU: never targets
-        self.handed: set[int] = set()             # steps offered to the GPU (pruned behind compute)
+        self.handed: set[int] = set()             # steps offered (pruned behind the slowest rank)
         self.stats = PolicyStats()
 
     # --- events --------------------------------------------------------------------------------
-    def want(self, step: int, compute_step: int) -> None:
-        self._advance(compute_step)
+    def want(self, step: int, compute_step: int, rank: int = 0) -> None:
+        self._advance(compute_step, rank)
         if step in self.handed or step in self.wants:
-            return
+            return     # [P19] one offer a step, to every rank, whichever rank asked first
         slot = self.layer_slot.get(step % self.n)
         self.wants[step] = slot is not None and self.slots[slot].state == READY
 
-    def release(self, step: int, slot: int, generation: int, compute_step: int) -> None:
+    def release(self, step: int, slot: int, generation: int, compute_step: int, rank: int = 0) -> None:
+        self._check_rank(rank)
         info = self.slots[slot]
-        if info.held <= 0 or info.generation != generation:
-            raise ProtocolError(f"release of slot {slot} gen {generation} (step {step}) that is not held "
-                                f"(held={info.held}, gen={info.generation})")
-        info.held -= 1
-        self._advance(compute_step)
+        # [P19] a rank drops only a hold of its own: the slot frees once every rank released it
+        if info.holds[rank] <= 0 or info.generation != generation:
+            raise ProtocolError(f"rank {rank} released slot {slot} gen {generation} (step {step}) that it does "
+                                f"not hold (its holds={info.holds[rank]}, all={info.held}, gen={info.generation})")
+        info.holds[rank] -= 1
+        self._advance(compute_step, rank)
 
     def loaded(self, slot: int, generation: int) -> None:
         info = self.slots[slot]
@@ -112,10 +130,19 @@ class RingPolicy:
                                 f"{info.state}/gen {info.generation}")
         info.state = READY
 
-    def _advance(self, compute_step: int) -> None:
-        if compute_step > self.compute_step:
-            self.compute_step = compute_step
-            self.handed = {s for s in self.handed if s >= compute_step}
+    def _check_rank(self, rank: int) -> None:
+        if not 0 <= rank < self.consumers:
+            raise ProtocolError(f"a message from rank {rank}, but the ring has {self.consumers} consumer(s)")
+
+    def _advance(self, compute_step: int, rank: int) -> None:
+        self._check_rank(rank)
+        if compute_step > self.rank_compute[rank]:
+            self.rank_compute[rank] = compute_step
+            self.compute_step = max(self.rank_compute)
+            # [P19] forget offered steps only behind the slowest rank: any rank may still Want a
+            # step from its own compute on, and that must not make a second offer
+            slowest = min(self.rank_compute)
+            self.handed = {s for s in self.handed if s >= slowest}
 
     # --- decisions -----------------------------------------------------------------------------
     def set_resident(self, count: int) -> None:
@@ -250,7 +277,8 @@ class RingPolicy:
             if slot is None or self.slots[slot].state != READY:
                 break   # [P2][P3] READY only, in step order: a later step must never hold a slot an earlier one needs
             info = self.slots[slot]
-            info.held += 1
+            for rank in range(self.consumers):     # [P19] the offer is held by every rank
+                info.holds[rank] += 1
             if self.wants.pop(step):
                 self.stats.hits += 1
             else:

@@ -27,7 +27,7 @@ class CoordinatorArgs:
     parent_pid: int
     ring_name: str
     inbox: str
-    gpu_queue: str
+    gpu_queues: tuple       # one per GPU process (tensor-parallel rank), rank 0 first
     sup_queue: str
     loader_queues: tuple
     num_layers: int
@@ -49,18 +49,19 @@ class Coordinator:
     run's queues and ring; tests/test_scheduler.py drives it in-process against simulated
     loaders and the GPU process's scheduler."""
 
-    def __init__(self, args: CoordinatorArgs, ring, loaders: list[Outbox], gpu: Outbox, sup: Channel):
+    def __init__(self, args: CoordinatorArgs, ring, loaders: list[Outbox], gpus: list[Outbox], sup: Channel):
+        """gpus: one outbox per GPU process (rank), rank 0 first; each gets every SlotReady [P19]."""
         e = args.engine
         self.args, self.ring = args, ring
         self.policy = RingPolicy(args.num_layers, ring.slot_count, e.cpu_ring_offset, e.cpu_cap,
                                  e.cpu_ring_mode, e.cpu_hwm, e.cpu_lwm, e.cpu_back_margin, e.cpu_pinned_layers,
-                                 min_disk_slots=e.lookahead_layers)
+                                 min_disk_slots=e.lookahead_layers, consumers=len(gpus))
         self.jobs = JobDispatcher(len(loaders), e.dispatch_depth)
         self.chunks = [plan.chunks(e.chunk_bytes) for plan in args.plans]
         self.file_index = {path: i for i, path in enumerate(args.files)}
         self.loaders = loaders
         self.loader_epochs = [0] * len(loaders)   # which incarnation of each loader runs
-        self.gpu = gpu
+        self.gpus = list(gpus)
         self.sup = sup
         self.bytes_read = 0
         self.read_seconds = 0.0
@@ -90,9 +91,9 @@ class Coordinator:
     def handle(self, msg) -> bool:
         """Apply one message; False means shut down."""
         if isinstance(msg, Want):
-            self.policy.want(msg.step, msg.compute_step)
+            self.policy.want(msg.step, msg.compute_step, msg.rank)
         elif isinstance(msg, Release):
-            self.policy.release(msg.step, msg.slot, msg.generation, msg.compute_step)
+            self.policy.release(msg.step, msg.slot, msg.generation, msg.compute_step, msg.rank)
         elif isinstance(msg, ChunkDone) and msg.skipped:
             # The loader found the slot moved on before reading: a duplicate or stale job. A job
             # we still wait for cannot be one (its slot stays LOADING until it is reported).
@@ -113,7 +114,7 @@ class Coordinator:
             self.loader_epochs[msg.index] = msg.epoch
             n = self.jobs.requeue_loader(msg.index)
             log.warning("loader %d was restarted; %d chunk(s) it held are read again", msg.index, n)
-        elif isinstance(msg, ResidentLayers):
+        elif isinstance(msg, ResidentLayers):     # rank 0's alone: every rank keeps the same layers
             if self.started and msg.count != self.policy.resident_layers:
                 log.info("the GPU process keeps %d layers (estimated %d); the ring adjusts", msg.count,
                          self.policy.resident_layers)
@@ -166,8 +167,10 @@ class Coordinator:
                 # tests: the slot is "rewritten" between the offer and the GPU's copy
                 self.ring.write_slot(offer.slot, READY, offer.layer, offer.generation + 1)
             self.offers_sent += 1
-            self.gpu.put(SlotReady(offer.step, offer.layer, offer.slot, offer.generation))
-        for box in (*self.loaders, self.gpu):
+            ready = SlotReady(offer.step, offer.layer, offer.slot, offer.generation)
+            for gpu in self.gpus:       # one offer, held by every rank until each releases it
+                gpu.put(ready)
+        for box in (*self.loaders, *self.gpus):
             box.flush()
         self._log_window()
         if self.page is not None:
@@ -212,14 +215,15 @@ class Coordinator:
 
     @property
     def busy(self) -> bool:
-        return bool(self.gpu.pending or any(b.pending for b in self.loaders))
+        return any(b.pending for b in (*self.gpus, *self.loaders))
 
 
 def coordinator_main(args: CoordinatorArgs) -> None:
     child_start("ringllm-coord", args.parent_pid, args.verbose)
     ring = Ring.attach(args.ring_name)
     inbox = Channel(args.inbox)
-    coord = Coordinator(args, ring, [Outbox(Channel(q)) for q in args.loader_queues], Outbox(Channel(args.gpu_queue)),
+    coord = Coordinator(args, ring, [Outbox(Channel(q)) for q in args.loader_queues],
+                        [Outbox(Channel(q)) for q in args.gpu_queues],
                         Channel(args.sup_queue, stop_requested=stop_requested))
     try:
         coord.sup.send(Ready("coordinator", 0, {"pid": os.getpid()}))

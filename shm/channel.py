@@ -228,10 +228,13 @@ class ChunkDone:
 
 
 # --- coordinator <-> GPU process -------------------------------------------------------------
+# Tensor parallel: N GPU processes ("ranks") share the ring; each names itself in `rank`. A rank
+# field comes last with a default, so a sender that leaves it out (one GPU process) is rank 0.
 @message(30)
 class Want:
     step: int                 # pass * num_layers + layer the GPU process will copy next
-    compute_step: int         # where compute is now
+    compute_step: int         # where compute is now (this rank's)
+    rank: int = 0             # which GPU process asks
 
 
 @message(31)
@@ -248,6 +251,7 @@ class Release:
     slot: int
     generation: int
     compute_step: int
+    rank: int = 0             # which GPU process lets go of the slot (each rank releases once)
 
 
 @message(34)

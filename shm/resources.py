@@ -30,25 +30,35 @@ def new_run_id() -> str:
 class RunNames:
     run_id: str
     num_loaders: int
+    gpus: int = 1                      # GPU processes (tensor-parallel ranks), one queue each
     segment: str = field(init=False)
     stats_segment: str = field(init=False)
     sup_queue: str = field(init=False)
     coord_queue: str = field(init=False)
-    gpu_queue: str = field(init=False)
+    gpu_queues: list[str] = field(init=False)
     loader_queues: list[str] = field(init=False)
 
     def __post_init__(self):
+        if self.gpus < 1:
+            raise ValueError(f"a run needs at least one GPU process, not {self.gpus}")
         base = f"/{PREFIX}{self.run_id}"
         self.segment = base + "-ring"
         self.stats_segment = base + "-stats"
         self.sup_queue = base + "-sup"
         self.coord_queue = base + "-coord"
-        self.gpu_queue = base + "-gpu"
+        # rank 0 keeps the one-GPU name, so `gpu_queue` means rank 0's in every run
+        self.gpu_queues = [base + "-gpu"] + [f"{base}-gpu{r}" for r in range(1, self.gpus)]
         self.loader_queues = [f"{base}-load{i}" for i in range(self.num_loaders)]
 
     @property
+    def gpu_queue(self) -> str:
+        """Rank 0's queue (the only one with one GPU process)."""
+        return self.gpu_queues[0]
+
+    @property
     def queues(self) -> list[str]:
-        return [self.sup_queue, self.coord_queue, self.gpu_queue, *self.loader_queues]
+        """Every queue of the run: the manifest lists them all, so a sweep unlinks them all."""
+        return [self.sup_queue, self.coord_queue, *self.gpu_queues, *self.loader_queues]
 
     @property
     def segments(self) -> list[str]:

@@ -233,7 +233,7 @@ class Supervisor:
         self.prefaulter = SlotPrefaulter(self.ring, None if estimate is None else n_layers - estimate)
         self.prefaulter.start()      # fresh pages faulted ahead of the loaders (shm.prefault)
         self._spawn("coordinator", coordinator_main, CoordinatorArgs(
-            pid, n.segment, n.coord_queue, n.gpu_queue, n.sup_queue, tuple(n.loader_queues),
+            pid, n.segment, n.coord_queue, tuple(n.gpu_queues), n.sup_queue, tuple(n.loader_queues),
             self.layout.config.num_layers, tuple(self.plans), tuple(self.files), self.engine, self.verbose,
             faults=self.faults, stats_name=n.stats_segment, resident_estimate=estimate))
         for i in range(self.engine.loaders):

@@ -92,18 +92,20 @@ def random_setup(rng: random.Random) -> dict:
     )
 
 
-def coordinator_for(s: dict) -> tuple[Coordinator, Header, list[Mailbox], Mailbox]:
-    """The real coordinator over simulated transports; each layer is `chunks` chunks of 4 KiB."""
+def coordinator_for(s: dict, ranks: int = 1) -> tuple[Coordinator, Header, list[Mailbox], list[Mailbox]]:
+    """The real coordinator over simulated transports, serving `ranks` GPU processes (one
+    mailbox each); each layer is `chunks` chunks of 4 KiB."""
     engine = EngineConfig(gpu_ahead_layers=s["look"].want, cpu_cap=s["cap"] + s["pinned"], cpu_pinned_layers=s["pinned"], cpu_ring_offset=s["offset"], cpu_ring_mode=s["ring_mode"],
                           cpu_hwm=s["hwm"], cpu_lwm=s["lwm"], cpu_back_margin=s["back_margin"], chunk_bytes=4096,
                           dispatch_depth=s["depth"])
     size = 4096 * s["chunks"]
     plans = tuple(LayerPlan(layer, (SlotRead("model.safetensors", layer * size, size, 0, size),), {}, size)
                   for layer in range(s["n"]))
-    args = CoordinatorArgs(0, "", "", "", "", tuple(f"load{k}" for k in range(s["loaders"])), s["n"], plans,
-                           ("model.safetensors",), engine, resident_estimate=s.get("estimate"))
-    header, loaders, gpu = Header(s["cap"] + s["pinned"]), [Mailbox() for _ in range(s["loaders"])], Mailbox()
-    return Coordinator(args, header, loaders, gpu, Mailbox()), header, loaders, gpu
+    args = CoordinatorArgs(0, "", "", ("",) * ranks, "", tuple(f"load{k}" for k in range(s["loaders"])), s["n"],
+                           plans, ("model.safetensors",), engine, resident_estimate=s.get("estimate"))
+    header, loaders = Header(s["cap"] + s["pinned"]), [Mailbox() for _ in range(s["loaders"])]
+    gpus = [Mailbox() for _ in range(ranks)]
+    return Coordinator(args, header, loaders, gpus, Mailbox()), header, loaders, gpus
 
 
 def simulate(seed: int, max_events: int = 200_000, **setup) -> dict:
@@ -111,7 +113,7 @@ def simulate(seed: int, max_events: int = 200_000, **setup) -> dict:
     rng = random.Random(seed)
     s = {**random_setup(rng), **setup}
     n, resident, look, passes = s["n"], s["resident"], s["look"], s["passes"]
-    coord, header, loader_boxes, gpu_box = coordinator_for(s)
+    coord, header, loader_boxes, (gpu_box,) = coordinator_for(s)
     sched = StreamScheduler(n, resident, look, s["buffers"], passes=passes)
     last_step = passes * n - 1
 

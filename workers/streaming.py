@@ -84,8 +84,9 @@ class StreamingSource:
     def __init__(self, layout: ModelLayout, plans: list[LayerPlan], engine, ring: Ring,
                  ring_tensor: torch.Tensor, device: torch.device, coord: Channel, inbox: InboxReader,
                  resident: dict | None = None, chaos: tuple[int, float] = (0, 0.0), stats_page=None,
-                 passes: int | None = None, registrar=None):
+                 passes: int | None = None, registrar=None, rank: int = 0):
         self.layout, self.engine = layout, engine
+        self.rank = rank          # tensor parallel: which GPU process this is, named in Want and Release
         self.ring, self.ring_tensor, self.device = ring, ring_tensor, device
         self.coord, self.inbox = coord, inbox
         self.n = layout.config.num_layers
@@ -212,10 +213,10 @@ class StreamingSource:
         self._receive(timeout=0)
         compute = self.sched.compute
         for step in self.sched.wants():
-            self.coord.send(Want(step, compute), timeout=self.engine.wait_timeout_s)
+            self.coord.send(Want(step, compute, self.rank), timeout=self.engine.wait_timeout_s)
         self._check_finished()
         for offer in self.sched.releases():
-            self.coord.send(Release(offer.step, offer.slot, offer.generation, compute),
+            self.coord.send(Release(offer.step, offer.slot, offer.generation, compute, self.rank),
                             timeout=self.engine.wait_timeout_s)
         for copy in self.sched.start_copies(self.sched.in_flight(self._complete)):
             self._copy(copy)
