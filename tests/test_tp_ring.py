@@ -98,8 +98,11 @@ def simulate_ranks(seed: int, ranks: int, max_events: int = 400_000, **setup) ->
     contents = {slot: None for slot in range(s["cap"] + s["pinned"])}
     writes_left: dict[tuple, int] = {}
     from_loaders: deque = deque()           # ChunkDone, in the loaders' send order
+    late_wants = []                         # Wants for a step another rank had computed past
 
     def coordinator_handle(msg):
+        if isinstance(msg, Want) and msg.step < coord.policy.compute_step:
+            late_wants.append(msg)
         before = dict(header.records)
         coord.handle(msg)
         coord.step()
@@ -208,7 +211,7 @@ def simulate_ranks(seed: int, ranks: int, max_events: int = 400_000, **setup) ->
             f"seed {seed}: rank {r.rank} was offered {dict(r.inbox.offers)}"
     held = {slot: dict(info.holds) for slot, info in enumerate(coord.policy.slots) if info.held}      # T5
     assert not held, f"seed {seed}: T5 slots still held at the end: {held}; setup {s}"
-    return {"setup": s, "events": events}
+    return {"setup": s, "events": events, "late_wants": len(late_wants)}
 
 
 # --- the ranks in lock-step over the real coordinator -------------------------------------------------
@@ -216,8 +219,8 @@ def simulate_ranks(seed: int, ranks: int, max_events: int = 400_000, **setup) ->
 def test_random_ranks_in_lock_step_share_the_ring(ranks):
     """Random setups (every look-ahead knob, ring sizes from the minimum, pinned tiers, resident
     layers, estimates), random delivery and rank order."""
-    for seed in range(150 if ranks == 2 else 100):
-        simulate_ranks(seed, ranks)
+    late = sum(simulate_ranks(seed, ranks)["late_wants"] for seed in range(150 if ranks == 2 else 100))
+    assert late > 0, "no run had a Want arrive after another rank computed past its step"
 
 
 @pytest.mark.parametrize("ranks", [2, 3])
@@ -225,11 +228,13 @@ def test_random_ranks_in_lock_step_share_the_ring(ranks):
 def test_disk_fed_ring_smaller_than_the_streamed_layers(ranks, pinned):
     """8 layers, one resident, through a ring of the look-ahead's minimum (plus the pinned tier):
     every pass reads the disk part again, and every slot is taken over and over."""
+    late = 0
     for seed in range(60):
         want = 1 + seed % 2
-        simulate_ranks(seed, ranks, n=8, resident=1, estimate=None, cap=want, pinned=pinned, passes=3,
-                       offset=seed % 2, hwm=want + 3, lwm=0, warmup=seed % 3,
-                       look=Lookahead(want=want, copy=want, pair=1, backlog=2))
+        late += simulate_ranks(seed, ranks, n=8, resident=1, estimate=None, cap=want, pinned=pinned, passes=3,
+                               offset=seed % 2, hwm=want + 3, lwm=0, warmup=seed % 3,
+                               look=Lookahead(want=want, copy=want, pair=1, backlog=2))["late_wants"]
+    assert late > 0, "no run had a Want arrive after another rank computed past its step"
 
 
 # --- the policy with two consumers ------------------------------------------------------------------
