@@ -114,6 +114,16 @@ def test_split_sizes_are_even_larger_first():
     assert split_sizes(7, 3) == [3, 2, 2] and split_sizes(6, 3) == [2, 2, 2] and split_sizes(3, 2) == [2, 1]
 
 
+def test_a_rank_without_its_rendezvous_fails_in_one_line():
+    from ringllm.workers.tensor_parallel import init_distributed
+
+    port = free_port()          # nobody serves it
+    with pytest.raises(RingllmError) as err:
+        init_distributed(1, 2, "127.0.0.1", port, "gloo", timeout_s=1)
+    assert str(err.value).startswith(f"tensor parallel rank 1 of 2: no rendezvous at 127.0.0.1:{port} within 1 s (")
+    assert "\n" not in str(err.value)
+
+
 def test_more_ranks_than_kv_heads_is_refused_in_one_line(checkpoints):
     layout = load_layout(checkpoints / "tied")
     with pytest.raises(RingllmError) as err:
@@ -223,10 +233,16 @@ def run_ranks(world: int, model_dir: Path, out_dir: Path, timeout_s: float = 120
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(world)]
 
 
-@pytest.mark.parametrize("world,name", [(2, "sharded"), (3, "tied")])
+@pytest.mark.parametrize("world,name", [(2, "sharded"), (3, "tied"), (2, "fp8_channel")])
 def test_ranks_match_transformers(tmp_path, world, name):
     hf = make_hf_checkpoint(tmp_path / name, seed=world, max_shard_size="40KB" if name == "sharded" else None,
                             tie_word_embeddings=name == "tied", **TP_CONFIG)
+    if name == "fp8_channel":    # per-channel scales split with their rows, an FP8 lm_head too
+        from ringllm.convert import convert_to_fp8
+        from tests.test_fp8_engine import transformers_fp8
+
+        convert_to_fp8(tmp_path / name, tmp_path / "fp8", quantize_lm_head=True, progress=False)
+        name, hf = "fp8", transformers_fp8(tmp_path / "fp8")
     with torch.no_grad():
         ref = hf(torch.tensor([PROMPT])).logits
     ref_tokens = hf_greedy_cached(hf, PROMPT, STEPS)
