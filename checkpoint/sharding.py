@@ -33,7 +33,8 @@ def split_sizes(total: int, world: int) -> list[int]:
     return [base + 1] * extra + [base] * (world - extra)
 
 
-def _starts(sizes: list[int]) -> list[int]:
+def _starts(sizes) -> list[int]:
+    """Where each rank's block starts, given the blocks' sizes in rank order."""
     return [sum(sizes[:r]) for r in range(len(sizes))]
 
 
@@ -89,8 +90,8 @@ def shard_layout(layout: ModelLayout, rank: int, world: int) -> ModelLayout:
         return layout
     cfg, d = layout.config, layout.config.head_dim
     # (first row, rows) of each role's output dimension on this rank
-    attn0, hidden0, inter0 = (_starts(list(s))[rank] for s in (plan.attn_out, plan.hidden, plan.intermediate))
-    kv0 = _starts(list(plan.kv_heads))[rank] * d
+    attn0, hidden0, inter0 = (_starts(s)[rank] for s in (plan.attn_out, plan.hidden, plan.intermediate))
+    kv0 = _starts(plan.kv_heads)[rank] * d
     rows_of = {
         "q": (attn0, plan.attn_out[rank]),
         "k": (kv0, plan.kv_heads[rank] * d),
@@ -116,7 +117,7 @@ def shard_layout(layout: ModelLayout, rank: int, world: int) -> ModelLayout:
                 entries.append((e.role, e.part, ext))
         return _pack(group.layer, group.kind, entries)
 
-    vocab = (_starts(list(plan.vocab))[rank], plan.vocab[rank])
+    vocab = (_starts(plan.vocab)[rank], plan.vocab[rank])
     head = layout.lm_head if layout.lm_head is not None else layout.embed   # tied: the embed rows
     head_scale = layout.lm_head_scale
     if head_scale is not None and _per_channel(head_scale, head.shape[0]):
