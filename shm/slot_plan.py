@@ -47,6 +47,15 @@ class LayerPlan:
     tensor_slot_offset: dict          # tensor name -> offset of its first byte in the slot
     nbytes: int                       # slot bytes used
 
+    def slot_offset(self, path: str, file_offset: int, nbytes: int = 0) -> int:
+        """Where byte `file_offset` of file `path` lands in the slot (and the `nbytes` after it,
+        which the same read must hold): any sub-range of the layer's tensors, such as one tensor
+        parallel rank's rows of a tensor (checkpoint.sharding), has a place in the whole layer's slot."""
+        for r in self.reads:
+            if r.path == path and r.file_offset <= file_offset and file_offset + nbytes <= r.file_offset + r.needed:
+                return r.slot_offset + file_offset - r.file_offset
+        raise KeyError(f"{path} bytes {file_offset}..{file_offset + nbytes} are not in layer {self.layer}'s reads")
+
     def chunks(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[Chunk]:
         chunk_bytes = max(ALIGN, align_down(chunk_bytes, ALIGN))
         out = []
@@ -61,14 +70,16 @@ class LayerPlan:
 @dataclass(frozen=True)
 class GroupViews:
     """How one group travels: (slot offset, buffer offset, bytes) per contiguous run of its
-    tensors in the ring slot, and each tensor's offset in the group buffer."""
+    tensors in the ring slot, and each tensor's offset in the group buffer. The slot plan is the
+    whole layer's (loaders always read whole layers); the group may be a tensor parallel shard
+    of it, whose extents are sub-ranges of the layer's tensors."""
     runs: tuple[tuple[int, int, int], ...]
     offsets: tuple[int, ...]                # per GroupLayout entry, in entry order
     nbytes: int
 
     @classmethod
     def plan(cls, group: GroupLayout, slot_plan: LayerPlan) -> "GroupViews":
-        spans = sorted((slot_plan.tensor_slot_offset[e.extent.name], e.extent.nbytes, i)
+        spans = sorted((slot_plan.slot_offset(e.extent.path, e.extent.offset, e.extent.nbytes), e.extent.nbytes, i)
                        for i, e in enumerate(group.entries))
         runs, offsets, cursor = [], [0] * len(spans), 0
         for start, nbytes, i in spans:

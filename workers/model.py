@@ -4,6 +4,11 @@ No I/O happens here. Per-layer weights are asked of a WeightSource, one group at
 before they are needed: the resident source hands out tensors it holds; the streaming source
 waits on the copy event of a GPU group buffer. The same code runs on cuda and cpu.
 
+Tensor parallel (workers.tensor_parallel, checkpoint.sharding): the config and weights are one
+rank's shard (local q/kv heads, intermediate rows, output rows of o/down/lm_head), and the model
+all_gathers after attention, o_proj, silu(gate)*up, down_proj and lm_head, so that every rank
+holds full activations and full logits. Without `tp` the gathers are not there.
+
 Shapes: B batch, T new tokens, S cache slots in use, H heads, K kv heads, D head_dim, V vocab.
 Batches are left-padded: row b's real tokens occupy cache slots pad[b].. and its rotary
 positions start at 0 there; `key_valid[b, s]` masks the padding slots.
@@ -11,13 +16,16 @@ positions start at 0 there; `key_valid[b, s]` masks the padding slots.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Protocol, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ringllm.checkpoint.llama_config import LlamaConfig
 from ringllm.workers.quantized import DEQUANT, SCALED_MM, QuantizedWeight, dense, linear
+
+if TYPE_CHECKING:
+    from ringllm.workers.tensor_parallel import TensorParallel
 
 # A Linear weight (q..down, lm_head) is a tensor or a QuantizedWeight (workers.quantized): Weight.
 Weight = torch.Tensor | QuantizedWeight
@@ -108,17 +116,32 @@ def _w(t, dtype: torch.dtype) -> torch.Tensor:
 
 class Llama:
     def __init__(self, cfg: LlamaConfig, resident: ResidentWeights, weights: WeightSource,
-                 dtype: torch.dtype, device: torch.device | str, fp8_matmul: str = DEQUANT):
+                 dtype: torch.dtype, device: torch.device | str, fp8_matmul: str = DEQUANT,
+                 tp: "TensorParallel | None" = None):
         """fp8_matmul: how FP8 Linears multiply, as quantized.choose_fp8_matmul chose it for this
-        device ("dequant" | "scaled_mm"; dense weights ignore it)."""
+        device ("dequant" | "scaled_mm"; dense weights ignore it). tp: this rank of a tensor
+        parallel model (cfg and weights are then its shard), None on one device."""
         if fp8_matmul not in (DEQUANT, SCALED_MM):
             raise ValueError(f"fp8_matmul={fp8_matmul!r}: {DEQUANT} or {SCALED_MM} (resolve auto first)")
         self.cfg, self.resident, self.weights = cfg, resident, weights
         self.dtype, self.device, self.fp8_matmul = dtype, torch.device(device), fp8_matmul
         self.inv_freq = rope_inv_freq(cfg).to(self.device)
+        self.tp = tp
 
     def _linear(self, x: torch.Tensor, w: Weight) -> torch.Tensor:
         return linear(x, w, self.dtype, self.fp8_matmul)
+
+    def _gather(self, x: torch.Tensor, part: str) -> torch.Tensor:
+        """The full last dimension from every rank's block of it (ShardPlan `part`); x on one device."""
+        return x if self.tp is None else self.tp.gather_part(x, part)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """float32 logits over the whole vocabulary (each rank computes its vocab rows)."""
+        return self._gather(self._linear(h, self.resident.lm_head), "vocab").float()
+
+    def _output(self, x: torch.Tensor, attn_out: torch.Tensor, o: Weight) -> torch.Tensor:
+        """x + o_proj(attention output [.., local q_size]): gathered before and after o."""
+        return x + self._gather(self._linear(self._gather(attn_out, "attn_out"), o), "hidden")
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[..., None] * self.inv_freq           # [B, T, D/2] in float32
@@ -144,13 +167,12 @@ class Llama:
             values = values[:, :, None].expand(B, cfg.num_kv_heads, rep, end, cfg.head_dim).reshape(
                 B, cfg.num_heads, end, cfg.head_dim)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)     # [B, H, T, D]
-        out = out.transpose(1, 2).reshape(B, T, cfg.q_size)
-        return x + self._linear(out, w.o)
+        return self._output(x, out.transpose(1, 2).reshape(B, T, cfg.q_size), w.o)
 
     def _ffn(self, x, w: FfnWeights):
         h = rms_norm(x, w.post_norm, self.cfg.rms_norm_eps)
-        gated = F.silu(self._linear(h, w.gate)) * self._linear(h, w.up)
-        return x + self._linear(gated, w.down)
+        gated = self._gather(F.silu(self._linear(h, w.gate)) * self._linear(h, w.up), "intermediate")
+        return x + self._gather(self._linear(gated, w.down), "hidden")
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, T] (host ids, or on any device) -> activations [B, T, hidden] on the device."""
@@ -161,7 +183,8 @@ class Llama:
     @torch.inference_mode()
     def warm_up_kernels(self, batch: int, prompt_len: int, attn: AttnWeights, ffn: FfnWeights) -> None:
         """Run one layer of a prefill and of a decode step on throwaway data, so that one-time
-        costs (kernel loading, library handles, workspaces) are paid now and not in the first pass."""
+        costs (kernel loading, library handles, workspaces) are paid now and not in the first pass.
+        Tensor parallel: a collective like forward, every rank calls it with the same arguments."""
         from dataclasses import replace
 
         one = replace(self.cfg, num_layers=1)
@@ -176,7 +199,7 @@ class Llama:
             x = self._attention(x, attn, 0, cache, start, cos, sin, mask.expand(batch, 1, tokens, end))
             x = self._ffn(x, ffn)
         x = rms_norm(x[:, -1], self.resident.final_norm, self.cfg.rms_norm_eps)
-        self._linear(x, self.resident.lm_head).float().argmax(-1).tolist()
+        self._logits(x).argmax(-1).tolist()
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: int,
@@ -211,8 +234,7 @@ class Llama:
             self.weights.release(layer, "ffn")
         if not all_logits:
             x = x[:, -1]
-        x = rms_norm(x, self.resident.final_norm, cfg.rms_norm_eps)
-        return self._linear(x, self.resident.lm_head).float()
+        return self._logits(rms_norm(x, self.resident.final_norm, cfg.rms_norm_eps))
 
 
 # --- one pass over several segments (continuous batching, workers.batching) -------------------
@@ -284,8 +306,7 @@ class SegmentPass:
             offset += len(chunk.tokens)
             if chunk.wants_logits:
                 wanted.append(offset - 1)
-        h = rms_norm(x[0, wanted], m.resident.final_norm, cfg.rms_norm_eps)
-        return m._linear(h, m.resident.lm_head).float()
+        return m._logits(rms_norm(x[0, wanted], m.resident.final_norm, cfg.rms_norm_eps))
 
     def _attention_plan(self, cache, decode, prefills) -> list:
         """Per segment, built once per pass: (offset, length, rows, write slots, keys seen, mask)."""
@@ -336,4 +357,4 @@ class SegmentPass:
                                                  attn_mask=mask)           # [B, H, T, D]
             outs.append(out.transpose(1, 2).reshape(n, cfg.q_size))
         out = torch.cat(outs)[None] if len(outs) > 1 else outs[0][None]    # [1, N, H*D]
-        return x + m._linear(out, w.o)
+        return m._output(x, out, w.o)

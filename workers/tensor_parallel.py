@@ -1,0 +1,68 @@
+"""The ranks of one tensor parallel model put their activation slices together.
+
+Each rank computes a block of the last dimension of every Linear's output (checkpoint.sharding);
+`TensorParallel.gather` all_gathers the blocks so that every rank holds the full activation
+(gloo on cpu, NCCL on GPUs). Blocks may differ by one row per rank (uneven splits): collectives
+want equal sizes, so each block is padded to the largest, gathered, trimmed and concatenated.
+
+Every gather is a collective: all ranks must make the same calls in the same order with the same
+shapes (they do: they run the same model code on the same tokens, and sample the same token from
+identical full logits with identical generators, so no broadcast is needed).
+"""
+from __future__ import annotations
+
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ringllm.checkpoint.errors import RingllmError
+from ringllm.checkpoint.sharding import ShardPlan
+
+
+class TensorParallel:
+    """Rank `rank` of `world`; `group` None is the default process group (init_distributed)."""
+
+    def __init__(self, rank: int, world: int, plan: ShardPlan, group=None):
+        if plan.world != world or not 0 <= rank < world:
+            raise ValueError(f"rank {rank} of {world} does not fit a plan for {plan.world} ranks")
+        self.rank, self.world, self.plan, self.group = rank, world, plan, group
+
+    def gather(self, x: torch.Tensor, sizes) -> torch.Tensor:
+        """x [..., sizes[rank]] -> [..., sum(sizes)]: every rank's block in rank order."""
+        if self.world == 1:
+            return x
+        if x.shape[-1] != sizes[self.rank]:
+            raise ValueError(f"rank {self.rank} holds {x.shape[-1]} columns, its share is {sizes[self.rank]}")
+        largest = max(sizes)
+        block = F.pad(x, (0, largest - x.shape[-1])) if x.shape[-1] < largest else x.contiguous()
+        blocks = [torch.empty_like(block) for _ in range(self.world)]
+        dist.all_gather(blocks, block, group=self.group)
+        return torch.cat([b[..., :n] for b, n in zip(blocks, sizes)], dim=-1)
+
+    def gather_part(self, x: torch.Tensor, part: str) -> torch.Tensor:
+        """gather by the plan's sizes of `part`: "attn_out", "hidden", "intermediate" or "vocab"."""
+        return self.gather(x, getattr(self.plan, part))
+
+
+def init_distributed(rank: int, world: int, master_addr: str, master_port: int, backend: str,
+                     timeout_s: float) -> None:
+    """Join the default process group: rank 0 serves a TCPStore at master_addr:master_port, the
+    others connect to it; every wait (rendezvous and each collective) gives up after timeout_s.
+    NCCL's own settings are left to the environment (NVLink multicast stays as set there)."""
+    timeout = timedelta(seconds=timeout_s)
+    try:
+        store = dist.TCPStore(master_addr, master_port, world_size=world, is_master=rank == 0,
+                              timeout=timeout, wait_for_workers=True)
+    except (RuntimeError, OSError) as err:    # DistStoreError / DistNetworkError are RuntimeErrors
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RingllmError(f"tensor parallel rank {rank} of {world}: no rendezvous at {master_addr}:{master_port} "
+                           f"within {timeout_s:g} s ({first})") from None
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+
+
+def close_distributed() -> None:
+    """Leave the default process group (a no-op when none was joined)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
