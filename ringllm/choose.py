@@ -17,14 +17,15 @@ log = logging.getLogger("ringllm")
 
 def build_engine_config(args, model_dir, max_seq: int = 2048, batch: int = 1, layout=None,
                         device: str | None = None, dtype_name: str | None = None, spec=None,
-                        measured: dict | None = None):
+                        measured: dict | None = None, plan_layout=None):
     """The engine parameters: preset < environment < --set < flags. Given the model's layout
     (generate), the ring is fitted to the model too: never more slots than layers that stream
     and, without a preset, a slot for every streamed layer when they fit in DRAM (what --preset
     auto does for the ring), else as many slots as DRAM allows with all but a short disk window
     pinned (CPU_PINNED_LAYERS, autotune.tier_split). Each adjustment is one printed line.
     spec: the run's speculation (workers.spec_plan.SpecPlan), planned with the GPU memory;
-    measured: filled with what --measure measured ("h2d_gbps"), for --spec-tokens auto."""
+    measured: filled with what --measure measured ("h2d_gbps"), for --spec-tokens auto;
+    plan_layout: the bytes one GPU holds of each layer (a tensor-parallel rank's share), default layout."""
     from ringllm.autotune import describe_ring, describe_tiers, final_lines, ring_fit, tier_split
     from ringllm.config import (PRESETS, default_loader_count, env_parameters, parse_bytes, preset_values_for,
                                 resolve_config, weight_scale)
@@ -62,7 +63,7 @@ def build_engine_config(args, model_dir, max_seq: int = 2048, batch: int = 1, la
     # what streams decides the ring; the settings decide what streams (a first pass, unchecked)
     first = resolve_config(preset_values=preset_values, check=False, **common).engine
     n = layout.config.num_layers
-    resident = planned_resident_layers(layout, first, batch, max_seq, dtype_name, device, spec=spec)
+    resident = planned_resident_layers(plan_layout or layout, first, batch, max_seq, dtype_name, device, spec=spec)
     streamed = n - resident if resident is not None else n
     fit = None
     if args.preset is None:

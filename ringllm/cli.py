@@ -98,6 +98,11 @@ def _add_generate(sub) -> None:
     p.add_argument("--metrics-json", type=Path, default=None,
                    help="write the run's metrics here at the end (tokens/s, ring, bytes, memory); "
                         "checked for writability before the run")
+    p.add_argument("--tensor-parallel", "--tp", type=int, default=1, metavar="N",
+                   help="split every layer over N GPU processes (ranks), each copying its share over its own "
+                        "link from the one ring; on cpu N processes (default: 1)")
+    p.add_argument("--devices", default=None, metavar="LIST",
+                   help="with --tensor-parallel N: the CUDA devices of the ranks, e.g. 0,1 (default: the first N)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 

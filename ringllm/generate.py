@@ -41,12 +41,14 @@ def cmd_generate(args) -> int:
         check_output_path(args.metrics_json, "--metrics-json")
     if args.model is not None:
         check_model_arg(args.model)
+    parallel = parallel_plan(args, draft)
     texts = read_prompts(args.prompt, args.prompt_file)
     if draft is not None and len(texts) > 1:
         raise RingllmError(f"--draft {draft.kind} with {len(texts)} prompts: speculative decoding takes one "
                            "prompt at a time (batches are not supported yet)")
     model_dir = args.model if args.model is not None else ensure_demo_model(default_cache_dir())
     layout = load_layout(model_dir)
+    parallel.planned_layout(layout)      # a split the model does not allow: one line, before anything starts
     if draft is not None and draft.model_dir is not None:
         from ringllm.workers.speculation import check_draft_vocab
         check_draft_vocab(model_dir, draft.model_dir)     # before anything starts: one line if not
@@ -85,7 +87,7 @@ def cmd_generate(args) -> int:
                                dtype_name, on_tokens, args.metrics_json)
     else:
         outputs = run_streaming(args, layout, model_dir, prompts, sampling, codec.eos_ids, device, dtype_name,
-                                on_tokens)
+                                on_tokens, parallel)
     if streaming:
         sys.stdout.write("\n")
     else:
@@ -93,6 +95,31 @@ def cmd_generate(args) -> int:
             sys.stdout.write(f"--- [{i}] ---\n{codec.decode(ids)}\n")
     sys.stdout.flush()
     return 0
+
+
+def parallel_plan(args, draft):
+    """--tensor-parallel N [--devices LIST]: the ranks of the run (supervisor.parallel)."""
+    from ringllm.supervisor.parallel import TensorParallelPlan
+
+    world = args.tensor_parallel
+    if world < 1:
+        raise RingllmError(f"--tensor-parallel must be >= 1, got {world}")
+    devices = ()
+    if args.devices is not None:
+        try:
+            devices = tuple(int(d) for d in args.devices.split(","))
+        except ValueError:
+            raise RingllmError(f"--devices {args.devices!r}: CUDA device indices separated by commas, e.g. 0,1") from None
+        if len(devices) != world or len(set(devices)) != world or min(devices) < 0:
+            raise RingllmError(f"--devices {args.devices}: {world} different device indices for --tensor-parallel "
+                               f"{world}")
+    if world > 1 and args.resident:
+        raise RingllmError(f"--tensor-parallel {world} runs the streaming engine (one process a rank); "
+                           "--resident is one process")
+    if world > 1 and draft is not None:
+        raise RingllmError(f"--tensor-parallel {world} with --draft: speculative decoding runs on one GPU "
+                           "(not with ranks yet)")
+    return TensorParallelPlan(world, devices)
 
 
 def draft_kind(args) -> str | None:
@@ -192,8 +219,10 @@ def spec_summary(spec: dict | None) -> str:
             + f"; per pass: draft {ms('draft_seconds_per_pass')}, verify {ms('verify_seconds_per_pass')}")
 
 
-def run_streaming(args, layout, model_dir, prompts, sampling, eos_ids, device, dtype_name, on_tokens):
-    """The default engine: supervisor + coordinator + loaders + GPU process over the shared ring."""
+def run_streaming(args, layout, model_dir, prompts, sampling, eos_ids, device, dtype_name, on_tokens,
+                  parallel=None):
+    """The default engine: supervisor + coordinator + loaders + GPU process over the shared ring
+    (with --tensor-parallel N, N GPU processes, each with its share of every layer)."""
     from ringllm.supervisor.startup import resident_estimate
     from ringllm.supervisor.supervisor import Supervisor
     from ringllm.workers.memory_plan import check_gpu_cap, plan_gpu_memory
@@ -205,16 +234,19 @@ def run_streaming(args, layout, model_dir, prompts, sampling, eos_ids, device, d
     longest, batch = max(len(p) for p in prompts), len(prompts)
     max_seq, spec = cache_slots(longest, args.max_new_tokens, sampling), spec_plan(sampling)
     measured: dict = {}
-    engine = build_engine_config(args, model_dir, max_seq, batch, layout, device, dtype_name, spec, measured)
+    # each GPU holds its rank's share of a layer: the memory plans count rank 0's (the largest)
+    plan_layout = parallel.planned_layout(layout) if parallel is not None else layout
+    engine = build_engine_config(args, model_dir, max_seq, batch, layout, device, dtype_name, spec, measured,
+                                 plan_layout=plan_layout)
     if spec is not None and args.spec_tokens == AUTO:
         # the engine was planned with the widest pass auto may choose; K only frees memory from it
         resident = resident_estimate(layout, engine, batch, max_seq, dtype_name, device, spec)
         sampling = resolve_spec_tokens(layout, sampling, resident, device, dtype_name, longest, args.max_new_tokens,
                                        measured.get("h2d_gbps"))
         max_seq, spec = cache_slots(longest, args.max_new_tokens, sampling), spec_plan(sampling)
-    plan = plan_gpu_memory(layout, engine, batch, max_seq, dtype_name, embed_on_host=device == "cuda", spec=spec)
+    plan = plan_gpu_memory(plan_layout, engine, batch, max_seq, dtype_name, embed_on_host=device == "cuda", spec=spec)
     check_gpu_cap(plan, engine.gpu_mem, engine)
-    sup = Supervisor(layout, engine, device, dtype_name, verbose=args.verbose)
+    sup = Supervisor(layout, engine, device, dtype_name, verbose=args.verbose, parallel=parallel)
     result = sup.run(prompts, args.max_new_tokens, sampling, eos_ids, on_tokens)
     log_summary(result)
     if args.metrics_json is not None:

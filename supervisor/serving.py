@@ -193,6 +193,7 @@ class ServedEngine:
         if isinstance(msg, Ready):
             sup._on_ready(msg)
         elif isinstance(msg, Fatal):
+            sup._blame_dead_rank(msg)
             raise RingllmError(f"{msg.role}{msg.index if msg.role == 'loader' else ''}: {msg.text}")
         sup._watch()          # a dead loader is restarted; anything else raises, naming the process
         sup._sample_memory()

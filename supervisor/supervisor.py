@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from ringllm.checkpoint.errors import RingllmError
@@ -32,6 +33,7 @@ from ringllm.coordinator.process import CoordinatorArgs, coordinator_main
 from ringllm.shm.channel import (QUEUE_MESSAGES, Channel, Fatal, Finished, LoaderRestarted, Ready, Shutdown, Stats,
                                  StatsRequest, TokenRows, Tokens)
 from ringllm.shm.prefault import SlotPrefaulter
+from ringllm.supervisor.parallel import TensorParallelPlan, free_tcp_port
 from ringllm.supervisor.checks import check_dram, fallback_warning, process_memory, spare_dram
 from ringllm.supervisor.prefetch import WeightWarmer, start_library_prefetch, start_weight_warmer
 from ringllm.shm.resources import (RunNames, new_run_id, pinned_above, run_id_of, sweep, system_pinned_bytes,
@@ -72,6 +74,15 @@ class RunResult:
     warm: dict | None = None                      # supervisor.prefetch.WeightWarmer.report
 
 
+RANK_DEATH_GRACE_S = 1.0    # how long a rank's error waits for another rank's death to show (its exit is reaped)
+
+
+def gpu_key(rank: int) -> str:
+    """The GPU process of tensor-parallel rank `rank` in procs/ready: "gpu" for rank 0 (the one
+    that reports tokens), "gpu1", "gpu2"... for the others."""
+    return "gpu" if rank == 0 else f"gpu{rank}"
+
+
 def plan_ring(layout: ModelLayout, engine: EngineConfig):
     plans = plan_model(layout, engine.merge_gap)
     size = slot_size(plans)
@@ -85,8 +96,10 @@ class Terminated(BaseException):
 class Supervisor:
     def __init__(self, layout: ModelLayout, engine: EngineConfig, device: str, dtype: str,
                  verbose: bool = False, faults: FaultPlan = NO_FAULTS, profile_trace: str | None = None,
-                 fill_ring_first: bool = False):
+                 fill_ring_first: bool = False, parallel: TensorParallelPlan | None = None):
+        """parallel: tensor parallel over several GPU processes (ranks), None for one."""
         self.profile_trace, self.fill_ring_first = profile_trace, fill_ring_first
+        self.parallel = parallel or TensorParallelPlan()
         self.faults = faults          # tests only (ringllm.faults)
         self.layout, self.engine, self.device, self.dtype, self.verbose = layout, engine, device, dtype, verbose
         self.plans, self.slot_size, self.ring_total = plan_ring(layout, engine)
@@ -186,7 +199,7 @@ class Supervisor:
             raise KeyboardInterrupt()
 
     def _create(self) -> None:
-        self.names = RunNames(new_run_id(), self.engine.loaders)
+        self.names = RunNames(new_run_id(), self.engine.loaders, gpus=self.parallel.world)
         self.names.write_manifest()   # before anything exists, so a kill at any point is sweepable
         self.ring = Ring.create(self.names.segment, self.engine.ring_slots, self.slot_size, self.engine.loaders)
         try:
@@ -225,8 +238,9 @@ class Supervisor:
         if estimate is None:
             batch, max_seq = serve if serve is not None else (
                 len(prompts), cache_slots(max(map(len, prompts)), max_new_tokens, sampling))
-            estimate = resident_estimate(self.layout, self.engine, batch, max_seq, self.dtype, self.device,
-                                         spec_plan(sampling))
+            # with ranks, each GPU holds its share of a layer: plan rank 0's, the largest
+            estimate = resident_estimate(self.parallel.planned_layout(self.layout), self.engine, batch, max_seq,
+                                         self.dtype, self.device, spec_plan(sampling))
         n_layers = self.layout.config.num_layers
         # what the GPU process will read itself, read while it starts (supervisor.prefetch)
         self.warmer = start_weight_warmer(self.layout, estimate, spare_dram(self.ring_total))
@@ -238,12 +252,19 @@ class Supervisor:
             faults=self.faults, stats_name=n.stats_segment, resident_estimate=estimate))
         for i in range(self.engine.loaders):
             self._spawn(f"loader{i}", loader_main, self._loader_args(i))
-        self._spawn("gpu", gpu_main, GpuArgs(
-            pid, n.segment, n.gpu_queue, n.coord_queue, n.sup_queue, self.layout, tuple(self.plans),
-            self.engine, self.device, self.dtype, tuple(tuple(p) for p in prompts), max_new_tokens,
-            sampling, tuple(eos_ids), self.verbose, faults=self.faults, profile_trace=self.profile_trace,
-            fill_ring_first=self.fill_ring_first, stats_name=n.stats_segment, serve=serve,
-            warmed_layers=-1 if self.warmer is None else max(0, estimate or 0)))
+        if self.parallel.world > 1 and getattr(sampling, "seed", None) is None:
+            # every rank samples from the same gathered logits: with one seed they draw alike
+            sampling = replace(sampling, seed=secrets.randbits(62))
+        port = self.parallel.port or free_tcp_port(self.parallel.addr)
+        for rank in range(self.parallel.world):
+            self._spawn(gpu_key(rank), gpu_main, GpuArgs(
+                pid, n.segment, n.gpu_queues[rank], n.coord_queue, n.sup_queue, self.layout, tuple(self.plans),
+                self.engine, self.parallel.device_of(self.device, rank), self.dtype, tuple(tuple(p) for p in prompts),
+                max_new_tokens, sampling, tuple(eos_ids), self.verbose, faults=self.faults,
+                profile_trace=self.profile_trace if rank == 0 else None, fill_ring_first=self.fill_ring_first,
+                stats_name=n.stats_segment, serve=serve,
+                warmed_layers=-1 if self.warmer is None else max(0, estimate or 0),
+                rank=rank, world=self.parallel.world, dist_addr=self.parallel.addr, dist_port=port))
 
     def _first_pass_bar(self):
         """A progress bar on stderr for the first pass (slow on a big model: the ring fills from
@@ -290,6 +311,7 @@ class Supervisor:
                 self.page.supervisor(self.tokens_seen, os.getpid())
                 on_tokens(tokens)
             elif isinstance(msg, Fatal):
+                self._blame_dead_rank(msg)
                 raise RingllmError(f"{msg.role}{msg.index if msg.role == 'loader' else ''}: {msg.text}")
             elif isinstance(msg, Finished):
                 self._sampled_at = 0.0
@@ -307,13 +329,29 @@ class Supervisor:
             if "gpu" not in self.ready and time.monotonic() - started > self.engine.startup_timeout_s:
                 raise RingllmError(f"the GPU process did not become ready within {self.engine.startup_timeout_s:.0f} s")
 
+    def _blame_dead_rank(self, msg: Fatal) -> None:
+        """A rank reporting an error may only have lost another rank in a collective (gloo:
+        "Connection reset by peer"): name the rank that died instead, as for any dead child."""
+        if msg.role != "gpu" or self.parallel.world == 1:
+            return
+        deadline = time.monotonic() + RANK_DEATH_GRACE_S
+        while True:
+            for rank in range(self.parallel.world):
+                proc = self.procs.get(gpu_key(rank))
+                if rank != msg.index and proc is not None and proc.poll() is not None:
+                    raise RingllmError(f"the {gpu_key(rank)} process exited unexpectedly (exit code "
+                                       f"{proc.returncode}); gpu{msg.index or ''} then lost it: {msg.text}")
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
+
     def _on_ready(self, msg: Ready) -> None:
-        key = f"{msg.role}{msg.index if msg.role == 'loader' else ''}"
+        key = gpu_key(msg.index) if msg.role == "gpu" else f"{msg.role}{msg.index if msg.role == 'loader' else ''}"
         if msg.info.get("pid") == self.procs[key].pid:     # not a restarted loader's predecessor
             self.ready.add(key)
         if msg.role == "loader" and self.loader_epochs[msg.index] < self.faults.loader_kills(msg.index):
             os.kill(msg.info["pid"], signal.SIGKILL)
-        if msg.role == "gpu":
+        if msg.role == "gpu" and msg.index == 0:
             self.result.startup_wall_s = time.monotonic() - self._run_started
             self._release_warmer()      # it has read what was warmed for it
             self.result.gpu_info = msg.info

@@ -10,7 +10,7 @@ import logging
 import os
 import queue
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ringllm.checkpoint.errors import RingllmError
 from ringllm.faults import NO_FAULTS, FaultPlan
@@ -51,6 +51,13 @@ class GpuArgs:
     # the supervisor's WeightWarmer read the head (embeddings, norm, lm_head) and layers below
     # this into the page cache (-1: nothing warmed): those are read buffered, not O_DIRECT
     warmed_layers: int = -1
+    # tensor parallel (workers.tensor_parallel): this process is rank `rank` of `world`, each rank
+    # copying and computing its share of every layer (checkpoint.sharding) out of the one shared
+    # ring; the ranks meet through torch.distributed at dist_addr:dist_port (rank 0 hosts the store)
+    rank: int = 0
+    world: int = 1
+    dist_addr: str = "127.0.0.1"
+    dist_port: int = 0
 
 
 def planned_shape(args: GpuArgs) -> tuple[int, int, int]:
@@ -90,7 +97,7 @@ def wait_for_ring(ring: Ring, slots: int, timeout_s: float) -> None:
 
 
 def gpu_main(args: GpuArgs) -> None:
-    child_start("ringllm-gpu", args.parent_pid, args.verbose)
+    child_start(f"ringllm-gpu{args.rank or ''}", args.parent_pid, args.verbose)   # ranks 1..: ringllm-gpu1, ...
     with sigterm_deferred():      # a SystemExit inside torch's import would abort, loudly
         import torch
 
@@ -129,14 +136,22 @@ def gpu_main(args: GpuArgs) -> None:
             info.update(name=torch.cuda.get_device_name(device), free_bytes=free, total_bytes=total)
             if args.engine.gpu_mem is not None:
                 torch.cuda.set_per_process_memory_fraction(min(1.0, args.engine.gpu_mem / total), device)
+        tp = None
+        if args.world > 1:       # this rank's share of every layer, and the other ranks
+            tp, shard = join_ranks(args, device)
+            args = replace(args, layout=shard)
+            info.update(rank=args.rank, world=args.world)
         dtype = torch_dtype(args.dtype)
         fp8_matmul = choose_fp8_matmul(args.engine.fp8_matmul, args.layout, device, dtype)   # one log line at most
         info["fp8_matmul"] = fp8_matmul
         n = args.layout.config.num_layers
         keep = resident_layer_count(args, device.type, info.get("free_bytes"))
+        if tp is not None:     # one count for every rank: what fits on the fullest GPU
+            keep = agree_min(keep, device)
         # The coordinator starts on the supervisor's estimate where there is one (it is exact
         # unless it needed the free GPU memory), else on this message; it adjusts to it either way.
-        coord.send(ResidentLayers(keep), timeout=args.engine.wait_timeout_s)
+        if args.rank == 0:
+            coord.send(ResidentLayers(keep), timeout=args.engine.wait_timeout_s)
         if cuda:
             registrar.begin(n - keep)     # [P18] from now on filled slots get pinned, while the rest fill
         phases["attach"] = (t0, time.monotonic())
@@ -153,7 +168,7 @@ def gpu_main(args: GpuArgs) -> None:
         placeholders = [group_weights(torch.zeros(args.layout.group(0, k).nbytes, dtype=torch.uint8, device=device),
                                       args.layout.group(0, k)) for k in ("attn", "ffn")]
         batch, _, prompt_len = planned_shape(args)
-        Llama(args.layout.config, resident, None, dtype, device, fp8_matmul).warm_up_kernels(
+        Llama(args.layout.config, resident, None, dtype, device, fp8_matmul, tp=tp).warm_up_kernels(
             batch, prompt_len, *placeholders)
         del placeholders
         if cuda:
@@ -174,9 +189,9 @@ def gpu_main(args: GpuArgs) -> None:
         source = StreamingSource(args.layout, list(args.plans), args.engine, ring, ring_tensor, device,
                                  coord, reader, resident=resident_groups, chaos=args.faults.chaos,
                                  stats_page=page, registrar=registrar,
-                                 passes=None if args.serve is not None else args.max_new_tokens)
-        sup.send(Ready("gpu", 0, info))
-        model = Llama(args.layout.config, resident, source, dtype, device, fp8_matmul)
+                                 passes=None if args.serve is not None else args.max_new_tokens, rank=args.rank)
+        sup.send(Ready("gpu", args.rank, info))
+        model = Llama(args.layout.config, resident, source, dtype, device, fp8_matmul, tp=tp)
         if args.serve is not None:
             if args.engine.warmup_layers:
                 source.warm_up()
@@ -197,6 +212,8 @@ def gpu_main(args: GpuArgs) -> None:
                 phases["first_pass"] = (first_pass_start, time.monotonic())
             source.tokens += 1
             source.publish(force=True)
+            if args.rank > 0:     # every rank samples the same tokens (full logits, same seed): rank 0 tells
+                return
             for part in token_messages(tokens):     # a big batch does not fit one message
                 sup.send(part, timeout=args.engine.wait_timeout_s)
 
@@ -232,7 +249,8 @@ def gpu_main(args: GpuArgs) -> None:
                  "speculation": spec.as_dict() if spec is not None else None,
                  # torch must see the ring as page-locked, or non_blocking copies from it go synchronous
                  "ring_pinned": _slots_pinned(ring, ring_tensor, registrar) if cuda else None}
-        sup.send(Finished(stats), timeout=args.engine.wait_timeout_s)
+        if args.rank == 0:
+            sup.send(Finished(stats), timeout=args.engine.wait_timeout_s)
         reader.shutdown.wait(timeout=args.engine.wait_timeout_s)
     except SystemExit:
         raise
@@ -241,7 +259,7 @@ def gpu_main(args: GpuArgs) -> None:
         try:
             # our own errors are already one line for the user; anything else says what it is
             text = str(err) if isinstance(err, RingllmError) else f"{type(err).__name__}: {err}"
-            sup.send(Fatal("gpu", 0, text), timeout=2)   # Fatal fits the text
+            sup.send(Fatal("gpu", args.rank, text), timeout=2)   # Fatal fits the text
         except Exception:
             pass
         raise SystemExit(1)
@@ -255,6 +273,35 @@ def gpu_main(args: GpuArgs) -> None:
             registrar.unregister_all()
         del ring_tensor
         ring.close()
+        if args.world > 1:
+            from ringllm.workers.tensor_parallel import close_distributed
+            close_distributed()
+
+
+def join_ranks(args: GpuArgs, device):
+    """Tensor parallel: meet the other ranks (torch.distributed: NCCL between GPUs, gloo on cpu)
+    and take this rank's share of every layer. Returns the workers.tensor_parallel.TensorParallel
+    the model gathers through, and the shard's layout (checkpoint.sharding)."""
+    from ringllm.checkpoint.sharding import ShardPlan, shard_layout
+    from ringllm.workers.tensor_parallel import TensorParallel, init_distributed
+
+    # NVLink multicast stays off (a program using it can take a shared host's GPUs out of service)
+    for var, off in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
+        os.environ.setdefault(var, off)
+    layout = shard_layout(args.layout, args.rank, args.world)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    init_distributed(args.rank, args.world, args.dist_addr, args.dist_port, backend, args.engine.startup_timeout_s)
+    return TensorParallel(args.rank, args.world, ShardPlan.of(args.layout.config, args.world)), layout
+
+
+def agree_min(value: int, device) -> int:
+    """The smallest of every rank's `value` (a collective: every rank calls it)."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.int64, device=device if device.type == "cuda" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
 
 
 class RequestTap:

@@ -1,0 +1,41 @@
+"""Tensor parallel as the supervisor sees it: how many GPU processes (ranks) share the run's one
+ring, which device each takes, and where they meet (torch.distributed's TCP store).
+
+Every rank copies and computes its share of every layer (checkpoint.sharding): a 1/N row block
+of each Linear, over its own PCIe link, from the same ring slots, in lock-step with the others.
+The coordinator offers each slot to every rank and frees it when all have released it. Torch-free:
+the command never imports torch for a streaming run.
+"""
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TensorParallelPlan:
+    world: int = 1                       # GPU processes (ranks)
+    devices: tuple[int, ...] = ()        # CUDA device index per rank (default 0..world-1)
+    addr: str = "127.0.0.1"              # where rank 0 hosts the store; other hosts: a later step
+    port: int = 0                        # 0: a free port chosen at start
+
+    def device_of(self, device: str, rank: int) -> str:
+        """The torch device string of `rank` for a run on `device` ("cuda" | "cpu")."""
+        if device != "cuda" or self.world == 1 and not self.devices:
+            return device
+        return f"cuda:{self.devices[rank] if self.devices else rank}"
+
+    def planned_layout(self, layout):
+        """The layout whose bytes one GPU holds: rank 0's share (the largest) with ranks, else the
+        whole model."""
+        if self.world == 1:
+            return layout
+        from ringllm.checkpoint.sharding import shard_layout
+        return shard_layout(layout, 0, self.world)
+
+
+def free_tcp_port(addr: str) -> int:
+    """A port free on `addr` now, for the ranks' store (rank 0 binds it a moment later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((addr, 0))
+        return s.getsockname()[1]

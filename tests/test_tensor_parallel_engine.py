@@ -1,0 +1,90 @@
+"""Tensor parallel in the streaming engine (issue #16): N GPU processes (ranks, gloo on cpu) share
+the one ring, each copying and computing its share of every layer. Their tokens are transformers'
+and the one-process engine's; bad input is one line; a dead rank ends the run within seconds and
+leaves nothing behind."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import posix_ipc
+import pytest
+
+from ringllm.checkpoint.layout import load_layout
+from ringllm.config import build_config
+from ringllm.supervisor.parallel import TensorParallelPlan
+from ringllm.supervisor.supervisor import Supervisor
+from ringllm.workers.generation import SamplingParams
+from tests.conftest import hf_greedy_cached, make_hf_checkpoint, write_tokenizer
+from tests.test_lifecycle import assert_nothing_left, long_run_model, start, wait_for_children, wait_for_tokens  # noqa: F401
+from tests.test_streaming import assert_run_cleaned
+
+# 3 key/value heads: 2 ranks split them 2 + 1, 3 ranks 1 + 1 + 1 (uneven shares are allowed)
+THREE_KV = dict(num_attention_heads=6, num_key_value_heads=3, head_dim=16, hidden_size=96, intermediate_size=112,
+                num_hidden_layers=4)
+PROMPT = [5, 9, 17, 3, 44]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("sharded", [False, True], ids=["one-file", "sharded"])
+def test_ranks_give_transformers_tokens_through_a_disk_fed_ring(tmp_path, world, sharded):
+    """A ring of 2 slots for 4 streamed layers: every slot is offered to every rank, evicted and
+    reloaded each pass; a layer straddling shards with `sharded`."""
+    d = tmp_path / "m"
+    hf = make_hf_checkpoint(d, max_shard_size="60KB" if sharded else None, **THREE_KV)
+    write_tokenizer(d)
+    want = hf_greedy_cached(hf, PROMPT, 10)
+    engine = build_config(loaders=2, cpu_cap=2, gpu_ahead_layers=1, gpu_resident_layers=0)
+    sup = Supervisor(load_layout(d), engine, "cpu", "float32", parallel=TensorParallelPlan(world))
+    result = sup.run([PROMPT], 10, SamplingParams(), (), lambda t: None)
+    assert result.outputs == [want]
+    assert result.coordinator["ring_evictions"] > 0          # disk-fed: slots came and went
+    assert result.gpu_info["world"] == world
+    assert_run_cleaned(sup)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_smollm2_with_ranks_answers_as_one_process(demo_model_dir, world):
+    common = ["generate", "--model", str(demo_model_dir), "--device", "cpu", "--dtype", "float32",
+              "--prompt", "What is the capital of France?", "--max-new-tokens", "12"]
+    one = subprocess.run([sys.executable, "-m", "ringllm", *common, "--resident"], capture_output=True, text=True,
+                         timeout=300)
+    ranks = subprocess.run([sys.executable, "-m", "ringllm", *common, "--tensor-parallel", str(world),
+                            "--loaders", "2"], capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    assert ranks.returncode == 0, ranks.stderr
+    assert ranks.stdout == one.stdout and one.stdout.strip()
+
+
+@pytest.mark.parametrize("extra,line", [
+    (["--tensor-parallel", "0"], "--tensor-parallel must be >= 1, got 0"),
+    (["--tensor-parallel", "4"], "--tensor-parallel 4: the model has 3 key/value heads"),
+    (["--tensor-parallel", "2", "--devices", "0"], "--devices 0: 2 different device indices"),
+    (["--tensor-parallel", "2", "--resident"], "--resident is one process"),
+    (["--tensor-parallel", "2", "--draft", "ngram"], "with --draft"),
+])
+def test_bad_tensor_parallel_input_is_one_line(tmp_path, extra, line):
+    d = tmp_path / "m"
+    make_hf_checkpoint(d, **THREE_KV)
+    write_tokenizer(d)
+    r = subprocess.run([sys.executable, "-m", "ringllm", "generate", "--model", str(d), "--device", "cpu",
+                        "--prompt", "w5", "--max-new-tokens", "2", *extra], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("ringllm: error:") and line in last, r.stderr
+
+
+def test_a_dead_rank_ends_the_run_and_leaves_nothing(long_run_model):
+    proc = start(long_run_model, "--tensor-parallel", "2")
+    kids, run_id = wait_for_children(proc, ("ringllm-coord", "ringllm-gpu", "ringllm-gpu1", "ringllm-load0"))
+    wait_for_tokens(proc)
+    t0 = time.monotonic()
+    kids["ringllm-gpu1"].kill()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    assert time.monotonic() - t0 < 10
+    assert err.strip().splitlines()[-1].startswith("ringllm: error: the gpu1 process exited unexpectedly"), err
+    assert_nothing_left(run_id, kids)
+    with pytest.raises(posix_ipc.ExistentialError):      # the second rank's queue too
+        posix_ipc.MessageQueue(f"/ringllm-{run_id}-gpu1")
