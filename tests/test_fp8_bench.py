@@ -15,7 +15,10 @@ from ringllm.tools.make_checkpoint import make_checkpoint
 
 ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1}
 ARGS = ["--device", "cpu", "--decode-tokens", "4", "--prompt-tokens", "16", "--prefill-tokens", "32", "--loaders", "2",
-        "--set", "CPU_CAP_VALUE=3", "--set", "GPU_AHEAD_LAYERS=1"]
+        "--set", "CPU_CAP_VALUE=3", "--set", "GPU_AHEAD_LAYERS=1", "--set", "CPU_RING_OFFSET=2"]
+# CPU_RING_OFFSET set: the preset's doubles for FP8 (config.preset_values_for), and a window reading
+# further ahead reads more for passes that never come, which on layers this small moves the
+# disk-fed ratio more than the bytes do
 
 
 def cap_for_bf16_layers(src: Path, layers: float) -> int:
