@@ -351,9 +351,10 @@ class Supervisor:
             self.ready.add(key)
         if msg.role == "loader" and self.loader_epochs[msg.index] < self.faults.loader_kills(msg.index):
             os.kill(msg.info["pid"], signal.SIGKILL)
+        if msg.role == "gpu" and all(gpu_key(r) in self.ready for r in range(self.parallel.world)):
+            self._release_warmer()      # every rank has read what was warmed for it
         if msg.role == "gpu" and msg.index == 0:
             self.result.startup_wall_s = time.monotonic() - self._run_started
-            self._release_warmer()      # it has read what was warmed for it
             self.result.gpu_info = msg.info
             self.page.set_status(RUNNING)
             if msg.info.get("name"):
