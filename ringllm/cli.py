@@ -132,6 +132,10 @@ def _add_serve(sub) -> None:
 
 def _add_engine_flags(p) -> None:
     """serve: the streaming engine's settings, as generate takes them."""
+    p.add_argument("--tensor-parallel", "--tp", type=int, default=1, metavar="N",
+                   help="split every layer over N GPU processes (ranks), as generate does (default: 1)")
+    p.add_argument("--devices", default=None, metavar="LIST",
+                   help="with --tensor-parallel N: the CUDA devices of the ranks, e.g. 0,1 (default: the first N)")
     p.add_argument("--resident", action="store_true",
                    help="load every weight in the server process (the in-process engine) instead of streaming")
     p.add_argument("--loaders", type=int, default=None,

@@ -296,3 +296,56 @@ def test_an_fp8_checkpoint_serves_what_transformers_compressed_tensors_generates
         server.kill()
     assert rc == 0, server.err
     assert not queues_left(server.run_id()), server.err
+
+
+def test_two_ranks_serve_concurrent_requests_as_transformers_and_drain(tiny):
+    """`ringllm serve --tensor-parallel 2`: rank 0 takes the requests and hands them to rank 1 each
+    round, both run the same passes; concurrent completions give transformers' greedy tokens, a
+    seeded sampled request its one-process tokens, and SIGTERM drains, exits 0 and removes both
+    ranks' queues."""
+    model_dir, hf = tiny
+    from ringllm.checkpoint.layout import load_layout
+    from ringllm.checkpoint.text import TextCodec
+
+    codec = TextCodec(model_dir, load_layout(model_dir).config)
+    one = ServerProcess(model_dir, "--max-batch", "4")
+    try:
+        sampled_alone = one.client().completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=10,
+                                                        temperature=0.9, seed=7).choices[0].text
+        one.proc.send_signal(signal.SIGTERM)
+        assert one.wait() == 0, one.err
+    finally:
+        one.kill()
+    server = ServerProcess(model_dir, "--max-batch", "4", "--tensor-parallel", "2")
+    try:
+        ranks = [p.name() for p in psutil.Process(server.proc.pid).children()]
+        assert {"ringllm-gpu", "ringllm-gpu1"} <= set(ranks), ranks
+        client = server.client()
+        results = {}
+        threads = [threading.Thread(target=lambda p=p: results.setdefault(p, client.completions.create(
+            model="tiny", prompt=p, max_tokens=12, temperature=0))) for p in PROMPTS]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        for prompt in PROMPTS:
+            ref = expected_tokens(hf, codec.tokenizer.encode(prompt, add_special_tokens=True).ids, 12)
+            assert results[prompt].choices[0].text == codec.decode([t for t in ref if t != EOS]), prompt
+        sampled = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=10, temperature=0.9, seed=7)
+        assert sampled.choices[0].text == sampled_alone
+        server.proc.send_signal(signal.SIGTERM)
+        rc = server.wait()
+    finally:
+        server.kill()
+    assert rc == 0, server.err
+    assert not queues_left(server.run_id()) and not queues_left_named(server.run_id(), "-gpu1"), server.err
+
+
+def queues_left_named(run_id: str, suffix: str) -> list[str]:
+    import posix_ipc
+
+    try:
+        posix_ipc.MessageQueue(f"/ringllm-{run_id}{suffix}").close()
+        return [suffix]
+    except posix_ipc.ExistentialError:
+        return []

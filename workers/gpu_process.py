@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import secrets
 import time
 from dataclasses import dataclass, replace
 
@@ -304,6 +305,15 @@ def agree_min(value: int, device) -> int:
     return int(t.item())
 
 
+def from_rank_0(obj, device):
+    """Rank 0's `obj` on every rank (torch.distributed.broadcast_object_list; a collective)."""
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
+    return box[0]
+
+
 class RequestTap:
     """The GPU inbox as the InboxReader sees it in serve mode: Submit, PromptPart and Cancel go to
     `requests` (the serve loop's), everything else (SlotReady, Shutdown) to the reader as before."""
@@ -328,6 +338,7 @@ def serve_requests(args: GpuArgs, model, source, sup: Channel, reader) -> None:
 
     max_batch, max_context = args.serve
     engine = BatchEngine(model, max_batch, max_context)
+    device = model.device
     requests: queue.Queue = reader.channel.requests
     parts: dict[int, list] = {}      # id -> the prompt's tokens so far (PromptPart messages)
     refused: list = []               # event rows of requests the engine refused at submit
@@ -349,13 +360,35 @@ def serve_requests(args: GpuArgs, model, source, sup: Channel, reader) -> None:
                 log.warning("request %d refused", msg.id, exc_info=True)
                 refused.append([msg.id, None, "error", len(prompt), 0])
 
-    while not reader.shutdown.is_set():
+    def arrived() -> list:
+        """Rank 0: the messages that came (waiting up to IDLE_WAIT_S when there is nothing to do)."""
+        got = []
         try:
-            take(requests.get(timeout=IDLE_WAIT_S if engine.idle() and not refused else 0))
+            got.append(requests.get(timeout=IDLE_WAIT_S if engine.idle() and not refused else 0))
             while True:
-                take(requests.get_nowait())
+                got.append(requests.get_nowait())
         except queue.Empty:
             pass
+        return got
+
+    while True:
+        # Ranks: every rank must run the same passes over the same requests (each pass is a chain
+        # of collectives). Rank 0 alone reads the requests (the supervisor sends them only there)
+        # and hands each round's messages, and the stop, to the others, at least every
+        # IDLE_WAIT_S: their wait stays far inside the collectives' timeout.
+        if args.rank == 0:
+            msgs, stop = arrived(), reader.shutdown.is_set()
+            if args.world > 1:      # one seed for a request on every rank: they sample alike
+                msgs = [replace(m, seed=secrets.randbits(62)) if isinstance(m, Submit) and m.seed is None else m
+                        for m in msgs]
+        else:
+            msgs, stop = [], False
+        if args.world > 1:
+            msgs, stop = from_rank_0([msgs, stop], device)
+        if stop:
+            break
+        for msg in msgs:
+            take(msg)
         rows, refused[:] = list(refused), []
         forward = False
         if not engine.idle():
@@ -366,7 +399,7 @@ def serve_requests(args: GpuArgs, model, source, sup: Channel, reader) -> None:
                 source.tokens += 1
                 source.publish(force=True)
             rows += [[int(e.id), e.token, e.finish, e.prompt_tokens, e.completion_tokens] for e in events]
-        if rows or forward:
+        if args.rank == 0 and (rows or forward):
             for msg in event_messages(rows, forward):
                 sup.send(msg, timeout=timeout)
 
