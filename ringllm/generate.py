@@ -286,6 +286,7 @@ def run_metrics(result, engine) -> dict:
         "wait_for_weights_s": g.get("wait_seconds"),
         "peak_gpu_bytes": g.get("peak_gpu_bytes"),
         "gpu_resident_layers": info.get("resident_layers"),
+        "tensor_parallel": info.get("world", 1),     # ranks (GPU processes); the figures are rank 0's
         "torch_threads": info.get("torch_threads"),   # the GPU process's torch CPU threads
         # pinned (page-locked) host memory: what the GPU process registered with CUDA, the peak
         # seen (machine-wide FOLL_PIN counters, else per-process VmLck/VmPin), and what was still

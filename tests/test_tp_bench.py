@@ -41,5 +41,6 @@ def test_tp_bench_on_cpu(tmp_path):
     for row in (one, two):
         assert row["seconds_per_token"] == row["metrics"]["seconds_per_token"] > 0
         assert row["floor_over_achieved"] == row["ceiling"]["seconds"] / row["seconds_per_token"]
+    assert (one["metrics"]["tensor_parallel"], two["metrics"]["tensor_parallel"]) == (1, 2)
     assert two["speedup_over_1"] == one["seconds_per_token"] / two["seconds_per_token"]
     assert "tensor parallel on cpu" in (out / "tp-bench.txt").read_text()
