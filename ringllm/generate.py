@@ -116,9 +116,6 @@ def parallel_plan(args, draft):
     if world > 1 and args.resident:
         raise RingllmError(f"--tensor-parallel {world} runs the streaming engine (one process a rank); "
                            "--resident is one process")
-    if world > 1 and draft is not None:
-        raise RingllmError(f"--tensor-parallel {world} with --draft: speculative decoding runs on one GPU "
-                           "(not with ranks yet)")
     return TensorParallelPlan(world, devices)
 
 

@@ -62,7 +62,6 @@ def test_smollm2_with_ranks_answers_as_one_process(demo_model_dir, world):
     (["--tensor-parallel", "4"], "--tensor-parallel 4: the model has 3 key/value heads"),
     (["--tensor-parallel", "2", "--devices", "0"], "--devices 0: 2 different device indices"),
     (["--tensor-parallel", "2", "--resident"], "--resident is one process"),
-    (["--tensor-parallel", "2", "--draft", "ngram"], "with --draft"),
 ])
 def test_bad_tensor_parallel_input_is_one_line(tmp_path, extra, line):
     d = tmp_path / "m"
@@ -88,3 +87,24 @@ def test_a_dead_rank_ends_the_run_and_leaves_nothing(long_run_model):
     assert_nothing_left(run_id, kids)
     with pytest.raises(posix_ipc.ExistentialError):      # the second rank's queue too
         posix_ipc.MessageQueue(f"/ringllm-{run_id}-gpu1")
+
+
+def test_speculative_decoding_with_ranks_gives_the_one_process_tokens(tmp_path):
+    """Every rank drafts the same tree (prompt lookup, or its own copy of the draft model) and
+    verifies it through the split layers: greedy output is the resident engine's without a draft."""
+    d, draft = tmp_path / "m", tmp_path / "draft"
+    make_hf_checkpoint(d, **THREE_KV)
+    write_tokenizer(d)
+    make_hf_checkpoint(draft, seed=1, **{**THREE_KV, "num_hidden_layers": 1})
+    write_tokenizer(draft)
+    common = ["generate", "--model", str(d), "--device", "cpu", "--dtype", "float32", "--no-chat",
+              "--prompt", "w5 w6 w7 w5 w6 w7 w5 w6", "--max-new-tokens", "16", "--loaders", "2"]
+    runs = {}
+    for name, extra in (("resident", ["--resident"]), ("ngram", ["--tensor-parallel", "2", "--draft", "ngram"]),
+                        ("model", ["--tensor-parallel", "3", "--draft-model", str(draft)])):
+        r = subprocess.run([sys.executable, "-m", "ringllm", *common, *extra], capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr
+        runs[name] = r
+    assert runs["ngram"].stdout == runs["model"].stdout == runs["resident"].stdout and runs["resident"].stdout.strip()
+    assert "tokens per pass" in runs["ngram"].stderr and "drafts accepted" in runs["model"].stderr
