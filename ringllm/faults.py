@@ -37,6 +37,9 @@ class FaultPlan:
     # supervisor: start the coordinator on this estimate of the GPU-resident layers instead of
     # its own (a wrong estimate, which the GPU process's ResidentLayers must correct)
     resident_estimate: int | None = None
+    # GPU process of tensor-parallel rank 1: sample with the seed + 1 (ranks that diverge, which
+    # the supervisor's agreement check must catch)
+    rank_seed_skew: bool = False
 
     @property
     def chaos(self) -> tuple[int, float]:

@@ -109,6 +109,7 @@ class Supervisor:
         self.ring: Ring | None = None
         self.prefaulter: SlotPrefaulter | None = None
         self.warmer: WeightWarmer | None = None
+        self._rank_digests: dict[int, str | None] = {}    # tensor parallel: rank -> its outputs' digest
         self.procs: dict[str, subprocess.Popen] = {}
         self.ready: set[str] = set()      # keys of self.procs that reported Ready: they read their queue
         self.deaths: dict[int, deque[float]] = {i: deque() for i in range(engine.loaders)}   # per loader
@@ -313,7 +314,11 @@ class Supervisor:
             elif isinstance(msg, Fatal):
                 self._blame_dead_rank(msg)
                 raise RingllmError(f"{msg.role}{msg.index if msg.role == 'loader' else ''}: {msg.text}")
+            elif isinstance(msg, Finished) and msg.stats.get("rank", 0) > 0:
+                self._rank_digests[msg.stats["rank"]] = msg.stats.get("outputs_digest")
             elif isinstance(msg, Finished):
+                self._rank_digests[0] = msg.stats.get("outputs_digest")
+                self._check_ranks_agree()
                 self._sampled_at = 0.0
                 self._sample_memory()
                 self.result.gpu = msg.stats
@@ -328,6 +333,29 @@ class Supervisor:
             self._sample_memory()
             if "gpu" not in self.ready and time.monotonic() - started > self.engine.startup_timeout_s:
                 raise RingllmError(f"the GPU process did not become ready within {self.engine.startup_timeout_s:.0f} s")
+
+    def _check_ranks_agree(self) -> None:
+        """Tensor parallel, once rank 0 finished: every rank's tokens are rank 0's (each rank
+        reports a digest of what it generated; they wait here at most wait_timeout_s)."""
+        world = self.parallel.world
+        deadline = time.monotonic() + self.engine.wait_timeout_s
+        while len(self._rank_digests) < world:
+            msg = self.inbox.receive(timeout=0.1)
+            self._raise_if_signalled()
+            if isinstance(msg, Finished):
+                self._rank_digests[msg.stats.get("rank", 0)] = msg.stats.get("outputs_digest")
+            elif isinstance(msg, Fatal):
+                self._blame_dead_rank(msg)
+                raise RingllmError(f"{msg.role}{msg.index or ''}: {msg.text}")
+            self._watch()
+            if time.monotonic() > deadline:
+                missing = sorted(set(range(world)) - set(self._rank_digests))
+                raise RingllmError(f"tensor parallel: rank(s) {missing} did not finish within "
+                                   f"{self.engine.wait_timeout_s:.0f} s of rank 0")
+        differ = sorted(r for r, d in self._rank_digests.items() if d != self._rank_digests[0])
+        if differ:
+            raise RingllmError(f"tensor parallel: rank(s) {differ} generated other tokens than rank 0; the ranks "
+                               "diverged (their activations no longer belong together), so this output is wrong")
 
     def _blame_dead_rank(self, msg: Fatal) -> None:
         """A rank reporting an error may only have lost another rank in a collective (gloo:

@@ -108,3 +108,31 @@ def test_speculative_decoding_with_ranks_gives_the_one_process_tokens(tmp_path):
         runs[name] = r
     assert runs["ngram"].stdout == runs["model"].stdout == runs["resident"].stdout and runs["resident"].stdout.strip()
     assert "tokens per pass" in runs["ngram"].stderr and "drafts accepted" in runs["model"].stderr
+
+
+def test_sampled_tokens_agree_across_ranks_and_a_rank_that_diverges_fails_the_run(tmp_path):
+    """Sampling: every rank draws from the same gathered logits with one seed (the supervisor
+    picks it when none is given), and each rank reports a digest of its tokens at the end: a rank
+    sampling with another seed (a fault) makes the run fail in one line, not print wrong text."""
+    from ringllm.checkpoint.errors import RingllmError
+    from ringllm.faults import FaultPlan
+
+    d = tmp_path / "m"
+    make_hf_checkpoint(d, **THREE_KV)
+    write_tokenizer(d)
+    layout = load_layout(d)
+    engine = build_config(loaders=2, cpu_cap=4, gpu_ahead_layers=1, gpu_resident_layers=0)
+    sampled = SamplingParams(temperature=1.0, seed=5)
+
+    def run(params, world, faults=None):
+        sup = Supervisor(layout, engine, "cpu", "float32", parallel=TensorParallelPlan(world),
+                         **({"faults": faults} if faults else {}))
+        try:
+            return sup.run([PROMPT], 12, params, (), lambda t: None).outputs
+        finally:
+            assert_run_cleaned(sup)
+
+    assert run(sampled, 2) == run(sampled, 1)
+    run(SamplingParams(temperature=1.0), 2)          # no seed: one for both ranks, so they agree
+    with pytest.raises(RingllmError, match=r"rank\(s\) \[1\] generated other tokens than rank 0"):
+        run(sampled, 2, FaultPlan(rank_seed_skew=True))

@@ -225,8 +225,11 @@ def gpu_main(args: GpuArgs) -> None:
             profiler = profile(activities=activities)
             profiler.__enter__()
         spec = SpecStats() if getattr(args.sampling, "draft", None) is not None else None
+        sampling = args.sampling
+        if args.faults.rank_seed_skew and args.rank == 1 and sampling.seed is not None:
+            sampling = replace(sampling, seed=sampling.seed + 1)       # tests: a rank that diverges
         outputs = generate(model, [list(p) for p in args.prompts], args.max_new_tokens,
-                           Sampler(args.sampling, device), args.eos_ids, on_tokens,
+                           Sampler(sampling, device), args.eos_ids, on_tokens,
                            args.layout.config.max_position_embeddings, spec)
         if profiler is not None:
             if cuda:
@@ -250,8 +253,10 @@ def gpu_main(args: GpuArgs) -> None:
                  "speculation": spec.as_dict() if spec is not None else None,
                  # torch must see the ring as page-locked, or non_blocking copies from it go synchronous
                  "ring_pinned": _slots_pinned(ring, ring_tensor, registrar) if cuda else None}
-        if args.rank == 0:
-            sup.send(Finished(stats), timeout=args.engine.wait_timeout_s)
+        # every rank says what it generated: ranks that drifted apart (different seeds, a
+        # nondeterministic kernel) fed each other wrong activations, and the run must not pass
+        digest = {"rank": args.rank, "outputs_digest": outputs_digest(outputs)}
+        sup.send(Finished({**stats, **digest} if args.rank == 0 else digest), timeout=args.engine.wait_timeout_s)
         reader.shutdown.wait(timeout=args.engine.wait_timeout_s)
     except SystemExit:
         raise
@@ -277,6 +282,14 @@ def gpu_main(args: GpuArgs) -> None:
         if args.world > 1:
             from ringllm.workers.tensor_parallel import close_distributed
             close_distributed()
+
+
+def outputs_digest(outputs: list[list[int]]) -> str:
+    """A short hash of a run's tokens, which every tensor-parallel rank reports (they must agree)."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(outputs).encode()).hexdigest()[:16]
 
 
 def join_ranks(args: GpuArgs, device):
