@@ -134,15 +134,18 @@ class AutoChoice:
 
 
 def auto_tune(layout: ModelLayout, machine: Machine, batch: int, max_seq: int, dtype: str,
-              embed_on_host: bool, spec=None) -> AutoChoice:
+              embed_on_host: bool, spec=None, gpu_layout: ModelLayout | None = None) -> AutoChoice:
     """spec: the run's speculation (workers.spec_plan.SpecPlan): its draft model and verify
-    logits take their bytes before any layer is kept on the GPU."""
+    logits take their bytes before any layer is kept on the GPU. gpu_layout: what one GPU holds
+    of each layer (a tensor-parallel rank's share, checkpoint.sharding); the GPU's buffers and
+    resident layers are planned with it, the DRAM ring with the whole layers (default: layout)."""
+    whole, layout = layout, gpu_layout or layout
     from ringllm.config import EngineConfig, weight_scale
     from ringllm.workers.memory_plan import layers_that_fit, plan_gpu_memory
 
     n = layout.config.num_layers
     sizes = layout.max_group_bytes
-    layer = sizes["attn"] + sizes["ffn"]
+    layer = sum(whole.max_group_bytes.values())      # a ring slot's layer: the whole of it
     budget = machine.gpu_budget
     cuda = machine.device == "cuda"
     reasons = {}
@@ -189,7 +192,7 @@ def auto_tune(layout: ModelLayout, machine: Machine, batch: int, max_seq: int, d
         reasons["gpu_resident_layers"] = ("on cpu every layer streams through the ring unless you set "
                                           "GPU_RESIDENT_LAYERS (those layers then stay loaded in the compute process)")
     # 3. the ring from DRAM: every streamed layer if they fit, never fewer slots than the look-ahead needs
-    fit = ring_fit(layout, n - resident, machine.dram_available, machine.dram_from)
+    fit = ring_fit(whole, n - resident, machine.dram_available, machine.dram_from)
     cap = max(1, min(ahead, fit.streamed), fit.fits)
     reasons["cpu_cap"] = describe_ring(fit, cap)
     # 4. tiers when the ring is short: pin all but a short disk window (final_lines says why,

@@ -46,7 +46,8 @@ def build_engine_config(args, model_dir, max_seq: int = 2048, batch: int = 1, la
     dtype_name = dtype_name or layout_dtype_name(layout)
     auto, preset_values, label = None, None, "--preset auto"
     if args.preset == "auto":
-        auto = auto_preset(args, layout, model_dir, device, loaders, gpu_mem, batch, max_seq, dtype_name, spec)
+        auto = auto_preset(args, layout, model_dir, device, loaders, gpu_mem, batch, max_seq, dtype_name, spec,
+                           plan_layout)
         if measured is not None and auto.machine.h2d_gbps:
             measured["h2d_gbps"] = auto.machine.h2d_gbps
         preset_values = dict(auto.values)
@@ -133,7 +134,7 @@ def _dram_limited(args) -> int:
 
 
 def auto_preset(args, layout, model_dir, device: str, loaders: int, gpu_mem: int | None, batch: int,
-                max_seq: int, dtype_name: str, spec=None):
+                max_seq: int, dtype_name: str, spec=None, gpu_layout=None):
     """--preset auto: measure what is asked, choose (autotune.AutoChoice)."""
     from ringllm.autotune import Machine, auto_tune
 
@@ -163,7 +164,7 @@ def auto_preset(args, layout, model_dir, device: str, loaders: int, gpu_mem: int
         log.info("disk read by the loaders: %s GB/s", ", ".join(f"{k}: {rate:.2f}" for k, rate in per.items()))
         h2d = _measure_h2d(device)
     machine = Machine(budget, ring_room, loaders, h2d, disk, device, budget_from, room_from)
-    return auto_tune(layout, machine, batch, max_seq, dtype_name, device == "cuda", spec)
+    return auto_tune(layout, machine, batch, max_seq, dtype_name, device == "cuda", spec, gpu_layout)
 
 
 def layout_dtype_name(layout) -> str:

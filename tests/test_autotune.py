@@ -185,3 +185,19 @@ def test_ring_larger_than_dram_is_refused(tmp_path):
     errors = [l for l in r.stderr.splitlines() if l.startswith("ringllm: error:")]
     assert r.returncode == 1 and len(errors) == 1, r.stderr
     assert f"(CPU_CAP_VALUE={layers} slots)" in errors[0] and "of DRAM is available (keeping 4 GiB free)" in errors[0]
+
+
+def test_with_ranks_the_gpu_plans_its_share_and_the_ring_whole_layers(l70):
+    """--preset auto --tensor-parallel 2: each 24 GiB GPU holds half of every resident layer (and
+    half-size group buffers), so at least twice the layers stay on the GPUs; the DRAM ring still
+    holds whole layers, one slot per streamed layer."""
+    from ringllm.checkpoint.sharding import shard_layout
+
+    machine = Machine(24 * GIB, 512 * GIB, 4)
+    one = auto_tune(l70, machine, 1, 2048 + 256, "bfloat16", embed_on_host=True)
+    two = auto_tune(l70, machine, 1, 2048 + 256, "bfloat16", embed_on_host=True, gpu_layout=shard_layout(l70, 0, 2))
+    r1, r2 = one.values["gpu_resident_layers"], two.values["gpu_resident_layers"]
+    assert 0 < r1 and r2 >= 2 * r1
+    assert two.values["cpu_cap"] == 80 - r2 and two.layer_bytes == one.layer_bytes == layer_tensor_bytes(
+        l70.model_dir, first_layer=79)
+    resolve_config(streamed_layers=80 - r2, **two.values)
