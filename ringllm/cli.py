@@ -98,11 +98,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--metrics-json", type=Path, default=None,
                    help="write the run's metrics here at the end (tokens/s, ring, bytes, memory); "
                         "checked for writability before the run")
-    p.add_argument("--tensor-parallel", "--tp", type=int, default=1, metavar="N",
-                   help="split every layer over N GPU processes (ranks), each copying its share over its own "
-                        "link from the one ring; on cpu N processes (default: 1)")
-    p.add_argument("--devices", default=None, metavar="LIST",
-                   help="with --tensor-parallel N: the CUDA devices of the ranks, e.g. 0,1 (default: the first N)")
+    _add_parallel_flags(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -130,12 +126,18 @@ def _add_serve(sub) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
-def _add_engine_flags(p) -> None:
-    """serve: the streaming engine's settings, as generate takes them."""
+def _add_parallel_flags(p) -> None:
+    """generate and serve: tensor parallel (generate.parallel_plan reads them)."""
     p.add_argument("--tensor-parallel", "--tp", type=int, default=1, metavar="N",
-                   help="split every layer over N GPU processes (ranks), as generate does (default: 1)")
+                   help="split every layer over N GPU processes (ranks), each copying its share over its own "
+                        "link from the one ring; on cpu N processes (default: 1)")
     p.add_argument("--devices", default=None, metavar="LIST",
                    help="with --tensor-parallel N: the CUDA devices of the ranks, e.g. 0,1 (default: the first N)")
+
+
+def _add_engine_flags(p) -> None:
+    """serve: the streaming engine's settings, as generate takes them."""
+    _add_parallel_flags(p)
     p.add_argument("--resident", action="store_true",
                    help="load every weight in the server process (the in-process engine) instead of streaming")
     p.add_argument("--loaders", type=int, default=None,

@@ -30,11 +30,7 @@ PROMPT = "Write a story about a lighthouse keeper."
 TARGETS = {2: 1.8, 4: 3.4}      # issue #16: batch-1 tokens/s over one GPU's
 
 
-def log(msg: str) -> None:
-    print(f"[tp_bench] {msg}", file=sys.stderr, flush=True)
-
-
-def generate(args, world: int, workdir: Path) -> tuple[dict, str]:
+def generate(args, world: int, workdir: Path, log) -> tuple[dict, str]:
     """One `ringllm generate --tensor-parallel world`: (its metrics, its text)."""
     from ringllm.checkpoint.errors import RingllmError
     from ringllm.tools.startup_bench import last_line
@@ -48,7 +44,7 @@ def generate(args, world: int, workdir: Path) -> tuple[dict, str]:
             cmd += [flag, str(value)]
     for item in args.params:
         cmd += ["--set", item]
-    log(f"{world} rank(s): {' '.join(cmd[3:])}")
+    log(f"[tp_bench] {world} rank(s): {' '.join(cmd[3:])}")
     with open(stderr, "w") as err:
         try:
             out = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, text=True,
@@ -125,17 +121,16 @@ def copy_ceiling(layout, world: int, resident: int, device: str, repeats: int = 
             "copies_per_rank": [len(runs) for runs in per_rank], "dram_gbps": total / best / 1e9 if best else None}
 
 
-def tp_bench(args) -> dict:
+def tp_bench(args, device: str, log) -> dict:
     import torch
 
     from ringllm.checkpoint.layout import load_layout
 
     layout = load_layout(args.model)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.device = device
     rows, first_text, one = [], None, None
     for world in args.ranks:
-        metrics, text = generate(args, world, args.out)
+        metrics, text = generate(args, world, args.out, log)
         resident = metrics.get("gpu_resident_layers") or 0
         ceiling = copy_ceiling(layout, world, resident, device)
         spt = metrics.get("seconds_per_token")
@@ -146,7 +141,7 @@ def tp_bench(args) -> dict:
         if world == 1:
             one = spt
         rows.append(row)
-        log(f"{world} rank(s): {spt if spt is None else round(spt, 4)} s/token, {resident} resident, ceiling "
+        log(f"[tp_bench] {world} rank(s): {spt if spt is None else round(spt, 4)} s/token, {resident} resident, ceiling "
             f"{ceiling['seconds']:.4f} s ({ceiling['dram_gbps']:.1f} GB/s from DRAM)")
     for row in rows:
         spt = row["seconds_per_token"]
@@ -189,14 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--run-timeout", type=float, default=1800.0, help="seconds one generate may take")
     ap.add_argument("--set", dest="params", action="append", default=[], metavar="NAME=VALUE",
                     help="an engine parameter by its guide name, for every run")
+    ap.set_defaults(preset=None)       # tools.bench.bench_engine reads it; the runs take no preset
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    import shlex
-
-    from ringllm.checkpoint.errors import RingllmError
-    from ringllm.tools.bench import save_report
+    from ringllm.tools.bench import run_bench_tool
 
     args = build_parser().parse_args(argv)
     try:
@@ -205,18 +198,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError
     except ValueError:
         build_parser().error(f"--ranks {args.ranks}: rank counts >= 1, comma-separated")
-    try:
-        args.out.mkdir(parents=True, exist_ok=True)
-        report = tp_bench(args)
-    except RingllmError as err:
-        print(f"ringllm: error: {err}", file=sys.stderr)
-        return 1
-    report.update(command=shlex.join([sys.executable, "-m", "ringllm.tools.tp_bench",
-                                      *(argv if argv is not None else sys.argv[1:])]),
-                  date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
-    save_report(args.out, "tp-bench", report, format_table(report))
-    return 0
-
+    # the shared shell's engine only checks --set and --loaders here: each run is its own
+    # `ringllm generate`, which gets them as flags
+    return run_bench_tool("ringllm.tools.tp_bench", "tp-bench", args, argv,
+                          lambda engine, device, log: tp_bench(args, device, log), format_table)
 
 if __name__ == "__main__":
     sys.exit(main())
