@@ -133,6 +133,10 @@ def _add_parallel_flags(p) -> None:
                         "link from the one ring; on cpu N processes (default: 1)")
     p.add_argument("--devices", default=None, metavar="LIST",
                    help="with --tensor-parallel N: the CUDA devices of the ranks, e.g. 0,1 (default: the first N)")
+    p.add_argument("--tp-backend", choices=("nccl", "gloo"), default=None,
+                   help="with --tensor-parallel N: the ranks' collectives (default: nccl on cuda, gloo on cpu); "
+                        "gloo on cuda lets ranks share one GPU (--devices 0,0), a check of the CUDA path, not "
+                        "a speed-up")
 
 
 def _add_engine_flags(p) -> None:

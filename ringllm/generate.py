@@ -110,13 +110,18 @@ def parallel_plan(args, draft):
             devices = tuple(int(d) for d in args.devices.split(","))
         except ValueError:
             raise RingllmError(f"--devices {args.devices!r}: CUDA device indices separated by commas, e.g. 0,1") from None
-        if len(devices) != world or len(set(devices)) != world or min(devices) < 0:
-            raise RingllmError(f"--devices {args.devices}: {world} different device indices for --tensor-parallel "
-                               f"{world}")
+        # NCCL refuses two ranks on one GPU; gloo copies through host memory and lets them share it
+        shared = args.tp_backend == "gloo"
+        if len(devices) != world or min(devices) < 0 or not shared and len(set(devices)) != world:
+            raise RingllmError(f"--devices {args.devices}: {world} {'' if shared else 'different '}device indices "
+                               f"for --tensor-parallel {world}" + ("" if shared else " (ranks may share a GPU only "
+                                                                   "with --tp-backend gloo)"))
+    if args.tp_backend == "nccl" and args.device == "cpu":
+        raise RingllmError("--tp-backend nccl needs --device cuda (NCCL runs between GPUs; on cpu the ranks use gloo)")
     if world > 1 and args.resident:
         raise RingllmError(f"--tensor-parallel {world} runs the streaming engine (one process a rank); "
                            "--resident is one process")
-    return TensorParallelPlan(world, devices)
+    return TensorParallelPlan(world, devices, backend=args.tp_backend)
 
 
 def draft_kind(args) -> str | None:
@@ -284,6 +289,7 @@ def run_metrics(result, engine) -> dict:
         "peak_gpu_bytes": g.get("peak_gpu_bytes"),
         "gpu_resident_layers": info.get("resident_layers"),
         "tensor_parallel": info.get("world", 1),     # ranks (GPU processes); the figures are rank 0's
+        "tensor_parallel_backend": info.get("tp_backend"),   # their collectives: nccl | gloo (None: one rank)
         "torch_threads": info.get("torch_threads"),   # the GPU process's torch CPU threads
         # pinned (page-locked) host memory: what the GPU process registered with CUDA, the peak
         # seen (machine-wide FOLL_PIN counters, else per-process VmLck/VmPin), and what was still

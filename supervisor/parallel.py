@@ -18,6 +18,12 @@ class TensorParallelPlan:
     devices: tuple[int, ...] = ()        # CUDA device index per rank (default 0..world-1)
     addr: str = "127.0.0.1"              # where rank 0 hosts the store; other hosts: a later step
     port: int = 0                        # 0: a free port chosen at start
+    # the collectives' backend; None: NCCL between GPUs, gloo on cpu. gloo on cuda lets ranks share
+    # one GPU (NCCL refuses that): the CUDA path checked on a one-GPU machine, at no speed-up
+    backend: str | None = None
+
+    def backend_for(self, device: str) -> str:
+        return self.backend or ("nccl" if device == "cuda" else "gloo")
 
     def device_of(self, device: str, rank: int) -> str:
         """The torch device string of `rank` for a run on `device` ("cuda" | "cpu")."""

@@ -265,7 +265,8 @@ class Supervisor:
                 profile_trace=self.profile_trace if rank == 0 else None, fill_ring_first=self.fill_ring_first,
                 stats_name=n.stats_segment, serve=serve,
                 warmed_layers=-1 if self.warmer is None else max(0, estimate or 0),
-                rank=rank, world=self.parallel.world, dist_addr=self.parallel.addr, dist_port=port))
+                rank=rank, world=self.parallel.world, dist_addr=self.parallel.addr, dist_port=port,
+                dist_backend=self.parallel.backend_for(self.device)))
 
     def _first_pass_bar(self):
         """A progress bar on stderr for the first pass (slow on a big model: the ring fills from

@@ -122,3 +122,34 @@ def test_streaming_tokens_equal_the_in_process_engine_for_each_fp8_way(tiny_fp8_
     resident = generate(_cuda_model(tiny_fp8_dir, way), [prompt], 12, Sampler(SamplingParams(), dev), (),
                         lambda t: None, 256)
     assert result.outputs == resident and len(resident[0]) == 12
+
+
+# --- tensor parallel ranks on CUDA (issue #16) -------------------------------------------------------
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_on_cuda_give_transformers_tokens(tmp_path, world):
+    """N ranks, each registering the one ring in its own CUDA context and copying its share of every
+    layer: NCCL on N GPUs when the machine has them, else gloo with the ranks sharing GPU 0 (the
+    CUDA path checked on a one-GPU machine)."""
+    from ringllm.checkpoint.layout import load_layout
+    from ringllm.config import build_config
+    from ringllm.supervisor.parallel import TensorParallelPlan
+    from ringllm.supervisor.supervisor import Supervisor
+    from ringllm.workers.generation import SamplingParams
+    from tests.conftest import hf_greedy_cached, make_hf_checkpoint, write_tokenizer
+    from tests.test_streaming import assert_run_cleaned
+    from tests.test_tensor_parallel_engine import PROMPT, THREE_KV
+
+    d = tmp_path / "m"
+    hf = make_hf_checkpoint(d, max_shard_size="60KB", **THREE_KV)
+    write_tokenizer(d)
+    want = hf_greedy_cached(hf, PROMPT, 10)
+    own_gpus = torch.cuda.device_count() >= world
+    plan = TensorParallelPlan(world) if own_gpus else TensorParallelPlan(world, (0,) * world, backend="gloo")
+    engine = build_config(loaders=2, cpu_cap=2, gpu_ahead_layers=1, gpu_resident_layers=0)
+    sup = Supervisor(load_layout(d), engine, "cuda", "float32", parallel=plan)
+    result = sup.run([PROMPT], 10, SamplingParams(), (), lambda t: None)
+    assert result.outputs == [want]
+    assert result.gpu_info["world"] == world
+    assert result.gpu_info["tp_backend"] == ("nccl" if own_gpus else "gloo")
+    assert result.coordinator["ring_evictions"] > 0
+    assert_run_cleaned(sup)

@@ -61,6 +61,8 @@ def test_smollm2_with_ranks_answers_as_one_process(demo_model_dir, world):
     (["--tensor-parallel", "0"], "--tensor-parallel must be >= 1, got 0"),
     (["--tensor-parallel", "4"], "--tensor-parallel 4: the model has 3 key/value heads"),
     (["--tensor-parallel", "2", "--devices", "0"], "--devices 0: 2 different device indices"),
+    (["--tensor-parallel", "2", "--devices", "0,0"], "ranks may share a GPU only with --tp-backend gloo"),
+    (["--tensor-parallel", "2", "--tp-backend", "nccl"], "--tp-backend nccl needs --device cuda"),
     (["--tensor-parallel", "2", "--resident"], "--resident is one process"),
 ])
 def test_bad_tensor_parallel_input_is_one_line(tmp_path, extra, line):

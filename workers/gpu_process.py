@@ -59,6 +59,7 @@ class GpuArgs:
     world: int = 1
     dist_addr: str = "127.0.0.1"
     dist_port: int = 0
+    dist_backend: str = "gloo"    # "nccl" between GPUs (supervisor.parallel.TensorParallelPlan.backend_for)
 
 
 def planned_shape(args: GpuArgs) -> tuple[int, int, int]:
@@ -141,7 +142,7 @@ def gpu_main(args: GpuArgs) -> None:
         if args.world > 1:       # this rank's share of every layer, and the other ranks
             tp, shard = join_ranks(args, device)
             args = replace(args, layout=shard)
-            info.update(rank=args.rank, world=args.world)
+            info.update(rank=args.rank, world=args.world, tp_backend=args.dist_backend)
         dtype = torch_dtype(args.dtype)
         fp8_matmul = choose_fp8_matmul(args.engine.fp8_matmul, args.layout, device, dtype)   # one log line at most
         info["fp8_matmul"] = fp8_matmul
@@ -303,8 +304,8 @@ def join_ranks(args: GpuArgs, device):
     for var, off in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
         os.environ.setdefault(var, off)
     layout = shard_layout(args.layout, args.rank, args.world)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    init_distributed(args.rank, args.world, args.dist_addr, args.dist_port, backend, args.engine.startup_timeout_s)
+    init_distributed(args.rank, args.world, args.dist_addr, args.dist_port, args.dist_backend,
+                     args.engine.startup_timeout_s)
     return TensorParallel(args.rank, args.world, ShardPlan.of(args.layout.config, args.world)), layout
 
 
