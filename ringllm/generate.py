@@ -241,9 +241,10 @@ def run_streaming(args, layout, model_dir, prompts, sampling, eos_ids, device, d
     engine = build_engine_config(args, model_dir, max_seq, batch, layout, device, dtype_name, spec, measured,
                                  plan_layout=plan_layout)
     if spec is not None and args.spec_tokens == AUTO:
-        # the engine was planned with the widest pass auto may choose; K only frees memory from it
-        resident = resident_estimate(layout, engine, batch, max_seq, dtype_name, device, spec)
-        sampling = resolve_spec_tokens(layout, sampling, resident, device, dtype_name, longest, args.max_new_tokens,
+        # the engine was planned with the widest pass auto may choose; K only frees memory from it.
+        # With ranks a pass costs one rank's share over its own link: planned on that share too
+        resident = resident_estimate(plan_layout, engine, batch, max_seq, dtype_name, device, spec)
+        sampling = resolve_spec_tokens(plan_layout, sampling, resident, device, dtype_name, longest, args.max_new_tokens,
                                        measured.get("h2d_gbps"))
         max_seq, spec = cache_slots(longest, args.max_new_tokens, sampling), spec_plan(sampling)
     plan = plan_gpu_memory(plan_layout, engine, batch, max_seq, dtype_name, embed_on_host=device == "cuda", spec=spec)
