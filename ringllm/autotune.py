@@ -140,7 +140,7 @@ def auto_tune(layout: ModelLayout, machine: Machine, batch: int, max_seq: int, d
     of each layer (a tensor-parallel rank's share, checkpoint.sharding); the GPU's buffers and
     resident layers are planned with it, the DRAM ring with the whole layers (default: layout)."""
     whole, layout = layout, gpu_layout or layout
-    from ringllm.config import EngineConfig, weight_scale
+    from ringllm.config import EngineConfig, weight_scale, with_layer_cache_for_groups
     from ringllm.workers.memory_plan import layers_that_fit, plan_gpu_memory
 
     n = layout.config.num_layers
@@ -175,7 +175,8 @@ def auto_tune(layout: ModelLayout, machine: Machine, batch: int, max_seq: int, d
     reasons["gpu_max_groups"] = f"2 + 2x{ahead} + 1, buffers sized by kind = {fmt_bytes(buffers)}"
     # 2. what stays on the compute device for the whole run
     if cuda:
-        engine = EngineConfig(gpu_ahead_layers=ahead, gpu_max_groups=groups, max_cached_layers=max(8, groups))
+        planned = with_layer_cache_for_groups({"gpu_ahead_layers": ahead, "gpu_max_groups": groups}, scale)
+        engine = EngineConfig(**planned)       # the group buffers that will run
         plan = plan_gpu_memory(layout, engine, batch, max_seq, dtype, embed_on_host, spec)
         resident = layers_that_fit(layout, plan, budget)
         stored = f"{dtype}, FP8 weights as stored" if layout.quantized else dtype
@@ -200,10 +201,9 @@ def auto_tune(layout: ModelLayout, machine: Machine, batch: int, max_seq: int, d
     pinned = tier_split(cap, fit.streamed, ahead, machine.disk_gbps, machine.h2d_gbps)
     reasons["loaders"] = (f"the most readers within 10% of the best rate measured on the disk ({machine.disk_gbps:.2f} GB/s)"
                           if machine.disk_gbps else "from the CPU count and the disk type")
-    values = {"gpu_ahead_layers": ahead, "gpu_max_groups": groups, "cpu_cap": cap, "cpu_pinned_layers": pinned,
-              "gpu_resident_layers": resident, "loaders": machine.loaders}
-    if scale > 1:       # the GPU layer cache must not cap the doubled group buffers (EngineConfig.group_budget)
-        values["max_cached_layers"] = max(EngineConfig.max_cached_layers, groups)
+    values = with_layer_cache_for_groups({"gpu_ahead_layers": ahead, "gpu_max_groups": groups, "cpu_cap": cap,
+                                          "cpu_pinned_layers": pinned, "gpu_resident_layers": resident,
+                                          "loaders": machine.loaders}, scale)
     extra = []
     if spec is not None and spec.draft_layout is not None:
         from ringllm.config import EngineConfig

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ringllm import __version__
 from ringllm.checkpoint import dtypes
-from ringllm.checkpoint.errors import RingllmError
+from ringllm.checkpoint.errors import RingllmError, report_failure
 from ringllm.cli_input import (DEFAULT_PROMPT, MIN_TOP_INTERVAL_S, check_model_arg, check_output_path,
                                check_top_interval)
 
@@ -356,12 +356,8 @@ def main(argv: list[str] | None = None) -> int:
             from ringllm.tools.demo_model import ensure_demo_model
             print(ensure_demo_model(default_cache_dir()))
             return 0
-    except RingllmError as err:
-        print(f"ringllm: error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("ringllm: interrupted", file=sys.stderr)
-        return 130
+    except (RingllmError, KeyboardInterrupt) as err:
+        return report_failure(err)
     except BrokenPipeError:
         # The reader of stdout went away (`ringllm generate | head`): end quietly like other tools
         # once the run has cleaned up (the supervisor's finally has run by now). Python flushes

@@ -70,8 +70,15 @@ def preset_values_for(preset: str, scale: int) -> dict:
     if preset not in PRESETS:
         raise RingllmError(f"--preset {preset!r}: one of {', '.join(PRESETS)}")
     values = {k: v * scale if k in PRESET_COUNTS else v for k, v in PRESETS[preset].items()}
-    if scale > 1:       # the GPU layer cache must not cap the doubled group buffers (EngineConfig.group_budget)
-        values["max_cached_layers"] = max(EngineConfig.max_cached_layers, values["gpu_max_groups"])
+    return with_layer_cache_for_groups(values, scale)
+
+
+def with_layer_cache_for_groups(values: dict, scale: int) -> dict:
+    """`values` (a preset's, or --preset auto's) for layers `scale` times smaller than 16-bit ones,
+    with max_cached_layers grown to their GPU_MAX_GROUPS when scale > 1: the GPU layer cache must
+    not cap the multiplied group buffers (EngineConfig.group_budget). At scale 1 the default stays."""
+    if scale > 1:
+        return {**values, "max_cached_layers": max(EngineConfig.max_cached_layers, values["gpu_max_groups"])}
     return values
 
 

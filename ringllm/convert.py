@@ -32,6 +32,7 @@ import shutil
 import signal
 import struct
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -213,33 +214,51 @@ def convert_to_fp8(src: Path | str, dst: Path | str, quantize_lm_head: bool = Fa
     if total_out > free:
         raise RingllmError(f"{dst}: the FP8 checkpoint needs {total_out / 1e9:.2f} GB, the file system has "
                            f"{free / 1e9:.2f} GB free")
+    with writing_checkpoint(dst) as partial:
+        bar = _progress(total_in, f"converting {src.name} to FP8", progress)
+        try:
+            for shard, tensors in plans.items():
+                _convert_shard(shard, partial / shard.name, tensors, bar)
+        finally:
+            bar(None, "")
+        _write_metadata(src, partial, plans, total_out, quantize_lm_head)
+        _check_output(partial)
+    if log:
+        from ringllm.workers.memory_plan import fmt_bytes
+        log(f"wrote {dst}: {fmt_bytes(total_out)} with FP8 weights (from {fmt_bytes(total_in)})")
+    return dst
+
+
+@contextmanager
+def writing_checkpoint(dst: Path):
+    """Yields DST.partial-<pid>, the directory a checkpoint for DST is written in (convert and
+    tools.make_draft). It becomes DST (an empty DST is replaced) only when the block ends without
+    an exception, so the block checks that what it wrote loads; on any exception, SIGTERM's
+    included (it raises SystemExit meanwhile), it is removed. Partials of killed writers go first."""
     _remove_stale_partials(dst)
     partial = dst.resolve().parent / f"{dst.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
-    bar = lambda done, name: None   # noqa: E731  (until the progress bar exists)
     previous = _sigterm_exits()
     try:
         partial.mkdir()
-        bar = _progress(total_in, f"converting {src.name} to FP8", progress)
-        for shard, tensors in plans.items():
-            _convert_shard(shard, partial / shard.name, tensors, bar)
-        bar(None, "")
-        _write_metadata(src, partial, plans, total_out, quantize_lm_head)
-        _check_output(partial)
+        yield partial
         if dst.is_dir():
-            dst.rmdir()                # empty (checked above)
+            dst.rmdir()                # empty (check_new_checkpoint_dir)
         partial.rename(dst)
     except BaseException:
-        bar(None, "")
         shutil.rmtree(partial, ignore_errors=True)
         raise
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    if log:
-        from ringllm.workers.memory_plan import fmt_bytes
-        log(f"wrote {dst}: {fmt_bytes(total_out)} with FP8 weights (from {fmt_bytes(total_in)})")
-    return dst
+
+
+def copy_side_files(src: Path, out: Path) -> None:
+    """The files beside the weights (tokenizer, chat template, generation config, README) that a
+    written checkpoint keeps as they are; config.json and the index are the writer's own."""
+    for f in src.iterdir():
+        if f.is_file() and f.suffix in COPIED_SUFFIXES and f.name not in OWN_FILES:
+            shutil.copy2(f, out / f.name)
 
 
 def _sigterm_exits():
@@ -279,9 +298,7 @@ def _write_metadata(src: Path, out: Path, plans: dict, total_out: int, quantize_
         weight_map = {t.name: shard.name for shard, tensors in plans.items() for t in tensors}
         (out / index.name).write_text(json.dumps({"metadata": {**meta, "total_size": total_out},
                                                   "weight_map": weight_map}, indent=2))
-    for f in src.iterdir():
-        if f.is_file() and f.suffix in COPIED_SUFFIXES and f.name not in OWN_FILES:
-            shutil.copy2(f, out / f.name)
+    copy_side_files(src, out)
 
 
 def _check_output(out: Path) -> None:

@@ -100,13 +100,24 @@ def hf_greedy_cached(hf, prompt, steps: int) -> list[int]:
     return out
 
 
-@pytest.fixture
-def tiny_checkpoint(tmp_path):
-    """(model_dir, transformers model) for the default tiny config, with a tokenizer."""
-    d = tmp_path / "tiny"
+def write_tiny_checkpoint(d: Path):
+    """(d, transformers model): the default tiny config written at `d`, with a tokenizer."""
     model = make_hf_checkpoint(d)
     write_tokenizer(d)
     return d, model
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """(model_dir, transformers model) for the default tiny config, with a tokenizer."""
+    return write_tiny_checkpoint(tmp_path / "tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """tiny_checkpoint written once for a whole test module (test_serve*.py: every server starts
+    from it). Modules with another tiny model define their own `tiny`, which takes precedence."""
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny")
 
 
 @pytest.fixture(scope="session")

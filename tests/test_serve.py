@@ -12,18 +12,10 @@ import pytest
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
-from tests.conftest import hf_greedy_cached, make_hf_checkpoint, write_tokenizer  # noqa: E402
+from tests.conftest import hf_greedy_cached  # noqa: E402
 
 MODEL_NAME = "tiny"
 EOS = 2
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("serve") / "tiny"
-    hf = make_hf_checkpoint(d)
-    write_tokenizer(d)
-    return d, hf
 
 
 class SlowEngine:

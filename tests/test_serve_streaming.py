@@ -22,19 +22,11 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 psutil = pytest.importorskip("psutil")
 
-from tests.conftest import hf_greedy_cached, make_hf_checkpoint, write_tokenizer  # noqa: E402
+from tests.conftest import hf_greedy_cached  # noqa: E402
 from tests.test_serve_lifecycle import free_port  # noqa: E402
 
 STREAMING = ["--device", "cpu", "--dtype", "float32", "--loaders", "2", "--set", "GPU_AHEAD_LAYERS=1"]
 EOS = 2
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("sstream") / "tiny"
-    hf = make_hf_checkpoint(d)
-    write_tokenizer(d)
-    return d, hf
 
 
 class ServerProcess:

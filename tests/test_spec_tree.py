@@ -15,7 +15,7 @@ from ringllm.workers.model import KVCache
 from ringllm.workers.spec_decode import tree_attend
 from ringllm.workers.speculation import DraftParams, DraftTree, SpecStats, SpeculativeSampling
 from tests.conftest import hf_greedy_cached, make_hf_checkpoint, make_model_dir, write_tokenizer
-from tests.test_speculation import resident_model, ringllm
+from tests.test_speculation import generate_with_poisoned_cache, resident_model, ringllm
 
 CPU = torch.device("cpu")
 NGRAM = SpeculativeSampling(draft=DraftParams("ngram", spec_tokens=8, ngram_max=3))
@@ -92,37 +92,22 @@ def test_tree_kv_compaction_leaves_only_the_accepted_path(tiny_checkpoint, monke
     accepted range, or an accepted node's left at its pass position, changes them. And before
     every forward, every cache slot from its start on is set to NaN: one read of such a slot
     (never written, or a rejected node of an earlier pass) makes the logits NaN."""
-    d, hf = tiny_checkpoint
-    model = resident_model(d)
-    prompt = [5, 17, 2, 40, 8, 99, 23]
-    reference = hf_greedy_cached(hf, prompt, 30)
-    WrongFirstTree.reference = reference
-    monkeypatch.setattr(spec_decode, "NgramProposer", WrongFirstTree)
-    forward, checked = model.forward, []
+    hf = tiny_checkpoint[1]
 
-    def checked_forward(tokens, positions, cache, start, key_valid, all_logits=False, attend=None):
-        cache.k[:, :, :, start:] = float("nan")
-        cache.v[:, :, :, start:] = float("nan")
-        logits = forward(tokens, positions, cache, start, key_valid, all_logits, attend)
-        assert torch.isfinite(logits).all(), f"NaN logits in the pass at slot {start}: a poisoned slot was read"
-        if all_logits:       # a verify pass: [the accepted sequence's last token, the tree's nodes]
-            seq, tree = WrongFirstTree.current.seq, WrongFirstTree.current.tree
-            assert tokens[0, 1:].tolist() == list(tree.tokens)
-            with torch.no_grad():
-                for node in range(-1, len(tree)):
-                    want = hf(torch.tensor([seq + path_to(tree, node)])).logits[0, -1]
-                    torch.testing.assert_close(
-                        logits[0, node + 1], want, atol=1e-4, rtol=1e-4,
-                        msg=lambda m: f"pass {len(checked)} (slot {start}), node {node}: differs from "
-                                      f"transformers without a cache: {m}")
-            checked.append(start)
-        return logits
+    def check_verify_pass(tokens, logits, start, n):     # tokens: [accepted sequence's last, the tree's nodes]
+        seq, tree = WrongFirstTree.current.seq, WrongFirstTree.current.tree
+        assert tokens[0, 1:].tolist() == list(tree.tokens)
+        with torch.no_grad():
+            for node in range(-1, len(tree)):
+                want = hf(torch.tensor([seq + path_to(tree, node)])).logits[0, -1]
+                torch.testing.assert_close(logits[0, node + 1], want, atol=1e-4, rtol=1e-4,
+                                           msg=lambda m: f"pass {n} (slot {start}), node {node}: differs from "
+                                                         f"transformers without a cache: {m}")
 
-    model.forward = checked_forward
-    stats = SpecStats()
     wide = SpeculativeSampling(draft=DraftParams("ngram", spec_tokens=15))     # 5 levels of 3 nodes
-    got = generate(model, [prompt], 30, Sampler(wide, CPU), eos_ids=[], spec_stats=stats)[0]
-    assert got == reference
+    got, stats, checked = generate_with_poisoned_cache(tiny_checkpoint, monkeypatch, WrongFirstTree, wide,
+                                                       check_verify_pass)
+    assert got == WrongFirstTree.reference
     assert len(checked) == stats.passes and stats.branched >= stats.passes // 2
     assert stats.accepted >= 15 and stats.passes <= 12, stats.as_dict()     # long and short accepts
 

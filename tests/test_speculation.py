@@ -21,6 +21,7 @@ from tests.conftest import hf_greedy_cached, make_model_dir
 
 CPU = torch.device("cpu")
 NGRAM = SpeculativeSampling(draft=DraftParams("ngram", spec_tokens=8, ngram_max=3))
+POISON_PROMPT = [5, 17, 2, 40, 8, 99, 23]     # generate_with_poisoned_cache's
 
 
 def ringllm(*args, timeout=120):
@@ -103,18 +104,18 @@ class CorruptedReference:
         return DraftTree.chain(drafts)
 
 
-def test_kv_cache_never_reads_a_rejected_draft(tiny_checkpoint, monkeypatch):
-    """Every verify pass's logits equal transformers' logits for the accepted sequence followed by
-    the pass's drafts, computed from scratch (no cache): a rejected draft's K/V read in a later
-    pass would change them. And before every forward, every cache slot from its start on (never
-    written, or holding a rejected draft of an earlier pass) is set to NaN: one read of such a
-    slot, even a masked one inside the attended range, makes the logits NaN."""
+def generate_with_poisoned_cache(tiny_checkpoint, monkeypatch, proposer, sampling, check_verify_pass):
+    """30 tokens of POISON_PROMPT on the resident engine with `proposer` in the n-gram proposer's
+    place (its .reference set to transformers' greedy continuation first). Before every forward,
+    every cache slot from its start on (never written, or holding a rejected draft of an earlier
+    pass) is set to NaN, and the logits must stay finite: one read of such a slot, even a masked
+    one inside the attended range, makes them NaN. After each verify pass (all_logits),
+    check_verify_pass(tokens, logits, start, n) compares them with transformers (n: the verify
+    passes checked before). Returns (tokens, SpecStats, the checked verify passes' start slots)."""
     d, hf = tiny_checkpoint
     model = resident_model(d)
-    prompt = [5, 17, 2, 40, 8, 99, 23]
-    reference = hf_greedy_cached(hf, prompt, 30)
-    CorruptedReference.reference = reference
-    monkeypatch.setattr(spec_decode, "NgramProposer", CorruptedReference)
+    proposer.reference = hf_greedy_cached(hf, POISON_PROMPT, 30)
+    monkeypatch.setattr(spec_decode, "NgramProposer", proposer)
     forward, checked = model.forward, []
 
     def checked_forward(tokens, positions, cache, start, key_valid, all_logits=False, attend=None):
@@ -122,23 +123,38 @@ def test_kv_cache_never_reads_a_rejected_draft(tiny_checkpoint, monkeypatch):
         cache.v[:, :, :, start:] = float("nan")
         logits = forward(tokens, positions, cache, start, key_valid, all_logits, attend)
         assert torch.isfinite(logits).all(), f"NaN logits in the pass at slot {start}: a poisoned slot was read"
-        if all_logits:       # a verify pass: [accepted sequence's last token, drafts...]
-            seq = CorruptedReference.current.seq
-            with torch.no_grad():
-                want = hf(torch.tensor([seq + tokens[0, 1:].tolist()])).logits[0, len(seq) - 1:]
-            torch.testing.assert_close(logits[0], want, atol=1e-4, rtol=1e-4,
-                                       msg=lambda m: f"pass {len(checked)} (slot {start}) differs from "
-                                                     f"transformers without a cache: {m}")
+        if all_logits:
+            check_verify_pass(tokens, logits, start, len(checked))
             checked.append(start)
         return logits
 
     model.forward = checked_forward
     stats = SpecStats()
-    got = generate(model, [prompt], 30, Sampler(NGRAM, CPU), eos_ids=[], spec_stats=stats)[0]
+    got = generate(model, [POISON_PROMPT], 30, Sampler(sampling, CPU), eos_ids=[], spec_stats=stats)[0]
+    return got, stats, checked
+
+
+def test_kv_cache_never_reads_a_rejected_draft(tiny_checkpoint, monkeypatch):
+    """Every verify pass's logits equal transformers' logits for the accepted sequence followed by
+    the pass's drafts, computed from scratch (no cache): a rejected draft's K/V read in a later
+    pass would change them. And before every forward, every cache slot from its start on (never
+    written, or holding a rejected draft of an earlier pass) is set to NaN: one read of such a
+    slot, even a masked one inside the attended range, makes the logits NaN."""
+    hf = tiny_checkpoint[1]
+
+    def check_verify_pass(tokens, logits, start, n):     # tokens: [accepted sequence's last, drafts...]
+        seq = CorruptedReference.current.seq
+        with torch.no_grad():
+            want = hf(torch.tensor([seq + tokens[0, 1:].tolist()])).logits[0, len(seq) - 1:]
+        torch.testing.assert_close(logits[0], want, atol=1e-4, rtol=1e-4,
+                                   msg=lambda m: f"pass {n} (slot {start}) differs from transformers without a cache: {m}")
+
+    got, stats, checked = generate_with_poisoned_cache(tiny_checkpoint, monkeypatch, CorruptedReference, NGRAM,
+                                                       check_verify_pass)
     rejected = stats.drafted - stats.accepted
     assert rejected >= 10 and stats.accepted >= 10, stats      # the test exercised both
     assert len(checked) == stats.passes
-    assert got == reference
+    assert got == CorruptedReference.reference
 
 
 def test_eos_and_max_new_tokens_cut_the_accepted_run(tiny_checkpoint):

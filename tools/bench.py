@@ -87,7 +87,7 @@ def run_bench_tool(module: str, stem: str, args, argv, measure, format_table) ->
     import shlex
     import time
 
-    from ringllm.checkpoint.errors import RingllmError
+    from ringllm.checkpoint.errors import RingllmError, report_failure
     from ringllm.workers.process_setup import configure_logging
 
     configure_logging("[ringllm] %(message)s", False)
@@ -103,12 +103,8 @@ def run_bench_tool(module: str, stem: str, args, argv, measure, format_table) ->
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         command = shlex.join([sys.executable, "-m", module, *(argv if argv is not None else sys.argv[1:])])
         report = measure(engine, device, log)
-    except RingllmError as err:
-        print(f"ringllm: error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("ringllm: interrupted", file=sys.stderr)
-        return 130
+    except (RingllmError, KeyboardInterrupt) as err:
+        return report_failure(err)
     report.update(command=command, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     save_report(args.out, stem, report, format_table(report))
     return 0

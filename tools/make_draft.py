@@ -21,18 +21,17 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import struct
 import sys
 from pathlib import Path
 
 from ringllm.checkpoint.errors import RingllmError
+# convert's rules for a written checkpoint: DST new or empty, built in DST.partial-<pid>, the side files
+from ringllm.convert import check_new_checkpoint_dir, copy_side_files, writing_checkpoint
 
 COPY_BLOCK = 64 << 20
 # per-layer lists some configs carry (length num_hidden_layers): cut with the layers
 PER_LAYER_CONFIG_LISTS = ("layer_types",)
-COPIED_SUFFIXES = (".json", ".jinja", ".txt", ".model", ".tiktoken", ".md")
-OWN_FILES = ("config.json", "model.safetensors.index.json")
 
 
 def kept(name: str, layers: int) -> bool:
@@ -90,17 +89,13 @@ def _write_metadata(src: Path, out: Path, layers: int, shards: dict[str, list], 
         weight_map = {e.name: shard for shard, extents in shards.items() for e in extents}
         (out / index.name).write_text(json.dumps({"metadata": {**meta, "total_size": total},
                                                   "weight_map": dict(sorted(weight_map.items()))}, indent=2))
-    for f in src.iterdir():
-        if f.is_file() and f.suffix in COPIED_SUFFIXES and f.name not in OWN_FILES:
-            shutil.copy2(f, out / f.name)
+    copy_side_files(src, out)
 
 
 def make_draft(src: Path | str, dst: Path | str, layers: int, log=None) -> Path:
     """Write the `layers`-layer truncation of checkpoint `src` at `dst` (module docstring); returns dst."""
     from ringllm.checkpoint.layout import load_layout
     from ringllm.checkpoint.safetensors_index import read_safetensors_header, shard_files
-    from ringllm.convert import (_remove_stale_partials, _sigterm_exits,   # the same DST.partial-<pid> rules
-                                 check_new_checkpoint_dir)
 
     src, dst = Path(src), Path(dst)
     layout = load_layout(src)          # a readable Llama checkpoint, names and shapes checked
@@ -118,25 +113,11 @@ def make_draft(src: Path | str, dst: Path | str, layers: int, log=None) -> Path:
     free = shutil.disk_usage(dst.resolve().parent).free
     if total > free:
         raise RingllmError(f"{dst}: the draft needs {total / 1e9:.2f} GB, the file system has {free / 1e9:.2f} GB free")
-    _remove_stale_partials(dst)
-    partial = dst.resolve().parent / f"{dst.name}.partial-{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)
-    previous = _sigterm_exits()        # SIGTERM raises SystemExit: the partial output is removed
-    try:
-        partial.mkdir()
+    with writing_checkpoint(dst) as partial:
         for name, extents in shards.items():
             _copy_shard(extents, partial / name)
         _write_metadata(src, partial, layers, shards, total)
         load_layout(partial)           # it loads as a checkpoint before it is one
-        if dst.is_dir():
-            dst.rmdir()                # empty (checked above)
-        partial.rename(dst)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
     if log:
         log(f"wrote {dst}: layers 0..{layers - 1} of {source_layers} from {src} ({total / 1e9:.3f} GB)")
     return dst
