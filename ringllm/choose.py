@@ -68,7 +68,7 @@ def build_engine_config(args, model_dir, max_seq: int = 2048, batch: int = 1, la
     streamed = n - resident if resident is not None else n
     fit = None
     if args.preset is None:
-        fit = ring_fit(layout, streamed, *_dram_for_ring(args))
+        fit = ring_fit(layout, streamed, *_dram_for_ring(args, layout))
         if fit.holds_all and streamed > 0:
             preset_values, label = {"cpu_cap": streamed}, "the default ring"
         elif streamed > 0 and fit.fits >= first.lookahead_layers:
@@ -106,19 +106,21 @@ def build_engine_config(args, model_dir, max_seq: int = 2048, batch: int = 1, la
     return engine
 
 
-def _dram_for_ring(args) -> tuple[int, str]:
-    """(bytes, where from): DRAM the ring may take, min(available - DRAM_HEADROOM, --dram-limit).
+def _dram_for_ring(args, layout) -> tuple[int, str]:
+    """(bytes, where from): DRAM the ring may take, min(available - headroom, --dram-limit).
     The limit is what you allow the ring; the headroom guards what the machine has (the same
-    headroom as the supervisor's pre-run check, so a ring chosen here always passes it)."""
+    headroom as the supervisor's pre-run check, config.dram_headroom, so a ring chosen here
+    always passes it)."""
     import psutil
 
-    from ringllm.config import DRAM_HEADROOM, GIB, parse_bytes
+    from ringllm.config import dram_headroom, headroom_text, parse_bytes
 
-    room = max(0, psutil.virtual_memory().available - DRAM_HEADROOM)
+    headroom = dram_headroom(layout, getattr(args, "tensor_parallel", 1))
+    room = max(0, psutil.virtual_memory().available - headroom)
     limit = getattr(args, "dram_limit", None)
     if limit is not None and parse_bytes(limit) < room:
         return parse_bytes(limit), f"--dram-limit {limit}"
-    return room, f"available minus {DRAM_HEADROOM // GIB} GiB"
+    return room, headroom_text(headroom)
 
 
 def _dram_limited(args) -> int:
@@ -138,7 +140,7 @@ def auto_preset(args, layout, model_dir, device: str, loaders: int, gpu_mem: int
     """--preset auto: measure what is asked, choose (autotune.AutoChoice)."""
     from ringllm.autotune import Machine, auto_tune
 
-    ring_room, room_from = _dram_for_ring(args)
+    ring_room, room_from = _dram_for_ring(args, layout)
     dram = _dram_limited(args)
     if gpu_mem is not None:
         budget, budget_from = gpu_mem, "--gpu-mem"

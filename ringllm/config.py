@@ -21,6 +21,21 @@ MAX_LOADERS = 64
 # (supervisor.checks.check_dram) and for choosing a ring (--preset auto, the default ring), so that a
 # ring ringllm chooses always passes the check.
 DRAM_HEADROOM = 4 * GIB
+# a tensor-parallel rank past the first, beside the ring: its torch, CUDA context and buffers
+RANK_PROCESS_BYTES = 2 * GIB
+
+
+def dram_headroom(layout=None, world: int = 1) -> int:
+    """DRAM kept free beside the ring: DRAM_HEADROOM for the run's processes and the system, plus,
+    for each tensor-parallel rank past the first, its own host copy of the (unsplit) embedding
+    table and its process (RANK_PROCESS_BYTES)."""
+    if world <= 1 or layout is None:
+        return DRAM_HEADROOM
+    return DRAM_HEADROOM + (world - 1) * (layout.embed.nbytes + RANK_PROCESS_BYTES)
+
+
+def headroom_text(headroom: int) -> str:
+    return f"available minus {round(headroom / GIB, 1):g} GiB"
 # EngineConfig.fp8_matmul's values (workers.quantized implements them; config imports no torch)
 FP8_MATMUL_WAYS = ("auto", "dequant", "scaled_mm")
 

@@ -40,6 +40,9 @@ class FaultPlan:
     # GPU process of tensor-parallel rank 1: sample with the seed + 1 (ranks that diverge, which
     # the supervisor's agreement check must catch)
     rank_seed_skew: bool = False
+    # GPU process of tensor-parallel rank 1: SIGSTOP itself after this many tokens (0: never): a
+    # rank alive but hung, which the others must give up on and the supervisor must name
+    rank_stops_after_tokens: int = 0
 
     @property
     def chaos(self) -> tuple[int, float]:

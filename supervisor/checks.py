@@ -27,15 +27,16 @@ def process_memory(pid: int) -> dict[str, int]:
     return out
 
 
-def check_dram(total: int, engine: EngineConfig) -> None:
-    """Before allocating anything: the ring must fit in available DRAM and in /dev/shm."""
+def check_dram(total: int, engine: EngineConfig, headroom: int = DRAM_HEADROOM) -> None:
+    """Before allocating anything: the ring must fit in available DRAM beside `headroom`
+    (config.dram_headroom: more with tensor-parallel ranks) and in /dev/shm."""
     available = psutil.virtual_memory().available
     gib = 2 ** 30
-    if total + DRAM_HEADROOM > available:
+    if total + headroom > available:
         raise RingllmError(
             f"the ring needs {total / gib:.2f} GiB (CPU_CAP_VALUE={engine.cpu_cap} slots) but only "
-            f"{available / gib:.2f} GiB of DRAM is available (keeping {DRAM_HEADROOM / gib:.0f} GiB free); "
-            "lower CPU_CAP_VALUE")
+            f"{available / gib:.2f} GiB of DRAM is available (keeping {round(headroom / gib, 1):g} GiB free"
+            f"{' for the run and its ranks' if headroom > DRAM_HEADROOM else ''}); lower CPU_CAP_VALUE")
     shm_free = shutil.disk_usage(SHM_DIR).free
     if total > shm_free:
         raise RingllmError(
@@ -43,10 +44,10 @@ def check_dram(total: int, engine: EngineConfig) -> None:
             "lower CPU_CAP_VALUE or enlarge /dev/shm")
 
 
-def spare_dram(ring_total: int) -> int:
+def spare_dram(ring_total: int, headroom: int = DRAM_HEADROOM) -> int:
     """DRAM left beside the ring (counted whole, faulted or not) and the headroom: what the page
     cache may take at start without pushing anything out (supervisor.prefetch.WeightWarmer)."""
-    return max(0, psutil.virtual_memory().available - ring_total - DRAM_HEADROOM)
+    return max(0, psutil.virtual_memory().available - ring_total - headroom)
 
 
 def fallback_warning(coordinator: dict) -> str | None:

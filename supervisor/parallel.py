@@ -31,6 +31,12 @@ class TensorParallelPlan:
             return device
         return f"cuda:{self.devices[rank] if self.devices else rank}"
 
+    def sharers(self, device: str, rank: int) -> int:
+        """How many ranks run on `rank`'s GPU (several only with --devices 0,0 over gloo)."""
+        if device != "cuda" or not self.devices:
+            return 1
+        return self.devices.count(self.devices[rank])
+
     def planned_layout(self, layout):
         """The layout whose bytes one GPU holds: rank 0's share (the largest) with ranks, else the
         whole model."""

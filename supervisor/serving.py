@@ -67,7 +67,7 @@ class ServedEngine:
 
     def _start(self) -> None:
         sup = self.sup
-        check_dram(sup.ring_total, sup.engine)
+        check_dram(sup.ring_total, sup.engine, sup.dram_headroom)
         sup._run_started = time.monotonic()
         sup._pinned_before = system_pinned_bytes()
         swept = sweep()
@@ -193,8 +193,7 @@ class ServedEngine:
         if isinstance(msg, Ready):
             sup._on_ready(msg)
         elif isinstance(msg, Fatal):
-            sup._blame_dead_rank(msg)
-            raise RingllmError(f"{msg.role}{msg.index if msg.role == 'loader' else ''}: {msg.text}")
+            sup._raise_fatal(msg)
         sup._watch()          # a dead loader is restarted; anything else raises, naming the process
         sup._sample_memory()
         return msg

@@ -25,9 +25,11 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
+import psutil
+
 from ringllm.checkpoint.errors import RingllmError
 from ringllm.checkpoint.layout import ModelLayout
-from ringllm.config import EngineConfig
+from ringllm.config import EngineConfig, dram_headroom
 from ringllm.faults import NO_FAULTS, FaultPlan
 from ringllm.coordinator.process import CoordinatorArgs, coordinator_main
 from ringllm.shm.channel import (QUEUE_MESSAGES, Channel, Fatal, Finished, LoaderRestarted, Ready, Shutdown, Stats,
@@ -83,6 +85,13 @@ def gpu_key(rank: int) -> str:
     return "gpu" if rank == 0 else f"gpu{rank}"
 
 
+def child_key(role: str, index: int) -> str:
+    """The key in procs/ready of the child that sent a message with this role and index."""
+    if role == "gpu":
+        return gpu_key(index)
+    return f"loader{index}" if role == "loader" else role
+
+
 def plan_ring(layout: ModelLayout, engine: EngineConfig):
     plans = plan_model(layout, engine.merge_gap)
     size = slot_size(plans)
@@ -103,6 +112,7 @@ class Supervisor:
         self.faults = faults          # tests only (ringllm.faults)
         self.layout, self.engine, self.device, self.dtype, self.verbose = layout, engine, device, dtype, verbose
         self.plans, self.slot_size, self.ring_total = plan_ring(layout, engine)
+        self.dram_headroom = dram_headroom(layout, self.parallel.world)   # DRAM kept beside the ring
         self.files = file_table(self.plans)
         self.names: RunNames | None = None
         self.channels: dict[str, Channel] = {}
@@ -129,7 +139,7 @@ class Supervisor:
     # --- lifecycle -----------------------------------------------------------------------------
     def run(self, prompts, max_new_tokens: int, sampling, eos_ids,
             on_tokens: Callable[[list], None]) -> RunResult:
-        check_dram(self.ring_total, self.engine)
+        check_dram(self.ring_total, self.engine, self.dram_headroom)
         self._run_started = time.monotonic()
         self._pinned_before = system_pinned_bytes()
         swept = sweep()
@@ -244,7 +254,7 @@ class Supervisor:
                                          self.dtype, self.device, spec_plan(sampling))
         n_layers = self.layout.config.num_layers
         # what the GPU process will read itself, read while it starts (supervisor.prefetch)
-        self.warmer = start_weight_warmer(self.layout, estimate, spare_dram(self.ring_total))
+        self.warmer = start_weight_warmer(self.layout, estimate, spare_dram(self.ring_total, self.dram_headroom))
         self.prefaulter = SlotPrefaulter(self.ring, None if estimate is None else n_layers - estimate)
         self.prefaulter.start()      # fresh pages faulted ahead of the loaders (shm.prefault)
         self._spawn("coordinator", coordinator_main, CoordinatorArgs(
@@ -256,7 +266,7 @@ class Supervisor:
         if self.parallel.world > 1 and getattr(sampling, "seed", None) is None:
             # every rank samples from the same gathered logits: with one seed they draw alike
             sampling = replace(sampling, seed=secrets.randbits(62))
-        port = self.parallel.port or free_tcp_port(self.parallel.addr)
+        port = self.parallel.port or (free_tcp_port(self.parallel.addr) if self.parallel.world > 1 else 0)
         for rank in range(self.parallel.world):
             self._spawn(gpu_key(rank), gpu_main, GpuArgs(
                 pid, n.segment, n.gpu_queues[rank], n.coord_queue, n.sup_queue, self.layout, tuple(self.plans),
@@ -266,7 +276,7 @@ class Supervisor:
                 stats_name=n.stats_segment, serve=serve,
                 warmed_layers=-1 if self.warmer is None else max(0, estimate or 0),
                 rank=rank, world=self.parallel.world, dist_addr=self.parallel.addr, dist_port=port,
-                dist_backend=self.parallel.backend_for(self.device)))
+                dist_backend=self.parallel.backend_for(self.device), device_sharers=self.parallel.sharers(self.device, rank)))
 
     def _first_pass_bar(self):
         """A progress bar on stderr for the first pass (slow on a big model: the ring fills from
@@ -313,8 +323,7 @@ class Supervisor:
                 self.page.supervisor(self.tokens_seen, os.getpid())
                 on_tokens(tokens)
             elif isinstance(msg, Fatal):
-                self._blame_dead_rank(msg)
-                raise RingllmError(f"{msg.role}{msg.index if msg.role == 'loader' else ''}: {msg.text}")
+                self._raise_fatal(msg)
             elif isinstance(msg, Finished) and msg.stats.get("rank", 0) > 0:
                 self._rank_digests[msg.stats["rank"]] = msg.stats.get("outputs_digest")
             elif isinstance(msg, Finished):
@@ -346,8 +355,7 @@ class Supervisor:
             if isinstance(msg, Finished):
                 self._rank_digests[msg.stats.get("rank", 0)] = msg.stats.get("outputs_digest")
             elif isinstance(msg, Fatal):
-                self._blame_dead_rank(msg)
-                raise RingllmError(f"{msg.role}{msg.index or ''}: {msg.text}")
+                self._raise_fatal(msg)
             self._watch()
             if time.monotonic() > deadline:
                 missing = sorted(set(range(world)) - set(self._rank_digests))
@@ -357,6 +365,30 @@ class Supervisor:
         if differ:
             raise RingllmError(f"tensor parallel: rank(s) {differ} generated other tokens than rank 0; the ranks "
                                "diverged (their activations no longer belong together), so this output is wrong")
+
+    def _raise_fatal(self, msg: Fatal):
+        """End the run at a child's error report, in its words, naming the child. With ranks, a
+        rank's error may only be the loss of another: a rank that died is named instead, and a
+        collective that timed out names the ranks that are stopped."""
+        self._blame_dead_rank(msg)
+        raise RingllmError(f"{child_key(msg.role, msg.index)}: {msg.text}{self._stopped_ranks(msg.index)}")
+
+    def _stopped_ranks(self, reporter: int) -> str:
+        """"; gpu1 is stopped" for the other ranks that are alive but not running (SIGSTOP, a
+        debugger): the reason a collective of `reporter` waited in vain."""
+        if self.parallel.world == 1:
+            return ""
+        stopped = []
+        for rank in range(self.parallel.world):
+            proc = self.procs.get(gpu_key(rank))
+            if rank == reporter or proc is None or proc.poll() is not None:
+                continue
+            try:
+                if psutil.Process(proc.pid).status() in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP):
+                    stopped.append(gpu_key(rank))
+            except psutil.Error:
+                continue
+        return f"; {', '.join(stopped)} {'is' if len(stopped) == 1 else 'are'} stopped (not running)" if stopped else ""
 
     def _blame_dead_rank(self, msg: Fatal) -> None:
         """A rank reporting an error may only have lost another rank in a collective (gloo:
@@ -375,7 +407,7 @@ class Supervisor:
             time.sleep(0.05)
 
     def _on_ready(self, msg: Ready) -> None:
-        key = gpu_key(msg.index) if msg.role == "gpu" else f"{msg.role}{msg.index if msg.role == 'loader' else ''}"
+        key = child_key(msg.role, msg.index)
         if msg.info.get("pid") == self.procs[key].pid:     # not a restarted loader's predecessor
             self.ready.add(key)
         if msg.role == "loader" and self.loader_epochs[msg.index] < self.faults.loader_kills(msg.index):
@@ -436,7 +468,9 @@ class Supervisor:
             if self._fatal_pending():
                 return    # the serve loop ends the run at that message, with its sender's words
             if not key.startswith("loader"):
-                raise RingllmError(f"the {key} process exited unexpectedly (exit code {code})")
+                rank = next((r for r in range(self.parallel.world) if gpu_key(r) == key), -1)
+                raise RingllmError(f"the {key} process exited unexpectedly (exit code {code})"
+                                   f"{self._stopped_ranks(rank) if rank >= 0 else ''}")
             index = int(key[len("loader"):])
             # Each loader index has its own budget. It guards against one loader that keeps dying
             # (its chunk, its disk region, a bug it keeps hitting); shared, K loaders that each
@@ -499,6 +533,12 @@ class Supervisor:
             return
         t0 = time.monotonic()
         budget = self.engine.stop_budget_s(self.ring_total if self.device == "cuda" else 0)   # only CUDA registers it
+        for proc in self.procs.values():      # a stopped child (SIGSTOP, a hung rank found so) would
+            if proc.poll() is None:           # read no Shutdown and defer SIGTERM: resume it to stop cleanly
+                try:
+                    os.kill(proc.pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
         for name, ch in self.channels.items():
             if name != self.names.sup_queue:
                 ch.try_send(Shutdown())

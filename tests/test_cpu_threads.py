@@ -28,6 +28,28 @@ def test_thread_count_from_affinity_and_quota(affinity, quota, expected):
     assert torch_threads_for(affinity, quota) == expected
 
 
+@pytest.mark.parametrize("cpus,sharers,expected", [(16, 1, 15), (16, 2, 7), (16, 4, 3), (2, 2, 1), (8, 16, 1)])
+def test_tensor_parallel_ranks_split_the_cpus(monkeypatch, cpus, sharers, expected):
+    """N ranks compute at once: each gets 1/N of the threads one process would (at least one),
+    not every rank all of them (N times the threads the CPUs have, spinning against each other)."""
+    from ringllm.workers import process_setup
+
+    class FakeTorch:
+        threads = None
+
+        def set_num_threads(self, n):
+            self.threads = n
+
+        def get_num_threads(self):
+            return self.threads
+
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(process_setup.os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    monkeypatch.setattr(process_setup, "cgroup_cpu_quota", lambda: None)
+    assert process_setup.apply_torch_threads(FakeTorch(), sharers) == expected
+
+
 def write(path, text):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)

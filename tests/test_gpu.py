@@ -153,3 +153,14 @@ def test_ranks_on_cuda_give_transformers_tokens(tmp_path, world):
     assert result.gpu_info["tp_backend"] == ("nccl" if own_gpus else "gloo")
     assert result.coordinator["ring_evictions"] > 0
     assert_run_cleaned(sup)
+
+
+def test_a_device_index_the_machine_lacks_is_one_line(tmp_path):
+    d = tmp_path / "m"
+    make_model_dir(d, num_hidden_layers=2)
+    missing = torch.cuda.device_count()
+    r = ringllm("generate", "--model", str(d), "--device", "cuda", "--prompt", "w3", "--max-new-tokens", "2",
+                "--tensor-parallel", "2", "--devices", f"0,{missing}", "--tp-backend", "gloo", timeout=300)
+    assert r.returncode == 1, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("ringllm: error: gpu1: --devices: rank 1's CUDA device") and "does not exist" in last, r.stderr

@@ -92,8 +92,9 @@ def test_a_dead_rank_ends_the_run_and_leaves_nothing(long_run_model):
 
 
 def test_speculative_decoding_with_ranks_gives_the_one_process_tokens(tmp_path):
-    """Every rank drafts the same tree (prompt lookup, or its own copy of the draft model) and
-    verifies it through the split layers: greedy output is the resident engine's without a draft."""
+    """Rank 0 drafts (prompt lookup, or the draft model only it loads) and hands each tree to the
+    others; every rank verifies it through the split layers: greedy output is the resident
+    engine's without a draft."""
     d, draft = tmp_path / "m", tmp_path / "draft"
     make_hf_checkpoint(d, **THREE_KV)
     write_tokenizer(d)
@@ -138,3 +139,65 @@ def test_sampled_tokens_agree_across_ranks_and_a_rank_that_diverges_fails_the_ru
     run(SamplingParams(temperature=1.0), 2)          # no seed: one for both ranks, so they agree
     with pytest.raises(RingllmError, match=r"rank\(s\) \[1\] generated other tokens than rank 0"):
         run(sampled, 2, FaultPlan(rank_seed_skew=True))
+
+
+def test_a_hung_rank_ends_the_run_naming_it_and_leaves_nothing(tmp_path):
+    """Rank 1 stops (SIGSTOP) mid-run: alive, so no death to notice. Rank 0 gives up on it past
+    start-up within twice the wait timeout (its gathers' timeout, or its wait for a slot that rank
+    1 still holds), and the error names the stopped rank; the stopped process is removed too."""
+    from ringllm.checkpoint.errors import RingllmError
+    from ringllm.faults import FaultPlan
+
+    d = tmp_path / "m"
+    make_hf_checkpoint(d, **THREE_KV)
+    write_tokenizer(d)
+    engine = build_config(loaders=2, cpu_cap=2, gpu_ahead_layers=1, gpu_resident_layers=0, wait_timeout_s=2.0)
+    sup = Supervisor(load_layout(d), engine, "cpu", "float32", parallel=TensorParallelPlan(2),
+                     faults=FaultPlan(rank_stops_after_tokens=3))
+    t0 = time.monotonic()
+    with pytest.raises(RingllmError, match=r"^gpu: .*; gpu1 is stopped \(not running\)$"):
+        sup.run([PROMPT], 40, SamplingParams(), (), lambda t: None)
+    assert time.monotonic() - t0 < 30
+    assert_run_cleaned(sup)
+
+
+def test_only_rank_0_writes_the_stats_page(tmp_path):
+    """[P11] one writer per stats record: `ringllm top` reads rank 0's copy counter, growing. Ranks
+    copy unequal shares (3 kv heads over 2 ranks): had rank 1 written the record too, a reader
+    would see the counter jump back and forth (or a torn record)."""
+    import threading
+
+    from ringllm.shm.seqlock import TornRecord
+    from ringllm.shm.stats import RUNNING
+
+    d = tmp_path / "m"
+    make_hf_checkpoint(d, **THREE_KV)
+    write_tokenizer(d)
+    engine = build_config(loaders=2, cpu_cap=2, gpu_ahead_layers=1, gpu_resident_layers=0)
+    sup = Supervisor(load_layout(d), engine, "cpu", "float32", parallel=TensorParallelPlan(2))
+    seen, errors, done = [], [], threading.Event()
+
+    def watch():
+        while not done.is_set() and not errors:
+            page = sup.page
+            try:
+                if page is not None and (snapshot := page.read())["status"] == RUNNING:
+                    seen.append(snapshot["gpu"]["h2d_bytes"])
+            except TornRecord as err:      # writers that collided left the record unreadable
+                errors.append(err)
+            except (ValueError, OSError):  # the page closed at the run's end
+                break
+            time.sleep(0.001)
+
+    reader = threading.Thread(target=watch)
+    reader.start()
+    try:
+        result = sup.run([PROMPT], 40, SamplingParams(), (), lambda t: None)
+    finally:
+        done.set()
+        reader.join()
+    assert not errors
+    assert len(set(seen)) > 10                 # the reader saw the counter move
+    assert all(a <= b for a, b in zip(seen, seen[1:])), "the copy counter went back: two ranks write it"
+    assert max(seen) <= result.gpu["h2d_bytes"]
+    assert_run_cleaned(sup)

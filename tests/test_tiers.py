@@ -150,12 +150,33 @@ def test_dram_limit_is_what_the_ring_may_take(deep_model, monkeypatch):
     monkeypatch.setattr(psutil, "virtual_memory", lambda: argparse.Namespace(available=available))
     slot = ring_fit(layout, LAYERS, GIB).slot_bytes
     limit = 6 * slot + 64 * 1024               # six slots and the header
-    room, where = _dram_for_ring(argparse.Namespace(dram_limit=str(limit)))
+    room, where = _dram_for_ring(argparse.Namespace(dram_limit=str(limit)), layout)
     assert (room, where) == (limit, f"--dram-limit {limit}")
     assert ring_fit(layout, LAYERS, room, where).fits == 6
-    room, where = _dram_for_ring(argparse.Namespace(dram_limit="1TiB"))
+    room, where = _dram_for_ring(argparse.Namespace(dram_limit="1TiB"), layout)
     assert room == available - DRAM_HEADROOM and "available minus 4 GiB" in where
-    assert _dram_for_ring(argparse.Namespace(dram_limit=None))[0] == available - DRAM_HEADROOM
+    assert _dram_for_ring(argparse.Namespace(dram_limit=None), layout)[0] == available - DRAM_HEADROOM
+
+
+def test_each_rank_past_the_first_keeps_its_embedding_copy_and_process_out_of_the_ring(deep_model, monkeypatch):
+    """--tensor-parallel N: every rank holds the whole embedding table in host memory (it is not
+    split) and runs its own torch: the ring leaves room for N - 1 more of those."""
+    import psutil
+    from safetensors import safe_open
+
+    from ringllm.choose import _dram_for_ring
+    from ringllm.config import RANK_PROCESS_BYTES
+
+    layout = load_layout(deep_model)
+    with safe_open(str(deep_model / "model.safetensors"), "pt") as f:
+        embed = f.get_tensor("model.embed_tokens.weight")
+    embed_bytes = embed.numel() * embed.element_size()
+    available = 64 * GIB
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: argparse.Namespace(available=available))
+    for world in (1, 2, 4):
+        room, where = _dram_for_ring(argparse.Namespace(dram_limit=None, tensor_parallel=world), layout)
+        assert room == available - DRAM_HEADROOM - (world - 1) * (embed_bytes + RANK_PROCESS_BYTES), world
+        assert where.startswith("available minus ")
 
 
 def test_disk_window_and_split():

@@ -10,6 +10,7 @@ import logging
 import os
 import queue
 import secrets
+import signal
 import time
 from dataclasses import dataclass, replace
 
@@ -60,6 +61,7 @@ class GpuArgs:
     dist_addr: str = "127.0.0.1"
     dist_port: int = 0
     dist_backend: str = "gloo"    # "nccl" between GPUs (supervisor.parallel.TensorParallelPlan.backend_for)
+    device_sharers: int = 1       # ranks on this GPU (--devices 0,0 over gloo): they split its free memory
 
 
 def planned_shape(args: GpuArgs) -> tuple[int, int, int]:
@@ -103,7 +105,7 @@ def gpu_main(args: GpuArgs) -> None:
     with sigterm_deferred():      # a SystemExit inside torch's import would abort, loudly
         import torch
 
-        torch_threads = apply_torch_threads(torch)   # before torch runs anything in parallel
+        torch_threads = apply_torch_threads(torch, args.world)   # before torch runs anything in parallel
 
         from ringllm.workers.generation import Sampler, generate
         from ringllm.workers.model import Llama
@@ -129,6 +131,9 @@ def gpu_main(args: GpuArgs) -> None:
                                "build of torch): no CUDA device is available to torch; run with --device cpu")
         if cuda and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
+        if cuda and device.index >= torch.cuda.device_count():
+            raise RingllmError(f"--devices: rank {args.rank}'s CUDA device {device.index} does not exist (this "
+                               f"machine has {torch.cuda.device_count()} visible: 0..{torch.cuda.device_count() - 1})")
         registrar.device = device if cuda else None
         info = {"pid": os.getpid(), "device": str(device), "torch_threads": torch_threads}
         if cuda:
@@ -147,7 +152,8 @@ def gpu_main(args: GpuArgs) -> None:
         fp8_matmul = choose_fp8_matmul(args.engine.fp8_matmul, args.layout, device, dtype)   # one log line at most
         info["fp8_matmul"] = fp8_matmul
         n = args.layout.config.num_layers
-        keep = resident_layer_count(args, device.type, info.get("free_bytes"))
+        free = info.get("free_bytes")
+        keep = resident_layer_count(args, device.type, free // args.device_sharers if free else free)
         if tp is not None:     # one count for every rank: what fits on the fullest GPU
             keep = agree_min(keep, device)
         # The coordinator starts on the supervisor's estimate where there is one (it is exact
@@ -166,6 +172,8 @@ def gpu_main(args: GpuArgs) -> None:
         # resident layers load: on an H200 host those were the last bytes to arrive, and a
         # warm-up after them added its 0.7-1.5 s to the first token. Any layer-shaped weights do:
         # zeros of layer 0's groups, freed before the resident layers and group buffers exist.
+        if tp is not None:
+            meet_ranks(device)   # the gathers' shorter timeout starts once every rank is here
         t1 = time.monotonic()
         placeholders = [group_weights(torch.zeros(args.layout.group(0, k).nbytes, dtype=torch.uint8, device=device),
                                       args.layout.group(0, k)) for k in ("attn", "ffn")]
@@ -181,13 +189,16 @@ def gpu_main(args: GpuArgs) -> None:
                                       warmed=args.warmed_layers)
         phases["resident_load"] = (t0, time.monotonic())   # its time includes the warm-up's
         info.update(resident_layers=keep, resident_load_seconds=phases["resident_load"][1] - t0)
+        if tp is not None:
+            meet_ranks(device)   # as above: their resident layers may take each rank its own time
         if keep:
             log.info("layers 0..%d stay on %s (%d of %d); the other %d stream", keep - 1,
                      "the GPU" if cuda else "cpu, loaded once", keep, n, n - keep)
         if args.serve is not None:
             reader.channel = RequestTap(inbox)    # Submit/Cancel aside; the reader keeps the rest
         reader.start()
-        page = StatsPage(args.stats_name) if args.stats_name else None
+        # [P11] one writer per stats record: rank 0's figures stand for the run (as in Finished)
+        page = StatsPage(args.stats_name) if args.stats_name and args.rank == 0 else None
         source = StreamingSource(args.layout, list(args.plans), args.engine, ring, ring_tensor, device,
                                  coord, reader, resident=resident_groups, chaos=args.faults.chaos,
                                  stats_page=page, registrar=registrar,
@@ -201,7 +212,8 @@ def gpu_main(args: GpuArgs) -> None:
             return
         if args.fill_ring_first:
             wait_for_ring(ring, min(ring.slot_count, n - keep), args.engine.wait_timeout_s)
-            coord.send(Mark(), timeout=args.engine.wait_timeout_s)   # timed part starts here
+            if args.rank == 0:
+                coord.send(Mark(), timeout=args.engine.wait_timeout_s)   # timed part starts here
         t_start = time.perf_counter()
         first_pass_start = time.monotonic()
         if args.engine.warmup_layers:
@@ -214,6 +226,8 @@ def gpu_main(args: GpuArgs) -> None:
                 phases["first_pass"] = (first_pass_start, time.monotonic())
             source.tokens += 1
             source.publish(force=True)
+            if args.rank == 1 and source.tokens == args.faults.rank_stops_after_tokens:
+                os.kill(os.getpid(), signal.SIGSTOP)       # tests: a hung rank
             if args.rank > 0:     # every rank samples the same tokens (full logits, same seed): rank 0 tells
                 return
             for part in token_messages(tokens):     # a big batch does not fit one message
@@ -304,9 +318,13 @@ def join_ranks(args: GpuArgs, device):
     for var, off in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
         os.environ.setdefault(var, off)
     layout = shard_layout(args.layout, args.rank, args.world)
-    init_distributed(args.rank, args.world, args.dist_addr, args.dist_port, args.dist_backend,
-                     args.engine.startup_timeout_s)
-    return TensorParallel(args.rank, args.world, ShardPlan.of(args.layout.config, args.world)), layout
+    # Start-up's collectives (agree_min, meet_ranks) wait as long as start-up may take; past it the
+    # ranks run in lock-step, and a rank waits on a layer at most wait_timeout_s before it fails
+    # itself, so a gather that waits twice that has lost its partner (a rank hung, not dead:
+    # the supervisor names a dead one within seconds)
+    gathers = init_distributed(args.rank, args.world, args.dist_addr, args.dist_port, args.dist_backend,
+                               args.engine.startup_timeout_s, 2 * args.engine.wait_timeout_s)
+    return TensorParallel(args.rank, args.world, ShardPlan.of(args.layout.config, args.world), gathers), layout
 
 
 def agree_min(value: int, device) -> int:
@@ -319,13 +337,10 @@ def agree_min(value: int, device) -> int:
     return int(t.item())
 
 
-def from_rank_0(obj, device):
-    """Rank 0's `obj` on every rank (torch.distributed.broadcast_object_list; a collective)."""
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
-    return box[0]
+def meet_ranks(device) -> None:
+    """Wait until every rank is here (a collective on the start-up group, whose timeout is
+    start-up's)."""
+    agree_min(0, device)
 
 
 class RequestTap:
@@ -398,7 +413,7 @@ def serve_requests(args: GpuArgs, model, source, sup: Channel, reader) -> None:
         else:
             msgs, stop = [], False
         if args.world > 1:
-            msgs, stop = from_rank_0([msgs, stop], device)
+            msgs, stop = model.tp.from_rank_0([msgs, stop], device)
         if stop:
             break
         for msg in msgs:

@@ -167,9 +167,10 @@ def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup"), own: Path = Path("/pro
     return min(limits, default=None)
 
 
-def apply_torch_threads(torch) -> int:
+def apply_torch_threads(torch, sharers: int = 1) -> int:
     """Size torch's intra-op threads for this run, unless the user chose (THREAD_ENV); return
-    what torch uses."""
+    what torch uses. `sharers`: processes computing at once (tensor-parallel ranks), which split
+    the CPUs between them (each with them all spun N times the threads the CPUs have)."""
     if not any(os.environ.get(var) for var in THREAD_ENV):
-        torch.set_num_threads(torch_threads_for(len(os.sched_getaffinity(0)), cgroup_cpu_quota()))
+        torch.set_num_threads(max(1, torch_threads_for(len(os.sched_getaffinity(0)), cgroup_cpu_quota()) // sharers))
     return torch.get_num_threads()

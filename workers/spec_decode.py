@@ -78,7 +78,14 @@ def speculate(model: Llama, prompt: list[int], logits: torch.Tensor, cache: KVCa
     while out[-1] not in eos and len(out) < max_new_tokens:
         seq = proposer.seq
         t0 = time.perf_counter()
-        tree = proposer.propose(min(draft.spec_tokens, slots - len(seq)))
+        # With ranks, rank 0 drafts for all: every rank must verify the same tree (the verify
+        # pass is a chain of gathers of its shape), and a draft model's forward on each GPU need
+        # not round alike; prompt lookup would agree, but one rule serves both
+        tree = None
+        if not isinstance(proposer, RankFollower):
+            tree = proposer.propose(min(draft.spec_tokens, slots - len(seq)))
+        if model.tp is not None:
+            tree = model.tp.from_rank_0(tree, model.device)
         t1 = time.perf_counter()
         stats.draft_seconds += t1 - t0
         start = len(seq) - 1
@@ -116,7 +123,17 @@ def speculate(model: Llama, prompt: list[int], logits: torch.Tensor, cache: KVCa
 GREEDY_RANK_TEMPERATURE = 0.5
 
 
+class RankFollower:
+    """Tensor-parallel ranks 1..: rank 0 drafts for every rank and hands its tree over
+    (speculative_generate), so these keep only the sequence, and no draft model."""
+
+    def __init__(self, seq: list[int]):
+        self.seq = seq
+
+
 def make_proposer(draft, prompt: list[int], model: Llama, slots: int, temperature: float):
+    if model.tp is not None and model.tp.rank > 0:
+        return RankFollower(list(prompt))
     if draft.kind == PROBE:
         return WidthProbe(draft.probe_widths, list(prompt))
     if draft.model_dir is None:

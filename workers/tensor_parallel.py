@@ -45,12 +45,24 @@ class TensorParallel:
         """gather by the plan's sizes of `part`: "attn_out", "hidden", "intermediate" or "vocab"."""
         return self.gather(x, getattr(self.plan, part))
 
+    def from_rank_0(self, obj, device: torch.device):
+        """Rank 0's `obj` (picklable) on every rank, over the gathers' group (a collective). For
+        what the ranks would otherwise each work out alone and must not differ in: a draft tree
+        (a draft model's forward may round differently on each GPU), serve's requests."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.group, device=device if device.type == "cuda" else None)
+        return box[0]
+
 
 def init_distributed(rank: int, world: int, master_addr: str, master_port: int, backend: str,
-                     timeout_s: float) -> None:
+                     timeout_s: float, gather_timeout_s: float | None = None):
     """Join the default process group: rank 0 serves a TCPStore at master_addr:master_port, the
-    others connect to it; every wait (rendezvous and each collective) gives up after timeout_s.
-    NCCL's own settings are left to the environment (NVLink multicast stays as set there)."""
+    others connect to it; the rendezvous and the default group's collectives give up after
+    timeout_s. Returns a group of all ranks whose collectives give up after gather_timeout_s
+    (the model's gathers; default timeout_s). NCCL's own settings are left to the environment (NVLink multicast
+    stays as set there)."""
     timeout = timedelta(seconds=timeout_s)
     try:
         store = dist.TCPStore(master_addr, master_port, world_size=world, is_master=rank == 0,
@@ -60,6 +72,7 @@ def init_distributed(rank: int, world: int, master_addr: str, master_port: int, 
         raise RingllmError(f"tensor parallel rank {rank} of {world}: no rendezvous at {master_addr}:{master_port} "
                            f"within {timeout_s:g} s ({first})") from None
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    return dist.new_group(list(range(world)), timeout=timedelta(seconds=gather_timeout_s or timeout_s))
 
 
 def close_distributed() -> None:
