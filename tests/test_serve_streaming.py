@@ -54,8 +54,9 @@ class ServerProcess:
         text = httpx.get(self.url + "/metrics", timeout=5).text
         return float(re.search(rf"^{name} (\S+)$", text, flags=re.M).group(1))
 
-    def gpu_pid(self) -> int:
-        kids = [p for p in psutil.Process(self.proc.pid).children() if p.name() == "ringllm-gpu"]
+    def gpu_pid(self, name: str = "ringllm-gpu") -> int:
+        """The pid of the server's child process `name` (rank r > 0 of --tensor-parallel: ringllm-gpu<r>)."""
+        kids = [p for p in psutil.Process(self.proc.pid).children() if p.name() == name]
         assert len(kids) == 1, [(p.pid, p.name()) for p in psutil.Process(self.proc.pid).children()]
         return kids[0].pid
 
@@ -81,13 +82,14 @@ class ServerProcess:
         return re.search(r"in /ringllm-(\S+)-ring;", self.err).group(1)
 
 
-def queues_left(run_id: str, loaders: int = 2) -> list[str]:
+def queues_left(run_id: str, loaders: int = 2, gpus: int = 1) -> list[str]:
+    """The run's message queues still there (gpus: its GPU processes, one queue a rank)."""
     import posix_ipc
 
     from ringllm.shm.resources import RunNames
 
     left = []
-    for name in RunNames(run_id, loaders).queues:
+    for name in RunNames(run_id, loaders, gpus).queues:
         try:
             posix_ipc.MessageQueue(name).close()
             left.append(name)
@@ -176,54 +178,63 @@ def test_gpu_process_killed_means_503_nonzero_exit_nothing_left(tiny):
     model_dir, _ = tiny
     server = ServerProcess(model_dir, "--max-batch", "2")
     try:
-        gpu = server.gpu_pid()
-        client = server.client()
-        first = client.completions.create(model="tiny", prompt="w10 w11", max_tokens=3, temperature=0)
-        assert first.choices[0].finish_reason in ("stop", "length")
-        # a request in flight: streamed, long, read until its first pieces came
-        out: dict = {"events": []}
-
-        def read_stream():
-            try:
-                with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
-                                  json={"model": "tiny", "prompt": "w10 w11", "max_tokens": 240,
-                                        "temperature": 0, "stream": True}) as r:
-                    out["status"] = r.status_code
-                    for line in r.iter_lines():
-                        if line.startswith("data: "):
-                            out["events"].append(line[len("data: "):])
-            except Exception as err:   # noqa: BLE001
-                out["error"] = repr(err)
-
-        reader = threading.Thread(target=read_stream)
-        reader.start()
-        deadline = time.monotonic() + 30
-        while len(out["events"]) < 2:
-            assert time.monotonic() < deadline, out
-            time.sleep(0.005)
-        os.kill(gpu, signal.SIGKILL)
-        reader.join(30)
-        # new requests: 503 naming the GPU process while the server is still up, or refused once it exited
-        late = None
-        try:
-            late = httpx.post(server.url + "/v1/completions", timeout=10,
-                              json={"model": "tiny", "prompt": "w10", "max_tokens": 2})
-        except httpx.TransportError:
-            pass
-        rc = server.wait()
+        killed_mid_stream_means_503_nonzero_exit_nothing_left(server, "gpu")
     finally:
         server.kill()
+
+
+def killed_mid_stream_means_503_nonzero_exit_nothing_left(server: ServerProcess, process: str, gpus: int = 1):
+    """SIGKILL the server's ringllm-<process> (gpu; gpu1 for rank 1) while a request streams: the
+    stream ends with 503 engine_unavailable naming it, later requests get 503 (or a refused
+    connection once the server is gone), the server exits 1 naming it, and no queue of the run
+    (every rank's) is left. Waits for the server's exit."""
+    pid = server.gpu_pid(f"ringllm-{process}")
+    client = server.client()
+    first = client.completions.create(model="tiny", prompt="w10 w11", max_tokens=3, temperature=0)
+    assert first.choices[0].finish_reason in ("stop", "length")
+    # a request in flight: streamed, long, read until its first pieces came
+    out: dict = {"events": []}
+
+    def read_stream():
+        try:
+            with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
+                              json={"model": "tiny", "prompt": "w10 w11", "max_tokens": 240,
+                                    "temperature": 0, "stream": True}) as r:
+                out["status"] = r.status_code
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        out["events"].append(line[len("data: "):])
+        except Exception as err:   # noqa: BLE001
+            out["error"] = repr(err)
+
+    reader = threading.Thread(target=read_stream)
+    reader.start()
+    deadline = time.monotonic() + 30
+    while len(out["events"]) < 2:
+        assert time.monotonic() < deadline, out
+        time.sleep(0.005)
+    os.kill(pid, signal.SIGKILL)
+    reader.join(30)
+    # new requests: 503 naming the process while the server is still up, or refused once it exited
+    late = None
+    try:
+        late = httpx.post(server.url + "/v1/completions", timeout=10,
+                          json={"model": "tiny", "prompt": "w10", "max_tokens": 2})
+    except httpx.TransportError:
+        pass
+    rc = server.wait()
     assert out.get("status") == 200, out
     errors = [json.loads(e)["error"] for e in out["events"] if e != "[DONE]" and "error" in json.loads(e)]
     assert errors and errors[0]["code"] == "engine_unavailable", out["events"][-3:]
-    assert "the gpu process exited unexpectedly" in errors[0]["message"], errors[0]
+    assert f"the {process} process exited unexpectedly" in errors[0]["message"], errors[0]
     assert out["events"][-1] == "[DONE]"
     if late is not None:
-        assert late.status_code == 503 and "gpu process" in late.text, late.text
+        assert late.status_code == 503 and f"{process} process" in late.text, late.text
     assert rc == 1, server.err
     last = server.err.strip().splitlines()[-1]
-    assert last.startswith("ringllm: error: the streaming engine stopped: the gpu process exited unexpectedly"), last
-    assert not queues_left(server.run_id()), server.err
+    assert last.startswith(f"ringllm: error: the streaming engine stopped: the {process} process exited "
+                           "unexpectedly"), last
+    assert not queues_left(server.run_id(), gpus=gpus), server.err
 
 
 def test_kv_rows_over_the_gpu_cap_refused_in_one_line(tiny):
@@ -288,56 +299,3 @@ def test_an_fp8_checkpoint_serves_what_transformers_compressed_tensors_generates
         server.kill()
     assert rc == 0, server.err
     assert not queues_left(server.run_id()), server.err
-
-
-def test_two_ranks_serve_concurrent_requests_as_transformers_and_drain(tiny):
-    """`ringllm serve --tensor-parallel 2`: rank 0 takes the requests and hands them to rank 1 each
-    round, both run the same passes; concurrent completions give transformers' greedy tokens, a
-    seeded sampled request its one-process tokens, and SIGTERM drains, exits 0 and removes both
-    ranks' queues."""
-    model_dir, hf = tiny
-    from ringllm.checkpoint.layout import load_layout
-    from ringllm.checkpoint.text import TextCodec
-
-    codec = TextCodec(model_dir, load_layout(model_dir).config)
-    one = ServerProcess(model_dir, "--max-batch", "4")
-    try:
-        sampled_alone = one.client().completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=10,
-                                                        temperature=0.9, seed=7).choices[0].text
-        one.proc.send_signal(signal.SIGTERM)
-        assert one.wait() == 0, one.err
-    finally:
-        one.kill()
-    server = ServerProcess(model_dir, "--max-batch", "4", "--tensor-parallel", "2")
-    try:
-        ranks = [p.name() for p in psutil.Process(server.proc.pid).children()]
-        assert {"ringllm-gpu", "ringllm-gpu1"} <= set(ranks), ranks
-        client = server.client()
-        results = {}
-        threads = [threading.Thread(target=lambda p=p: results.setdefault(p, client.completions.create(
-            model="tiny", prompt=p, max_tokens=12, temperature=0))) for p in PROMPTS]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        for prompt in PROMPTS:
-            ref = expected_tokens(hf, codec.tokenizer.encode(prompt, add_special_tokens=True).ids, 12)
-            assert results[prompt].choices[0].text == codec.decode([t for t in ref if t != EOS]), prompt
-        sampled = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=10, temperature=0.9, seed=7)
-        assert sampled.choices[0].text == sampled_alone
-        server.proc.send_signal(signal.SIGTERM)
-        rc = server.wait()
-    finally:
-        server.kill()
-    assert rc == 0, server.err
-    assert not queues_left(server.run_id()) and not queues_left_named(server.run_id(), "-gpu1"), server.err
-
-
-def queues_left_named(run_id: str, suffix: str) -> list[str]:
-    import posix_ipc
-
-    try:
-        posix_ipc.MessageQueue(f"/ringllm-{run_id}{suffix}").close()
-        return [suffix]
-    except posix_ipc.ExistentialError:
-        return []

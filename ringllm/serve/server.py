@@ -26,17 +26,16 @@ def load_engine(layout, device_type: str, dtype_name: str, max_batch: int, max_c
     return BatchEngine(model, max_batch, max_context), max_batch
 
 
-def load_streaming_engine(args, layout, device: str, dtype_name: str, max_batch: int, max_context: int):
-    """The default engine: the supervisor, coordinator, loaders and a GPU process that runs
-    BatchEngine over the streamed model (supervisor.serving.ServedEngine). Refuses, before any
-    process starts, when --max-batch rows of --max-context tokens do not fit --gpu-mem."""
+def load_streaming_engine(args, layout, device: str, dtype_name: str, max_batch: int, max_context: int,
+                          parallel):
+    """The default engine: the supervisor, coordinator, loaders and a GPU process (one a rank of
+    `parallel`, generate.parallel_plan's) that runs BatchEngine over the streamed model
+    (supervisor.serving.ServedEngine). Refuses, before any process starts, when --max-batch rows of
+    --max-context tokens do not fit --gpu-mem."""
     from ringllm.choose import build_engine_config
     from ringllm.supervisor.supervisor import Supervisor
     from ringllm.workers.memory_plan import check_gpu_cap, fmt_bytes, plan_gpu_memory
 
-    from ringllm.generate import parallel_plan
-
-    parallel = parallel_plan(args, None)
     plan_layout = parallel.planned_layout(layout)      # with ranks, what one GPU holds of each layer
     engine = build_engine_config(args, args.model, max_context, max_batch, layout, device, dtype_name,
                                  plan_layout=plan_layout)
@@ -67,6 +66,7 @@ def cmd_serve(args) -> int:
     from ringllm.checkpoint.text import TextCodec
     from ringllm.cli_input import check_model_arg
     from ringllm.device_probe import default_device
+    from ringllm.generate import parallel_plan
 
     check_serve_extra()
     for name in ("max_batch", "max_waiting", "max_body_bytes"):
@@ -78,6 +78,9 @@ def cmd_serve(args) -> int:
         raise RingllmError(f"--drain-timeout must be >= 0, got {args.drain_timeout}")
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     check_model_arg(args.model)
+    # the ranks, checked as generate checks them: --resident is one process, so with
+    # --tensor-parallel N > 1 it is refused here rather than serving on one process
+    parallel = parallel_plan(args, None)
     layout = load_layout(args.model)
     context = layout.config.max_position_embeddings
     max_context = args.max_context if args.max_context is not None else context
@@ -97,7 +100,7 @@ def cmd_serve(args) -> int:
             engine, max_batch = load_engine(layout, device, dtype_name, args.max_batch, max_context)
         else:
             engine, max_batch = load_streaming_engine(args, layout, device, dtype_name, args.max_batch,
-                                                      max_context), args.max_batch
+                                                      max_context, parallel), args.max_batch
         try:
             runner = EngineRunner(engine, max_batch, args.max_waiting)
             settings = ServeSettings(args.served_model_name or Path(args.model).resolve().name, max_context,
