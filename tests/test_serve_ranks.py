@@ -233,3 +233,39 @@ def test_resident_with_ranks_refused_in_one_line(tiny):
     assert proc.returncode == 1, err
     assert err.strip().splitlines() == ["ringllm: error: --tensor-parallel 2 runs the streaming engine (one process "
                                         "a rank); --resident is one process"], err
+
+
+def test_ranks_that_sample_apart_stop_the_server_at_that_pass(tiny):
+    """Every pass, the ranks compare what they sampled (a server has no end at which to compare):
+    rank 1 sampling with another seed (FaultPlan.rank_seed_skew) stops the engine with the
+    divergence named, instead of serving tokens from activations that no longer belong together."""
+    from ringllm.checkpoint.layout import load_layout
+    from ringllm.config import build_config
+    from ringllm.faults import FaultPlan
+    from ringllm.supervisor.parallel import TensorParallelPlan
+    from ringllm.supervisor.serving import EngineDown, ServedEngine
+    from ringllm.supervisor.supervisor import Supervisor
+    from ringllm.workers.batching import BatchRequest
+    from ringllm.workers.sampling import SamplingParams
+    from tests.test_streaming import assert_run_cleaned
+
+    layout = load_layout(tiny[0])
+    engine = build_config(loaders=2, gpu_ahead_layers=1)
+
+    def serve(faults):
+        sup = Supervisor(layout, engine, "cpu", "float32", parallel=TensorParallelPlan(2), faults=faults)
+        served = ServedEngine.start(sup, 2, 64)
+        tokens = []
+        try:
+            served.submit(BatchRequest("a", (5, 9, 17), 12, SamplingParams(temperature=1.0, seed=7)))
+            deadline = time.monotonic() + 120
+            while len(tokens) < 12 and time.monotonic() < deadline:
+                tokens += [e.token for e in served.step() if e.token is not None]
+            return tokens
+        finally:
+            served.close()
+            assert_run_cleaned(sup)
+
+    assert len(serve(FaultPlan())) == 12          # agreeing ranks serve the request
+    with pytest.raises(EngineDown, match=r"gpu: tensor parallel: rank\(s\) \[1\] sampled other tokens than rank 0"):
+        serve(FaultPlan(rank_seed_skew=True))

@@ -382,7 +382,10 @@ def serve_requests(args: GpuArgs, model, source, sup: Channel, reader) -> None:
             prompt = parts.pop(msg.id, []) + list(msg.tokens)
             if len(prompt) != msg.prompt_len:      # a protocol bug, not a user error
                 raise RingllmError(f"request {msg.id}: {len(prompt)} prompt tokens arrived of {msg.prompt_len}")
-            sampling = SamplingParams(msg.temperature, msg.top_p, msg.top_k, msg.seed)
+            seed = msg.seed
+            if args.faults.rank_seed_skew and args.rank == 1 and seed is not None:
+                seed += 1                                   # tests: a rank that diverges
+            sampling = SamplingParams(msg.temperature, msg.top_p, msg.top_k, seed)
             try:
                 engine.submit(BatchRequest(str(msg.id), tuple(prompt), msg.max_tokens, sampling, tuple(msg.eos_ids)))
             except RingllmError:     # the supervisor checked it first; answer rather than die
@@ -427,7 +430,15 @@ def serve_requests(args: GpuArgs, model, source, sup: Channel, reader) -> None:
             if forward:
                 source.tokens += 1
                 source.publish(force=True)
-            rows += [[int(e.id), e.token, e.finish, e.prompt_tokens, e.completion_tokens] for e in events]
+            step_rows = [[int(e.id), e.token, e.finish, e.prompt_tokens, e.completion_tokens] for e in events]
+            if args.world > 1 and forward:
+                # every pass, not at the end as generate does: a server has no end, and ranks that
+                # sampled apart feed each other wrong activations from the next pass on
+                differ = model.tp.disagreeing(int(outputs_digest(step_rows), 16) >> 1, device)
+                if differ:
+                    raise RingllmError(f"tensor parallel: rank(s) {differ} sampled other tokens than rank 0; the "
+                                       "ranks diverged (their activations no longer belong together)")
+            rows += step_rows
         if args.rank == 0 and (rows or forward):
             for msg in event_messages(rows, forward):
                 sup.send(msg, timeout=timeout)

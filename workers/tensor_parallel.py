@@ -45,6 +45,17 @@ class TensorParallel:
         """gather by the plan's sizes of `part`: "attn_out", "hidden", "intermediate" or "vocab"."""
         return self.gather(x, getattr(self.plan, part))
 
+    def disagreeing(self, digest: int, device: torch.device) -> list[int]:
+        """The ranks whose `digest` (a 63-bit int: what they sampled) differs from rank 0's; the
+        same list on every rank (a collective)."""
+        if self.world == 1:
+            return []
+        mine = torch.tensor([digest], dtype=torch.int64, device=device)
+        every = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(every, mine, group=self.group)
+        values = [int(v.item()) for v in every]
+        return [r for r, v in enumerate(values) if v != values[0]]
+
     def from_rank_0(self, obj, device: torch.device):
         """Rank 0's `obj` (picklable) on every rank, over the gathers' group (a collective). For
         what the ranks would otherwise each work out alone and must not differ in: a draft tree
