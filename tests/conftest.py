@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random Llama checkpoints written by transformers, the demo model."""
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -158,6 +159,24 @@ def own_leftovers(before: set[str]) -> list[str]:
     return [n for n in own if n in still_there]
 
 
+PINNED_NOISE_BYTES = 2**20
+
+
+@functools.cache
+def _cuda_runtime_started() -> None:
+    """This process's CUDA context and cuBLAS handle, made once: the driver pins host memory for
+    them (9.8 and 8.4 MiB on an H200) and keeps it until the process ends. Made before the first
+    snapshot, an in-process test that first touches CUDA is not charged with them."""
+    x = torch.ones(16, 16, device="cuda")
+    for dtype in (torch.float32, torch.bfloat16):
+        (x.to(dtype) @ x.to(dtype)).sum().item()
+    if torch.cuda.get_device_capability() >= (8, 9):        # cuBLASLt's FP8 path (workers.quantized)
+        one = torch.ones((), device="cuda")
+        f8 = x.to(torch.float8_e4m3fn)
+        torch._scaled_mm(f8, f8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16).sum().item()
+    x.cpu()
+
+
 @pytest.fixture(autouse=True)
 def no_leftover_resources():
     """After every test: no segment or manifest of its own runs in /dev/shm, no child process
@@ -168,6 +187,8 @@ def no_leftover_resources():
     from ringllm.shm.resources import leftover_names, pinned_above, system_pinned_bytes
 
     before = set(leftover_names())
+    if torch.cuda.is_available():
+        _cuda_runtime_started()
     pinned_before = system_pinned_bytes() if torch.cuda.is_available() else None
     yield
     left = own_leftovers(before)
@@ -176,5 +197,10 @@ def no_leftover_resources():
             if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not kids, f"child processes left: {[(p.pid, p.name()) for p in kids]}"
     if pinned_before is not None:
+        # The counter is machine-wide: a few pages come and go with O_DIRECT reads, and this
+        # process's CUDA libraries pin a little more as they load kernels on first use (0.24-0.32
+        # MiB after the FP8 test on an H200, with the runtime already started). A registration
+        # left behind is a whole ring: children's die with them (checked above), and a test that
+        # registers in this process checks its own run's figure exactly.
         pinned = pinned_above(pinned_before)
-        assert pinned == 0, f"{pinned / 2**20:.2f} MiB of host memory still pinned after the test"
+        assert pinned < PINNED_NOISE_BYTES, f"{pinned / 2**20:.2f} MiB of host memory still pinned after the test"
