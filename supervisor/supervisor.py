@@ -374,8 +374,8 @@ class Supervisor:
         raise RingllmError(f"{child_key(msg.role, msg.index)}: {msg.text}{self._stopped_ranks(msg.index)}")
 
     def _stopped_ranks(self, reporter: int) -> str:
-        """"; gpu1 is stopped" for the other ranks that are alive but not running (SIGSTOP, a
-        debugger): the reason a collective of `reporter` waited in vain."""
+        """A suffix naming the other ranks that are alive but not running (SIGSTOP, a debugger),
+        e.g. "; gpu1 is stopped (not running)": why a collective of `reporter` waited in vain."""
         if self.parallel.world == 1:
             return ""
         stopped = []

@@ -125,7 +125,7 @@ GREEDY_RANK_TEMPERATURE = 0.5
 
 class RankFollower:
     """Tensor-parallel ranks 1..: rank 0 drafts for every rank and hands its tree over
-    (speculative_generate), so these keep only the sequence, and no draft model."""
+    (speculate), so these keep only the sequence, and no draft model."""
 
     def __init__(self, seq: list[int]):
         self.seq = seq

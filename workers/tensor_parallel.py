@@ -72,8 +72,8 @@ def init_distributed(rank: int, world: int, master_addr: str, master_port: int, 
     """Join the default process group: rank 0 serves a TCPStore at master_addr:master_port, the
     others connect to it; the rendezvous and the default group's collectives give up after
     timeout_s. Returns a group of all ranks whose collectives give up after gather_timeout_s
-    (the model's gathers; default timeout_s). NCCL's own settings are left to the environment (NVLink multicast
-    stays as set there)."""
+    (default timeout_s): the model's gathers run on it. NCCL's own settings are left to the
+    environment (NVLink multicast stays as set there)."""
     timeout = timedelta(seconds=timeout_s)
     try:
         store = dist.TCPStore(master_addr, master_port, world_size=world, is_master=rank == 0,
