@@ -533,12 +533,6 @@ class Supervisor:
             return
         t0 = time.monotonic()
         budget = self.engine.stop_budget_s(self.ring_total if self.device == "cuda" else 0)   # only CUDA registers it
-        for proc in self.procs.values():      # a stopped child (SIGSTOP, a hung rank found so) would
-            if proc.poll() is None:           # read no Shutdown and defer SIGTERM: resume it to stop cleanly
-                try:
-                    os.kill(proc.pid, signal.SIGCONT)
-                except ProcessLookupError:
-                    pass
         for name, ch in self.channels.items():
             if name != self.names.sup_queue:
                 ch.try_send(Shutdown())

@@ -435,9 +435,12 @@ def serve_requests(args: GpuArgs, model, source, sup: Channel, reader) -> None:
                 # every pass, not at the end as generate does: a server has no end, and ranks that
                 # sampled apart feed each other wrong activations from the next pass on
                 differ = model.tp.disagreeing(int(outputs_digest(step_rows), 16) >> 1, device)
-                if differ:
+                if differ and args.rank == 0:
                     raise RingllmError(f"tensor parallel: rank(s) {differ} sampled other tokens than rank 0; the "
                                        "ranks diverged (their activations no longer belong together)")
+                if differ:        # rank 0's report ends the run: the others wait for its Shutdown
+                    reader.shutdown.wait(timeout)
+                    return
             rows += step_rows
         if args.rank == 0 and (rows or forward):
             for msg in event_messages(rows, forward):
