@@ -18,11 +18,9 @@ after every group). Every run must finish every pass on every rank and keep:
 """
 from __future__ import annotations
 
-import queue
 import random
 import subprocess
 import sys
-import threading
 from collections import Counter, deque
 
 import msgpack
@@ -34,7 +32,7 @@ from ringllm.checkpoint.layout import load_layout
 from ringllm.config import EngineConfig
 from ringllm.coordinator.policy import ProtocolError, RingPolicy
 from ringllm.shm import resources
-from ringllm.shm.channel import PROTOCOL_VERSION, ChunkDone, Release, ResidentLayers, SlotReady, Want, decode, encode
+from ringllm.shm.channel import PROTOCOL_VERSION, ChunkDone, Release, ResidentLayers, Want, decode, encode
 from ringllm.shm.resources import RunNames
 from ringllm.shm.ring import LOADING, READY
 from ringllm.shm.slot_plan import plan_model, slot_size
@@ -42,7 +40,7 @@ from ringllm.tools.make_checkpoint import make_checkpoint
 from ringllm.workers.scheduler import Lookahead, SlotOffer, StreamScheduler
 from ringllm.workers.streaming import StreamingSource
 from tests.test_scheduler import Mailbox, Stalled, coordinator_for, random_setup
-from tests.test_warm_up import PolicyRing
+from tests.test_warm_up import InProcessCoordinator, PolicyRing
 
 
 class RankInbox(Mailbox):
@@ -331,37 +329,6 @@ def test_three_gpu_queues_are_listed_and_swept():
 
 
 # --- StreamingSource names its rank -----------------------------------------------------------------
-class TwoRankCoordinator:
-    """The coordinator's decisions in this process for two StreamingSources: Want and Release go
-    to a RingPolicy of two consumers with the rank they carry, loads complete at once, and every
-    offer lands in both sources' inboxes (their InboxReader's interface)."""
-
-    def __init__(self, policy: RingPolicy):
-        self.policy, self.seen = policy, Counter()
-        self.inboxes = [InboxStandIn(), InboxStandIn()]
-
-    def send(self, msg, timeout=None):
-        self.seen[type(msg).__name__, msg.rank] += 1
-        if isinstance(msg, Want):
-            self.policy.want(msg.step, msg.compute_step, msg.rank)
-        else:
-            self.policy.release(msg.step, msg.slot, msg.generation, msg.compute_step, msg.rank)
-        while True:
-            loads, offers = self.policy.schedule()
-            for o in offers:
-                for inbox in self.inboxes:
-                    inbox.items.put(SlotReady(o.step, o.layer, o.slot, o.generation))
-            if not loads:
-                return
-            for load in loads:
-                self.policy.loaded(load.slot, load.generation)
-
-
-class InboxStandIn:
-    def __init__(self):
-        self.items, self.shutdown = queue.Queue(), threading.Event()
-
-
 def test_two_streaming_sources_name_their_ranks_in_want_and_release(tmp_path):
     """Two StreamingSources (ranks 0 and 1) walk two passes group by group in lock-step through a
     ring of 2 slots for 4 layers: each names its rank, so each rank's Release drops its own hold."""
@@ -371,7 +338,7 @@ def test_two_streaming_sources_name_their_ranks_in_want_and_release(tmp_path):
     engine = EngineConfig(gpu_ahead_layers=1, cpu_cap=2, cpu_hwm=5, cpu_lwm=1, cpu_ring_offset=1, wait_timeout_s=5)
     policy = RingPolicy(4, engine.ring_slots, engine.cpu_ring_offset, engine.cpu_cap, consumers=2)
     policy.set_resident(0)
-    coord = TwoRankCoordinator(policy)
+    coord = InProcessCoordinator(policy, ranks=2)
     sources = [StreamingSource(layout, plans, engine, PolicyRing(policy), scratch, torch.device("cpu"), coord,
                                coord.inboxes[rank], passes=2, rank=rank) for rank in (0, 1)]
     for step in range(2 * 4):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
+from collections import Counter
 from dataclasses import replace
 
 import pytest
@@ -80,23 +81,34 @@ def test_config_lowers_what_cannot_take_effect_with_one_line_each():
 
 
 # --- the sweep -------------------------------------------------------------------------------------
-class InProcessCoordinator:
-    """The coordinator's decisions without its process: Want and Release go straight to a
-    RingPolicy, every load completes at once, offers land in the inbox StreamingSource reads."""
+class InboxStandIn:
+    """What StreamingSource's InboxReader reads: a queue of messages and the Shutdown flag."""
 
-    def __init__(self, policy: RingPolicy):
-        self.policy = policy
-        self.items, self.shutdown = queue.Queue(), threading.Event()   # the InboxReader's interface
+    def __init__(self):
+        self.items, self.shutdown = queue.Queue(), threading.Event()
+
+
+class InProcessCoordinator:
+    """The coordinator's decisions without its process, for `ranks` StreamingSources: Want and
+    Release go straight to a RingPolicy with the rank they carry, every load completes at once,
+    and every offer lands in each rank's inbox (`inboxes[rank]`). `seen` counts the messages by
+    (type, rank)."""
+
+    def __init__(self, policy: RingPolicy, ranks: int = 1):
+        self.policy, self.seen = policy, Counter()
+        self.inboxes = [InboxStandIn() for _ in range(ranks)]
 
     def send(self, msg, timeout=None):
+        self.seen[type(msg).__name__, msg.rank] += 1
         if isinstance(msg, Want):
-            self.policy.want(msg.step, msg.compute_step)
+            self.policy.want(msg.step, msg.compute_step, msg.rank)
         elif isinstance(msg, Release):
-            self.policy.release(msg.step, msg.slot, msg.generation, msg.compute_step)
+            self.policy.release(msg.step, msg.slot, msg.generation, msg.compute_step, msg.rank)
         while True:
             loads, offers = self.policy.schedule()
             for o in offers:
-                self.items.put(SlotReady(o.step, o.layer, o.slot, o.generation))
+                for inbox in self.inboxes:
+                    inbox.items.put(SlotReady(o.step, o.layer, o.slot, o.generation))
             if not loads:
                 return
             for load in loads:
@@ -128,7 +140,8 @@ def walk(layout, plans, scratch, engine: EngineConfig, resident: int, passes: in
                         engine.cpu_hwm, engine.cpu_lwm, engine.cpu_back_margin)
     policy.set_resident(resident)
     coord = InProcessCoordinator(policy)
-    source = StreamingSource(layout, plans, engine, PolicyRing(policy), scratch, torch.device("cpu"), coord, coord,
+    source = StreamingSource(layout, plans, engine, PolicyRing(policy), scratch, torch.device("cpu"), coord,
+                             coord.inboxes[0],
                              resident={layer: {"attn": None, "ffn": None} for layer in range(resident)},
                              passes=passes)
     warmed = source.warm_up() if engine.warmup_layers else 0
