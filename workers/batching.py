@@ -15,6 +15,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -24,6 +25,7 @@ from ringllm.workers.model import DecodeRows, KVCache, Llama, PrefillChunk, Segm
 from ringllm.workers.sampling import SamplingParams
 
 STOP, LENGTH, CANCELLED = "stop", "length", "cancelled"
+MAX_TOP_LOGPROBS = 20      # OpenAI's limit; it also bounds an event's size (shm.channel's cap)
 
 
 @dataclass(frozen=True)
@@ -33,19 +35,34 @@ class BatchRequest:
     max_tokens: int                  # >= 1
     sampling: SamplingParams         # per request: temperature, top_p, top_k, seed
     eos_ids: tuple[int, ...] = ()
+    logprobs: int | None = None      # each new token's logprob and this many top alternatives; None: none
+    prompt_logprobs: bool = False    # also the prompt's tokens' (echo); then max_tokens may be 0
 
     def check(self, max_context: int) -> None:
         """What any engine refuses at submit, in one line naming the limit."""
         if not self.prompt:
             raise RingllmError(f"request {self.id}: the prompt must have at least one token")
-        if self.max_tokens < 1:
+        if self.max_tokens < (0 if self.prompt_logprobs else 1):
             raise RingllmError(f"request {self.id}: max_tokens must be >= 1, got {self.max_tokens}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise RingllmError(f"request {self.id}: logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
+        if self.prompt_logprobs and self.logprobs is None:
+            raise RingllmError(f"request {self.id}: prompt_logprobs needs logprobs")
         total = len(self.prompt) + self.max_tokens
         if total > max_context:
             raise RingllmError(
                 f"request {self.id}: prompt of {len(self.prompt)} tokens + max_tokens {self.max_tokens} = "
                 f"{total} exceeds max_context {max_context}")
         self.sampling.validate()
+
+
+class TokenLogprob(NamedTuple):
+    """A token's log-probability under the model (the raw logits: before logit_bias, penalties,
+    temperature), with the top alternatives as (token, logprob), best first. None for a prompt's
+    first token, which nothing predicts."""
+    token: int
+    logprob: float | None
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -55,6 +72,8 @@ class TokenEvent:
     finish: str | None = None        # None, "stop" (EOS), "length" (max_tokens), "cancelled"
     prompt_tokens: int = 0           # filled on the finish event
     completion_tokens: int = 0       # filled on the finish event
+    logprob: TokenLogprob | None = None          # `token`'s, when the request asked for logprobs
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()   # the next run of prompt tokens' (echo), in order
 
 
 @dataclass
@@ -71,8 +90,8 @@ class _Active:
     def prefilling(self) -> bool:
         return self.cached < len(self.req.prompt)
 
-    def finish_event(self, token: int | None, finish: str) -> TokenEvent:
-        return TokenEvent(self.req.id, token, finish, len(self.req.prompt), len(self.generated))
+    def finish_event(self, token: int | None, finish: str, logprob: TokenLogprob | None = None) -> TokenEvent:
+        return TokenEvent(self.req.id, token, finish, len(self.req.prompt), len(self.generated), logprob)
 
 
 class BatchEngine:
@@ -155,7 +174,7 @@ class BatchEngine:
             prompt = a.req.prompt
             n = min(budget, len(prompt) - a.cached)
             last = a.cached + n == len(prompt)
-            prefills.append(PrefillChunk(a.row, prompt[a.cached:a.cached + n], a.cached, last))
+            prefills.append(PrefillChunk(a.row, prompt[a.cached:a.cached + n], a.cached, last, a.req.prompt_logprobs))
             chunked.append((a, n, last))
             budget -= n
         if not decoding and not prefills:
@@ -166,13 +185,36 @@ class BatchEngine:
         self.passes += 1
         for a in decoding:
             a.cached += 1
-        drawing = list(decoding)
+        drawing, rows = list(decoding), list(range(len(decoding)))     # rows: of `logits`
+        offset = len(decoding)
         for a, n, last in chunked:
+            if a.req.prompt_logprobs:       # SegmentPass gave a row for each of the chunk's tokens
+                events.append(self._prompt_event(a, logits[offset:offset + n]))
+                offset += n
+            else:
+                offset += int(last)
             a.cached += n
-            if last:
+            if last and a.req.max_tokens == 0:      # echo: the prompt's logprobs were all it asked
+                with self._lock:
+                    events.append(a.finish_event(None, LENGTH))
+                    self._release(a)
+            elif last:
                 drawing.append(a)
-        events += self._draw(drawing, logits)
+                rows.append(offset - 1)
+        if drawing:
+            events += self._draw(drawing, logits if rows == list(range(len(logits))) else logits[rows])
         return events
+
+    @staticmethod
+    def _prompt_event(a: _Active, logits: torch.Tensor) -> TokenEvent:
+        """The logprobs of the prompt tokens that a chunk's logits predict (row i: token
+        cached + i + 1), led by the prompt's first token (None) in its first chunk."""
+        prompt, start = a.req.prompt, a.cached
+        predicted = prompt[start + 1:start + 1 + len(logits)]
+        entries = token_logprobs(logits[:len(predicted)], predicted, a.req.logprobs)
+        if start == 0:
+            entries.insert(0, TokenLogprob(prompt[0], None))
+        return TokenEvent(a.req.id, None, prompt_logprobs=tuple(entries))
 
     def _take_cancels_and_admit(self) -> list[TokenEvent]:
         events = []
@@ -207,6 +249,11 @@ class BatchEngine:
     def _draw(self, drawing: list[_Active], logits: torch.Tensor) -> list[TokenEvent]:
         """One token per request from its logits row, with its own sampler (own generator: a
         seeded request draws the same tokens whatever else is in the batch)."""
+        raw, adjusting = logits, [i for i, a in enumerate(drawing) if a.sampler.params.adjusts_logits]
+        if adjusting:     # logit_bias and penalties: only the rows of requests that set them
+            logits = logits.clone()
+            for i in adjusting:
+                logits[i:i + 1] = drawing[i].sampler.adjust(logits[i:i + 1])
         greedy = [i for i, a in enumerate(drawing) if a.sampler.params.temperature == 0]
         tokens: list[int] = [0] * len(drawing)
         if greedy:       # one host sync for all greedy rows
@@ -215,16 +262,34 @@ class BatchEngine:
         for i, a in enumerate(drawing):
             if a.sampler.params.temperature != 0:
                 tokens[i] = int(a.sampler(logits[i:i + 1])[0])
+        logprobs: list[TokenLogprob | None] = [None] * len(drawing)
+        for i, a in enumerate(drawing):
+            if a.req.logprobs is not None:     # the model's own distribution: the raw logits
+                logprobs[i] = token_logprobs(raw[i:i + 1], [tokens[i]], a.req.logprobs)[0]
+            a.sampler.observe(tokens[i], raw.shape[-1], raw.device)
         events = []
         with self._lock:
-            for a, tok in zip(drawing, tokens):
+            for a, tok, logprob in zip(drawing, tokens, logprobs):
                 a.generated.append(tok)
                 if tok in a.req.eos_ids:
-                    events.append(a.finish_event(tok, STOP))
+                    events.append(a.finish_event(tok, STOP, logprob))
                     self._release(a)
                 elif len(a.generated) == a.req.max_tokens:
-                    events.append(a.finish_event(tok, LENGTH))
+                    events.append(a.finish_event(tok, LENGTH, logprob))
                     self._release(a)
                 else:
-                    events.append(TokenEvent(a.req.id, tok))
+                    events.append(TokenEvent(a.req.id, tok, logprob=logprob))
         return events
+
+
+def token_logprobs(logits: torch.Tensor, tokens, top: int) -> list[TokenLogprob]:
+    """Row i's log-softmax at tokens[i], with its `top` best (token, logprob): one host sync."""
+    if len(tokens) == 0:
+        return []
+    lp = logits.float().log_softmax(-1)
+    chosen = lp.gather(1, torch.tensor(list(tokens), device=lp.device)[:, None])[:, 0].tolist()
+    if top == 0:
+        return [TokenLogprob(t, v) for t, v in zip(tokens, chosen)]
+    best = lp.topk(top, dim=-1)
+    return [TokenLogprob(t, v, tuple(zip(ids, vals)))
+            for t, v, ids, vals in zip(tokens, chosen, best.indices.tolist(), best.values.tolist())]

@@ -13,6 +13,15 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0             # 0 = off
     seed: int | None = None
+    # OpenAI's penalties over the tokens generated so far, and logit_bias as (token id, bias)
+    # pairs; applied to the logits before temperature, top-k/top-p and greedy (generation.Sampler)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
     def validate(self) -> None:
         if self.temperature < 0:
@@ -21,3 +30,9 @@ class SamplingParams:
             raise RingllmError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise RingllmError(f"--top-k must be >= 0, got {self.top_k}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:     # also false for NaN
+                raise RingllmError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        for token, bias in self.logit_bias:
+            if not -100 <= bias <= 100:
+                raise RingllmError(f"logit_bias of token {token} must be in [-100, 100], got {bias}")
