@@ -112,7 +112,12 @@ def test_echo_with_max_tokens_0_scores_the_prompt(server, tiny):
     prompt = "w7 w8 w9 w20 w21 w22 w40 w3"
     ids = prompt_ids(server, prompt)
     ref = hf_log_softmax(tiny[1], ids)
-    r = server.client().completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=0, echo=True, logprobs=2)
+    batch_engine = server.engine.engine
+    batch_engine.prefill_chunk = 3        # the prompt prefilled over three passes: its logprobs come in parts
+    try:
+        r = server.client().completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=0, echo=True, logprobs=2)
+    finally:
+        batch_engine.prefill_chunk = 512
     c = r.choices[0]
     assert c.text == prompt and c.finish_reason == "length"
     assert r.usage.completion_tokens == 0 and r.usage.prompt_tokens == len(ids)
@@ -196,3 +201,70 @@ def test_harmless_fields_are_accepted(server, tiny):
     r = server.client().completions.create(model=MODEL_NAME, prompt=ids, max_tokens=4, temperature=0, user="u1",
                                            presence_penalty=0, frequency_penalty=0, logit_bias={})
     assert r.choices[0].text == server.codec.decode(want)
+
+
+def test_streaming_engine_carries_logprobs_echo_and_options_in_bounded_messages(tiny):
+    """The default engine (GPU process child): a long prompt's logprobs with 20 alternatives each
+    and a logit_bias of many entries cross the message channel in parts; values as transformers'."""
+    from tests.test_serve_streaming import ServerProcess, queues_left
+    import signal
+
+    model_dir, hf = tiny
+    server = ServerProcess(model_dir)
+    try:
+        client = server.client()
+        ids = [3 + (7 * i) % 120 for i in range(60)]
+        ref = hf_log_softmax(hf, ids)
+        r = client.completions.create(model=MODEL_NAME, prompt=ids, max_tokens=0, echo=True, logprobs=20)
+        lp = r.choices[0].logprobs
+        assert len(lp.token_logprobs) == len(ids) and lp.token_logprobs[0] is None
+        for i in range(1, len(ids)):
+            assert abs(lp.token_logprobs[i] - float(ref[i - 1, ids[i]])) < LOGPROB_TOL
+            assert len(lp.top_logprobs[i]) == 20
+            assert abs(max(lp.top_logprobs[i].values()) - float(ref[i - 1].max())) < LOGPROB_TOL
+
+        prompt = ids[:5]
+        bias = {t: 0.01 * (t % 7) for t in range(3, 120)}      # 117 entries: Options in several messages
+        bias[prompt[0]] = 5.0
+        want = reference_greedy(hf, prompt, 8, presence=0.7, frequency=0.4, bias=bias)
+        assert want != reference_greedy(hf, prompt, 8)
+        r = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=8, temperature=0, logprobs=3,
+                                      presence_penalty=0.7, frequency_penalty=0.4,
+                                      logit_bias={str(k): v for k, v in bias.items()})
+        got = r.choices[0].logprobs
+        full = hf_log_softmax(hf, prompt + want)
+        assert len(got.tokens) == len(want)
+        for i, tok in enumerate(want):
+            assert abs(got.token_logprobs[i] - float(full[len(prompt) - 1 + i, tok])) < LOGPROB_TOL
+        server.proc.send_signal(signal.SIGTERM)
+        rc = server.wait()
+    finally:
+        server.kill()
+    assert rc == 0, server.err
+    assert not queues_left(server.run_id()), server.err
+
+
+def test_logprob_events_and_request_options_keep_to_the_message_cap():
+    from ringllm.shm.channel import MESSAGE_BYTES, Events, Options, Submit, decode, encode, event_messages, \
+        event_rows, submit_messages
+    from ringllm.workers.sampling import SamplingParams
+
+    top = [[2**32 - 1 - k, -1e-300 * k - 0.1] for k in range(20)]      # the widest entries msgpack writes
+    entry = [2**32 - 1, -123.456789, top]
+    rows = event_rows(2**31, None, None, 0, 0, None, [entry] * 45)
+    rows += event_rows(2**31, 2**32 - 1, "length", 4096, 4096, entry)
+    events = [decode(encode(m)) for m in event_messages(rows, True)]
+    assert all(isinstance(m, Events) and len(encode(m)) <= MESSAGE_BYTES for m in events)
+    assert [r for m in events for r in m.events] == rows
+    assert [e for r in rows for e in r[6]] == [entry] * 45
+
+    bias = tuple((2**32 - 1 - k, -99.123456789) for k in range(300))
+    sampling = SamplingParams(0.5, 1.0, 0, 1, 1.5, -2.0, bias)
+    msgs = [decode(encode(m)) for m in submit_messages(3, [5] * 900, 4, sampling, [2], 20, True)]
+    options = [m for m in msgs if isinstance(m, Options)]
+    assert len(options) > 1 and isinstance(msgs[-1], Submit)
+    assert tuple(tuple(p) for m in options for p in m.logit_bias) == bias
+    assert {(m.logprobs, m.prompt_logprobs, m.presence_penalty, m.frequency_penalty) for m in options} == \
+        {(20, True, 1.5, -2.0)}
+    plain = submit_messages(3, [5], 4, SamplingParams(), [2])
+    assert not any(isinstance(m, Options) for m in plain)
