@@ -22,10 +22,9 @@ import torch
 from ringllm.checkpoint.errors import RingllmError
 from ringllm.workers.generation import Sampler
 from ringllm.workers.model import DecodeRows, KVCache, Llama, PrefillChunk, SegmentPass
-from ringllm.workers.sampling import SamplingParams
+from ringllm.workers.sampling import MAX_TOP_LOGPROBS, SamplingParams
 
 STOP, LENGTH, CANCELLED = "stop", "length", "cancelled"
-MAX_TOP_LOGPROBS = 20      # OpenAI's limit; it also bounds an event's size (shm.channel's cap)
 
 
 @dataclass(frozen=True)
@@ -124,6 +123,10 @@ class BatchEngine:
     def submit(self, req: BatchRequest) -> None:
         """Queue a request; it joins the batch at the next step with a free row."""
         req.check(self.max_context)
+        vocab = self.model.cfg.vocab_size
+        outside = [t for t, _ in req.sampling.logit_bias if not 0 <= t < vocab]
+        if outside:
+            raise RingllmError(f"request {req.id}: logit_bias names token {outside[0]}, outside the vocabulary of {vocab}")
         with self._lock:
             if req.id in self._live:
                 raise RingllmError(f"request id {req.id!r} is already queued or running")

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from ringllm.checkpoint.errors import RingllmError
 
+MAX_TOP_LOGPROBS = 20      # OpenAI's limit on alternatives per token; it also bounds an event's size
+
 
 @dataclass(frozen=True)
 class SamplingParams:

@@ -1,13 +1,13 @@
 """OpenAI request bodies -> validated generation parameters, and the OpenAI error shape."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-from ringllm.workers.sampling import SamplingParams
+from ringllm.workers.sampling import MAX_TOP_LOGPROBS, SamplingParams
 
 MAX_STOP_STRINGS = 4
 DEFAULT_COMPLETION_TOKENS = 16     # /v1/completions' default in the OpenAI API
-MAX_TOP_LOGPROBS = 20              # OpenAI's limit (workers.batching holds the engine to it too)
 MAX_LOGIT_BIAS = 300               # entries of logit_bias (it travels to the GPU process in parts)
 # Fields that would change the output and that ringllm does not implement: 400 naming the field
 # rather than a 200 with output the client did not ask for. An empty value ([] / "" / "none") is
@@ -110,7 +110,10 @@ def _logit_bias(body: dict) -> tuple[tuple[int, float], ...]:
     for key, bias in value.items():
         if not (isinstance(key, str) and key.isdigit()):
             raise bad(f"logit_bias keys must be token ids, got {key!r}", "logit_bias")
-        pairs.append((int(key), float(_number({"logit_bias": bias}, "logit_bias", 0.0, -100.0, 100.0))))
+        bias = float(_number({"logit_bias": bias}, "logit_bias", 0.0, -100.0, 100.0))
+        if not math.isfinite(bias):
+            raise bad(f"logit_bias of token {key} must be a finite number, got {bias}", "logit_bias")
+        pairs.append((int(key), bias))
     return tuple(sorted(pairs))
 
 
