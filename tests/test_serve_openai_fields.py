@@ -128,6 +128,12 @@ def test_echo_with_max_tokens_0_scores_the_prompt(server, tiny):
         top = ref[i - 1].topk(2)
         assert {k: pytest.approx(v, abs=LOGPROB_TOL) for k, v in c.logprobs.top_logprobs[i].items()} == \
             {token_text(server, int(t)): v for t, v in zip(top.indices, top.values.tolist())}
+    # echo alone: the prompt back, no logprobs; an empty prompt is still refused
+    r = server.client().completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=0, echo=True)
+    assert (r.choices[0].text, r.choices[0].logprobs, r.usage.prompt_tokens) == (prompt, None, len(ids))
+    with pytest.raises(openai.BadRequestError) as err:
+        server.client().completions.create(model=MODEL_NAME, prompt="", max_tokens=0, echo=True)
+    assert err.value.param == "prompt"
     # echo with generation: the prompt's text, then the completion's; logprobs over both
     want = reference_greedy(tiny[1], ids, 3)
     r = server.client().completions.create(model=MODEL_NAME, prompt=ids, max_tokens=3, echo=True, logprobs=0,

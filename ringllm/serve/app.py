@@ -145,14 +145,7 @@ def create_app(runner: EngineRunner, codec: TextCodec, settings: ServeSettings):
 
     def admit(ids: list[int], params: GenerationParams, prefix: str):
         """Checks the prompt against the context, then hands the request to the runner."""
-        if not ids:
-            raise bad("the prompt is empty (no tokens)", "prompt")
-        room = settings.max_context - len(ids)
-        max_tokens = params.max_tokens if params.max_tokens is not None else room
-        if room < 1 or max_tokens > room:
-            raise bad(f"prompt of {len(ids)} tokens + max_tokens {max_tokens} exceeds the context of "
-                      f"{settings.max_context} tokens", "max_tokens" if room >= 1 else "prompt",
-                      "context_length_exceeded")
+        max_tokens = check_room(ids, params)
         rid = f"{prefix}-{uuid.uuid4().hex}"
         try:
             queue = runner.submit(BatchRequest(rid, tuple(ids), max_tokens, params.sampling, tuple(eos_ids),
@@ -162,6 +155,18 @@ def create_app(runner: EngineRunner, codec: TextCodec, settings: ServeSettings):
         except RingllmError as err:
             raise bad(str(err)) from None
         return rid, queue
+
+    def check_room(ids: list[int], params: GenerationParams) -> int:
+        """The request's max_tokens, once the prompt and it fit the context."""
+        if not ids:
+            raise bad("the prompt is empty (no tokens)", "prompt")
+        room = settings.max_context - len(ids)
+        max_tokens = params.max_tokens if params.max_tokens is not None else room
+        if room < 1 or max_tokens > room:
+            raise bad(f"prompt of {len(ids)} tokens + max_tokens {max_tokens} exceeds the context of "
+                      f"{settings.max_context} tokens", "max_tokens" if room >= 1 else "prompt",
+                      "context_length_exceeded")
+        return max_tokens
 
     async def pieces(rid: str, queue: asyncio.Queue, prompt_len: int, params: GenerationParams, outcome: Outcome,
                      request: Request | None):
@@ -211,6 +216,7 @@ def create_app(runner: EngineRunner, codec: TextCodec, settings: ServeSettings):
                       echoed: str = ""):
         created = int(time.time())
         if params.max_tokens == 0 and params.logprobs is None:    # echo alone: nothing for the engine to do
+            check_room(ids, params)
             return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": created,
                     "model": settings.model_name, "usage": Outcome(prompt_tokens=len(ids)).usage(),
                     "choices": [{"index": 0, "text": echoed, "logprobs": None, "finish_reason": "length"}]}
