@@ -48,6 +48,27 @@ class BatchRequest:
         self.sampling.validate()
 
 
+def share_prefill_budget(needs: list[int], budget: int) -> list[int]:
+    """Prompt tokens each prefilling request gets this pass (needs: what each has left, oldest
+    first): an even share of the budget, what a short prompt leaves over going to the others, the
+    remainder to the oldest. Each gets at least one token, so that no prompt waits behind another's
+    (a pass then exceeds the budget by less than the number of rows: at most budget + max_batch
+    tokens, which the memory plan counts)."""
+    grants = [0] * len(needs)
+    wanting = list(range(len(needs)))
+    while wanting and budget >= len(wanting):
+        share = budget // len(wanting)
+        for i in wanting:
+            n = min(share, needs[i] - grants[i])
+            grants[i] += n
+            budget -= n
+        wanting = [i for i in wanting if grants[i] < needs[i]]
+    for rank, i in enumerate(wanting):      # fewer tokens left than requests wanting more
+        if rank < budget or grants[i] == 0:
+            grants[i] += 1
+    return grants
+
+
 @dataclass(frozen=True)
 class TokenEvent:
     id: str
@@ -148,16 +169,14 @@ class BatchEngine:
         over every running decode and the prefill chunks that fit the pass's budget."""
         events = self._take_cancels_and_admit()
         decoding = [a for a in self._active.values() if not a.prefilling]
-        prefills, chunked, budget = [], [], self.prefill_chunk
-        for a in [a for a in self._active.values() if a.prefilling]:   # admission order (dict order)
-            if budget == 0:
-                break
+        prefilling = [a for a in self._active.values() if a.prefilling]   # admission order (dict order)
+        grants = share_prefill_budget([len(a.req.prompt) - a.cached for a in prefilling], self.prefill_chunk)
+        prefills, chunked = [], []
+        for a, n in zip(prefilling, grants):
             prompt = a.req.prompt
-            n = min(budget, len(prompt) - a.cached)
             last = a.cached + n == len(prompt)
             prefills.append(PrefillChunk(a.row, prompt[a.cached:a.cached + n], a.cached, last))
             chunked.append((a, n, last))
-            budget -= n
         if not decoding and not prefills:
             return events
         decode = DecodeRows([a.row for a in decoding], [a.generated[-1] for a in decoding],
