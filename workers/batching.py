@@ -20,6 +20,7 @@ import torch
 
 from ringllm.checkpoint.errors import RingllmError
 from ringllm.workers.generation import Sampler
+from ringllm.workers.memory_plan import PREFILL_CHUNK
 from ringllm.workers.model import DecodeRows, KVCache, Llama, PrefillChunk, SegmentPass
 from ringllm.workers.sampling import SamplingParams
 
@@ -97,7 +98,7 @@ class _Active:
 
 
 class BatchEngine:
-    def __init__(self, model: Llama, max_batch: int, max_context: int, prefill_chunk: int = 512):
+    def __init__(self, model: Llama, max_batch: int, max_context: int, prefill_chunk: int = PREFILL_CHUNK):
         """max_batch rows of max_context slots each; prefill_chunk: the most prompt tokens one
         pass prefills (over all admitted requests), which bounds a pass's time."""
         if max_batch < 1:
