@@ -44,9 +44,9 @@ def load_streaming_engine(args, layout, device: str, dtype_name: str, max_batch:
                            pass_tokens=pass_tokens)
     cap = f"--gpu-mem {fmt_bytes(engine.gpu_mem)}" if engine.gpu_mem is not None else "no --gpu-mem cap"
     log.info("memory plan: %d sequences (--max-batch) of %d tokens (--max-context): KV cache %s + resident %s + "
-             "group buffers %s + workspace %s = %s at the least, %s", max_batch, max_context,
-             fmt_bytes(plan.kv_cache), fmt_bytes(plan.resident), fmt_bytes(plan.group_buffers),
-             fmt_bytes(plan.workspace), fmt_bytes(plan.minimum), cap)
+             "group buffers %s + workspace %s (a pass of %d tokens at most) = %s at the least, %s", max_batch,
+             max_context, fmt_bytes(plan.kv_cache), fmt_bytes(plan.resident), fmt_bytes(plan.group_buffers),
+             fmt_bytes(plan.workspace), pass_tokens, fmt_bytes(plan.minimum), cap)
     check_gpu_cap(plan, engine.gpu_mem, engine)
     sup = Supervisor(layout, engine, device, dtype_name, verbose=args.verbose, parallel=parallel)
     return sup.serve_engine(max_batch, max_context)
