@@ -3,8 +3,9 @@ done (EOS, max_tokens, or cancelled), each in its own row of one slot-based KV c
 
 The pass is the unit: step() runs ONE forward of the model (model.SegmentPass), which fetches each
 layer's weights once and applies them to every running decode (T = 1 per row, each row at its own
-position) and to the prefill chunks of newly admitted requests. A prompt longer than the pass's
-prefill budget is prefilled over several passes (chunked prefill), while the others keep decoding.
+position) and to the prefill chunks of newly admitted requests. A prompt longer than its share of
+the pass's prefill budget is prefilled over several passes (chunked prefill), while the others keep
+decoding.
 
 Thread-safety: submit() and cancel() may be called from any thread; step() and the rows it owns
 run on one thread. The lock guards the waiting queue, the cancel set, the live ids and the row
@@ -167,7 +168,8 @@ class BatchEngine:
     # --- step()'s thread ---------------------------------------------------------------------
     def step(self) -> list[TokenEvent]:
         """One pass: drop cancelled requests, admit waiting ones into free rows, then one forward
-        over every running decode and the prefill chunks that fit the pass's budget."""
+        over every running decode and a chunk of each prompt being prefilled, its share of the
+        pass's prefill budget (share_prefill_budget)."""
         events = self._take_cancels_and_admit()
         decoding = [a for a in self._active.values() if not a.prefilling]
         prefilling = [a for a in self._active.values() if a.prefilling]   # admission order (dict order)

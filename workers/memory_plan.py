@@ -130,7 +130,7 @@ def plan_gpu_memory(layout: ModelLayout, engine, batch: int, max_seq: int, dtype
     # gathered (serve's rows) and repeated for the query heads; logits: the compute-dtype product
     # and its float32 copy (8 bytes an element covers both in every dtype), one row per prompt, or
     # every position of a verify pass
-    tokens = batch * max_seq if pass_tokens is None else min(pass_tokens, batch * max_seq)
+    tokens = batch * max_seq if pass_tokens is None else pass_tokens
     logit_rows = spec.verify_rows if spec is not None else 1
     workspace = (e * tokens * (8 * cfg.hidden_size + 3 * cfg.intermediate_size)
                  + 2 * batch * (cfg.num_heads + cfg.num_kv_heads) * max_seq * cfg.head_dim * e
