@@ -3,8 +3,9 @@ done (EOS, max_tokens, or cancelled), each in its own row of one slot-based KV c
 
 The pass is the unit: step() runs ONE forward of the model (model.SegmentPass), which fetches each
 layer's weights once and applies them to every running decode (T = 1 per row, each row at its own
-position) and to the prefill chunks of newly admitted requests. A prompt longer than the pass's
-prefill budget is prefilled over several passes (chunked prefill), while the others keep decoding.
+position) and to the prefill chunks of newly admitted requests. A prompt longer than its share of
+the pass's prefill budget is prefilled over several passes (chunked prefill), while the others keep
+decoding.
 
 Thread-safety: submit() and cancel() may be called from any thread; step() and the rows it owns
 run on one thread. The lock guards the waiting queue, the cancel set, the live ids and the row
@@ -21,6 +22,7 @@ import torch
 
 from ringllm.checkpoint.errors import RingllmError
 from ringllm.workers.generation import Sampler
+from ringllm.workers.memory_plan import PREFILL_CHUNK
 from ringllm.workers.model import DecodeRows, KVCache, Llama, PrefillChunk, SegmentPass
 from ringllm.workers.sampling import MAX_TOP_LOGPROBS, SamplingParams
 
@@ -64,6 +66,27 @@ class TokenLogprob(NamedTuple):
     top: tuple[tuple[int, float], ...] = ()
 
 
+def share_prefill_budget(needs: list[int], budget: int) -> list[int]:
+    """Prompt tokens each prefilling request gets this pass (needs: what each has left, oldest
+    first): an even share of the budget, what a short prompt leaves over going to the others, the
+    remainder to the oldest. Each gets at least one token, so that no prompt waits behind another's
+    (a pass then exceeds the budget by less than the number of rows: at most budget + max_batch
+    tokens, which the memory plan counts)."""
+    grants = [0] * len(needs)
+    wanting = list(range(len(needs)))
+    while wanting and budget >= len(wanting):
+        share = budget // len(wanting)
+        for i in wanting:
+            n = min(share, needs[i] - grants[i])
+            grants[i] += n
+            budget -= n
+        wanting = [i for i in wanting if grants[i] < needs[i]]
+    for rank, i in enumerate(wanting):      # fewer tokens left than requests wanting more
+        if rank < budget or grants[i] == 0:
+            grants[i] += 1
+    return grants
+
+
 @dataclass(frozen=True)
 class TokenEvent:
     id: str
@@ -94,7 +117,7 @@ class _Active:
 
 
 class BatchEngine:
-    def __init__(self, model: Llama, max_batch: int, max_context: int, prefill_chunk: int = 512):
+    def __init__(self, model: Llama, max_batch: int, max_context: int, prefill_chunk: int = PREFILL_CHUNK):
         """max_batch rows of max_context slots each; prefill_chunk: the most prompt tokens one
         pass prefills (over all admitted requests), which bounds a pass's time."""
         if max_batch < 1:
@@ -167,19 +190,18 @@ class BatchEngine:
     # --- step()'s thread ---------------------------------------------------------------------
     def step(self) -> list[TokenEvent]:
         """One pass: drop cancelled requests, admit waiting ones into free rows, then one forward
-        over every running decode and the prefill chunks that fit the pass's budget."""
+        over every running decode and a chunk of each prompt being prefilled, its share of the
+        pass's prefill budget (share_prefill_budget)."""
         events = self._take_cancels_and_admit()
         decoding = [a for a in self._active.values() if not a.prefilling]
-        prefills, chunked, budget = [], [], self.prefill_chunk
-        for a in [a for a in self._active.values() if a.prefilling]:   # admission order (dict order)
-            if budget == 0:
-                break
+        prefilling = [a for a in self._active.values() if a.prefilling]   # admission order (dict order)
+        grants = share_prefill_budget([len(a.req.prompt) - a.cached for a in prefilling], self.prefill_chunk)
+        prefills, chunked = [], []
+        for a, n in zip(prefilling, grants):
             prompt = a.req.prompt
-            n = min(budget, len(prompt) - a.cached)
             last = a.cached + n == len(prompt)
             prefills.append(PrefillChunk(a.row, prompt[a.cached:a.cached + n], a.cached, last, a.req.prompt_logprobs))
             chunked.append((a, n, last))
-            budget -= n
         if not decoding and not prefills:
             return events
         decode = DecodeRows([a.row for a in decoding], [a.generated[-1] for a in decoding],

@@ -79,12 +79,13 @@ def planned_shape(args: GpuArgs) -> tuple[int, int, int]:
 
 def resident_layer_count(args: GpuArgs, device_type: str, free_bytes: int | None) -> int:
     """GPU_RESIDENT_LAYERS, or with -1 (auto) as many layers as fit (memory_plan.planned_resident_layers)."""
-    from ringllm.workers.memory_plan import planned_resident_layers
+    from ringllm.workers.memory_plan import planned_resident_layers, serve_pass_tokens
     from ringllm.workers.spec_plan import spec_plan
 
     batch, max_seq, _ = planned_shape(args)
+    pass_tokens = serve_pass_tokens(*args.serve) if args.serve is not None else None
     keep = planned_resident_layers(args.layout, args.engine, batch, max_seq, args.dtype,
-                                   device_type, free_bytes, spec=spec_plan(args.sampling))
+                                   device_type, free_bytes, spec=spec_plan(args.sampling), pass_tokens=pass_tokens)
     return keep or 0
 
 
