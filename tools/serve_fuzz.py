@@ -78,8 +78,9 @@ def honest_requests(model_dir: Path, count: int, seed: int) -> list[HonestReques
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    # the chat prompt: transformers renders the template; the checkpoint's tokenizer.json turns the
-    # text into ids, as it defines them (a bos_token that is not one of its added tokens is text)
+    # transformers renders the chat template and generates; text <-> ids is the checkpoint's
+    # tokenizer.json as it defines them (transformers' tokenizer also treats tokenizer_config's
+    # bos_token as special where tokenizer.json does not, as in the tests' tiny tokenizer)
     raw_tokenizer = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
     eos = model.config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos])
@@ -87,21 +88,21 @@ def honest_requests(model_dir: Path, count: int, seed: int) -> list[HonestReques
     out = []
     for i in range(count):
         rng = random.Random(f"{seed}:honest:{i}")
-        words = tok.decode([rng.randrange(3, vocab) for _ in range(rng.randint(2, 8))], skip_special_tokens=True)
+        words = raw_tokenizer.decode([rng.randrange(3, vocab) for _ in range(rng.randint(2, 8))])
         chat, stream, max_tokens = i % 2 == 1, i // 2 % 2 == 1, rng.randint(4, 16)
         if chat:
             text = tok.apply_chat_template([{"role": "user", "content": words}], add_generation_prompt=True,
                                            tokenize=False)
             ids = raw_tokenizer.encode(text, add_special_tokens=False).ids
         else:
-            ids = tok(words).input_ids
+            ids = raw_tokenizer.encode(words).ids
         config = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=sorted(eos_ids),
                                   pad_token_id=min(eos_ids))
         with torch.no_grad():
             new = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                  generation_config=config)[0, len(ids):].tolist()
         finish = "stop" if new and new[-1] in eos_ids else "length"
-        text_out = tok.decode([t for t in new if t not in eos_ids], skip_special_tokens=True)
+        text_out = raw_tokenizer.decode([t for t in new if t not in eos_ids])
         out.append(HonestRequest(chat, stream, words, max_tokens, text_out, finish))
     return out
 
@@ -199,6 +200,15 @@ def body_problem(headers: dict, body: bytes) -> str | None:
     return None
 
 
+def collateral(outcome: str) -> str | None:
+    """The group of a failure that says the engine or the server is down, whichever request
+    caused it (the culprit is among the first of them: the log's traceback names it)."""
+    signs = {"down:server-gone": ("cannot connect", "APIConnectionError"),
+             "down:engine_unavailable": ("engine_unavailable", "streaming engine stopped"),
+             "down:engine_error": ("engine_error", "the engine failed while generating")}
+    return next((group for group, words in signs.items() if any(w in outcome for w in words)), None)
+
+
 def send_probe(probe: Probe, address: tuple[str, int]) -> Verdict:
     try:
         sock = socket.create_connection(address, timeout=PROBE_TIMEOUT_S)
@@ -292,7 +302,7 @@ class Failures:
                 if probe is not None:
                     raw = probe.raw if len(probe.raw) <= 2000 else probe.raw[:2000] + b"...(%d bytes)" % len(probe.raw)
                     example.update(index=index, detail=probe.detail, request=raw.decode("latin-1"),
-                                   replay=f"{self.replay_command} --replay {index}")
+                                   replay=self.replay_command.replace("INDEX", str(index)))
                 g["examples"].append(example)
 
 
@@ -300,15 +310,20 @@ def run_fuzz(model_dir: Path | None = None, requests: int = 2000, honest: int = 
              resident: bool = False, url: str | None = None, replay: int | None = None,
              serve_args: tuple[str, ...] = (), log=lambda m: None) -> dict:
     """The whole fuzz run; returns the report (report["ok"]: no failure)."""
+    # the command that sends probe INDEX alone, to the same kind of server
+    replay_command = " ".join(["python -m ringllm.tools.serve_fuzz", f"--seed {seed}", "--replay INDEX"]
+                              + ["--resident"] * resident + [f"--model {model_dir}"] * (model_dir is not None)
+                              + [f"--url {url}"] * (url is not None) + ["--", *serve_args] * bool(serve_args))
     with tempfile.TemporaryDirectory(prefix="ringllm-fuzz-") as tmp:
         if model_dir is None:
             from ringllm.tools.make_checkpoint import make_checkpoint
 
             model_dir = make_checkpoint(Path(tmp) / "tiny", "tiny", dtype_name="float32", progress=False)
-        return _run(Path(model_dir), requests, honest, seed, resident, url, replay, list(serve_args), log)
+        return _run(Path(model_dir), requests, honest, seed, resident, url, replay, list(serve_args), log,
+                    replay_command)
 
 
-def _run(model_dir, requests, honest, seed, resident, url, replay, serve_args, log) -> dict:
+def _run(model_dir, requests, honest, seed, resident, url, replay, serve_args, log, replay_command) -> dict:
     import openai
     import psutil
 
@@ -316,10 +331,11 @@ def _run(model_dir, requests, honest, seed, resident, url, replay, serve_args, l
     from ringllm.shm.resources import leftover_names, run_id_of
     from ringllm.tools.serve_bench import free_port, start_serve, stop_serve
 
+    t0 = time.monotonic()
     config = load_layout(model_dir).config
-    log(f"[serve_fuzz] transformers' greedy text for {honest} honest requests")
-    honest_reqs = honest_requests(model_dir, max(honest, 1), seed)
-    server = reader = None
+    if url is not None and not re.match(r"http://(127\.0\.0\.1|localhost):\d+/?$", url):
+        raise RingllmError(f"--url {url}: the fuzzer only talks to http://127.0.0.1:PORT")
+    server = reader = starting = None
     if url is None:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
@@ -329,13 +345,22 @@ def _run(model_dir, requests, honest, seed, resident, url, replay, serve_args, l
                "--drain-timeout", "10", "--device", "cpu", "--dtype", "float32",
                *(["--resident"] if resident else STREAMING_FLAGS), *serve_args]
         log(f"[serve_fuzz] {' '.join(cmd)}")
-        server, stderr_lines, reader = start_serve(cmd, url, timeout_s=300)
+        # the server starts while transformers computes the reference (both take seconds)
+        starting = ThreadPoolExecutor(1).submit(start_serve, cmd, url, 300)
+    log(f"[serve_fuzz] transformers' greedy text for {honest} honest requests")
+    try:
+        honest_reqs = honest_requests(model_dir, max(honest, 1), seed)
+    except BaseException:
+        if starting is not None:
+            server, _, reader = starting.result()
+            stop_serve(server, reader)
+        raise
+    if starting is not None:
+        server, stderr_lines, reader = starting.result()
     host_port = url.split("//", 1)[1].rstrip("/")
     address = (host_port.rsplit(":", 1)[0], int(host_port.rsplit(":", 1)[1]))
-    if address[0] not in ("127.0.0.1", "localhost"):
-        raise RingllmError(f"--url {url}: the fuzzer only talks to 127.0.0.1")
     target = FuzzTarget(host_port, MODEL_NAME, config.vocab_size, MAX_BODY_BYTES)
-    failures = Failures(f"python -m ringllm.tools.serve_fuzz --seed {seed}" + (" --resident" if resident else ""))
+    failures = Failures(replay_command)
     counts: dict[str, int] = {}
     count_lock = threading.Lock()
     hostile_done = threading.Event()
@@ -348,8 +373,8 @@ def _run(model_dir, requests, honest, seed, resident, url, replay, serve_args, l
             with count_lock:
                 counts["honest"] = counts.get("honest", 0) + 1
             if not verdict.ok:
-                failures.add("honest:" + ("chat" if req.chat else "completion") + (" streamed" if req.stream else ""),
-                             verdict.outcome)
+                kind = ("chat" if req.chat else "completion") + (" streamed" if req.stream else "")
+                failures.add(collateral(verdict.outcome) or f"honest:{kind}", f"honest {kind}: {verdict.outcome}")
             if hostile_done.is_set():
                 return
 
@@ -360,14 +385,14 @@ def _run(model_dir, requests, honest, seed, resident, url, replay, serve_args, l
             key = verdict.outcome.split(" ")[0] if verdict.ok else "failed"
             counts[key] = counts.get(key, 0) + 1
         if not verdict.ok:
-            failures.add(probe.mutation, verdict.outcome, index, probe)
+            failures.add(collateral(verdict.outcome) or probe.mutation, verdict.outcome, index, probe)
 
     try:
         indices = [replay] if replay is not None else list(range(requests))
         honest_threads = [threading.Thread(target=honest_client, args=(i,), daemon=True) for i in range(honest)]
         for t in honest_threads:
             t.start()
-        log(f"[serve_fuzz] {len(indices)} hostile requests beside {honest} honest streams on {url}")
+        log(f"[serve_fuzz] {time.monotonic() - t0:.1f} s: {len(indices)} hostile requests beside {honest} honest streams on {url}")
         with ThreadPoolExecutor(HOSTILE_WORKERS) as pool:
             list(pool.map(hostile, indices))
         hostile_done.set()
@@ -375,7 +400,7 @@ def _run(model_dir, requests, honest, seed, resident, url, replay, serve_args, l
             t.join(HONEST_TIMEOUT_S * 2)
             if t.is_alive():
                 failures.add("honest:hung", f"an honest client did not finish within {HONEST_TIMEOUT_S * 2:.0f} s")
-        log("[serve_fuzz] checking the server after the run")
+        log(f"[serve_fuzz] {time.monotonic() - t0:.1f} s: checking the server after the run")
         idle = wait_idle(url)
         if idle is not None:
             failures.add("after:engine-idle", idle)
@@ -388,6 +413,7 @@ def _run(model_dir, requests, honest, seed, resident, url, replay, serve_args, l
         if server is not None:
             kids = psutil.Process(server.pid).children(recursive=True) if server.poll() is None else []
             code = stop_serve(server, reader, timeout_s=60)
+    log(f"[serve_fuzz] {time.monotonic() - t0:.1f} s: the server stopped")
     exit_code = None
     if server is not None:
         exit_code = code
@@ -426,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", type=Path, default=None,
                     help="Llama checkpoint to serve (default: a tiny random one written for the run)")
     ap.add_argument("--requests", type=int, default=2000, help="hostile requests")
-    ap.add_argument("--honest", type=int, default=64, help="honest clients streaming beside them")
+    ap.add_argument("--honest", type=int, default=None,
+                    help="honest clients streaming beside them (default 64; 0 with --replay)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--resident", action="store_true", help="serve with the in-process engine (default: streaming)")
     ap.add_argument("--url", default=None, help="attach to this server (127.0.0.1, no --api-key, serving --model, "
@@ -435,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="write the report (JSON) here")
     ap.add_argument("serve_args", nargs=argparse.REMAINDER, help="after --: more flags for ringllm serve")
     args = ap.parse_args(argv)
+    if args.honest is None:
+        args.honest = 0 if args.replay is not None else 64
     if args.requests < 0 or args.honest < 0:
         ap.error("--requests and --honest must be >= 0")
     if args.url is not None and args.model is None:
