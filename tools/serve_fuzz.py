@@ -134,9 +134,12 @@ def ask_honestly(client, req: HonestRequest) -> Verdict:
 
 # --- hostile probes ------------------------------------------------------------------------
 def read_answer(sock: socket.socket, until: bytes | None = None) -> bytes:
-    """What the server sends until it closes (or, with `until`, until that is seen after the head)."""
-    data = bytearray()
+    """What the server sends until it closes (or, with `until`, until that is seen after the head),
+    within PROBE_TIMEOUT_S in all: a stream kept open by pings is hung too."""
+    data, deadline = bytearray(), time.monotonic() + PROBE_TIMEOUT_S
     while len(data) < RESPONSE_CAP_BYTES:
+        if time.monotonic() > deadline:
+            raise socket.timeout
         chunk = sock.recv(65536)
         if not chunk:
             break
@@ -385,7 +388,9 @@ def _run(model_dir, requests, honest, seed, resident, url, replay, serve_args, l
             key = verdict.outcome.split(" ")[0] if verdict.ok else "failed"
             counts[key] = counts.get(key, 0) + 1
         if not verdict.ok:
-            failures.add(collateral(verdict.outcome) or probe.mutation, verdict.outcome, index, probe)
+            # a request that had to be refused is its own failure, whatever its stream then said
+            down = None if verdict.outcome.startswith("accepted") else collateral(verdict.outcome)
+            failures.add(down or probe.mutation, verdict.outcome, index, probe)
 
     try:
         indices = [replay] if replay is not None else list(range(requests))
