@@ -388,8 +388,8 @@ def _run(model_dir, requests, honest, seed, resident, url, replay, serve_args, l
             key = verdict.outcome.split(" ")[0] if verdict.ok else "failed"
             counts[key] = counts.get(key, 0) + 1
         if not verdict.ok:
-            # a request that had to be refused is its own failure, whatever its stream then said
-            down = None if verdict.outcome.startswith("accepted") else collateral(verdict.outcome)
+            # a request that had to be refused fails on its own account, whatever it got instead
+            down = None if probe.must_refuse else collateral(verdict.outcome)
             failures.add(down or probe.mutation, verdict.outcome, index, probe)
 
     try:
