@@ -100,6 +100,50 @@ def run_round(url: str, model: str, streams: int, prompt_tokens: int, max_tokens
             "first_token_p50_s": percentile(firsts, 0.5), "errors": errors}
 
 
+def start_serve(cmd: list[str], url: str, timeout_s: float = START_TIMEOUT_S):
+    """Start `ringllm serve` (cmd) and wait until `url`/health answers 200: (process, the list its
+    stderr lines go to, the thread that reads them). Raises RingllmError with the server's last
+    line if it exits first."""
+    import httpx
+
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    stderr_tail: list[str] = []
+    reader = threading.Thread(target=lambda: [stderr_tail.append(line) for line in server.stderr], daemon=True)
+    reader.start()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            if server.poll() is not None:
+                raise RingllmError(f"ringllm serve exited with {server.returncode}: "
+                                   f"{(stderr_tail or ['(no output)'])[-1].strip()}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    return server, stderr_tail, reader
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RingllmError(f"ringllm serve did not answer /health within {timeout_s:.0f} s")
+            time.sleep(0.5)
+    except BaseException:
+        stop_serve(server, reader)
+        raise
+
+
+def stop_serve(server: subprocess.Popen, reader: threading.Thread, timeout_s: float = 120.0) -> int | None:
+    """SIGTERM (the server drains and removes everything); SIGKILL if it is still there after
+    timeout_s. Returns the exit status, None when it had to be killed."""
+    if server.poll() is None:
+        server.send_signal(signal.SIGTERM)
+    try:
+        code = server.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+        code = None
+    reader.join(timeout=5)
+    return code
+
+
 def serve_bench(model_dir: Path, streams: list[int], max_tokens: int, prompt_tokens: int, serve_args: list[str],
                 log=print, seed: int = 0) -> dict:
     from ringllm.checkpoint.layout import load_layout
@@ -111,26 +155,8 @@ def serve_bench(model_dir: Path, streams: list[int], max_tokens: int, prompt_tok
            "--max-batch", str(max(streams)), "--max-context", str(prompt_tokens + max_tokens),
            "--served-model-name", "bench", *serve_args]
     log(f"[serve_bench] {' '.join(cmd)}")
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    stderr_tail: list[str] = []
-    reader = threading.Thread(target=lambda: [stderr_tail.append(line) for line in server.stderr], daemon=True)
-    reader.start()
+    server, stderr_tail, reader = start_serve(cmd, url)
     try:
-        import httpx
-
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if server.poll() is not None:
-                raise RingllmError(f"ringllm serve exited with {server.returncode}: "
-                                   f"{(stderr_tail or ['(no output)'])[-1].strip()}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RingllmError(f"ringllm serve did not answer /health within {START_TIMEOUT_S:.0f} s")
-            time.sleep(0.5)
         rng = random.Random(seed)
         vocab = layout.config.vocab_size
         run_round(url, "bench", 1, prompt_tokens, 2, vocab, rng, 600.0)      # warm-up: one short request
@@ -141,13 +167,7 @@ def serve_bench(model_dir: Path, streams: list[int], max_tokens: int, prompt_tok
             log(f"[serve_bench] {n} streams: {r['tokens']} tokens in {r['wall_s']:.2f} s = "
                 f"{r['tokens_per_s']:.2f} tok/s; errors {len(r['errors'])}")
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        reader.join(timeout=5)
+        stop_serve(server, reader)
     one = next((r["tokens_per_s"] for r in rounds if r["streams"] == 1), None)
     for r in rounds:
         r["over_1_stream"] = r["tokens_per_s"] / one if one and r["tokens_per_s"] else None
