@@ -46,6 +46,8 @@ def test_cross_site_requests_are_refused(server):
     r = post(server, {"Content-Type": "application/json", "Origin": "http://evil.example"})
     assert r.status_code == 403 and "http://evil.example" in error_of(r)["message"]
     assert "--allowed-origins" in error_of(r)["message"]
+    r = post(server, {"Content-Type": "application/json"}, {**BODY, "stop": ["x" * 1001]})   # stop is capped
+    assert r.status_code == 400 and error_of(r)["param"] == "stop" and "1000" in error_of(r)["message"]
     r = httpx.get(server.url + "/v1/models", headers={"Host": "attacker.example"})     # reading too
     assert r.status_code == 421
     # what local clients send is served: loopback names, with or without the port, a charset
@@ -56,10 +58,17 @@ def test_cross_site_requests_are_refused(server):
 
 
 def test_allowed_hosts_and_origins(tiny):
-    s = LiveServer(tiny[0], allowed_hosts=("api.example",), allowed_origins=("https://app.example",))
+    s = LiveServer(tiny[0], api_key="k", allowed_hosts=("api.example",), allowed_origins=("https://app.example",))
     try:
-        ok = {"Content-Type": "application/json", "Host": "api.example:8000", "Origin": "https://app.example"}
-        assert post(s, ok).status_code == 200
+        ok = {"Content-Type": "application/json", "Host": "api.example:8000", "Origin": "https://app.example",
+              "Authorization": "Bearer k"}
+        r = post(s, ok)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+        preflight = httpx.options(s.url + "/v1/completions", headers={
+            "Host": "api.example", "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type"})
+        assert preflight.status_code == 200 and "POST" in preflight.headers["access-control-allow-methods"]
+        assert post(s, {**ok, "Authorization": "Bearer wrong"}).status_code == 401
         assert post(s, {**ok, "Host": "localhost"}).status_code == 200     # loopback names stay allowed
         assert post(s, {**ok, "Host": "other.example"}).status_code == 421
         assert post(s, {**ok, "Origin": "https://other.example"}).status_code == 403

@@ -10,6 +10,7 @@ import ipaddress
 import logging
 import time
 
+from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse
 
 from ringllm.serve.requests import ApiError
@@ -52,6 +53,9 @@ class Gate:
 
     def __init__(self, app, api_key: str | None, max_body_bytes: int, allowed_hosts: tuple[str, ...] | None = (),
                  allowed_origins: tuple[str, ...] = ()):
+        if allowed_origins:     # their pages may read the answers: CORS headers, preflights answered
+            app = CORSMiddleware(app, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
+                                 allow_headers=["Authorization", "Content-Type"])
         self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
         self.allowed_hosts = None if allowed_hosts is None else {h.lower() for h in allowed_hosts}
         self.allowed_origins = allowed_origins
@@ -92,7 +96,8 @@ class Gate:
         if origin is not None and origin not in self.allowed_origins and ANY not in self.allowed_origins:
             return ApiError(403, f"requests from web pages are refused: Origin {origin!r} is not in "
                                  "--allowed-origins", code="origin_not_allowed")
-        if self.api_key is not None and scope["path"] not in OPEN_PATHS:
+        # a CORS preflight (OPTIONS) carries no credentials, and answers with no data
+        if self.api_key is not None and scope["path"] not in OPEN_PATHS and scope["method"] != "OPTIONS":
             auth = headers.get("authorization", "")
             given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
             if not given:
