@@ -123,6 +123,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-context", type=int, default=None,
                    help="prompt + max_tokens per request at most (default: the model's max_position_embeddings)")
     p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="request body size limit")
+    p.add_argument("--max-connections", type=int, default=None,
+                   help="open connections at most; a request beyond them gets 503 (default: --max-batch + "
+                        "--max-waiting + 64)")
     p.add_argument("--served-model-name", default=None, help="the model id clients use (default: the directory name)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGINT/SIGTERM, seconds in-flight requests get before they are cancelled")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 
 import pytest
 
@@ -169,3 +170,47 @@ def test_open_bind_without_a_key_warns(tmp_path, caplog, monkeypatch):
     caplog.clear()
     rc = main(["serve", "--model", str(tmp_path / "none"), "--host", "127.0.0.1", "--device", "cpu"])
     assert rc == 1 and not [r for r in caplog.records if "without an API key" in r.getMessage()]
+
+
+def test_connections_beyond_the_limit_get_503(tiny):
+    """`ringllm serve --max-connections 3`: with two connections open (one of them a slow
+    client's, in the middle of its headers), a request on a third is refused with 503; once the
+    slow one closes, requests are served again."""
+    import subprocess
+    import sys
+
+    from tests.test_serve_lifecycle import free_port
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "ringllm", "serve", "--model", str(tiny[0]), "--port", str(port),
+                             "--device", "cpu", "--resident", "--max-connections", "3"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def get_health(conn) -> bytes:
+        conn.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        return conn.recv(65536)
+
+    try:
+        with httpx.Client(timeout=30) as client:     # one connection, kept open
+            deadline = time.monotonic() + 120
+            while True:
+                assert proc.poll() is None, proc.communicate()[1]
+                assert time.monotonic() < deadline, "serve did not come up"
+                try:
+                    if client.get(url + "/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.2)
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as slow:
+                assert get_health(slow).startswith(b"HTTP/1.1 200")    # the server holds it now
+                slow.sendall(b"GET /health HTTP/1.1\r\n")             # and it waits for the rest
+                with socket.create_connection(("127.0.0.1", port), timeout=30) as third:
+                    assert get_health(third).startswith(b"HTTP/1.1 503")
+            deadline = time.monotonic() + 30    # the server notices the closed connections as it reads them
+            while client.get(url + "/health").status_code != 200:
+                assert time.monotonic() < deadline, "closed connections still count"
+                time.sleep(0.05)
+    finally:
+        proc.terminate()
+        proc.wait(60)

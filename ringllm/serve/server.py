@@ -14,7 +14,8 @@ from ringllm.checkpoint.errors import RingllmError
 log = logging.getLogger("ringllm")
 
 API_KEY_ENV = "RINGLLM_API_KEY"
-# connections beyond those of --max-batch + --max-waiting requests: /health, /metrics, refusals
+# --max-connections' default: room beyond --max-batch + --max-waiting requests for /health,
+# /metrics and requests that are refused
 CONTROL_CONNECTIONS = 64
 
 
@@ -73,7 +74,9 @@ def cmd_serve(args) -> int:
     check_serve_extra()
     from ringllm.serve.gate import default_allowed_hosts, is_loopback
 
-    for name in ("max_batch", "max_waiting", "max_body_bytes"):
+    if args.max_connections is None:
+        args.max_connections = args.max_batch + args.max_waiting + CONTROL_CONNECTIONS
+    for name in ("max_batch", "max_waiting", "max_body_bytes", "max_connections"):
         if getattr(args, name) < 1:
             raise RingllmError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 1 <= args.port <= 65535:
@@ -118,8 +121,7 @@ def cmd_serve(args) -> int:
             runner.start()
             try:
                 if getattr(engine, "signalled", None) is None:    # none came between start-up and now
-                    serve_until_signal(app, runner, sock, args.drain_timeout,
-                                       max_batch + args.max_waiting + CONTROL_CONNECTIONS)
+                    serve_until_signal(app, runner, sock, args.drain_timeout, args.max_connections)
             finally:
                 runner.stop()
         finally:
