@@ -1,11 +1,19 @@
 """Tokenizer (tokenizer.json via `tokenizers`) and chat template (jinja2), read from the model dir."""
 from __future__ import annotations
 
+import functools
 import json
+import re
 from pathlib import Path
 
 from ringllm.checkpoint.errors import RingllmError
 from ringllm.checkpoint.llama_config import LlamaConfig
+
+
+# stands for a message's content while the template is rendered a second time (private-use
+# characters: no template trims or rewrites them)
+CONTENT_MARK = "\ue000ringllm-content-{}\ue001"
+CONTENT_MARK_RE = re.compile("\ue000ringllm-content-(\\d+)\ue001")
 
 
 def _read_json(path: Path) -> dict:
@@ -55,10 +63,6 @@ class TextCodec:
             eos.add(self.tokenizer.token_to_id(self.eos_token))
         self.eos_ids = tuple(sorted(eos))
 
-    def render_chat(self, user_text: str) -> str:
-        """One user turn through the chat template (`ringllm generate`)."""
-        return self.render_messages([{"role": "user", "content": user_text}], "use --no-chat")
-
     def render_messages(self, messages: list[dict], without_template: str) -> str:
         """A conversation through the checkpoint's chat template, in jinja2's sandbox, ready for
         the assistant's turn. without_template: what to tell a user whose model has none."""
@@ -81,24 +85,101 @@ class TextCodec:
 
     def encode(self, text: str, chat: bool) -> list[int]:
         if chat:
-            # The template already writes any BOS token it wants; add no more specials.
-            return self.tokenizer.encode(self.render_chat(text), add_special_tokens=False).ids
+            return self.encode_messages([{"role": "user", "content": text}], "use --no-chat")
         return self.tokenizer.encode(text, add_special_tokens=True).ids
+
+    def encode_messages(self, messages: list[dict], without_template: str) -> list[int]:
+        """A conversation through the chat template, tokenized. Message content is text: a control
+        token's string inside it ('<|im_end|>') becomes the tokens of those characters, never the
+        control token; only the template writes control tokens (and any BOS it wants)."""
+        pieces = self._template_and_content(messages, without_template)
+        specials = {t.content: i for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special}
+        special = re.compile("|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)) or "(?!)")
+        ids, run = [], []     # run: text since the last control token, tokenized as one piece, as
+                              # the tokenizer itself does between the special tokens it splits at
+
+        def end_run():
+            if run:
+                ids.extend(self._text_tokenizer.encode("".join(run), add_special_tokens=False).ids)
+                run.clear()
+
+        for text, from_template in pieces:
+            if not from_template:
+                run.append(text)
+                continue
+            at = 0
+            for match in special.finditer(text):
+                run.append(text[at:match.start()])
+                end_run()
+                ids.append(specials[match.group()])
+                at = match.end()
+            run.append(text[at:])
+        end_run()
+        return ids
+
+    def _template_and_content(self, messages: list[dict], without_template: str) -> list[tuple[str, bool]]:
+        """The rendered conversation as (text, written by the template) pieces: the template is
+        rendered once with the content and once with a mark in place of each content, and the
+        marks say where the content lies (trimmed, when the template trims it)."""
+        rendered = self.render_messages(messages, without_template)
+        marked = self.render_messages([{**m, "content": CONTENT_MARK.format(i)} for i, m in enumerate(messages)],
+                                      without_template)
+        parts = CONTENT_MARK_RE.split(marked)     # template text, content index, template text, ...
+        pieces, at = [], 0
+        for k, part in enumerate(parts):
+            if k % 2 == 0:
+                if not rendered.startswith(part, at):
+                    break
+                pieces.append((part, True))
+                at += len(part)
+                continue
+            content, after = messages[int(part)]["content"], parts[k + 1]
+            found = next((c for c in (content, content.strip()) if rendered.startswith(c + after, at)), None)
+            if found is None:
+                break
+            pieces.append((found, False))
+            at += len(found)
+        if at != len(rendered) or len(pieces) != len(parts):
+            raise RingllmError("the chat template changes message content beyond trimming it, so its control "
+                               "tokens cannot be told from the content's")
+        return pieces
+
+    @functools.cached_property
+    def _text_tokenizer(self):
+        """The tokenizer with special-token matching off: text that spells a special token is text."""
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_str(self.tokenizer.to_str())
+        tokenizer.encode_special_tokens = True
+        return tokenizer
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
 class StreamDecoder:
-    """Turns a growing token list into newly printable text, holding back split UTF-8 sequences."""
+    """Turns tokens, one at a time, into newly printable text, holding back split UTF-8 sequences.
+    Constant work a token: it decodes a window of a few ids (prefix_offset..end, as vLLM and
+    transformers' streamer do), never the whole output. The window's first ids (up to read_offset)
+    were printed already; they give the new ids their context (a leading space, a split byte)."""
+
+    MAX_HELD = 8    # ids held back at most: no character is longer than 4 bytes; what is still
+                    # incomplete after this many is invalid UTF-8, printed as U+FFFD
 
     def __init__(self, codec: TextCodec):
-        self.codec, self.ids, self.printed = codec, [], 0
+        self.codec, self.ids, self.read_offset = codec, [], 0
 
     def push(self, token: int) -> str:
         self.ids.append(token)
+        if len(self.ids) - self.read_offset < self.MAX_HELD:
+            text = self.codec.decode(self.ids)
+            if text.endswith("\ufffd"):   # an incomplete multi-byte character: wait for the next token
+                return ""
+        return self.flush()
+
+    def flush(self) -> str:
+        """The text of every id pushed so far not yet returned (at the end: held-back bytes as U+FFFD)."""
+        printed = self.codec.decode(self.ids[:self.read_offset])
         text = self.codec.decode(self.ids)
-        if text.endswith("\ufffd"):   # an incomplete multi-byte character: wait for the next token
-            return ""
-        new, self.printed = text[self.printed:], len(text)
-        return new
+        self.ids, self.read_offset = self.ids[self.read_offset:], len(self.ids) - self.read_offset
+        return text[len(printed):]

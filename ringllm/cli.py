@@ -112,11 +112,20 @@ def _add_serve(sub) -> None:
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on every endpoint but /health (default: $RINGLLM_API_KEY, "
                         "else none)")
+    p.add_argument("--allowed-hosts", default=None, metavar="NAMES",
+                   help="Host names served besides loopback ones, comma-separated, or '*' for any (default: "
+                        "loopback names only on a loopback --host, any name on another); others get 421")
+    p.add_argument("--allowed-origins", default=None, metavar="ORIGINS",
+                   help="browser Origins allowed, comma-separated (e.g. https://app.example), or '*' "
+                        "(default: none: a request from a web page gets 403)")
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together at most")
     p.add_argument("--max-waiting", type=int, default=256, help="requests queued beyond the batch; more get 503")
     p.add_argument("--max-context", type=int, default=None,
                    help="prompt + max_tokens per request at most (default: the model's max_position_embeddings)")
     p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="request body size limit")
+    p.add_argument("--max-connections", type=int, default=None,
+                   help="open connections at most; a request beyond them gets 503 (default: --max-batch + "
+                        "--max-waiting + 64)")
     p.add_argument("--served-model-name", default=None, help="the model id clients use (default: the directory name)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGINT/SIGTERM, seconds in-flight requests get before they are cancelled")

@@ -89,7 +89,7 @@ def cmd_generate(args) -> int:
         outputs = run_streaming(args, layout, model_dir, prompts, sampling, codec.eos_ids, device, dtype_name,
                                 on_tokens, parallel)
     if streaming:
-        sys.stdout.write("\n")
+        sys.stdout.write(decoder.flush() + "\n")     # bytes of a character the run ended inside
     else:
         for i, ids in enumerate(outputs):
             sys.stdout.write(f"--- [{i}] ---\n{codec.decode(ids)}\n")

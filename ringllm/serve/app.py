@@ -23,7 +23,7 @@ from ringllm.serve.metrics import metrics_response
 from ringllm.serve.requests import (ApiError, GenerationParams, bad, chat_messages, completion_prompt,
                                     generation_params)
 from ringllm.serve.runner import UNAVAILABLE, EngineRunner, QueueFull
-from ringllm.serve.text import StopTextStream, render_chat
+from ringllm.serve.text import StopTextStream, chat_ids
 
 DISCONNECT_POLL_S = 0.5     # how often a non-streamed request checks that its client is still there
 
@@ -35,6 +35,9 @@ class ServeSettings:
     api_key: str | None = None
     max_body_bytes: int = 4 << 20
     drain_s: float = 30.0          # SIGTERM: in-flight requests get this long before they are cancelled
+    allowed_hosts: tuple[str, ...] | None = ()     # Host names besides loopback ones; None: any (gate.py)
+    allowed_origins: tuple[str, ...] = ()          # browser Origins allowed; none by default
+    body_timeout_s: float = 30.0   # a body not all received by then is 408 (a slow client holds no connection)
 
 
 @dataclass
@@ -96,7 +99,8 @@ def create_app(runner: EngineRunner, codec: TextCodec, settings: ServeSettings):
         body = await read_json(request)
         params = generation_params(body, chat=False)
         prompt = completion_prompt(body)
-        ids = list(prompt) if isinstance(prompt, list) else codec.encode(prompt, chat=False)
+        # a 4 MiB prompt takes a second to tokenize: off the event loop, which serves every stream
+        ids = list(prompt) if isinstance(prompt, list) else await asyncio.to_thread(codec.encode, prompt, chat=False)
         if isinstance(prompt, list) and not 0 <= min(ids) <= max(ids) < codec.tokenizer.get_vocab_size(True):
             raise bad("prompt holds a token id outside the vocabulary", "prompt")
         check_logit_bias(params)
@@ -108,23 +112,32 @@ def create_app(runner: EngineRunner, codec: TextCodec, settings: ServeSettings):
     async def chat_completions(request: Request):
         body = await read_json(request)
         params = generation_params(body, chat=True)
-        try:
-            text = render_chat(codec, chat_messages(body))
+        messages = chat_messages(body)
+        try:   # off the event loop, as for completions
+            ids = await asyncio.to_thread(chat_ids, codec, messages)
         except RingllmError as err:
             raise bad(str(err), "messages") from None
-        ids = codec.tokenizer.encode(text, add_special_tokens=False).ids   # the template wrote the specials
         check_logit_bias(params)
         return await respond(request, "chatcmpl", "chat.completion", ids, params, chat=True)
 
     async def read_json(request: Request) -> dict:
         # the gate refused a too-large Content-Length; a chunked body is counted as it arrives
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > settings.max_body_bytes:
-                raise ApiError(413, f"request body over the limit of {settings.max_body_bytes} bytes",
-                               code="body_too_large")
-            chunks.append(chunk)
+
+        async def receive_all():
+            nonlocal size
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > settings.max_body_bytes:
+                    raise ApiError(413, f"request body over the limit of {settings.max_body_bytes} bytes",
+                                   code="body_too_large")
+                chunks.append(chunk)
+
+        try:
+            await asyncio.wait_for(receive_all(), settings.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {settings.body_timeout_s:g} s",
+                           code="body_timeout") from None
         try:
             body = json.loads(b"".join(chunks))
         except ValueError as err:
@@ -283,4 +296,4 @@ def create_app(runner: EngineRunner, codec: TextCodec, settings: ServeSettings):
                 yield chunk([], usage=outcome.usage())
         yield {"data": "[DONE]"}
 
-    return Gate(app, settings.api_key, settings.max_body_bytes)
+    return Gate(app, settings.api_key, settings.max_body_bytes, settings.allowed_hosts, settings.allowed_origins)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from ringllm.workers.sampling import MAX_TOP_LOGPROBS, SamplingParams
 
 MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 1000      # a stop string's length at most (what the stream may hold back of its text)
 DEFAULT_COMPLETION_TOKENS = 16     # /v1/completions' default in the OpenAI API
 MAX_LOGIT_BIAS = 300               # entries of logit_bias (it travels to the GPU process in parts)
 # Fields that would change the output and that ringllm does not implement: 400 naming the field
@@ -149,6 +150,8 @@ def generation_params(body: dict, chat: bool) -> GenerationParams:
         raise bad("stop must be a string or a list of strings", "stop")
     if len(stop) > MAX_STOP_STRINGS:
         raise bad(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stop)}", "stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise bad(f"a stop string has {max(map(len, stop))} characters, over the limit of {MAX_STOP_CHARS}", "stop")
     stream = body.get("stream", False)
     if stream is None:
         stream = False

@@ -14,6 +14,9 @@ from ringllm.checkpoint.errors import RingllmError
 log = logging.getLogger("ringllm")
 
 API_KEY_ENV = "RINGLLM_API_KEY"
+# --max-connections' default: room beyond --max-batch + --max-waiting requests for /health,
+# /metrics and requests that are refused
+CONTROL_CONNECTIONS = 64
 
 
 def load_engine(layout, device_type: str, dtype_name: str, max_batch: int, max_context: int):
@@ -71,14 +74,21 @@ def cmd_serve(args) -> int:
     from ringllm.generate import parallel_plan
 
     check_serve_extra()
-    for name in ("max_batch", "max_waiting", "max_body_bytes"):
+    from ringllm.serve.gate import default_allowed_hosts, is_loopback
+
+    if args.max_connections is None:
+        args.max_connections = args.max_batch + args.max_waiting + CONTROL_CONNECTIONS
+    for name in ("max_batch", "max_waiting", "max_body_bytes", "max_connections"):
         if getattr(args, name) < 1:
             raise RingllmError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 1 <= args.port <= 65535:
         raise RingllmError(f"--port must be in 1..65535, got {args.port}")
     if args.drain_timeout < 0:
         raise RingllmError(f"--drain-timeout must be >= 0, got {args.drain_timeout}")
-    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    api_key = checked_api_key(args.api_key)
+    if api_key is None and not is_loopback(args.host):
+        log.warning("serving on %s without an API key: anyone who reaches this address can use it "
+                    "(--api-key or %s)", args.host, API_KEY_ENV)
     check_model_arg(args.model)
     # the ranks, checked as generate checks them: --resident is one process, so with
     # --tensor-parallel N > 1 it is refused here rather than serving on one process
@@ -106,12 +116,14 @@ def cmd_serve(args) -> int:
         try:
             runner = EngineRunner(engine, max_batch, args.max_waiting)
             settings = ServeSettings(args.served_model_name or Path(args.model).resolve().name, max_context,
-                                     api_key, args.max_body_bytes, args.drain_timeout)
+                                     api_key, args.max_body_bytes, args.drain_timeout,
+                                     default_allowed_hosts(args.host, comma_list(args.allowed_hosts)),
+                                     comma_list(args.allowed_origins))
             app = create_app(runner, codec, settings)
             runner.start()
             try:
                 if getattr(engine, "signalled", None) is None:    # none came between start-up and now
-                    serve_until_signal(app, runner, sock, args.drain_timeout)
+                    serve_until_signal(app, runner, sock, args.drain_timeout, args.max_connections)
             finally:
                 runner.stop()
         finally:
@@ -122,6 +134,22 @@ def cmd_serve(args) -> int:
     if runner.failure is not None:      # the engine died: non-zero, so that a process manager restarts us
         raise RingllmError(runner.failure)
     return 0
+
+
+def checked_api_key(flag: str | None) -> str | None:
+    """--api-key, else $RINGLLM_API_KEY, else None (no key). An empty key is refused: no client
+    could send it (README's --api-key "$KEY" with KEY unset gives one)."""
+    key, source = (flag, "--api-key") if flag is not None else (os.environ.get(API_KEY_ENV), API_KEY_ENV)
+    if key is not None and not key.strip():
+        raise RingllmError(f"{source} is empty (an unset variable?): no client could use the server; "
+                           f"give a key, or no {source} to serve without one")
+    if key is not None and key != key.strip():
+        raise RingllmError(f"{source} has leading or trailing spaces, which no client can send")
+    return key
+
+
+def comma_list(flag: str | None) -> tuple[str, ...]:
+    return tuple(item.strip() for item in (flag or "").split(",") if item.strip())
 
 
 def listen(host: str, port: int):
@@ -143,7 +171,7 @@ def listen(host: str, port: int):
     return sock
 
 
-def serve_until_signal(app, runner, sock, drain_s: float) -> None:
+def serve_until_signal(app, runner, sock, drain_s: float, max_connections: int) -> None:
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
@@ -156,7 +184,8 @@ def serve_until_signal(app, runner, sock, drain_s: float) -> None:
 
     host, port = sock.getsockname()[:2]
     config = uvicorn.Config(app, access_log=False, log_config=None, lifespan="off",
-                            timeout_graceful_shutdown=drain_s + 10.0, timeout_keep_alive=5)
+                            timeout_graceful_shutdown=drain_s + 10.0, timeout_keep_alive=5,
+                            limit_concurrency=max_connections)    # beyond it uvicorn answers 503
     server = DrainingServer(config)
     runner.on_failure = lambda: setattr(server, "should_exit", True)     # the requests got their 503
     # uvicorn re-raises a caught SIGINT/SIGTERM once it has shut down, to end the process by the
