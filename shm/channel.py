@@ -4,16 +4,24 @@ Kernel defaults for non-root users are 10 messages a queue and 8 KiB a message, 
 a user share RLIMIT_MSGQUEUE (800 KiB by default: only nine queues of 10 x 8 KiB). So our queues
 hold 10 messages of at most 1 KiB, messages are a few integers (files travel as an index into a
 table each process got at start; prompts go as process arguments), and the coordinator never
-blocks on a full queue (`try_send` + its own outbox). The two messages whose size depends on the
-run keep to the cap themselves: a step's tokens travel as several `Tokens` messages of at most
-TOKEN_ROWS rows (`token_messages`, put together again by `TokenRows`), and a `Fatal` cuts its
-text to fit, by encoded bytes.
+blocks on a full queue (`try_send` + its own outbox). No message grows with the length of a run
+([P12]); a field whose size a run decides is bounded by design, each kind its own way:
+- a step's tokens travel as several `Tokens` messages of at most TOKEN_ROWS rows
+  (`token_messages`, put together again by `TokenRows`); `ringllm serve`'s prompts and engine
+  steps likewise (`submit_messages`, `event_messages`);
+- a `Fatal` cuts its text to fit, by encoded bytes (`fit_text`);
+- the reports whose dicts a run fills (`Ready`'s info, `Finished`'s and `Stats`' stats: fixed
+  keys, and a speculation table of at most spec_tokens + 1 rows) travel IN_PARTS: `Channel.send`
+  cuts one that does not fit into `Part` messages, `Channel.receive` puts it back together;
+- everything else is a fixed number of integers.
 
 Wire format: msgpack array [PROTOCOL_VERSION, kind, field0, field1, ...] in dataclass field order.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
+import time
 from dataclasses import dataclass, field
 
 import msgpack
@@ -39,6 +47,7 @@ def message(kind: int):
 # --- children -> supervisor ------------------------------------------------------------------
 @message(1)
 class Ready:
+    IN_PARTS = True           # info holds the device's name
     role: str
     index: int
     info: dict = field(default_factory=dict)
@@ -110,13 +119,44 @@ class TokenRows:
 
 @message(4)
 class Finished:
+    IN_PARTS = True           # the GPU process's report: fixed keys and the speculation table
     stats: dict
 
 
 @message(5)
 class Stats:
+    IN_PARTS = True
     role: str
     stats: dict
+
+
+@message(7)
+class Part:
+    """A piece of a message of an IN_PARTS type that does not fit one (`frames`); `last` ends
+    it. `sender` (the sending process's pid) keeps apart the pieces of senders that share a
+    queue (tensor-parallel ranks); one sender's pieces come in order (blocking sends, one queue)."""
+    sender: int
+    last: bool
+    data: bytes
+
+
+PART_HEADER = 16     # a Part's fields but its data: the array, version, kind, pid (< 2**32), last, a bin32 length
+
+
+class PartedMessages:
+    """Puts Part messages back together, per sender (Channel.receive)."""
+
+    def __init__(self):
+        self.pending: dict[int, list[bytes]] = {}
+
+    def add(self, part: Part):
+        """The whole message once its last part arrived, else None."""
+        pieces = self.pending.setdefault(part.sender, [])
+        pieces.append(part.data)
+        if not part.last:
+            return None
+        del self.pending[part.sender]
+        return decode(b"".join(pieces))
 
 
 # --- supervisor -> children ------------------------------------------------------------------
@@ -315,12 +355,27 @@ class Mark:
     """The timed part of a run starts: the coordinator reports its counters since this point too."""
 
 
-def encode(msg) -> bytes:
+def _pack(msg) -> bytes:
     payload = [PROTOCOL_VERSION, msg.KIND, *(getattr(msg, f.name) for f in dataclasses.fields(msg))]
-    data = msgpack.packb(payload, use_bin_type=True)
-    if len(data) > MESSAGE_BYTES:      # [P12] every sender keeps to the cap (Tokens split, Fatal cut)
+    return msgpack.packb(payload, use_bin_type=True)
+
+
+def encode(msg) -> bytes:
+    data = _pack(msg)
+    if len(data) > MESSAGE_BYTES:      # [P12] every sender keeps to the cap (module docstring: how)
         raise ValueError(f"{type(msg).__name__} message of {len(data)} bytes exceeds {MESSAGE_BYTES}")
     return data
+
+
+def frames(msg) -> list[bytes]:
+    """What goes on the wire for msg: its encoding, or for an IN_PARTS type too big for one
+    message, Part messages of at most MESSAGE_BYTES each."""
+    data = _pack(msg)
+    if len(data) <= MESSAGE_BYTES or not getattr(msg, "IN_PARTS", False):
+        return [encode(msg)]
+    room = MESSAGE_BYTES - PART_HEADER
+    pieces = [data[i:i + room] for i in range(0, len(data), room)]
+    return [encode(Part(os.getpid(), i == len(pieces) - 1, piece)) for i, piece in enumerate(pieces)]
 
 
 def decode(data: bytes):
@@ -338,13 +393,18 @@ class Channel:
         supervisor asked the process to stop: posix_ipc turns the signal inside the wait into
         SignalError and drops the SystemExit its handler raised."""
         self.name, self.stop_requested = name, stop_requested
+        self.parted = PartedMessages()
         flags = posix_ipc.O_CREX if create else 0
         self.queue = posix_ipc.MessageQueue(name, flags, mode=0o600, max_messages=QUEUE_MESSAGES,
                                             max_message_size=MESSAGE_BYTES)
 
     def send(self, msg, timeout: float | None = 5.0) -> None:     # [P16] always with a deadline
-        """Blocking send with a deadline: raises posix_ipc.BusyError if the receiver is stuck."""
-        data = encode(msg)
+        """Blocking send with a deadline (for each part of a message sent in parts): raises
+        posix_ipc.BusyError if the receiver is stuck."""
+        for data in frames(msg):
+            self._send(data, timeout)
+
+    def _send(self, data: bytes, timeout: float | None) -> None:
         while True:
             try:
                 self.queue.send(data, timeout=timeout)
@@ -364,13 +424,21 @@ class Channel:
             return False
 
     def receive(self, timeout: float):
-        """The next message, or None after `timeout` seconds."""
-        try:
-            data, _ = self.queue.receive(timeout=timeout)
-        except (posix_ipc.BusyError, posix_ipc.SignalError):
-            # SignalError: a signal arrived while waiting; Python runs its handler right after this
-            return None
-        return decode(data)
+        """The next message (a message sent in parts once all its parts came), or None after
+        `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                data, _ = self.queue.receive(timeout=max(0.0, deadline - time.monotonic()))
+            except (posix_ipc.BusyError, posix_ipc.SignalError):
+                # SignalError: a signal arrived while waiting; Python runs its handler right after this
+                return None
+            msg = decode(data)
+            if not isinstance(msg, Part):
+                return msg
+            whole = self.parted.add(msg)
+            if whole is not None:
+                return whole
 
     def close(self) -> None:
         try:

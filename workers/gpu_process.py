@@ -219,11 +219,15 @@ def gpu_main(args: GpuArgs) -> None:
         first_pass_start = time.monotonic()
         if args.engine.warmup_layers:
             source.warm_up()
-        token_at = []
+        # when the first and the last pass ended, and how many passes: what the stats need, not a
+        # list that grows with the run
+        token_at = {"first": None, "last": None, "passes": 0}
 
         def on_tokens(tokens):
-            token_at.append(time.perf_counter())   # after sampling: the pass is complete
-            if len(token_at) == 1:
+            token_at["last"] = time.perf_counter()    # after sampling: the pass is complete
+            token_at["passes"] += 1
+            if token_at["first"] is None:
+                token_at["first"] = token_at["last"]
                 phases["first_pass"] = (first_pass_start, time.monotonic())
             source.tokens += 1
             source.publish(force=True)
@@ -257,10 +261,10 @@ def gpu_main(args: GpuArgs) -> None:
         elapsed = time.perf_counter() - t_start
         s = source.stats
         stats = {"new_tokens": sum(len(o) for o in outputs), "seconds": elapsed,
-                 "first_token_seconds": (token_at[0] - t_start) if token_at else None,
+                 "first_token_seconds": (token_at["first"] - t_start) if token_at["passes"] else None,
                  # decode: from the first token (end of prefill) to the last
-                 "decode_steps": max(0, len(token_at) - 1),
-                 "decode_seconds": (token_at[-1] - token_at[0]) if len(token_at) > 1 else 0.0,
+                 "decode_steps": max(0, token_at["passes"] - 1),
+                 "decode_seconds": token_at["last"] - token_at["first"] if token_at["passes"] > 1 else 0.0,
                  "h2d_bytes": s.h2d_bytes, "h2d_copies": s.h2d_copies, "wait_seconds": s.wait_seconds,
                  "waits": s.waits, "groups_served": s.groups_served,
                  "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,

@@ -95,7 +95,7 @@ def speculate(model: Llama, prompt: list[int], logits: torch.Tensor, cache: KVCa
                                attend=tree_attend(tree, model.device))             # [1, T, V]
         # one independent draw per node (the argmax when greedy); the walk reads those on its path
         target = sampler(logits[0]).tolist()
-        stats.pass_log.append([tokens.shape[1], time.perf_counter() - t1])   # tolist() waited for the pass
+        stats.record_verify(tokens.shape[1], time.perf_counter() - t1)   # tolist() waited for the pass
         emitted, path = walk_tree(tree, target)
         compact_kv(cache, start, path)
         taken = 0

@@ -18,7 +18,7 @@ distribution exactly (SpecExec).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -75,8 +75,27 @@ def cache_slots(longest_prompt: int, max_new_tokens: int, sampling) -> int:
 
 
 @dataclass
+class WidthTimes:
+    """The verify passes of one width (tokens the target verified: 1 + tree nodes). The first
+    pass of a width warms its kernels up (tools.spec_bench leaves it out): it has its own field."""
+    passes: int = 0
+    seconds: float = 0.0                  # all of them
+    first_seconds: float = 0.0
+    min_seconds: float | None = None      # the fastest after the first
+
+    def add(self, seconds: float) -> None:
+        if self.passes == 0:
+            self.first_seconds = seconds
+        else:
+            self.min_seconds = seconds if self.min_seconds is None else min(self.min_seconds, seconds)
+        self.passes += 1
+        self.seconds += seconds
+
+
+@dataclass
 class SpecStats:
-    """What `--metrics-json` reports under `speculation`."""
+    """What `--metrics-json` reports under `speculation`. Its size does not grow with the run:
+    the verify passes are summed per width, at most spec_tokens + 1 rows ([P12])."""
     draft: str = "ngram"
     passes: int = 0           # decode passes (the prefill not counted)
     tokens: int = 0           # tokens those passes produced
@@ -84,18 +103,21 @@ class SpecStats:
     accepted: int = 0         # of those, accepted
     branched: int = 0         # passes whose draft tree had more than one branch
     draft_seconds: float = 0.0  # time spent proposing (a draft model's forwards; ngram's lookups)
-    # per pass: [tokens the target verified (1 + tree nodes), seconds of its forward and accept step]
-    pass_log: list = field(default_factory=list)
+    # width -> the seconds of the target's forward and accept step in passes of that width
+    verify_by_width: dict = field(default_factory=dict)
+
+    def record_verify(self, width: int, seconds: float) -> None:
+        self.verify_by_width.setdefault(width, WidthTimes()).add(seconds)
 
     def as_dict(self) -> dict:
-        verify = sum(s for _, s in self.pass_log)
+        verify = sum(t.seconds for t in self.verify_by_width.values())
         per = (lambda x: x / self.passes if self.passes else None)
         return {"draft": self.draft, "passes": self.passes, "tokens": self.tokens, "draft_seconds": self.draft_seconds,
                 "tokens_per_pass": per(self.tokens),
                 "drafted": self.drafted, "accepted": self.accepted,
                 "acceptance": self.accepted / self.drafted if self.drafted else None, "branched": self.branched,
                 "draft_seconds_per_pass": per(self.draft_seconds), "verify_seconds_per_pass": per(verify),
-                "pass_log": self.pass_log}
+                "verify_by_width": [{"tokens": w, **asdict(t)} for w, t in sorted(self.verify_by_width.items())]}
 
 
 @dataclass(frozen=True)
