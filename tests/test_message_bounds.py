@@ -53,3 +53,109 @@ def test_2000_tokens_of_speculative_decoding_on_the_streaming_engine(long_run, t
     spec = json.loads(metrics.read_text())["speculation"]
     assert spec["tokens"] == LONG - 1 and spec["passes"] > 30       # the bug showed after ~30 passes
     assert "tokens per pass" in r.stderr
+
+
+# --- every message type at the largest size a run can give it ---------------------------------------
+# The bounds: msgpack ints take at most 9 bytes (any 64-bit value; steps, byte counts, job and
+# request ids only grow with a run but stay below 2**64); token ids and counts of tokens are below
+# 2**32 (vocab 152k, context 128k); files are table indices; free text is cut (Fatal); lists are
+# split into parts; the dict reports travel in Parts whatever their size.
+U64, U32 = 2**64 - 1, 2**32 - 1
+CONTEXT, VOCAB = 131072, 152064          # Llama-3.1's context; Qwen2's vocabulary, the largest we plan for
+
+
+def largest_scalars(cls):
+    """cls with every field at its largest: ints 2**64 - 1, floats, flags set."""
+    import dataclasses
+
+    values = {"int": U64, "float": 1.2345678901234567e308, "bool": True}
+    return cls(*(values[f.type] for f in dataclasses.fields(cls)))
+
+
+def roundtrip(msg):
+    """msg through a real queue, the sender in a thread (a report in parts needs more messages than
+    a queue holds): what the receiver gets."""
+    import os
+    import threading
+    import uuid
+
+    import posix_ipc
+
+    from ringllm.shm.channel import Channel
+
+    name = f"/msgbounds-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    rx = Channel(name, create=True)
+    try:
+        tx = Channel(name)
+        sender = threading.Thread(target=tx.send, args=(msg,), kwargs={"timeout": 30})
+        sender.start()
+        got = rx.receive(timeout=30)
+        sender.join(timeout=30)
+        tx.close()
+        return got
+    finally:
+        rx.close()
+        posix_ipc.unlink_message_queue(name)
+
+
+def test_every_message_type_fits_the_cap_at_the_largest_size_a_run_gives_it():
+    from ringllm.shm import channel as ch
+    from ringllm.workers.batching import CANCELLED, LENGTH, STOP, TokenLogprob
+    from ringllm.workers.sampling import MAX_TOP_LOGPROBS, SamplingParams
+    from ringllm.workers.speculation import SpecStats
+
+    built: dict[type, list] = {}
+
+    def check(*messages):
+        for msg in messages:
+            built.setdefault(type(msg), []).append(msg)
+            for frame in ch.frames(msg):
+                assert len(frame) <= ch.MESSAGE_BYTES, (type(msg).__name__, len(frame))
+                built.setdefault(type(ch.decode(frame)), []).append(msg)
+
+    # fixed messages: a few integers, each as large as msgpack carries
+    for cls in (ch.Shutdown, ch.StatsRequest, ch.Mark, ch.LoaderRestarted, ch.Cancel, ch.ReadJob, ch.ChunkDone,
+                ch.Want, ch.SlotReady, ch.Release, ch.ResidentLayers):
+        check(largest_scalars(cls))
+    # free text: cut to fit, whatever its length and script
+    check(*(ch.Fatal(role, U64, text) for role in ("coordinator", "loader", "gpu")
+            for text in ("模型" * 100_000, "\udcff" * 50_000, "x" * 10**6)))
+    # a step's tokens for a batch of 100,000 rows
+    tokens = [VOCAB - 1] * 100_000
+    parts = ch.token_messages(tokens)
+    check(*parts)
+    rows = ch.TokenRows()
+    assert [rows.add(p) for p in parts][-1] == tokens
+    # a served request: a prompt filling the context, the largest sampling values, a logit_bias for
+    # every token of the vocabulary, logprobs of the prompt too, several EOS ids
+    sampling = SamplingParams(temperature=1.2345678901234567e308, top_p=0.123456789, top_k=U32, seed=U64,
+                              presence_penalty=-1.2345678901234567, frequency_penalty=1.2345678901234567,
+                              logit_bias=tuple((t, -99.12345678901234) for t in range(VOCAB)))
+    check(*ch.submit_messages(U64, [VOCAB - 1] * CONTEXT, U32, sampling, [VOCAB - 1] * 16,
+                              logprobs=MAX_TOP_LOGPROBS, prompt_logprobs=True))
+    # an engine step of 10,000 requests, each event as wide as one gets: the request id grows with
+    # the server's run; the longest finish name, a logprob with the most alternatives, the prompt's
+    # logprobs (echo)
+    finish = max((STOP, LENGTH, CANCELLED, "error"), key=len)
+    widest = (VOCAB - 1, -1.2345678901234567e308)
+    entry = TokenLogprob(*widest, (widest,) * MAX_TOP_LOGPROBS)
+    rows = [row for i in range(10_000) for row in ch.event_rows(U64 - i, VOCAB - 1, finish, CONTEXT, CONTEXT, entry,
+                                                                 (entry,) * (4096 if i == 0 else 3))]
+    check(*ch.event_messages(rows, forward=True))
+    # a Part: its data at the room frames() gives it
+    check(ch.Part(U32, True, b"\xff" * (ch.MESSAGE_BYTES - ch.PART_HEADER)))
+    # the reports: the GPU process's with a speculation table for --spec-tokens 1023 (the bench's
+    # widest pass), each row at its widest; the coordinator's counters; a Ready with a long device name
+    spec = SpecStats(draft="/" + "d" * 4096, passes=U64, tokens=U64, drafted=U64, accepted=U64, branched=U64,
+                     draft_seconds=1e308)
+    for width in range(1, 1025):
+        spec.record_verify(width, 1e308)
+        spec.record_verify(width, 1e308)
+    finished = ch.Finished({"new_tokens": U64, "phases": {f"phase{i}": [1e308, 1e308] for i in range(16)},
+                            "speculation": spec.as_dict(), "outputs_digest": "f" * 64, "rank": U64})
+    stats = ch.Stats("coordinator", {f"counter{i}": U64 for i in range(200)})
+    ready = ch.Ready("gpu", U64, {"pid": U32, "name": "NVIDIA " + "H" * 10_000, "free_bytes": U64})
+    check(finished, stats, ready)
+    for msg in (finished, stats, ready):
+        assert roundtrip(msg) == msg
+    assert set(built) == set(ch._KINDS.values()), set(ch._KINDS.values()) - set(built)

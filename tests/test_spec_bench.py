@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from ringllm.tools import spec_bench
@@ -23,12 +24,16 @@ def test_each_pass_verifies_its_width_and_the_tokens_stay_greedy(tmp_path):
                             "--loaders", "2", "--set", "GPU_AHEAD_LAYERS=1"])
     assert code == 0
     report = json.loads((out / "spec-bench.json").read_text())
-    assert [w for w, _ in report["pass_log"]] == list(widths) * (repeats + 1)
-    assert all(s > 0 for _, s in report["pass_log"])
+    rows = report["verify_by_width"]
+    assert {row["tokens"]: row["passes"] for row in rows} == {w: repeats + 1 for w in widths}
+    assert all(row["first_seconds"] > 0 and row["min_seconds"] > 0 for row in rows)
     assert [c["passes"] for c in report["curve"]] == [repeats] * len(widths)
-    one = next(c for c in report["curve"] if c["tokens"] == 1)["median_s"]
-    for c in report["curve"]:
-        assert c["over_1_token"] == c["median_s"] / one
+    one = next(c for c in report["curve"] if c["tokens"] == 1)["mean_s"]
+    for c, row in zip(report["curve"], rows):
+        # round 0 (each width's first pass) left out
+        assert c["mean_s"] == pytest.approx((row["seconds"] - row["first_seconds"]) / repeats)
+        assert c["min_s"] == row["min_seconds"] <= c["mean_s"]
+        assert c["over_1_token"] == c["mean_s"] / one
     assert report["streamed_layers"] == 3 and report["accepted"] == 0
     # the prompt the tool drew, decoded by transformers: the filler never changes the output
     gen = torch.Generator().manual_seed(0)

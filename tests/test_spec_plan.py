@@ -290,7 +290,7 @@ def test_auto_rule_widest_pass_within_its_slack_and_the_caps():
 
 
 def pass_widths(metrics: Path) -> list[int]:
-    return [width for width, _ in json.loads(metrics.read_text())["speculation"]["pass_log"]]
+    return [row["tokens"] for row in json.loads(metrics.read_text())["speculation"]["verify_by_width"]]
 
 
 def test_cli_spec_tokens_auto_is_the_default_and_a_number_wins(pair, tmp_path):
@@ -324,15 +324,17 @@ def test_summary_line_shows_passes_tokens_per_pass_times_per_pass_and_acceptance
         r = ringllm(*common, *flags, "--metrics-json", str(metrics))
         assert r.returncode == 0, r.stderr
         spec = json.loads(metrics.read_text())["speculation"]
-        log = spec["pass_log"]
+        rows = spec["verify_by_width"]
+        passes_by_width = sum(row["passes"] for row in rows)
         m = re.search(r"(\d+) tokens in (\d+) decode passes \(([\d.]+) tokens per pass\), (\d+)/(\d+) drafts "
                       r"accepted \((\d+)%\); per pass: draft ([\d.]+) ms, verify ([\d.]+) ms", r.stderr)
         assert m, r.stderr
         tokens, passes, per_pass, accepted, drafted, pct, draft_ms, verify_ms = m.groups()
-        # against the run's own records: the pass log (one entry a pass) and the counts
-        assert int(passes) == len(log) == spec["passes"] and int(tokens) == spec["tokens"] == 11
-        assert float(per_pass) == pytest.approx(11 / len(log), abs=0.005)
+        # against the run's own records: the passes of each width, and the counts
+        assert int(passes) == passes_by_width == spec["passes"] and int(tokens) == spec["tokens"] == 11
+        assert float(per_pass) == pytest.approx(11 / passes_by_width, abs=0.005)
         assert (int(accepted), int(drafted)) == (spec["accepted"], spec["drafted"])
         assert int(pct) == round(100 * spec["accepted"] / spec["drafted"])
-        assert float(verify_ms) == pytest.approx(1e3 * sum(s for _, s in log) / len(log), abs=0.05)
-        assert float(draft_ms) == pytest.approx(1e3 * spec["draft_seconds"] / len(log), abs=0.05)
+        assert float(verify_ms) == pytest.approx(1e3 * sum(row["seconds"] for row in rows) / passes_by_width,
+                                                 abs=0.05)
+        assert float(draft_ms) == pytest.approx(1e3 * spec["draft_seconds"] / passes_by_width, abs=0.05)
