@@ -373,7 +373,7 @@ def frames(msg) -> list[bytes]:
     data = _pack(msg)
     if len(data) <= MESSAGE_BYTES or not getattr(msg, "IN_PARTS", False):
         return [encode(msg)]
-    room = MESSAGE_BYTES - PART_HEADER
+    room = MESSAGE_BYTES - PART_HEADER      # [P12] a report of any size, in pieces under the cap
     pieces = [data[i:i + room] for i in range(0, len(data), room)]
     return [encode(Part(os.getpid(), i == len(pieces) - 1, piece)) for i, piece in enumerate(pieces)]
 
