@@ -65,7 +65,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1.0 = off")
     p.add_argument("--top-k", type=int, default=0, help="top-k sampling; 0 = off")
-    p.add_argument("--seed", type=int, default=None, help="seed for sampling (default: random)")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling, a 64-bit integer (default: random)")
     p.add_argument("--draft", default=None, metavar="ngram|DIR",
                    help="speculative decoding, greedy only: 'ngram' verifies prompt-lookup drafts; a DIR here is "
                         "the same as --draft-model DIR; several tokens per weight pass (default: off)")

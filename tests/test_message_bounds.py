@@ -164,3 +164,34 @@ def test_every_message_type_fits_the_cap_at_the_largest_size_a_run_gives_it():
     for msg in (finished, stats, ready):
         assert roundtrip(msg) == msg
     assert set(built) == set(ch._KINDS.values()), set(ch._KINDS.values()) - set(built)
+
+
+# --- a seed is the one integer a client chooses freely: it must fit 64 bits (Submit's seed field) ----
+
+def test_a_seed_beyond_64_bits_is_refused_by_the_command_in_one_line(tmp_path):
+    d = tmp_path / "m"
+    make_model_dir(d, num_hidden_layers=1)
+    r = ringllm("generate", "--model", str(d), "--device", "cpu", "--resident", "--prompt", "w9 w10",
+                "--max-new-tokens", "2", "--temperature", "1", "--seed", str(2**64), timeout=120)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"ringllm: error: --seed must be a 64-bit integer (-2**63 .. 2**64 - 1), got {2**64}"), r.stderr
+
+
+def test_a_seed_beyond_64_bits_is_a_bad_request_that_fails_alone(tmp_path):
+    import openai
+
+    from tests.test_serve import MODEL_NAME, LiveServer
+
+    d = tmp_path / "m"
+    make_model_dir(d, num_hidden_layers=1)
+    server = LiveServer(d)
+    try:
+        client = server.client()
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model=MODEL_NAME, prompt="w5 w6", max_tokens=2, temperature=1, seed=2**70)
+        assert "--seed must be a 64-bit integer" in err.value.message
+        ok = client.completions.create(model=MODEL_NAME, prompt="w5 w6", max_tokens=2, temperature=1, seed=2**64 - 1)
+        assert ok.usage.completion_tokens == 2
+    finally:
+        server.close()

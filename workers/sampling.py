@@ -38,3 +38,6 @@ class SamplingParams:
         for token, bias in self.logit_bias:
             if not -100 <= bias <= 100:
                 raise RingllmError(f"logit_bias of token {token} must be in [-100, 100], got {bias}")
+        # torch's generators take 64 bits, and so does a served request's Submit message (msgpack)
+        if self.seed is not None and not -2**63 <= self.seed < 2**64:
+            raise RingllmError(f"--seed must be a 64-bit integer (-2**63 .. 2**64 - 1), got {self.seed}")
