@@ -195,3 +195,18 @@ def test_a_seed_beyond_64_bits_is_a_bad_request_that_fails_alone(tmp_path):
         assert ok.usage.completion_tokens == 2
     finally:
         server.close()
+
+
+def test_reports_of_several_senders_in_parts_are_rejoined_each_on_its_own():
+    """Tensor-parallel ranks share the supervisor's queue: their Finished parts may interleave."""
+    from ringllm.shm.channel import Finished, Part, PartedMessages, decode, frames
+
+    mine = Finished({"rank": 0, "table": list(range(2000))})
+    other = Finished({"rank": 1, "table": [-t for t in range(2000)]})
+    a = [decode(f) for f in frames(mine)]
+    b = [Part(a[0].sender + 1, p.last, p.data) for p in map(decode, frames(other))]
+    assert len(a) > 2 and len(b) > 2 and all(isinstance(p, Part) for p in a + b)
+    parted, whole = PartedMessages(), []
+    for pa, pb in zip(a, b):
+        whole += [m for m in (parted.add(pb), parted.add(pa)) if m is not None]
+    assert whole == [other, mine] and parted.pending == {}
