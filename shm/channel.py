@@ -7,8 +7,8 @@ table each process got at start; prompts go as process arguments), and the coord
 blocks on a full queue (`try_send` + its own outbox). No message grows with the length of a run
 ([P12]); a field whose size a run decides is bounded by design, each kind its own way:
 - a step's tokens travel as several `Tokens` messages of at most TOKEN_ROWS rows
-  (`token_messages`, put together again by `TokenRows`); `ringllm serve`'s prompts and engine
-  steps likewise (`submit_messages`, `event_messages`);
+  (`token_messages`, put together again by `TokenRows`); `ringllm serve`'s prompts, options and
+  engine steps likewise (`submit_messages`, `option_messages`, `event_rows`, `event_messages`);
 - a `Fatal` cuts its text to fit, by encoded bytes (`fit_text`);
 - the reports whose dicts a run fills (`Ready`'s info, `Finished`'s and `Stats`' stats: fixed
   keys, and a speculation table of at most spec_tokens + 1 rows) travel IN_PARTS: `Channel.send`
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import msgpack
 import posix_ipc
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 QUEUE_MESSAGES = 10
 MESSAGE_BYTES = 1024
 
