@@ -13,6 +13,7 @@ table (changed by step()'s thread only, read by the properties from any thread).
 from __future__ import annotations
 
 import threading
+import logging
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -23,7 +24,9 @@ from ringllm.workers.generation import Sampler
 from ringllm.workers.model import DecodeRows, KVCache, Llama, PrefillChunk, SegmentPass
 from ringllm.workers.sampling import SamplingParams
 
-STOP, LENGTH, CANCELLED = "stop", "length", "cancelled"
+STOP, LENGTH, CANCELLED, ERROR = "stop", "length", "cancelled", "error"
+
+log = logging.getLogger("ringllm")
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,7 @@ class BatchRequest:
 class TokenEvent:
     id: str
     token: int | None                # None only on a finish event without a new token (cancel)
-    finish: str | None = None        # None, "stop" (EOS), "length" (max_tokens), "cancelled"
+    finish: str | None = None        # None, "stop" (EOS), "length" (max_tokens), "cancelled", "error"
     prompt_tokens: int = 0           # filled on the finish event
     completion_tokens: int = 0       # filled on the finish event
 
@@ -95,7 +98,7 @@ class BatchEngine:
         self.cache = KVCache(model.cfg, max_batch, max_context, model.dtype, model.device)
         self._pass = SegmentPass(model)
         self._lock = threading.Lock()
-        self._waiting: deque[BatchRequest] = deque()
+        self._waiting: deque[tuple[BatchRequest, Sampler]] = deque()
         self._cancels: set[str] = set()
         self._live: set[str] = set()                  # ids waiting or running
         self._active: dict[int, _Active] = {}         # row -> request; step()'s thread only
@@ -103,13 +106,18 @@ class BatchEngine:
 
     # --- any thread --------------------------------------------------------------------------
     def submit(self, req: BatchRequest) -> None:
-        """Queue a request; it joins the batch at the next step with a free row."""
+        """Queue a request; it joins the batch at the next step with a free row. Everything it
+        needs is built here, so that whatever a request holds wrong fails it now, not a pass."""
         req.check(self.max_context)
+        try:
+            sampler = Sampler(req.sampling, self.model.device)
+        except Exception as err:
+            raise RingllmError(f"request {req.id}: {err}") from None
         with self._lock:
             if req.id in self._live:
                 raise RingllmError(f"request id {req.id!r} is already queued or running")
             self._live.add(req.id)
-            self._waiting.append(req)
+            self._waiting.append((req, sampler))
 
     def cancel(self, request_id: str) -> None:
         """The request leaves at the next step, which frees its row and returns its
@@ -183,17 +191,17 @@ class BatchEngine:
                     events.append(a.finish_event(None, CANCELLED))
                     self._release(a)
             kept = deque()
-            for req in self._waiting:
+            for req, sampler in self._waiting:
                 if req.id in cancels:
                     events.append(TokenEvent(req.id, None, CANCELLED, len(req.prompt), 0))
                     self._live.discard(req.id)
                 else:
-                    kept.append(req)
+                    kept.append((req, sampler))
             self._waiting = kept
             while self._waiting and self._free:
-                req = self._waiting.popleft()
+                req, sampler = self._waiting.popleft()
                 row = self._free.pop()
-                self._active[row] = _Active(req, row, Sampler(req.sampling, self.model.device))
+                self._active[row] = _Active(req, row, sampler)
         return events
 
     def _release(self, a: _Active) -> None:
@@ -206,18 +214,27 @@ class BatchEngine:
 
     def _draw(self, drawing: list[_Active], logits: torch.Tensor) -> list[TokenEvent]:
         """One token per request from its logits row, with its own sampler (own generator: a
-        seeded request draws the same tokens whatever else is in the batch)."""
-        greedy = [i for i, a in enumerate(drawing) if a.sampler.params.temperature == 0]
-        tokens: list[int] = [0] * len(drawing)
+        seeded request draws the same tokens whatever else is in the batch). A request whose
+        draw fails ends alone, with an "error" finish event."""
+        greedy = [i for i, a in enumerate(drawing) if a.sampler.params.greedy]
+        tokens: list[int | None] = [0] * len(drawing)
         if greedy:       # one host sync for all greedy rows
             for i, tok in zip(greedy, logits[greedy].argmax(-1).tolist()):
                 tokens[i] = tok
         for i, a in enumerate(drawing):
-            if a.sampler.params.temperature != 0:
-                tokens[i] = int(a.sampler(logits[i:i + 1])[0])
+            if not a.sampler.params.greedy:
+                try:
+                    tokens[i] = int(a.sampler(logits[i:i + 1])[0])
+                except Exception:
+                    log.exception("request %s: sampling failed; ending that request", a.req.id)
+                    tokens[i] = None
         events = []
         with self._lock:
             for a, tok in zip(drawing, tokens):
+                if tok is None:
+                    events.append(a.finish_event(None, ERROR))
+                    self._release(a)
+                    continue
                 a.generated.append(tok)
                 if tok in a.req.eos_ids:
                     events.append(a.finish_event(tok, STOP))

@@ -1,9 +1,10 @@
 """OpenAI request bodies -> validated generation parameters, and the OpenAI error shape."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-from ringllm.workers.sampling import SamplingParams
+from ringllm.workers.sampling import SEED_MAX, SEED_MIN, SamplingParams
 
 MAX_STOP_STRINGS = 4
 DEFAULT_COMPLETION_TOKENS = 16     # /v1/completions' default in the OpenAI API
@@ -34,18 +35,20 @@ class GenerationParams:
     include_usage: bool             # stream_options.include_usage: a last chunk with the usage
 
 
-def _number(body: dict, name: str, default, lo: float, hi: float, lo_open: bool = False):
+def _number(body: dict, name: str, default, lo: float, hi: float):
     value = body.get(name)
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise bad(f"{name} must be a number, got {value!r}", name)
-    if value < lo or value > hi or (lo_open and value == lo):
-        raise bad(f"{name} must be in {'(' if lo_open else '['}{lo}, {hi}], got {value}", name)
+    if not math.isfinite(value):       # Python's json reads NaN and Infinity
+        raise bad(f"{name} must be a finite number, got {value}", name)
+    if value < lo or value > hi:
+        raise bad(f"{name} must be in [{lo}, {hi}], got {value}", name)
     return value
 
 
-def _integer(body: dict, name: str, lo: int | None = None):
+def _integer(body: dict, name: str, lo: int | None = None, hi: int | None = None):
     value = body.get(name)
     if value is None:
         return None
@@ -53,6 +56,8 @@ def _integer(body: dict, name: str, lo: int | None = None):
         raise bad(f"{name} must be an integer, got {value!r}", name)
     if lo is not None and value < lo:
         raise bad(f"{name} must be >= {lo}, got {value}", name)
+    if hi is not None and value > hi:
+        raise bad(f"{name} must be <= {hi}, got {value}", name)
     return value
 
 
@@ -68,8 +73,8 @@ def generation_params(body: dict, chat: bool) -> GenerationParams:
     if not chat and max_tokens is None:
         max_tokens = DEFAULT_COMPLETION_TOKENS
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
-    top_p = _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
-    seed = _integer(body, "seed")
+    top_p = _number(body, "top_p", 1.0, 0.0, 1.0)      # 0: the top token only, as OpenAI takes it
+    seed = _integer(body, "seed", SEED_MIN, SEED_MAX)
     stop = body.get("stop")
     if stop is None:
         stop = []
