@@ -380,6 +380,8 @@ def serve_requests(args: GpuArgs, model, source, sup: Channel, reader) -> None:
             engine.cancel(str(msg.id))
         elif isinstance(msg, Submit):
             prompt = parts.pop(msg.id, []) + list(msg.tokens)
+            for stale in [i for i in parts if i < msg.id]:    # ids rise: a request whose Submit never came
+                del parts[stale]
             if len(prompt) != msg.prompt_len:      # a protocol bug, not a user error
                 raise RingllmError(f"request {msg.id}: {len(prompt)} prompt tokens arrived of {msg.prompt_len}")
             seed = msg.seed
@@ -388,7 +390,7 @@ def serve_requests(args: GpuArgs, model, source, sup: Channel, reader) -> None:
             sampling = SamplingParams(msg.temperature, msg.top_p, msg.top_k, seed)
             try:
                 engine.submit(BatchRequest(str(msg.id), tuple(prompt), msg.max_tokens, sampling, tuple(msg.eos_ids)))
-            except RingllmError:     # the supervisor checked it first; answer rather than die
+            except Exception:     # the supervisor checked it first; one request's fault fails it alone
                 log.warning("request %d refused", msg.id, exc_info=True)
                 refused.append([msg.id, None, "error", len(prompt), 0])
 
