@@ -134,11 +134,13 @@ class AutoChoice:
 
 
 def auto_tune(layout: ModelLayout, machine: Machine, batch: int, max_seq: int, dtype: str,
-              embed_on_host: bool, spec=None, gpu_layout: ModelLayout | None = None) -> AutoChoice:
+              embed_on_host: bool, spec=None, gpu_layout: ModelLayout | None = None,
+              pass_tokens: int | None = None) -> AutoChoice:
     """spec: the run's speculation (workers.spec_plan.SpecPlan): its draft model and verify
     logits take their bytes before any layer is kept on the GPU. gpu_layout: what one GPU holds
     of each layer (a tensor-parallel rank's share, checkpoint.sharding); the GPU's buffers and
-    resident layers are planned with it, the DRAM ring with the whole layers (default: layout)."""
+    resident layers are planned with it, the DRAM ring with the whole layers (default: layout).
+    pass_tokens: the most tokens one pass carries (memory_plan.plan_gpu_memory)."""
     whole, layout = layout, gpu_layout or layout
     from ringllm.config import EngineConfig, weight_scale, with_layer_cache_for_groups
     from ringllm.workers.memory_plan import layers_that_fit, plan_gpu_memory
@@ -177,7 +179,7 @@ def auto_tune(layout: ModelLayout, machine: Machine, batch: int, max_seq: int, d
     if cuda:
         planned = with_layer_cache_for_groups({"gpu_ahead_layers": ahead, "gpu_max_groups": groups}, scale)
         engine = EngineConfig(**planned)       # the group buffers that will run
-        plan = plan_gpu_memory(layout, engine, batch, max_seq, dtype, embed_on_host, spec)
+        plan = plan_gpu_memory(layout, engine, batch, max_seq, dtype, embed_on_host, spec, pass_tokens)
         resident = layers_that_fit(layout, plan, budget)
         stored = f"{dtype}, FP8 weights as stored" if layout.quantized else dtype
         reasons["gpu_resident_layers"] = (

@@ -17,7 +17,7 @@ log = logging.getLogger("ringllm")
 
 def build_engine_config(args, model_dir, max_seq: int = 2048, batch: int = 1, layout=None,
                         device: str | None = None, dtype_name: str | None = None, spec=None,
-                        measured: dict | None = None, plan_layout=None):
+                        measured: dict | None = None, plan_layout=None, pass_tokens: int | None = None):
     """The engine parameters: preset < environment < --set < flags. Given the model's layout
     (generate), the ring is fitted to the model too: never more slots than layers that stream
     and, without a preset, a slot for every streamed layer when they fit in DRAM (what --preset
@@ -25,7 +25,8 @@ def build_engine_config(args, model_dir, max_seq: int = 2048, batch: int = 1, la
     pinned (CPU_PINNED_LAYERS, autotune.tier_split). Each adjustment is one printed line.
     spec: the run's speculation (workers.spec_plan.SpecPlan), planned with the GPU memory;
     measured: filled with what --measure measured ("h2d_gbps"), for --spec-tokens auto;
-    plan_layout: the bytes one GPU holds of each layer (a tensor-parallel rank's share), default layout."""
+    plan_layout: the bytes one GPU holds of each layer (a tensor-parallel rank's share), default layout;
+    pass_tokens: the most tokens one pass carries (memory_plan.plan_gpu_memory; serve's chunked prefill)."""
     from ringllm.autotune import describe_ring, describe_tiers, final_lines, ring_fit, tier_split
     from ringllm.config import (PRESETS, default_loader_count, env_parameters, parse_bytes, preset_values_for,
                                 resolve_config, weight_scale)
@@ -47,7 +48,7 @@ def build_engine_config(args, model_dir, max_seq: int = 2048, batch: int = 1, la
     auto, preset_values, label = None, None, "--preset auto"
     if args.preset == "auto":
         auto = auto_preset(args, layout, model_dir, device, loaders, gpu_mem, batch, max_seq, dtype_name, spec,
-                           plan_layout)
+                           plan_layout, pass_tokens)
         if measured is not None and auto.machine.h2d_gbps:
             measured["h2d_gbps"] = auto.machine.h2d_gbps
         preset_values = dict(auto.values)
@@ -64,7 +65,8 @@ def build_engine_config(args, model_dir, max_seq: int = 2048, batch: int = 1, la
     # what streams decides the ring; the settings decide what streams (a first pass, unchecked)
     first = resolve_config(preset_values=preset_values, check=False, **common).engine
     n = layout.config.num_layers
-    resident = planned_resident_layers(plan_layout or layout, first, batch, max_seq, dtype_name, device, spec=spec)
+    resident = planned_resident_layers(plan_layout or layout, first, batch, max_seq, dtype_name, device, spec=spec,
+                                       pass_tokens=pass_tokens)
     streamed = n - resident if resident is not None else n
     fit = None
     if args.preset is None:
@@ -136,7 +138,7 @@ def _dram_limited(args) -> int:
 
 
 def auto_preset(args, layout, model_dir, device: str, loaders: int, gpu_mem: int | None, batch: int,
-                max_seq: int, dtype_name: str, spec=None, gpu_layout=None):
+                max_seq: int, dtype_name: str, spec=None, gpu_layout=None, pass_tokens: int | None = None):
     """--preset auto: measure what is asked, choose (autotune.AutoChoice)."""
     from ringllm.autotune import Machine, auto_tune
 
@@ -166,7 +168,7 @@ def auto_preset(args, layout, model_dir, device: str, loaders: int, gpu_mem: int
         log.info("disk read by the loaders: %s GB/s", ", ".join(f"{k}: {rate:.2f}" for k, rate in per.items()))
         h2d = _measure_h2d(device)
     machine = Machine(budget, ring_room, loaders, h2d, disk, device, budget_from, room_from)
-    return auto_tune(layout, machine, batch, max_seq, dtype_name, device == "cuda", spec, gpu_layout)
+    return auto_tune(layout, machine, batch, max_seq, dtype_name, device == "cuda", spec, gpu_layout, pass_tokens)
 
 
 def layout_dtype_name(layout) -> str:

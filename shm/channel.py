@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import msgpack
 import posix_ipc
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 QUEUE_MESSAGES = 10
 MESSAGE_BYTES = 1024
 
@@ -167,18 +167,46 @@ class Cancel:
     id: int
 
 
+@message(16)
+class Options:
+    """What a request asks beyond Submit's fields, sent before its Submit (several when logit_bias
+    is long: their pairs add up): logprobs (top alternatives, None: no logprobs), the prompt's
+    logprobs too (echo), OpenAI's penalties, logit_bias as [token, bias] pairs."""
+    id: int
+    logprobs: int | None
+    prompt_logprobs: bool
+    presence_penalty: float
+    frequency_penalty: float
+    logit_bias: list
+
+
 @message(6)
 class Events:
-    """One engine step's TokenEvents as [id, token, finish, prompt_tokens, completion_tokens]
-    rows; a step too big for one message comes as several, `last` set on its final one.
-    forward: the step ran a weight pass (a step that only drops cancelled requests does not)."""
+    """One engine step's TokenEvents as rows [id, token, finish, prompt_tokens, completion_tokens,
+    logprob, prompt_logprobs] (event_rows); a step too big for one message comes as several,
+    `last` set on its final one. forward: the step ran a weight pass (a step that only drops
+    cancelled requests does not)."""
     forward: bool
     last: bool
     events: list
 
 
-def submit_messages(id: int, prompt: list, max_tokens: int, sampling, eos_ids: list) -> list:
-    """A request as PromptPart messages and the Submit that ends it, each under the cap."""
+LOGIT_BIAS_PAIRS = 50      # [token, bias] pairs an Options message carries (15 bytes each at most)
+
+
+def option_messages(id: int, sampling, logprobs: int | None, prompt_logprobs: bool) -> list:
+    """A request's Options messages: none when it asks for nothing beyond Submit's fields."""
+    bias = [list(pair) for pair in sampling.logit_bias]
+    if logprobs is None and not prompt_logprobs and not sampling.adjusts_logits:
+        return []
+    return [Options(id, logprobs, prompt_logprobs, float(sampling.presence_penalty),
+                    float(sampling.frequency_penalty), bias[i:i + LOGIT_BIAS_PAIRS])
+            for i in range(0, max(1, len(bias)), LOGIT_BIAS_PAIRS)]
+
+
+def submit_messages(id: int, prompt: list, max_tokens: int, sampling, eos_ids: list,
+                    logprobs: int | None = None, prompt_logprobs: bool = False) -> list:
+    """A request as Options and PromptPart messages and the Submit that ends it, each under the cap."""
     def submit(tokens):
         return Submit(id, len(prompt), tokens, max_tokens, float(sampling.temperature), float(sampling.top_p),
                       int(sampling.top_k), sampling.seed, list(eos_ids))
@@ -188,16 +216,38 @@ def submit_messages(id: int, prompt: list, max_tokens: int, sampling, eos_ids: l
     if room < 1:
         raise ValueError(f"{len(eos_ids)} EOS ids do not fit a Submit message")
     head, last = prompt[:max(0, len(prompt) - room)], prompt[max(0, len(prompt) - room):]
-    return [PromptPart(id, head[i:i + part]) for i in range(0, len(head), part)] + [submit(last)]
+    return (option_messages(id, sampling, logprobs, prompt_logprobs)
+            + [PromptPart(id, head[i:i + part]) for i in range(0, len(head), part)] + [submit(last)])
 
 
-EVENT_BYTES = 32     # an event row: id, token (< 2**32), a finish name, two counts
+# A logprob entry [token, logprob, [[token, logprob] x top <= 20]] takes at most 325 bytes, so a row
+# of PROMPT_ENTRIES entries stays well under the cap; a long prompt's logprobs go as many rows.
+PROMPT_ENTRIES = 2
+
+
+def event_rows(id: int, token, finish, prompt_tokens: int, completion_tokens: int, logprob=None,
+               prompt_logprobs=()) -> list:
+    """One TokenEvent (workers.batching) as Events rows: the prompt's logprobs first, in rows of
+    PROMPT_ENTRIES entries (id, nothing else), then the event's own row unless it only carried those."""
+    rows = [[id, None, None, 0, 0, None, list(prompt_logprobs[i:i + PROMPT_ENTRIES])]
+            for i in range(0, len(prompt_logprobs), PROMPT_ENTRIES)]
+    if token is not None or finish is not None or not rows:
+        rows.append([id, token, finish, prompt_tokens, completion_tokens, logprob, []])
+    return rows
 
 
 def event_messages(rows: list, forward: bool) -> list:
-    """A step's event rows in as many Events messages as the cap needs (at least one)."""
-    per = (MESSAGE_BYTES - 16) // EVENT_BYTES
-    parts = [rows[i:i + per] for i in range(0, len(rows), per)] or [[]]
+    """A step's event rows in as many Events messages as the cap needs (at least one), packed by
+    their encoded size (a row with logprobs is ten times one without)."""
+    room = MESSAGE_BYTES - len(encode(Events(forward, False, []))) - 2   # the list's header grows to 3 bytes
+    parts, size = [[]], 0
+    for row in rows:
+        n = len(msgpack.packb(row, use_bin_type=True))
+        if parts[-1] and size + n > room:
+            parts.append([])
+            size = 0
+        parts[-1].append(row)
+        size += n
     return [Events(forward, i == len(parts) - 1, part) for i, part in enumerate(parts)]
 
 

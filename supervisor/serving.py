@@ -26,7 +26,7 @@ from ringllm.checkpoint.errors import RingllmError
 from ringllm.shm.channel import Cancel, Events, Fatal, Ready, submit_messages
 from ringllm.shm.resources import run_id_of, sweep, system_pinned_bytes
 from ringllm.supervisor.checks import check_dram
-from ringllm.workers.batching import BatchRequest, TokenEvent
+from ringllm.workers.batching import BatchRequest, TokenEvent, TokenLogprob
 from ringllm.workers.sampling import SamplingParams
 
 log = logging.getLogger("ringllm")
@@ -132,7 +132,8 @@ class ServedEngine:
                 raise RingllmError(f"request id {req.id!r} is already queued or running")
             wire, self._next_id = self._next_id, self._next_id + 1
             try:
-                for msg in submit_messages(wire, list(req.prompt), req.max_tokens, req.sampling, list(req.eos_ids)):
+                for msg in submit_messages(wire, list(req.prompt), req.max_tokens, req.sampling, list(req.eos_ids),
+                                           req.logprobs, req.prompt_logprobs):
                     self._gpu_queue().send(msg, timeout=SEND_TIMEOUT_S)
             except posix_ipc.BusyError:     # prompt parts already sent are dropped by the next Submit
                 raise EngineBusy(f"the GPU process took no request for {SEND_TIMEOUT_S:.0f} s "
@@ -213,7 +214,7 @@ class ServedEngine:
     def _events(self, rows: list) -> list[TokenEvent]:
         events = []
         with self._lock:
-            for wire, token, finish, prompt_tokens, completion_tokens in rows:
+            for wire, token, finish, prompt_tokens, completion_tokens, logprob, prompt_logprobs in rows:
                 rid = self._ids.get(wire)
                 if rid is None:
                     continue
@@ -222,5 +223,14 @@ class ServedEngine:
                     self._seen.pop(wire, None)
                 elif token is not None:
                     self._seen[wire] = self._seen.get(wire, self._prompt[wire]) + 1
-                events.append(TokenEvent(rid, token, finish, prompt_tokens, completion_tokens))
+                events.append(TokenEvent(rid, token, finish, prompt_tokens, completion_tokens, _logprob(logprob),
+                                         tuple(_logprob(e) for e in prompt_logprobs)))
         return events
+
+
+def _logprob(entry) -> TokenLogprob | None:
+    """A TokenLogprob from its wire form [token, logprob, [[token, logprob], ...]]."""
+    if entry is None:
+        return None
+    token, logprob, top = entry
+    return TokenLogprob(token, logprob, tuple(tuple(pair) for pair in top))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import subprocess
 
-from ringllm.workers.memory_plan import planned_resident_layers
+from ringllm.workers.memory_plan import planned_resident_layers, serve_pass_tokens
 
 CUDA_CONTEXT_BYTES = 1 << 30     # what the GPU process's CUDA context takes before it measures
 
@@ -31,17 +31,19 @@ def free_gpu_bytes_nvidia_smi(timeout_s: float = 5.0) -> int | None:
 
 
 def resident_estimate(layout, engine, batch: int, max_seq: int, dtype: str, device: str,
-                      spec=None) -> int | None:
+                      spec=None, serving: bool = False) -> int | None:
     """GPU-resident layers as the GPU process will choose them, or None when unknown. spec: the
-    run's workers.spec_plan.SpecPlan, as the GPU process plans with it."""
-    exact = planned_resident_layers(layout, engine, batch, max_seq, dtype, device, spec=spec)
+    run's workers.spec_plan.SpecPlan, as the GPU process plans with it; serving: `ringllm serve`'s
+    batch rows of max_seq slots, whose passes carry at most memory_plan.serve_pass_tokens."""
+    pass_tokens = serve_pass_tokens(batch, max_seq) if serving else None
+    exact = planned_resident_layers(layout, engine, batch, max_seq, dtype, device, spec=spec, pass_tokens=pass_tokens)
     if exact is not None or device != "cuda":
         return exact
     free = free_gpu_bytes_nvidia_smi()
     if free is None:
         return None
     return planned_resident_layers(layout, engine, batch, max_seq, dtype, device,
-                                   max(0, free - CUDA_CONTEXT_BYTES), spec=spec)
+                                   max(0, free - CUDA_CONTEXT_BYTES), spec=spec, pass_tokens=pass_tokens)
 
 
 def startup_phases(run_started: float, gpu: dict, coordinator: dict, first_token_at: float | None,

@@ -251,7 +251,7 @@ class Supervisor:
                 len(prompts), cache_slots(max(map(len, prompts)), max_new_tokens, sampling))
             # with ranks, each GPU holds its share of a layer: plan rank 0's, the largest
             estimate = resident_estimate(self.parallel.planned_layout(self.layout), self.engine, batch, max_seq,
-                                         self.dtype, self.device, spec_plan(sampling))
+                                         self.dtype, self.device, spec_plan(sampling), serving=serve is not None)
         n_layers = self.layout.config.num_layers
         # what the GPU process will read itself, read while it starts (supervisor.prefetch)
         self.warmer = start_weight_warmer(self.layout, estimate, spare_dram(self.ring_total, self.dram_headroom))

@@ -160,7 +160,9 @@ def test_cancel_frees_its_row_for_an_exact_newcomer(tiny):
     events = engine.step()
     cancelled = {e.id: e for e in events if e.finish == "cancelled"}
     assert set(cancelled) == {"a", "w"} and all(e.token is None for e in cancelled.values())
-    assert cancelled["a"].prompt_tokens == 6 and cancelled["a"].completion_tokens == 4
+    # a shared the first pass's 8 prompt tokens with b (4 each): its first token came at the
+    # second pass, then one a pass
+    assert cancelled["a"].prompt_tokens == 6 and cancelled["a"].completion_tokens == 3
     assert (engine.running, engine.free_rows, engine.waiting) == (1, 1, 0), "the cancelled row was not freed"
     tokens, finished, _ = run(engine, {0: [BatchRequest("c", c, 10, GREEDY)]})
     assert tokens["c"] == hf_greedy_cached(hf, list(c), 10), "the request in the reused row differs from alone"
@@ -246,3 +248,45 @@ def test_submit_and_cancel_from_another_thread(tiny):
     for i, p in enumerate(prompts):
         assert tokens[f"t{i}"] == hf_greedy_cached(hf, list(p), 6), f"t{i} differs from alone"
     assert engine.idle() and engine.free_rows == 3
+
+
+def test_a_long_prompt_does_not_starve_newcomers(tiny):
+    """The pass's prefill budget is shared: a short prompt that joins while a long one is being
+    prefilled gets its first token one pass after it joins, and the chunk boundaries that sharing
+    makes (uneven, changing every pass) leave every request's tokens equal to transformers' alone."""
+    hf, model = tiny
+    long, short, other = random_prompts([200, 3, 8], seed=8)
+    engine = BatchEngine(model, max_batch=3, max_context=256, prefill_chunk=16)
+    schedule = {0: [BatchRequest("long", long, 4, GREEDY)],
+                1: [BatchRequest("short", short, 4, GREEDY)],
+                3: [BatchRequest("other", other, 4, GREEDY)]}
+    tokens, finished, per_step = run(engine, schedule)
+    first = {rid: next(s for s, events in enumerate(per_step) if any(e.id == rid for e in events))
+             for rid in schedule_ids(schedule)}
+    # joined at step 1 / 3: the first token comes in the pass it joins (its whole prompt fits its share)
+    assert first["short"] == 1, f"the 3-token prompt waited {first['short'] - 1} passes behind the long one"
+    assert first["other"] == 3, f"the 8-token prompt waited {first['other'] - 3} passes behind the long one"
+    # no budget is lost: the long prompt took what the short ones left (211 prompt tokens at 16 a
+    # pass: 14 passes, one more than its 200 tokens alone)
+    assert first["long"] == 13, f"the long prompt's first token at step {first['long']}"
+    for rid, p in (("long", long), ("short", short), ("other", other)):
+        assert tokens[rid] == hf_greedy_cached(hf, list(p), 4), f"{rid} differs from alone"
+    assert engine.free_rows == 3 and engine.kv_tokens_used == 0
+
+
+def test_prefill_budget_smaller_than_the_prompts_waiting(tiny):
+    """With more prompts prefilling than the pass has budget, each still gets a token a pass, so
+    none waits for the others' prompts; the tokens equal transformers' alone."""
+    hf, model = tiny
+    prompts = random_prompts([7, 5, 6], seed=10)
+    engine = BatchEngine(model, max_batch=3, max_context=64, prefill_chunk=2)
+    tokens, _, per_step = run(engine, {0: [BatchRequest(f"p{i}", p, 3, GREEDY) for i, p in enumerate(prompts)]})
+    first = {f"p{i}": next(s for s, events in enumerate(per_step) if any(e.id == f"p{i}" for e in events))
+             for i in range(3)}
+    assert first == {"p0": 6, "p1": 4, "p2": 5}, first    # one token a pass each: the prompt's length - 1
+    for i, p in enumerate(prompts):
+        assert tokens[f"p{i}"] == hf_greedy_cached(hf, list(p), 3), f"p{i} differs from alone"
+
+
+def schedule_ids(schedule: dict[int, list[BatchRequest]]) -> list[str]:
+    return [req.id for reqs in schedule.values() for req in reqs]

@@ -239,13 +239,15 @@ def killed_mid_stream_means_503_nonzero_exit_nothing_left(server: ServerProcess,
 
 def test_kv_rows_over_the_gpu_cap_refused_in_one_line(tiny):
     model_dir, _ = tiny
+    # 2048 rows of 256 slots: a KV cache of 384 MiB alone (3 layers x k, v x 2 heads x 16 x 4 bytes
+    # a slot), over the cap whatever the rest takes
     r = subprocess.run([sys.executable, "-m", "ringllm", "serve", "--model", str(model_dir), "--port",
-                        str(free_port()), *STREAMING, "--gpu-mem", "300MiB", "--max-batch", "64"],
+                        str(free_port()), *STREAMING, "--gpu-mem", "300MiB", "--max-batch", "2048"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1, r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("ringllm: error:")]
-    assert len(errors) == 1 and "--gpu-mem 300.0 MiB" in errors[0] and "KV cache" in errors[0], r.stderr
-    assert "memory plan: 64 sequences (--max-batch) of 256 tokens" in r.stderr, r.stderr
+    assert len(errors) == 1 and "--gpu-mem 300.0 MiB" in errors[0] and "KV cache 384.0 MiB" in errors[0], r.stderr
+    assert "memory plan: 2048 sequences (--max-batch) of 256 tokens" in r.stderr, r.stderr
 
 
 def test_request_and_event_messages_keep_to_the_cap():

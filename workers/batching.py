@@ -3,8 +3,9 @@ done (EOS, max_tokens, or cancelled), each in its own row of one slot-based KV c
 
 The pass is the unit: step() runs ONE forward of the model (model.SegmentPass), which fetches each
 layer's weights once and applies them to every running decode (T = 1 per row, each row at its own
-position) and to the prefill chunks of newly admitted requests. A prompt longer than the pass's
-prefill budget is prefilled over several passes (chunked prefill), while the others keep decoding.
+position) and to the prefill chunks of newly admitted requests. A prompt longer than its share of
+the pass's prefill budget is prefilled over several passes (chunked prefill), while the others keep
+decoding.
 
 Thread-safety: submit() and cancel() may be called from any thread; step() and the rows it owns
 run on one thread. The lock guards the waiting queue, the cancel set, the live ids and the row
@@ -12,17 +13,19 @@ table (changed by step()'s thread only, read by the properties from any thread).
 """
 from __future__ import annotations
 
-import threading
 import logging
+import threading
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 from ringllm.checkpoint.errors import RingllmError
 from ringllm.workers.generation import Sampler
+from ringllm.workers.memory_plan import PREFILL_CHUNK
 from ringllm.workers.model import DecodeRows, KVCache, Llama, PrefillChunk, SegmentPass
-from ringllm.workers.sampling import SamplingParams
+from ringllm.workers.sampling import MAX_TOP_LOGPROBS, SamplingParams
 
 STOP, LENGTH, CANCELLED, ERROR = "stop", "length", "cancelled", "error"
 
@@ -36,19 +39,55 @@ class BatchRequest:
     max_tokens: int                  # >= 1
     sampling: SamplingParams         # per request: temperature, top_p, top_k, seed
     eos_ids: tuple[int, ...] = ()
+    logprobs: int | None = None      # each new token's logprob and this many top alternatives; None: none
+    prompt_logprobs: bool = False    # also the prompt's tokens' (echo); then max_tokens may be 0
 
     def check(self, max_context: int) -> None:
         """What any engine refuses at submit, in one line naming the limit."""
         if not self.prompt:
             raise RingllmError(f"request {self.id}: the prompt must have at least one token")
-        if self.max_tokens < 1:
+        if self.max_tokens < (0 if self.prompt_logprobs else 1):
             raise RingllmError(f"request {self.id}: max_tokens must be >= 1, got {self.max_tokens}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise RingllmError(f"request {self.id}: logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
+        if self.prompt_logprobs and self.logprobs is None:
+            raise RingllmError(f"request {self.id}: prompt_logprobs needs logprobs")
         total = len(self.prompt) + self.max_tokens
         if total > max_context:
             raise RingllmError(
                 f"request {self.id}: prompt of {len(self.prompt)} tokens + max_tokens {self.max_tokens} = "
                 f"{total} exceeds max_context {max_context}")
         self.sampling.validate()
+
+
+class TokenLogprob(NamedTuple):
+    """A token's log-probability under the model (the raw logits: before logit_bias, penalties,
+    temperature), with the top alternatives as (token, logprob), best first. None for a prompt's
+    first token, which nothing predicts."""
+    token: int
+    logprob: float | None
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def share_prefill_budget(needs: list[int], budget: int) -> list[int]:
+    """Prompt tokens each prefilling request gets this pass (needs: what each has left, oldest
+    first): an even share of the budget, what a short prompt leaves over going to the others, the
+    remainder to the oldest. Each gets at least one token, so that no prompt waits behind another's
+    (a pass then exceeds the budget by less than the number of rows: at most budget + max_batch
+    tokens, which the memory plan counts)."""
+    grants = [0] * len(needs)
+    wanting = list(range(len(needs)))
+    while wanting and budget >= len(wanting):
+        share = budget // len(wanting)
+        for i in wanting:
+            n = min(share, needs[i] - grants[i])
+            grants[i] += n
+            budget -= n
+        wanting = [i for i in wanting if grants[i] < needs[i]]
+    for rank, i in enumerate(wanting):      # fewer tokens left than requests wanting more
+        if rank < budget or grants[i] == 0:
+            grants[i] += 1
+    return grants
 
 
 @dataclass(frozen=True)
@@ -58,6 +97,8 @@ class TokenEvent:
     finish: str | None = None        # None, "stop" (EOS), "length" (max_tokens), "cancelled", "error"
     prompt_tokens: int = 0           # filled on the finish event
     completion_tokens: int = 0       # filled on the finish event
+    logprob: TokenLogprob | None = None          # `token`'s, when the request asked for logprobs
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()   # the next run of prompt tokens' (echo), in order
 
 
 @dataclass
@@ -74,12 +115,12 @@ class _Active:
     def prefilling(self) -> bool:
         return self.cached < len(self.req.prompt)
 
-    def finish_event(self, token: int | None, finish: str) -> TokenEvent:
-        return TokenEvent(self.req.id, token, finish, len(self.req.prompt), len(self.generated))
+    def finish_event(self, token: int | None, finish: str, logprob: TokenLogprob | None = None) -> TokenEvent:
+        return TokenEvent(self.req.id, token, finish, len(self.req.prompt), len(self.generated), logprob)
 
 
 class BatchEngine:
-    def __init__(self, model: Llama, max_batch: int, max_context: int, prefill_chunk: int = 512):
+    def __init__(self, model: Llama, max_batch: int, max_context: int, prefill_chunk: int = PREFILL_CHUNK):
         """max_batch rows of max_context slots each; prefill_chunk: the most prompt tokens one
         pass prefills (over all admitted requests), which bounds a pass's time."""
         if max_batch < 1:
@@ -109,6 +150,10 @@ class BatchEngine:
         """Queue a request; it joins the batch at the next step with a free row. Everything it
         needs is built here, so that whatever a request holds wrong fails it now, not a pass."""
         req.check(self.max_context)
+        vocab = self.model.cfg.vocab_size
+        outside = [t for t, _ in req.sampling.logit_bias if not 0 <= t < vocab]
+        if outside:
+            raise RingllmError(f"request {req.id}: logit_bias names token {outside[0]}, outside the vocabulary of {vocab}")
         try:
             sampler = Sampler(req.sampling, self.model.device)
         except Exception as err:
@@ -153,19 +198,18 @@ class BatchEngine:
     # --- step()'s thread ---------------------------------------------------------------------
     def step(self) -> list[TokenEvent]:
         """One pass: drop cancelled requests, admit waiting ones into free rows, then one forward
-        over every running decode and the prefill chunks that fit the pass's budget."""
+        over every running decode and a chunk of each prompt being prefilled, its share of the
+        pass's prefill budget (share_prefill_budget)."""
         events = self._take_cancels_and_admit()
         decoding = [a for a in self._active.values() if not a.prefilling]
-        prefills, chunked, budget = [], [], self.prefill_chunk
-        for a in [a for a in self._active.values() if a.prefilling]:   # admission order (dict order)
-            if budget == 0:
-                break
+        prefilling = [a for a in self._active.values() if a.prefilling]   # admission order (dict order)
+        grants = share_prefill_budget([len(a.req.prompt) - a.cached for a in prefilling], self.prefill_chunk)
+        prefills, chunked = [], []
+        for a, n in zip(prefilling, grants):
             prompt = a.req.prompt
-            n = min(budget, len(prompt) - a.cached)
             last = a.cached + n == len(prompt)
-            prefills.append(PrefillChunk(a.row, prompt[a.cached:a.cached + n], a.cached, last))
+            prefills.append(PrefillChunk(a.row, prompt[a.cached:a.cached + n], a.cached, last, a.req.prompt_logprobs))
             chunked.append((a, n, last))
-            budget -= n
         if not decoding and not prefills:
             return events
         decode = DecodeRows([a.row for a in decoding], [a.generated[-1] for a in decoding],
@@ -174,13 +218,36 @@ class BatchEngine:
         self.passes += 1
         for a in decoding:
             a.cached += 1
-        drawing = list(decoding)
+        drawing, rows = list(decoding), list(range(len(decoding)))     # rows: of `logits`
+        offset = len(decoding)
         for a, n, last in chunked:
+            if a.req.prompt_logprobs:       # SegmentPass gave a row for each of the chunk's tokens
+                events.append(self._prompt_event(a, logits[offset:offset + n]))
+                offset += n
+            else:
+                offset += int(last)
             a.cached += n
-            if last:
+            if last and a.req.max_tokens == 0:      # echo: the prompt's logprobs were all it asked
+                with self._lock:
+                    events.append(a.finish_event(None, LENGTH))
+                    self._release(a)
+            elif last:
                 drawing.append(a)
-        events += self._draw(drawing, logits)
+                rows.append(offset - 1)
+        if drawing:
+            events += self._draw(drawing, logits if rows == list(range(len(logits))) else logits[rows])
         return events
+
+    @staticmethod
+    def _prompt_event(a: _Active, logits: torch.Tensor) -> TokenEvent:
+        """The logprobs of the prompt tokens that a chunk's logits predict (row i: token
+        cached + i + 1), led by the prompt's first token (None) in its first chunk."""
+        prompt, start = a.req.prompt, a.cached
+        predicted = prompt[start + 1:start + 1 + len(logits)]
+        entries = token_logprobs(logits[:len(predicted)], predicted, a.req.logprobs)
+        if start == 0:
+            entries.insert(0, TokenLogprob(prompt[0], None))
+        return TokenEvent(a.req.id, None, prompt_logprobs=tuple(entries))
 
     def _take_cancels_and_admit(self) -> list[TokenEvent]:
         events = []
@@ -216,6 +283,11 @@ class BatchEngine:
         """One token per request from its logits row, with its own sampler (own generator: a
         seeded request draws the same tokens whatever else is in the batch). A request whose
         draw fails ends alone, with an "error" finish event."""
+        raw, adjusting = logits, [i for i, a in enumerate(drawing) if a.sampler.params.adjusts_logits]
+        if adjusting:     # logit_bias and penalties: only the rows of requests that set them
+            logits = logits.clone()
+            for i in adjusting:
+                logits[i:i + 1] = drawing[i].sampler.adjust(logits[i:i + 1])
         greedy = [i for i, a in enumerate(drawing) if a.sampler.params.greedy]
         tokens: list[int | None] = [0] * len(drawing)
         if greedy:       # one host sync for all greedy rows
@@ -228,20 +300,40 @@ class BatchEngine:
                 except Exception:
                     log.exception("request %s: sampling failed; ending that request", a.req.id)
                     tokens[i] = None
+        logprobs: list[TokenLogprob | None] = [None] * len(drawing)
+        for i, a in enumerate(drawing):
+            if tokens[i] is None:
+                continue
+            if a.req.logprobs is not None:     # the model's own distribution: the raw logits
+                logprobs[i] = token_logprobs(raw[i:i + 1], [tokens[i]], a.req.logprobs)[0]
+            a.sampler.observe(tokens[i], raw.shape[-1], raw.device)
         events = []
         with self._lock:
-            for a, tok in zip(drawing, tokens):
+            for a, tok, logprob in zip(drawing, tokens, logprobs):
                 if tok is None:
                     events.append(a.finish_event(None, ERROR))
                     self._release(a)
                     continue
                 a.generated.append(tok)
                 if tok in a.req.eos_ids:
-                    events.append(a.finish_event(tok, STOP))
+                    events.append(a.finish_event(tok, STOP, logprob))
                     self._release(a)
                 elif len(a.generated) == a.req.max_tokens:
-                    events.append(a.finish_event(tok, LENGTH))
+                    events.append(a.finish_event(tok, LENGTH, logprob))
                     self._release(a)
                 else:
-                    events.append(TokenEvent(a.req.id, tok))
+                    events.append(TokenEvent(a.req.id, tok, logprob=logprob))
         return events
+
+
+def token_logprobs(logits: torch.Tensor, tokens, top: int) -> list[TokenLogprob]:
+    """Row i's log-softmax at tokens[i], with its `top` best (token, logprob): one host sync."""
+    if len(tokens) == 0:
+        return []
+    lp = logits.float().log_softmax(-1)
+    chosen = lp.gather(1, torch.tensor(list(tokens), device=lp.device)[:, None])[:, 0].tolist()
+    if top == 0:
+        return [TokenLogprob(t, v) for t, v in zip(tokens, chosen)]
+    best = lp.topk(top, dim=-1)
+    return [TokenLogprob(t, v, tuple(zip(ids, vals)))
+            for t, v, ids, vals in zip(tokens, chosen, best.indices.tolist(), best.values.tolist())]

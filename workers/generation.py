@@ -20,6 +20,29 @@ class Sampler:
         self.params = params
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(params.seed if params.seed is not None else random.randrange(2**63))
+        self.counts: torch.Tensor | None = None     # [V] times each token was generated (penalties)
+
+    def adjust(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [B, V] with logit_bias added and OpenAI's penalties over the tokens generated so
+        far (observe) subtracted: presence once a token appeared, frequency times its count."""
+        p = self.params
+        if not p.adjusts_logits:
+            return logits
+        logits = logits.clone()
+        if p.logit_bias:
+            tokens, biases = zip(*p.logit_bias)
+            logits[..., list(tokens)] += torch.tensor(biases, dtype=logits.dtype, device=logits.device)
+        if self.counts is not None:
+            logits -= p.presence_penalty * (self.counts > 0) + p.frequency_penalty * self.counts
+        return logits
+
+    def observe(self, token: int, vocab: int, device) -> None:
+        """Counts a generated token for the penalties (a [V] tensor: it does not grow with the run)."""
+        if not (self.params.presence_penalty or self.params.frequency_penalty):
+            return
+        if self.counts is None:
+            self.counts = torch.zeros(vocab, dtype=torch.float32, device=device)
+        self.counts[token] += 1
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [B, V] float32 -> next tokens [B]."""

@@ -16,8 +16,8 @@ from dataclasses import dataclass, replace
 
 from ringllm.checkpoint.errors import RingllmError
 from ringllm.faults import NO_FAULTS, FaultPlan
-from ringllm.shm.channel import (Cancel, Channel, Fatal, Finished, Mark, PromptPart, Ready, ResidentLayers, Submit,
-                                 event_messages, token_messages)
+from ringllm.shm.channel import (Cancel, Channel, Fatal, Finished, Mark, Options, PromptPart, Ready, ResidentLayers,
+                                 Submit, event_messages, event_rows, token_messages)
 from ringllm.shm.ring import Ring
 from ringllm.shm.stats import StatsPage
 from ringllm.workers.process_setup import apply_torch_threads, child_start, sigterm_deferred, stop_requested
@@ -79,12 +79,13 @@ def planned_shape(args: GpuArgs) -> tuple[int, int, int]:
 
 def resident_layer_count(args: GpuArgs, device_type: str, free_bytes: int | None) -> int:
     """GPU_RESIDENT_LAYERS, or with -1 (auto) as many layers as fit (memory_plan.planned_resident_layers)."""
-    from ringllm.workers.memory_plan import planned_resident_layers
+    from ringllm.workers.memory_plan import planned_resident_layers, serve_pass_tokens
     from ringllm.workers.spec_plan import spec_plan
 
     batch, max_seq, _ = planned_shape(args)
+    pass_tokens = serve_pass_tokens(*args.serve) if args.serve is not None else None
     keep = planned_resident_layers(args.layout, args.engine, batch, max_seq, args.dtype,
-                                   device_type, free_bytes, spec=spec_plan(args.sampling))
+                                   device_type, free_bytes, spec=spec_plan(args.sampling), pass_tokens=pass_tokens)
     return keep or 0
 
 
@@ -352,7 +353,7 @@ class RequestTap:
 
     def receive(self, timeout: float):
         msg = self.channel.receive(timeout)
-        if isinstance(msg, (Submit, PromptPart, Cancel)):
+        if isinstance(msg, (Submit, PromptPart, Cancel, Options)):
             self.requests.put(msg)
             return None
         return msg
@@ -370,29 +371,36 @@ def serve_requests(args: GpuArgs, model, source, sup: Channel, reader) -> None:
     device = model.device
     requests: queue.Queue = reader.channel.requests
     parts: dict[int, list] = {}      # id -> the prompt's tokens so far (PromptPart messages)
+    options: dict[int, tuple[Options, list]] = {}   # id -> its Options and logit_bias pairs so far
     refused: list = []               # event rows of requests the engine refused at submit
     timeout = args.engine.wait_timeout_s
 
     def take(msg) -> None:
         if isinstance(msg, PromptPart):
             parts.setdefault(msg.id, []).extend(msg.tokens)
+        elif isinstance(msg, Options):
+            options.setdefault(msg.id, (msg, []))[1].extend(tuple(pair) for pair in msg.logit_bias)
         elif isinstance(msg, Cancel):
             engine.cancel(str(msg.id))
         elif isinstance(msg, Submit):
             prompt = parts.pop(msg.id, []) + list(msg.tokens)
-            for stale in [i for i in parts if i < msg.id]:    # ids rise: a request whose Submit never came
-                del parts[stale]
+            for pending in (parts, options):     # ids rise: what is older is of a Submit that never came
+                for stale in [i for i in pending if i < msg.id]:
+                    del pending[stale]
             if len(prompt) != msg.prompt_len:      # a protocol bug, not a user error
                 raise RingllmError(f"request {msg.id}: {len(prompt)} prompt tokens arrived of {msg.prompt_len}")
             seed = msg.seed
             if args.faults.rank_seed_skew and args.rank == 1 and seed is not None:
                 seed += 1                                   # tests: a rank that diverges
-            sampling = SamplingParams(msg.temperature, msg.top_p, msg.top_k, seed)
+            opts, bias = options.pop(msg.id, (Options(msg.id, None, False, 0.0, 0.0, []), []))
+            sampling = SamplingParams(msg.temperature, msg.top_p, msg.top_k, seed, opts.presence_penalty,
+                                      opts.frequency_penalty, tuple(bias))
             try:
-                engine.submit(BatchRequest(str(msg.id), tuple(prompt), msg.max_tokens, sampling, tuple(msg.eos_ids)))
+                engine.submit(BatchRequest(str(msg.id), tuple(prompt), msg.max_tokens, sampling, tuple(msg.eos_ids),
+                                           opts.logprobs, opts.prompt_logprobs))
             except Exception:     # the supervisor checked it first; one request's fault fails it alone
                 log.warning("request %d refused", msg.id, exc_info=True)
-                refused.append([msg.id, None, "error", len(prompt), 0])
+                refused.extend(event_rows(msg.id, None, "error", len(prompt), 0))   # (+= would make it local)
 
     def arrived() -> list:
         """Rank 0: the messages that came (waiting up to IDLE_WAIT_S when there is nothing to do)."""
@@ -443,7 +451,8 @@ def serve_requests(args: GpuArgs, model, source, sup: Channel, reader) -> None:
                 if differ:        # rank 0's report ends the run: the others wait for its Shutdown
                     reader.shutdown.wait(timeout)
                     return
-            rows += step_rows
+            rows += [row for e in events for row in event_rows(int(e.id), e.token, e.finish, e.prompt_tokens,
+                                                               e.completion_tokens, e.logprob, e.prompt_logprobs)]
         if args.rank == 0 and (rows or forward):
             for msg in event_messages(rows, forward):
                 sup.send(msg, timeout=timeout)

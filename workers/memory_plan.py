@@ -25,6 +25,7 @@ from ringllm.checkpoint.layout import ModelLayout
 from ringllm.workers.spec_plan import SpecPlan
 
 WORKSPACE_SLACK = 256 << 20
+PREFILL_CHUNK = 512     # the most prompt tokens one pass of serve's batching engine prefills (workers.batching)
 
 
 @dataclass(frozen=True)
@@ -99,9 +100,20 @@ def draft_model_bytes(draft: ModelLayout, batch: int, max_seq: int, dtype: str) 
     return table + cfg.hidden_size * e + head + layers, cfg.kv_cache_bytes(batch, max_seq, e), max(fp8, default=0) * e
 
 
+def serve_pass_tokens(max_batch: int, max_context: int, prefill_chunk: int = PREFILL_CHUNK) -> int:
+    """The most tokens one pass of serve's batching engine carries (workers.batching): its prefill
+    budget, which a pass exceeds by at most a token per prefilling row (each gets one), and a
+    decode token for every other row."""
+    return min(prefill_chunk + max_batch, max_batch * max_context)
+
+
 def plan_gpu_memory(layout: ModelLayout, engine, batch: int, max_seq: int, dtype: str,
-                    embed_on_host: bool, spec: SpecPlan | None = None) -> GpuMemoryPlan:
-    """spec: the run's speculation (workers.spec_plan.spec_plan), None without a draft."""
+                    embed_on_host: bool, spec: SpecPlan | None = None,
+                    pass_tokens: int | None = None) -> GpuMemoryPlan:
+    """batch rows of max_seq cache slots. spec: the run's speculation (workers.spec_plan.spec_plan),
+    None without a draft. pass_tokens: the most tokens one forward carries (serve_pass_tokens for
+    serve's chunked prefill); None: every row's max_seq at once (generate prefills all its prompts
+    in one pass)."""
     cfg, e = layout.config, BYTES_OF_NAME[dtype]
     table = cfg.vocab_size * cfg.hidden_size * e
     if layout.lm_head is None:       # tied: shares the embed table, or its own copy when that is on the host
@@ -114,11 +126,14 @@ def plan_gpu_memory(layout: ModelLayout, engine, batch: int, max_seq: int, dtype
     sizes = layout.max_group_bytes
     n_attn, n_ffn = engine.group_budget
     kv = cfg.kv_cache_bytes(batch, max_seq, e)
-    # logits: the compute-dtype product and its float32 copy (8 bytes an element covers both in
-    # every dtype), one row per prompt, or every position of a verify pass
+    # the largest pass: its tokens' activations; every row's keys and values over all its slots,
+    # gathered (serve's rows) and repeated for the query heads; logits: the compute-dtype product
+    # and its float32 copy (8 bytes an element covers both in every dtype), one row per prompt, or
+    # every position of a verify pass
+    tokens = batch * max_seq if pass_tokens is None else pass_tokens
     logit_rows = spec.verify_rows if spec is not None else 1
-    workspace = (e * batch * max_seq * (8 * cfg.hidden_size + 3 * cfg.intermediate_size)
-                 + 2 * batch * cfg.num_heads * max_seq * cfg.head_dim * e
+    workspace = (e * tokens * (8 * cfg.hidden_size + 3 * cfg.intermediate_size)
+                 + 2 * batch * (cfg.num_heads + cfg.num_kv_heads) * max_seq * cfg.head_dim * e
                  + 2 * 4 * batch * logit_rows * cfg.vocab_size + WORKSPACE_SLACK)
     entries = [entry for pair in layout.groups for group in pair for entry in group.entries]
     conversion = max(_elements(en.extent) for en in entries) * e if _converts(layout, dtype) and entries else 0
@@ -145,7 +160,7 @@ def layers_that_fit(layout: ModelLayout, plan: GpuMemoryPlan, budget: int) -> in
 
 def planned_resident_layers(layout: ModelLayout, engine, batch: int, max_seq: int, dtype: str,
                             device_type: str, free_bytes: int | None = None,
-                            spec: SpecPlan | None = None) -> int | None:
+                            spec: SpecPlan | None = None, pass_tokens: int | None = None) -> int | None:
     """GPU_RESIDENT_LAYERS as the GPU process applies it: the number set, or with -1 (auto) as
     many layers as fit beside the streaming working set, under --gpu-mem when given, else in 90%
     of the free GPU memory; none on cpu. None when that needs the free memory and it is not known
@@ -161,7 +176,8 @@ def planned_resident_layers(layout: ModelLayout, engine, batch: int, max_seq: in
         budget = int(0.9 * free_bytes)
     else:
         return None
-    plan = plan_gpu_memory(layout, engine, batch, max_seq, dtype, embed_on_host=True, spec=spec)
+    plan = plan_gpu_memory(layout, engine, batch, max_seq, dtype, embed_on_host=True, spec=spec,
+                           pass_tokens=pass_tokens)
     return layers_that_fit(layout, plan, budget)
 
 

@@ -255,6 +255,7 @@ class PrefillChunk(NamedTuple):
     tokens: Sequence[int]
     start: int
     wants_logits: bool     # the prompt's last chunk: its last token's logits give the first new token
+    all_logits: bool = False   # logits for every token of the chunk (the prompt's logprobs: echo)
 
 
 def _expand_kv(t: torch.Tensor, rep: int) -> torch.Tensor:
@@ -275,8 +276,9 @@ class SegmentPass:
 
     @torch.inference_mode()
     def forward(self, cache: KVCache, decode: DecodeRows | None, prefills: Sequence[PrefillChunk]) -> torch.Tensor:
-        """Returns float32 logits [M, V]: one per decode row (in order), then one per prefill
-        chunk with wants_logits (in order). Rows not named are not touched."""
+        """Returns float32 logits [M, V]: one per decode row (in order), then per prefill chunk (in
+        order) one for each of its tokens with all_logits, else one with wants_logits. Rows not
+        named are not touched."""
         m, cfg, dev = self.model, self.model.cfg, self.model.device
         decode = decode if decode is not None and len(decode.rows) else None
         tokens, positions = [], []
@@ -297,14 +299,17 @@ class SegmentPass:
             m.weights.release(layer, "attn")
             x = m._ffn(x, m.weights.ffn(layer))
             m.weights.release(layer, "ffn")
-        # logits only where a token is drawn: every decode row, each prompt's last chunk
+        # logits only where a token is drawn (every decode row, each prompt's last chunk) or a
+        # request asked for its prompt's logprobs: a [N, V] float32 for every pass costs too much
         wanted, offset = [], 0
         if decode is not None:
             wanted += range(len(decode.rows))
             offset = len(decode.rows)
         for chunk in prefills:
+            if chunk.all_logits:
+                wanted += range(offset, offset + len(chunk.tokens))
             offset += len(chunk.tokens)
-            if chunk.wants_logits:
+            if chunk.wants_logits and not chunk.all_logits:
                 wanted.append(offset - 1)
         return m._logits(rms_norm(x[0, wanted], m.resident.final_norm, cfg.rms_norm_eps))
 

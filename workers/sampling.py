@@ -13,6 +13,7 @@ from ringllm.checkpoint.errors import RingllmError
 GREEDY_BELOW_TEMPERATURE = 1e-5
 # torch.Generator.manual_seed takes -2**63 .. 2**64 - 1, as msgpack carries ints (shm.channel)
 SEED_MIN, SEED_MAX = -2**63, 2**64 - 1
+MAX_TOP_LOGPROBS = 20      # OpenAI's limit on alternatives per token; it also bounds an event's size
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,15 @@ class SamplingParams:
     top_p: float = 1.0         # 0 = the top token only (greedy)
     top_k: int = 0             # 0 = off
     seed: int | None = None
+    # OpenAI's penalties over the tokens generated so far, and logit_bias as (token id, bias)
+    # pairs; applied to the logits before temperature, top-k/top-p and greedy (generation.Sampler)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
     @property
     def greedy(self) -> bool:
@@ -35,3 +45,9 @@ class SamplingParams:
             raise RingllmError(f"--top-k must be >= 0, got {self.top_k}")
         if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
             raise RingllmError(f"--seed must be in {SEED_MIN}..{SEED_MAX} (64 bits), got {self.seed}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:     # also false for NaN
+                raise RingllmError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        for token, bias in self.logit_bias:
+            if not -100 <= bias <= 100:
+                raise RingllmError(f"logit_bias of token {token} must be in [-100, 100], got {bias}")

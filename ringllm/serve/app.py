@@ -8,7 +8,7 @@ import json
 import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -19,6 +19,7 @@ from ringllm.checkpoint.errors import RingllmError
 from ringllm.checkpoint.text import TextCodec
 from ringllm.workers.batching import CANCELLED, ERROR, BatchRequest
 from ringllm.serve.gate import Gate
+from ringllm.serve.logprobs import chat_logprobs, completion_logprobs
 from ringllm.serve.metrics import metrics_response
 from ringllm.serve.requests import (ApiError, GenerationParams, bad, chat_messages, completion_prompt,
                                     generation_params)
@@ -48,6 +49,8 @@ class Outcome:
     finish: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: list = field(default_factory=list)          # TokenLogprob of each token in the text
+    prompt_logprobs: list = field(default_factory=list)   # the prompt's (echo)
 
     def usage(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
@@ -120,7 +123,10 @@ def create_app(runner: EngineRunner, codec: TextCodec, settings: ServeSettings):
         ids = list(prompt) if isinstance(prompt, list) else codec.encode(prompt, chat=False)
         if isinstance(prompt, list) and not 0 <= min(ids) <= max(ids) < codec.tokenizer.get_vocab_size(True):
             raise bad("prompt holds a token id outside the vocabulary", "prompt")
-        return await respond(request, "cmpl", "text_completion", ids, params, chat=False)
+        check_logit_bias(params)
+        echoed = prompt if isinstance(prompt, str) else codec.decode(ids)
+        return await respond(request, "cmpl", "text_completion", ids, params, chat=False,
+                             echoed=echoed if params.echo else "")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -131,6 +137,7 @@ def create_app(runner: EngineRunner, codec: TextCodec, settings: ServeSettings):
         except RingllmError as err:
             raise bad(public(str(err)), "messages") from None
         ids = codec.tokenizer.encode(text, add_special_tokens=False).ids   # the template wrote the specials
+        check_logit_bias(params)
         return await respond(request, "chatcmpl", "chat.completion", ids, params, chat=True)
 
     async def read_json(request: Request) -> dict:
@@ -154,8 +161,27 @@ def create_app(runner: EngineRunner, codec: TextCodec, settings: ServeSettings):
                            param="model", code="model_not_found")
         return body
 
+    def check_logit_bias(params: GenerationParams) -> None:
+        vocab = codec.tokenizer.get_vocab_size(True)
+        outside = [t for t, _ in params.sampling.logit_bias if t >= vocab]
+        if outside:
+            raise bad(f"logit_bias names token {outside[0]}, outside the vocabulary of {vocab}", "logit_bias")
+
     def admit(ids: list[int], params: GenerationParams, prefix: str):
         """Checks the prompt against the context, then hands the request to the runner."""
+        max_tokens = check_room(ids, params)
+        rid = f"{prefix}-{uuid.uuid4().hex}"
+        try:
+            queue = runner.submit(BatchRequest(rid, tuple(ids), max_tokens, params.sampling, tuple(eos_ids),
+                                               params.logprobs, params.echo and params.logprobs is not None))
+        except Unavailable as err:
+            raise ApiError(503, public(str(err)), "server_error", code=err.code) from None
+        except RingllmError as err:
+            raise bad(public(str(err))) from None
+        return rid, queue
+
+    def check_room(ids: list[int], params: GenerationParams) -> int:
+        """The request's max_tokens, once the prompt and it fit the context."""
         if not ids:
             raise bad("the prompt is empty (no tokens)", "prompt")
         room = settings.max_context - len(ids)
@@ -164,14 +190,7 @@ def create_app(runner: EngineRunner, codec: TextCodec, settings: ServeSettings):
             raise bad(f"prompt of {len(ids)} tokens + max_tokens {max_tokens} exceeds the context of "
                       f"{settings.max_context} tokens", "max_tokens" if room >= 1 else "prompt",
                       "context_length_exceeded")
-        rid = f"{prefix}-{uuid.uuid4().hex}"
-        try:
-            queue = runner.submit(BatchRequest(rid, tuple(ids), max_tokens, params.sampling, tuple(eos_ids)))
-        except Unavailable as err:
-            raise ApiError(503, public(str(err)), "server_error", code=err.code) from None
-        except RingllmError as err:
-            raise bad(public(str(err))) from None
-        return rid, queue
+        return max_tokens
 
     async def pieces(rid: str, queue: asyncio.Queue, prompt_len: int, params: GenerationParams, outcome: Outcome,
                      request: Request | None):
@@ -194,9 +213,12 @@ def create_app(runner: EngineRunner, codec: TextCodec, settings: ServeSettings):
                             return
                     if event is None:
                         continue
+                outcome.prompt_logprobs += event.prompt_logprobs
                 if event.token is not None:
                     received += 1
                     if event.token not in eos_ids:
+                        if event.logprob is not None:
+                            outcome.logprobs.append(event.logprob)
                         piece = text.push(event.token)
                         if piece:
                             yield piece
@@ -214,9 +236,15 @@ def create_app(runner: EngineRunner, codec: TextCodec, settings: ServeSettings):
         finally:
             runner.cancel(rid)     # a no-op once its finish event came (the runner forgot the id)
 
-    async def respond(request: Request, prefix: str, kind: str, ids: list[int], params: GenerationParams, chat: bool):
-        rid, queue = admit(ids, params, prefix)
+    async def respond(request: Request, prefix: str, kind: str, ids: list[int], params: GenerationParams, chat: bool,
+                      echoed: str = ""):
         created = int(time.time())
+        if params.max_tokens == 0 and params.logprobs is None:    # echo alone: nothing for the engine to do
+            check_room(ids, params)
+            return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": created,
+                    "model": settings.model_name, "usage": Outcome(prompt_tokens=len(ids)).usage(),
+                    "choices": [{"index": 0, "text": echoed, "logprobs": None, "finish_reason": "length"}]}
+        rid, queue = admit(ids, params, prefix)
         outcome = Outcome()
         if params.stream:
             return EventSourceResponse(stream(rid, queue, created, ids, params, outcome, chat), ping=15,
@@ -228,9 +256,13 @@ def create_app(runner: EngineRunner, codec: TextCodec, settings: ServeSettings):
         if error is not None:
             raise error
         text = "".join(parts)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        logprobs = None
+        if params.logprobs is not None:
+            logprobs = (chat_logprobs(codec, outcome.logprobs) if chat else
+                        completion_logprobs(codec, outcome.prompt_logprobs + outcome.logprobs))
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                    "finish_reason": outcome.finish} if chat else
-                  {"index": 0, "text": text, "logprobs": None, "finish_reason": outcome.finish})
+                  {"index": 0, "text": echoed + text, "logprobs": logprobs, "finish_reason": outcome.finish})
         return {"id": rid, "object": kind, "created": created, "model": settings.model_name,
                 "choices": [choice], "usage": outcome.usage()}
 
@@ -241,11 +273,20 @@ def create_app(runner: EngineRunner, codec: TextCodec, settings: ServeSettings):
             return {"data": json.dumps({"id": rid, "object": kind, "created": created, "model": settings.model_name,
                                         "choices": choices, **extra})}
 
+        text_offset = 0
+
         def choice(piece: str | None, finish: str | None, first: bool = False) -> dict:
+            nonlocal text_offset
+            # the logprobs of the tokens received since the last chunk (a stop string may hold text back)
+            entries, outcome.logprobs = outcome.logprobs, []
+            logprobs = None
+            if params.logprobs is not None and not first:
+                logprobs = chat_logprobs(codec, entries) if chat else completion_logprobs(codec, entries, text_offset)
+            text_offset += len(piece or "")
             if chat:
                 delta = {"role": "assistant", "content": ""} if first else ({"content": piece} if piece else {})
-                return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            return {"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish}
+                return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+            return {"index": 0, "text": piece or "", "logprobs": logprobs, "finish_reason": finish}
 
         try:
             if chat:

@@ -4,10 +4,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ringllm.workers.sampling import SEED_MAX, SEED_MIN, SamplingParams
+from ringllm.workers.sampling import MAX_TOP_LOGPROBS, SEED_MAX, SEED_MIN, SamplingParams
 
 MAX_STOP_STRINGS = 4
 DEFAULT_COMPLETION_TOKENS = 16     # /v1/completions' default in the OpenAI API
+MAX_LOGIT_BIAS = 300               # entries of logit_bias (it travels to the GPU process in parts)
+# Fields that would change the output and that ringllm does not implement: 400 naming the field
+# rather than a 200 with output the client did not ask for. An empty value ([] / "" / "none") is
+# the same as not sending it. Harmless fields (user, metadata, store, parallel_tool_calls,
+# service_tier, prompt_cache_key, safety_identifier) are accepted and ignored.
+REFUSED_FIELDS = ("tools", "tool_choice", "functions", "function_call", "suffix", "audio",
+                  "web_search_options", "reasoning_effort")
 
 
 class ApiError(Exception):
@@ -33,6 +40,8 @@ class GenerationParams:
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool             # stream_options.include_usage: a last chunk with the usage
+    logprobs: int | None = None     # top alternatives per token (0..20); None: no logprobs
+    echo: bool = False              # /v1/completions: the prompt's text (and logprobs) before the completion
 
 
 def _number(body: dict, name: str, default, lo: float, hi: float):
@@ -61,19 +70,79 @@ def _integer(body: dict, name: str, lo: int | None = None, hi: int | None = None
     return value
 
 
+def _refuse_unsupported(body: dict) -> None:
+    for name in REFUSED_FIELDS:
+        if body.get(name) not in (None, [], "", "none"):
+            raise bad(f"{name} is not supported by this server", name)
+    fmt = body.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        raise bad(f"response_format {fmt!r} is not supported by this server (only {{'type': 'text'}})",
+                  "response_format")
+    if body.get("modalities") not in (None, ["text"]):
+        raise bad("modalities: only ['text'] is supported by this server", "modalities")
+
+
+def _logprobs(body: dict, chat: bool) -> int | None:
+    """Chat: logprobs true/false and top_logprobs 0..20; completions: logprobs 0..20."""
+    if not chat:
+        logprobs = _integer(body, "logprobs", lo=0)
+        if logprobs is not None and logprobs > MAX_TOP_LOGPROBS:
+            raise bad(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {logprobs}", "logprobs")
+        return logprobs
+    wanted = body.get("logprobs")
+    if wanted is not None and not isinstance(wanted, bool):
+        raise bad(f"logprobs must be true or false, got {wanted!r}", "logprobs")
+    top = _integer(body, "top_logprobs", lo=0)
+    if top is not None and top > MAX_TOP_LOGPROBS:
+        raise bad(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {top}", "top_logprobs")
+    if top is not None and not wanted:
+        raise bad("top_logprobs needs logprobs: true", "top_logprobs")
+    return (top or 0) if wanted else None
+
+
+def _logit_bias(body: dict) -> tuple[tuple[int, float], ...]:
+    """{"token id": bias in [-100, 100]} -> sorted (id, bias) pairs (ids checked against the
+    vocabulary by the app, which knows it)."""
+    value = body.get("logit_bias")
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise bad("logit_bias must be an object mapping token ids to numbers", "logit_bias")
+    if len(value) > MAX_LOGIT_BIAS:
+        raise bad(f"logit_bias takes at most {MAX_LOGIT_BIAS} tokens, got {len(value)}", "logit_bias")
+    pairs = []
+    for key, bias in value.items():
+        if not (isinstance(key, str) and key.isdigit()):
+            raise bad(f"logit_bias keys must be token ids, got {key!r}", "logit_bias")
+        bias = float(_number({"logit_bias": bias}, "logit_bias", 0.0, -100.0, 100.0))
+        if not math.isfinite(bias):
+            raise bad(f"logit_bias of token {key} must be a finite number, got {bias}", "logit_bias")
+        pairs.append((int(key), bias))
+    return tuple(sorted(pairs))
+
+
 def generation_params(body: dict, chat: bool) -> GenerationParams:
+    _refuse_unsupported(body)
     n = _integer(body, "n", lo=1)
     if n not in (None, 1):
         raise bad(f"n must be 1 (one completion per request), got {n}", "n")
     if body.get("best_of") not in (None, 1):
         raise bad("best_of must be 1", "best_of")
-    max_tokens = _integer(body, "max_tokens", lo=1)
+    echo = body.get("echo")
+    if echo is not None and not isinstance(echo, bool):
+        raise bad(f"echo must be true or false, got {echo!r}", "echo")
+    if echo and chat:
+        raise bad("echo is a /v1/completions field", "echo")
+    max_tokens = _integer(body, "max_tokens", lo=1 if not echo else 0)
     if chat and max_tokens is None:
         max_tokens = _integer(body, "max_completion_tokens", lo=1)
     if not chat and max_tokens is None:
         max_tokens = DEFAULT_COMPLETION_TOKENS
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0)      # 0: the top token only, as OpenAI takes it
+    presence = _number(body, "presence_penalty", 0.0, -2.0, 2.0)
+    frequency = _number(body, "frequency_penalty", 0.0, -2.0, 2.0)
+    logprobs = _logprobs(body, chat)
     seed = _integer(body, "seed", SEED_MIN, SEED_MAX)
     stop = body.get("stop")
     if stop is None:
@@ -89,11 +158,15 @@ def generation_params(body: dict, chat: bool) -> GenerationParams:
         stream = False
     if not isinstance(stream, bool):
         raise bad("stream must be true or false", "stream")
+    if stream and echo:
+        raise bad("echo is not supported with stream", "echo")
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise bad("stream_options must be an object", "stream_options")
-    return GenerationParams(max_tokens, SamplingParams(float(temperature), float(top_p), 0, seed),
-                            tuple(stop), stream, bool(options.get("include_usage")))
+    sampling = SamplingParams(float(temperature), float(top_p), 0, seed, float(presence), float(frequency),
+                              _logit_bias(body))
+    return GenerationParams(max_tokens, sampling, tuple(stop), stream, bool(options.get("include_usage")),
+                            logprobs, bool(echo))
 
 
 def completion_prompt(body: dict) -> str | list[int]:

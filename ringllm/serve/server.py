@@ -35,17 +35,19 @@ def load_streaming_engine(args, layout, device: str, dtype_name: str, max_batch:
     --max-context tokens do not fit --gpu-mem."""
     from ringllm.choose import build_engine_config
     from ringllm.supervisor.supervisor import Supervisor
-    from ringllm.workers.memory_plan import check_gpu_cap, fmt_bytes, plan_gpu_memory
+    from ringllm.workers.memory_plan import check_gpu_cap, fmt_bytes, plan_gpu_memory, serve_pass_tokens
 
     plan_layout = parallel.planned_layout(layout)      # with ranks, what one GPU holds of each layer
+    pass_tokens = serve_pass_tokens(max_batch, max_context)     # the workspace is one pass's
     engine = build_engine_config(args, args.model, max_context, max_batch, layout, device, dtype_name,
-                                 plan_layout=plan_layout)
-    plan = plan_gpu_memory(plan_layout, engine, max_batch, max_context, dtype_name, embed_on_host=device == "cuda")
+                                 plan_layout=plan_layout, pass_tokens=pass_tokens)
+    plan = plan_gpu_memory(plan_layout, engine, max_batch, max_context, dtype_name, embed_on_host=device == "cuda",
+                           pass_tokens=pass_tokens)
     cap = f"--gpu-mem {fmt_bytes(engine.gpu_mem)}" if engine.gpu_mem is not None else "no --gpu-mem cap"
     log.info("memory plan: %d sequences (--max-batch) of %d tokens (--max-context): KV cache %s + resident %s + "
-             "group buffers %s + workspace %s = %s at the least, %s", max_batch, max_context,
-             fmt_bytes(plan.kv_cache), fmt_bytes(plan.resident), fmt_bytes(plan.group_buffers),
-             fmt_bytes(plan.workspace), fmt_bytes(plan.minimum), cap)
+             "group buffers %s + workspace %s (a pass of %d tokens at most) = %s at the least, %s", max_batch,
+             max_context, fmt_bytes(plan.kv_cache), fmt_bytes(plan.resident), fmt_bytes(plan.group_buffers),
+             fmt_bytes(plan.workspace), pass_tokens, fmt_bytes(plan.minimum), cap)
     check_gpu_cap(plan, engine.gpu_mem, engine)
     sup = Supervisor(layout, engine, device, dtype_name, verbose=args.verbose, parallel=parallel)
     return sup.serve_engine(max_batch, max_context)
