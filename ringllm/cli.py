@@ -128,7 +128,8 @@ def _add_serve(sub) -> None:
                         "--max-waiting + 64)")
     p.add_argument("--served-model-name", default=None, help="the model id clients use (default: the directory name)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
-                   help="on SIGINT/SIGTERM, seconds in-flight requests get before they are cancelled")
+                   help="on SIGINT/SIGTERM, seconds in-flight requests get before they are cancelled "
+                        "(a second signal cancels them at once)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available, else cpu")
     p.add_argument("--dtype", choices=("auto", *dtypes.NAMES), default="auto", help="compute dtype; auto = the checkpoint's")
     _add_engine_flags(p)

@@ -20,6 +20,8 @@ import signal
 import threading
 import time
 
+import posix_ipc
+
 from ringllm.checkpoint.errors import RingllmError
 from ringllm.shm.channel import Cancel, Events, Fatal, Ready, submit_messages
 from ringllm.shm.resources import run_id_of, sweep, system_pinned_bytes
@@ -37,6 +39,12 @@ class EngineDown(RingllmError):
     """The engine cannot go on (a child process died or failed). `fatal` tells serve.runner to
     end every request with 503 and the server to exit non-zero, instead of retrying."""
     fatal = True
+
+
+class EngineBusy(RingllmError):
+    """The GPU process's queue stayed full: the request is not taken. `busy` tells serve.runner to
+    answer 503 (the engine goes on)."""
+    busy = True
 
 
 class ServedEngine:
@@ -123,9 +131,13 @@ class ServedEngine:
             if req.id in self._wire:
                 raise RingllmError(f"request id {req.id!r} is already queued or running")
             wire, self._next_id = self._next_id, self._next_id + 1
-            for msg in submit_messages(wire, list(req.prompt), req.max_tokens, req.sampling, list(req.eos_ids),
-                                       req.logprobs, req.prompt_logprobs):
-                self._gpu_queue().send(msg, timeout=SEND_TIMEOUT_S)
+            try:
+                for msg in submit_messages(wire, list(req.prompt), req.max_tokens, req.sampling, list(req.eos_ids),
+                                           req.logprobs, req.prompt_logprobs):
+                    self._gpu_queue().send(msg, timeout=SEND_TIMEOUT_S)
+            except posix_ipc.BusyError:     # prompt parts already sent are dropped by the next Submit
+                raise EngineBusy(f"the GPU process took no request for {SEND_TIMEOUT_S:.0f} s "
+                                 "(its queue stayed full)") from None
             self._ids[wire], self._wire[req.id], self._prompt[wire] = req.id, wire, len(req.prompt)
 
     def cancel(self, request_id: str) -> None:

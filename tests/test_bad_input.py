@@ -193,7 +193,10 @@ def test_prompt_longer_than_context(capsys, ckpt):
     expect_error(capsys, ckpt, "exceeds", "context of 256", extra=("--prompt", long_prompt, "--no-chat"))
 
 
-@pytest.mark.parametrize("flag,value,needle", [("--top-p", "0", "--top-p"), ("--temperature", "-1", "--temperature"),
+@pytest.mark.parametrize("flag,value,needle", [("--top-p", "1.01", "--top-p"), ("--top-p", "nan", "--top-p"),
+                                               ("--temperature", "-1", "--temperature"),
+                                               ("--temperature", "nan", "--temperature"),
+                                               ("--seed", str(2**64), "--seed"),
                                                ("--max-new-tokens", "0", "--max-new-tokens")])
 def test_bad_sampling_arguments(capsys, ckpt, flag, value, needle):
     expect_error(capsys, ckpt, needle, extra=(flag, value))

@@ -40,7 +40,9 @@ class SlowEngine:
 class LiveServer:
     """The app on uvicorn in a thread, on a free port of 127.0.0.1."""
 
-    def __init__(self, model_dir, api_key=None, max_waiting=256, delay_s=0.0, max_batch=4, **settings):
+    def __init__(self, model_dir, api_key=None, max_waiting=256, delay_s=0.0, max_batch=4, wrap=None,
+                 runner_options=None, **settings):
+        """wrap(engine): the engine the runner drives instead of SlowEngine(engine, delay_s)."""
         import uvicorn
 
         from ringllm.checkpoint.layout import load_layout
@@ -53,8 +55,8 @@ class LiveServer:
         self.codec = TextCodec(model_dir, layout.config)
         context = layout.config.max_position_embeddings
         engine, max_batch = load_engine(layout, "cpu", "float32", max_batch, context)
-        self.engine = SlowEngine(engine, delay_s)
-        self.runner = EngineRunner(self.engine, max_batch, max_waiting)
+        self.engine = wrap(engine) if wrap is not None else SlowEngine(engine, delay_s)
+        self.runner = EngineRunner(self.engine, max_batch, max_waiting, **(runner_options or {}))
         app = create_app(self.runner, self.codec, ServeSettings(MODEL_NAME, context, api_key, 1 << 16, 5.0,
                                                                     **settings))
         self.sock = listen("127.0.0.1", 0)

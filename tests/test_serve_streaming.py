@@ -301,3 +301,64 @@ def test_an_fp8_checkpoint_serves_what_transformers_compressed_tensors_generates
         server.kill()
     assert rc == 0, server.err
     assert not queues_left(server.run_id()), server.err
+
+
+def test_one_bad_request_fails_alone_and_every_row_still_serves(tiny):
+    """On the streaming engine: a temperature too small to divide by samples greedily (it made
+    every request 503 and the server exit 1); NaN sampling values and seeds outside 64 bits are
+    400s naming the field (a seed made a bare 500) while another stream goes on; afterwards
+    --max-batch requests are served with transformers' tokens and SIGTERM exits 0."""
+    import math
+
+    model_dir, hf = tiny
+    server = ServerProcess(model_dir, "--max-batch", "2")
+    try:
+        from ringllm.checkpoint.layout import load_layout
+        from ringllm.checkpoint.text import TextCodec
+
+        codec = TextCodec(model_dir, load_layout(model_dir).config)
+
+        def want(prompt, max_tokens):
+            ref = expected_tokens(hf, codec.tokenizer.encode(prompt, add_special_tokens=True).ids, max_tokens)
+            return codec.decode([t for t in ref if t != EOS])
+
+        client = server.client()
+        honest: dict = {"text": "", "chunks": 0}
+
+        def read_honest():
+            try:
+                for chunk in client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=200, temperature=0,
+                                                       stream=True):
+                    honest["chunks"] += 1
+                    honest["text"] += chunk.choices[0].text
+            except Exception as err:   # noqa: BLE001 - asserted below
+                honest["error"] = repr(err)
+
+        reader = threading.Thread(target=read_honest)
+        reader.start()
+        deadline = time.monotonic() + 30
+        while not honest["chunks"] and "error" not in honest:
+            assert time.monotonic() < deadline, honest
+            time.sleep(0.01)
+        r = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=12, temperature=1e-45, seed=3)
+        assert r.choices[0].text == want(PROMPTS[0], 12)
+        for field, value in (("temperature", math.nan), ("top_p", math.nan), ("seed", 2**64), ("seed", 2**64)):
+            bad = httpx.post(server.url + "/v1/completions", headers={"Content-Type": "application/json"}, timeout=30,
+                             content=json.dumps({"model": "tiny", "prompt": "w10", "max_tokens": 3, field: value}))
+            assert bad.status_code == 400 and bad.json()["error"]["param"] == field, (field, bad.text)
+        reader.join(60)
+        assert "error" not in honest and honest["text"] == want(PROMPTS[1], 200), honest
+        results = {}
+        threads = [threading.Thread(target=lambda p=p: results.setdefault(p, client.completions.create(
+            model="tiny", prompt=p, max_tokens=12, temperature=0))) for p in PROMPTS[2:4]]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert [results[p].choices[0].text for p in PROMPTS[2:4]] == [want(p, 12) for p in PROMPTS[2:4]]
+        server.proc.send_signal(signal.SIGTERM)
+        rc = server.wait()
+    finally:
+        server.kill()
+    assert rc == 0, server.err
+    assert not queues_left(server.run_id()), server.err

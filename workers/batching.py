@@ -13,6 +13,7 @@ table (changed by step()'s thread only, read by the properties from any thread).
 """
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -26,7 +27,9 @@ from ringllm.workers.memory_plan import PREFILL_CHUNK
 from ringllm.workers.model import DecodeRows, KVCache, Llama, PrefillChunk, SegmentPass
 from ringllm.workers.sampling import MAX_TOP_LOGPROBS, SamplingParams
 
-STOP, LENGTH, CANCELLED = "stop", "length", "cancelled"
+STOP, LENGTH, CANCELLED, ERROR = "stop", "length", "cancelled", "error"
+
+log = logging.getLogger("ringllm")
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,7 @@ def share_prefill_budget(needs: list[int], budget: int) -> list[int]:
 class TokenEvent:
     id: str
     token: int | None                # None only on a finish event without a new token (cancel)
-    finish: str | None = None        # None, "stop" (EOS), "length" (max_tokens), "cancelled"
+    finish: str | None = None        # None, "stop" (EOS), "length" (max_tokens), "cancelled", "error"
     prompt_tokens: int = 0           # filled on the finish event
     completion_tokens: int = 0       # filled on the finish event
     logprob: TokenLogprob | None = None          # `token`'s, when the request asked for logprobs
@@ -136,7 +139,7 @@ class BatchEngine:
         self.cache = KVCache(model.cfg, max_batch, max_context, model.dtype, model.device)
         self._pass = SegmentPass(model)
         self._lock = threading.Lock()
-        self._waiting: deque[BatchRequest] = deque()
+        self._waiting: deque[tuple[BatchRequest, Sampler]] = deque()
         self._cancels: set[str] = set()
         self._live: set[str] = set()                  # ids waiting or running
         self._active: dict[int, _Active] = {}         # row -> request; step()'s thread only
@@ -144,17 +147,22 @@ class BatchEngine:
 
     # --- any thread --------------------------------------------------------------------------
     def submit(self, req: BatchRequest) -> None:
-        """Queue a request; it joins the batch at the next step with a free row."""
+        """Queue a request; it joins the batch at the next step with a free row. Everything it
+        needs is built here, so that whatever a request holds wrong fails it now, not a pass."""
         req.check(self.max_context)
         vocab = self.model.cfg.vocab_size
         outside = [t for t, _ in req.sampling.logit_bias if not 0 <= t < vocab]
         if outside:
             raise RingllmError(f"request {req.id}: logit_bias names token {outside[0]}, outside the vocabulary of {vocab}")
+        try:
+            sampler = Sampler(req.sampling, self.model.device)
+        except Exception as err:
+            raise RingllmError(f"request {req.id}: {err}") from None
         with self._lock:
             if req.id in self._live:
                 raise RingllmError(f"request id {req.id!r} is already queued or running")
             self._live.add(req.id)
-            self._waiting.append(req)
+            self._waiting.append((req, sampler))
 
     def cancel(self, request_id: str) -> None:
         """The request leaves at the next step, which frees its row and returns its
@@ -250,17 +258,17 @@ class BatchEngine:
                     events.append(a.finish_event(None, CANCELLED))
                     self._release(a)
             kept = deque()
-            for req in self._waiting:
+            for req, sampler in self._waiting:
                 if req.id in cancels:
                     events.append(TokenEvent(req.id, None, CANCELLED, len(req.prompt), 0))
                     self._live.discard(req.id)
                 else:
-                    kept.append(req)
+                    kept.append((req, sampler))
             self._waiting = kept
             while self._waiting and self._free:
-                req = self._waiting.popleft()
+                req, sampler = self._waiting.popleft()
                 row = self._free.pop()
-                self._active[row] = _Active(req, row, Sampler(req.sampling, self.model.device))
+                self._active[row] = _Active(req, row, sampler)
         return events
 
     def _release(self, a: _Active) -> None:
@@ -273,28 +281,39 @@ class BatchEngine:
 
     def _draw(self, drawing: list[_Active], logits: torch.Tensor) -> list[TokenEvent]:
         """One token per request from its logits row, with its own sampler (own generator: a
-        seeded request draws the same tokens whatever else is in the batch)."""
+        seeded request draws the same tokens whatever else is in the batch). A request whose
+        draw fails ends alone, with an "error" finish event."""
         raw, adjusting = logits, [i for i, a in enumerate(drawing) if a.sampler.params.adjusts_logits]
         if adjusting:     # logit_bias and penalties: only the rows of requests that set them
             logits = logits.clone()
             for i in adjusting:
                 logits[i:i + 1] = drawing[i].sampler.adjust(logits[i:i + 1])
-        greedy = [i for i, a in enumerate(drawing) if a.sampler.params.temperature == 0]
-        tokens: list[int] = [0] * len(drawing)
+        greedy = [i for i, a in enumerate(drawing) if a.sampler.params.greedy]
+        tokens: list[int | None] = [0] * len(drawing)
         if greedy:       # one host sync for all greedy rows
             for i, tok in zip(greedy, logits[greedy].argmax(-1).tolist()):
                 tokens[i] = tok
         for i, a in enumerate(drawing):
-            if a.sampler.params.temperature != 0:
-                tokens[i] = int(a.sampler(logits[i:i + 1])[0])
+            if not a.sampler.params.greedy:
+                try:
+                    tokens[i] = int(a.sampler(logits[i:i + 1])[0])
+                except Exception:
+                    log.exception("request %s: sampling failed; ending that request", a.req.id)
+                    tokens[i] = None
         logprobs: list[TokenLogprob | None] = [None] * len(drawing)
         for i, a in enumerate(drawing):
+            if tokens[i] is None:
+                continue
             if a.req.logprobs is not None:     # the model's own distribution: the raw logits
                 logprobs[i] = token_logprobs(raw[i:i + 1], [tokens[i]], a.req.logprobs)[0]
             a.sampler.observe(tokens[i], raw.shape[-1], raw.device)
         events = []
         with self._lock:
             for a, tok, logprob in zip(drawing, tokens, logprobs):
+                if tok is None:
+                    events.append(a.finish_event(None, ERROR))
+                    self._release(a)
+                    continue
                 a.generated.append(tok)
                 if tok in a.req.eos_ids:
                     events.append(a.finish_event(tok, STOP, logprob))

@@ -47,7 +47,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [B, V] float32 -> next tokens [B]."""
         p = self.params
-        if p.temperature == 0:
+        if p.greedy:
             return logits.argmax(dim=-1)
         logits = logits / p.temperature
         if p.top_k:

@@ -388,6 +388,9 @@ def serve_requests(args: GpuArgs, model, source, sup: Channel, reader) -> None:
             engine.cancel(str(msg.id))
         elif isinstance(msg, Submit):
             prompt = parts.pop(msg.id, []) + list(msg.tokens)
+            for pending in (parts, options):     # ids rise: what is older is of a Submit that never came
+                for stale in [i for i in pending if i < msg.id]:
+                    del pending[stale]
             if len(prompt) != msg.prompt_len:      # a protocol bug, not a user error
                 raise RingllmError(f"request {msg.id}: {len(prompt)} prompt tokens arrived of {msg.prompt_len}")
             seed = msg.seed
@@ -399,9 +402,9 @@ def serve_requests(args: GpuArgs, model, source, sup: Channel, reader) -> None:
             try:
                 engine.submit(BatchRequest(str(msg.id), tuple(prompt), msg.max_tokens, sampling, tuple(msg.eos_ids),
                                            opts.logprobs, opts.prompt_logprobs))
-            except RingllmError:     # the supervisor checked it first; answer rather than die
+            except Exception:     # the supervisor checked it first; one request's fault fails it alone
                 log.warning("request %d refused", msg.id, exc_info=True)
-                refused += event_rows(msg.id, None, "error", len(prompt), 0)
+                refused.extend(event_rows(msg.id, None, "error", len(prompt), 0))   # (+= would make it local)
 
     def arrived() -> list:
         """Rank 0: the messages that came (waiting up to IDLE_WAIT_S when there is nothing to do)."""

@@ -68,7 +68,8 @@ def speculate(model: Llama, prompt: list[int], logits: torch.Tensor, cache: KVCa
     cache (nodes <= slots - len(seq)); tokens past max_new_tokens are cut.
     """
     slots = key_valid.shape[1]
-    proposer = make_proposer(draft, prompt, model, slots, sampler.params.temperature)
+    temperature = 0.0 if sampler.params.greedy else sampler.params.temperature
+    proposer = make_proposer(draft, prompt, model, slots, temperature)
     first = sampler(logits).tolist()[0]
     out = [first]
     proposer.seq.append(first)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -16,16 +17,22 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ringllm.checkpoint.errors import RingllmError
 from ringllm.checkpoint.text import TextCodec
-from ringllm.workers.batching import BatchRequest
+from ringllm.workers.batching import CANCELLED, ERROR, BatchRequest
 from ringllm.serve.gate import Gate
 from ringllm.serve.logprobs import chat_logprobs, completion_logprobs
 from ringllm.serve.metrics import metrics_response
 from ringllm.serve.requests import (ApiError, GenerationParams, bad, chat_messages, completion_prompt,
                                     generation_params)
-from ringllm.serve.runner import UNAVAILABLE, EngineRunner, QueueFull
+from ringllm.serve.runner import UNAVAILABLE, EngineRunner, Unavailable
 from ringllm.serve.text import StopTextStream, chat_ids
 
 DISCONNECT_POLL_S = 0.5     # how often a non-streamed request checks that its client is still there
+_DIRECTORIES = re.compile(r"(?<![\w.])(?:/[\w.+@~-]+)+/")     # /a/b/ of /a/b/file
+
+
+def public(text: str) -> str:
+    """An error text as clients see it: files by their name, without the server's directories."""
+    return _DIRECTORIES.sub("", text)
 
 
 @dataclass(frozen=True)
@@ -58,7 +65,19 @@ def create_app(runner: EngineRunner, codec: TextCodec, settings: ServeSettings):
     eos_ids = frozenset(codec.eos_ids)
 
     def unavailable() -> ApiError:
-        return ApiError(503, runner.failure or "the engine stopped", "server_error", code="engine_unavailable")
+        return ApiError(503, public(runner.failure or "the engine stopped"), "server_error", code="engine_unavailable")
+
+    def finish_error(finish: str) -> ApiError | None:
+        """The error a request that ended this way answers, None for OpenAI's stop and length."""
+        if finish == UNAVAILABLE:
+            return unavailable()
+        if finish == ERROR:
+            return ApiError(500, "the engine failed while generating this request", "server_error",
+                            code="engine_error")
+        if finish == CANCELLED:     # by the drain (a client that left reads nothing)
+            return ApiError(503, "the server shut down before the request finished", "server_error",
+                            code="server_shutting_down")
+        return None
 
     @app.exception_handler(ApiError)
     async def api_error(request, err: ApiError):
@@ -71,8 +90,13 @@ def create_app(runner: EngineRunner, codec: TextCodec, settings: ServeSettings):
 
     @app.get("/health")
     async def health():
+        if runner.failure is not None:
+            return JSONResponse({"status": "unavailable", "reason": public(runner.failure)}, status_code=503)
         if runner.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
+        stalled = runner.stalled()
+        if stalled is not None:
+            return JSONResponse({"status": "stalled", "reason": stalled}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -116,7 +140,7 @@ def create_app(runner: EngineRunner, codec: TextCodec, settings: ServeSettings):
         try:   # off the event loop, as for completions
             ids = await asyncio.to_thread(chat_ids, codec, messages)
         except RingllmError as err:
-            raise bad(str(err), "messages") from None
+            raise bad(public(str(err)), "messages") from None
         check_logit_bias(params)
         return await respond(request, "chatcmpl", "chat.completion", ids, params, chat=True)
 
@@ -163,10 +187,10 @@ def create_app(runner: EngineRunner, codec: TextCodec, settings: ServeSettings):
         try:
             queue = runner.submit(BatchRequest(rid, tuple(ids), max_tokens, params.sampling, tuple(eos_ids),
                                                params.logprobs, params.echo and params.logprobs is not None))
-        except QueueFull as err:
-            raise ApiError(503, str(err), "server_error", code="queue_full") from None
+        except Unavailable as err:
+            raise ApiError(503, public(str(err)), "server_error", code=err.code) from None
         except RingllmError as err:
-            raise bad(str(err)) from None
+            raise bad(public(str(err))) from None
         return rid, queue
 
     def check_room(ids: list[int], params: GenerationParams) -> int:
@@ -241,10 +265,9 @@ def create_app(runner: EngineRunner, codec: TextCodec, settings: ServeSettings):
         parts = [piece async for piece in pieces(rid, queue, len(ids), params, outcome, request)]
         if outcome.finish is None:      # the client went away: nobody reads this
             return Response(status_code=499)
-        if outcome.finish == UNAVAILABLE:
-            raise unavailable()
-        if outcome.finish == "error":
-            raise ApiError(500, "the engine failed while generating", "server_error", code="engine_error")
+        error = finish_error(outcome.finish)
+        if error is not None:
+            raise error
         text = "".join(parts)
         logprobs = None
         if params.logprobs is not None:
@@ -285,11 +308,9 @@ def create_app(runner: EngineRunner, codec: TextCodec, settings: ServeSettings):
                 yield chunk([choice(piece, None)])
         finally:
             runner.cancel(rid)     # the client went away before the first piece
-        if outcome.finish == UNAVAILABLE:
-            yield {"data": json.dumps(unavailable().body())}
-        elif outcome.finish == "error":
-            yield {"data": json.dumps(ApiError(500, "the engine failed while generating", "server_error",
-                                               code="engine_error").body())}
+        error = finish_error(outcome.finish)
+        if error is not None:
+            yield {"data": json.dumps(error.body())}
         else:
             yield chunk([choice(None, outcome.finish)])
             if params.include_usage:

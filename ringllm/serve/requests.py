@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ringllm.workers.sampling import MAX_TOP_LOGPROBS, SamplingParams
+from ringllm.workers.sampling import MAX_TOP_LOGPROBS, SEED_MAX, SEED_MIN, SamplingParams
 
 MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 1000      # a stop string's length at most (what the stream may hold back of its text)
@@ -45,18 +45,20 @@ class GenerationParams:
     echo: bool = False              # /v1/completions: the prompt's text (and logprobs) before the completion
 
 
-def _number(body: dict, name: str, default, lo: float, hi: float, lo_open: bool = False):
+def _number(body: dict, name: str, default, lo: float, hi: float):
     value = body.get(name)
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise bad(f"{name} must be a number, got {value!r}", name)
-    if value < lo or value > hi or (lo_open and value == lo):
-        raise bad(f"{name} must be in {'(' if lo_open else '['}{lo}, {hi}], got {value}", name)
+    if not math.isfinite(value):       # Python's json reads NaN and Infinity
+        raise bad(f"{name} must be a finite number, got {value}", name)
+    if value < lo or value > hi:
+        raise bad(f"{name} must be in [{lo}, {hi}], got {value}", name)
     return value
 
 
-def _integer(body: dict, name: str, lo: int | None = None):
+def _integer(body: dict, name: str, lo: int | None = None, hi: int | None = None):
     value = body.get(name)
     if value is None:
         return None
@@ -64,6 +66,8 @@ def _integer(body: dict, name: str, lo: int | None = None):
         raise bad(f"{name} must be an integer, got {value!r}", name)
     if lo is not None and value < lo:
         raise bad(f"{name} must be >= {lo}, got {value}", name)
+    if hi is not None and value > hi:
+        raise bad(f"{name} must be <= {hi}, got {value}", name)
     return value
 
 
@@ -136,11 +140,11 @@ def generation_params(body: dict, chat: bool) -> GenerationParams:
     if not chat and max_tokens is None:
         max_tokens = DEFAULT_COMPLETION_TOKENS
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
-    top_p = _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
+    top_p = _number(body, "top_p", 1.0, 0.0, 1.0)      # 0: the top token only, as OpenAI takes it
     presence = _number(body, "presence_penalty", 0.0, -2.0, 2.0)
     frequency = _number(body, "frequency_penalty", 0.0, -2.0, 2.0)
     logprobs = _logprobs(body, chat)
-    seed = _integer(body, "seed")
+    seed = _integer(body, "seed", SEED_MIN, SEED_MAX)
     stop = body.get("stop")
     if stop is None:
         stop = []

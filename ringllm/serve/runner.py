@@ -4,8 +4,9 @@ Invariants, enforced here:
 - Only the runner thread calls engine.step(); submit() and cancel() are the engine's thread-safe
   entry points and may come from the event loop.
 - Every admitted request gets exactly one finish event on its queue (its own, or "error" when
-  the engine failed, or "cancelled" when a drain ran out of time); its queue is forgotten then.
+  the engine failed it, or "cancelled" when a drain ran out of time); its queue is forgotten then.
 - At most max_batch + max_waiting requests are admitted; beyond that submit raises QueueFull.
+- A request not admitted raises an Unavailable (HTTP 503) whose code says why.
 """
 from __future__ import annotations
 
@@ -16,17 +17,40 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from ringllm.workers.batching import BatchRequest, TokenEvent
+from ringllm.workers.batching import CANCELLED, BatchRequest, TokenEvent
 
 log = logging.getLogger("ringllm.serve")
 
 IDLE_WAIT_S = 1.0          # the thread re-checks its state at least this often while idle
-RATE_WINDOW_S = 10.0
-UNAVAILABLE = "unavailable"    # the finish of requests in flight when the engine died (HTTP 503)       # tokens/s and passes/s are averaged over this window
+RATE_WINDOW_S = 10.0       # tokens/s and passes/s are averaged over this window
+UNAVAILABLE = "unavailable"    # the finish of requests in flight when the engine died (HTTP 503)
+# /health calls the engine stalled after this long without a pass while requests are admitted:
+# STALL_PASSES times its mean pass, and never under the floor (a streaming engine's first pass
+# reads every streamed layer from disk)
+STALL_PASSES = 10
+STALL_FLOOR_S = 120.0
 
 
-class QueueFull(Exception):
-    """The admission queue is full (HTTP 503), or the server is draining."""
+class Unavailable(Exception):
+    """A request not admitted (HTTP 503); `code` is the OpenAI error code that says why."""
+    code = "unavailable"
+
+
+class QueueFull(Unavailable):
+    code = "queue_full"
+
+
+class ShuttingDown(Unavailable):
+    code = "server_shutting_down"
+
+
+class EngineUnavailable(Unavailable):
+    code = "engine_unavailable"
+
+
+class EngineBusy(Unavailable):
+    """The engine cannot take a request now (the streaming engine's GPU queue stayed full)."""
+    code = "engine_busy"
 
 
 @dataclass
@@ -44,13 +68,16 @@ class RunnerStats:
 
 
 class EngineRunner:
-    def __init__(self, engine, max_batch: int, max_waiting: int):
+    def __init__(self, engine, max_batch: int, max_waiting: int, stall_floor_s: float = STALL_FLOOR_S):
         self.engine = engine
         self.capacity = max_batch + max_waiting
+        self.stall_floor_s = stall_floor_s
         self._cond = threading.Condition()
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._cancel_sent: set[str] = set()     # each request is cancelled in the engine once
+        self._progress_at = time.monotonic()    # the last pass, or when work came to an idle engine
         self._draining = False
+        self._drain_now = threading.Event()     # a second signal: cancel what is in flight now
         self.failure: str | None = None     # why the engine stopped for good (then every request is 503)
         self.on_failure = None              # called once from the engine thread after such a failure
         self._stopping = False
@@ -77,8 +104,8 @@ class EngineRunner:
         cancel the rest. Returns how many were cancelled."""
         self.begin_drain()
         end = time.monotonic() + deadline_s
-        while self.in_flight and time.monotonic() < end:
-            time.sleep(0.05)
+        while self.in_flight and time.monotonic() < end and not self._drain_now.is_set():
+            self._drain_now.wait(0.05)
         left = list(self._queues)
         for rid in left:
             self.cancel(rid)
@@ -88,6 +115,10 @@ class EngineRunner:
         while self.in_flight and time.monotonic() < end:
             time.sleep(0.02)
         return len(left)
+
+    def end_drain_now(self) -> None:
+        """(Any thread.) The drain's deadline is now: what is in flight is cancelled."""
+        self._drain_now.set()
 
     def stop(self, timeout_s: float = 10.0) -> None:
         with self._cond:
@@ -99,7 +130,7 @@ class EngineRunner:
                 log.warning("the engine thread did not stop within %.0f s", timeout_s)
         # whatever is still registered never gets another event: end it
         for rid in list(self._queues):
-            self._deliver(TokenEvent(rid, None, "cancelled"))
+            self._deliver(TokenEvent(rid, None, CANCELLED))
 
     @property
     def draining(self) -> bool:
@@ -112,19 +143,27 @@ class EngineRunner:
     # --- requests --------------------------------------------------------------------------
     def submit(self, req: BatchRequest) -> asyncio.Queue:
         """Admit a request (from the event loop): its events arrive on the returned queue.
-        Raises QueueFull, or the engine's RingllmError for a request it refuses."""
+        Raises an Unavailable, or the engine's RingllmError for a request it refuses."""
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         with self._cond:
+            if self.failure is not None:
+                raise EngineUnavailable(self.failure)
             if self._draining or self._stopping:
-                raise QueueFull(self.failure or "the server is shutting down")
+                raise ShuttingDown("the server is shutting down")
             if len(self._queues) >= self.capacity:
                 raise QueueFull(f"the queue is full ({self.capacity} requests in flight)")
-            self._queues[req.id] = (loop, queue)
             try:
                 self.engine.submit(req)
-            except BaseException:
-                del self._queues[req.id]
+            except Exception as err:
+                # marks the engine's errors carry (supervisor.serving): it died, or is full now
+                if getattr(err, "fatal", False):
+                    raise EngineUnavailable(str(err)) from None
+                if getattr(err, "busy", False):
+                    raise EngineBusy(str(err)) from None
                 raise
+            if not self._queues:
+                self._progress_at = time.monotonic()    # the stall clock starts with the work
+            self._queues[req.id] = (loop, queue)
             self._cond.notify_all()
         return queue
 
@@ -134,9 +173,26 @@ class EngineRunner:
         with self._cond:
             if request_id not in self._queues or request_id in self._cancel_sent:
                 return
+            try:
+                self.engine.cancel(request_id)
+            except Exception as err:    # not sent: the drain's cancel tries again
+                log.warning("request %s: the cancel could not be sent (%s)", request_id, err)
+                return
             self._cancel_sent.add(request_id)
-            self.engine.cancel(request_id)
             self._cond.notify_all()
+
+    def stalled(self) -> str | None:
+        """Why the engine looks stuck (requests admitted, no pass for longer than the bound), or None."""
+        with self._cond:
+            admitted, since = len(self._queues), self._progress_at
+        if not admitted or self.failure is not None:
+            return None
+        mean = self._pass_seconds_total / self._passes_total if self._passes_total else 0.0
+        bound = max(self.stall_floor_s, STALL_PASSES * mean)
+        quiet = time.monotonic() - since
+        if quiet <= bound:
+            return None
+        return f"no pass for {quiet:.0f} s with {admitted} request(s) admitted (the bound is {bound:.0f} s)"
 
     def stats(self) -> RunnerStats:
         now = time.monotonic()
@@ -181,6 +237,7 @@ class EngineRunner:
             if passes:
                 self._passes_total += passes
                 self._pass_seconds_total += seconds
+                self._progress_at = time.monotonic()
             now = time.monotonic()
             self._recent.append((now, tokens, seconds if passes else 0.0, passes))
             while self._recent and self._recent[0][0] < now - RATE_WINDOW_S:

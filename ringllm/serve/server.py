@@ -1,11 +1,12 @@
 """`ringllm serve`: load the model, start the engine thread, run uvicorn until SIGINT/SIGTERM,
-then drain: stop admitting, let in-flight requests finish within --drain-timeout, cancel the
-rest, stop the engine thread, exit 0."""
+then drain: stop admitting (still listening: 503s, /health draining), let in-flight requests
+finish within --drain-timeout (a second signal: at once), cancel the rest, stop the engine thread,
+exit 0."""
 from __future__ import annotations
 
 import logging
+import math
 import os
-import signal
 import threading
 from pathlib import Path
 
@@ -83,8 +84,8 @@ def cmd_serve(args) -> int:
             raise RingllmError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 1 <= args.port <= 65535:
         raise RingllmError(f"--port must be in 1..65535, got {args.port}")
-    if args.drain_timeout < 0:
-        raise RingllmError(f"--drain-timeout must be >= 0, got {args.drain_timeout}")
+    if not math.isfinite(args.drain_timeout) or args.drain_timeout < 0:
+        raise RingllmError(f"--drain-timeout must be a finite number of seconds >= 0, got {args.drain_timeout}")
     api_key = checked_api_key(args.api_key)
     if api_key is None and not is_loopback(args.host):
         log.warning("serving on %s without an API key: anyone who reaches this address can use it "
@@ -175,12 +176,26 @@ def serve_until_signal(app, runner, sock, drain_s: float, max_connections: int) 
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
+        """uvicorn's own answer to a signal stops listening at once, and to a second one cuts every
+        stream (force_exit): here the server listens through the drain (503s, /health draining)
+        and stops once it is over; a second signal only ends the drain now (what is in flight is
+        cancelled, each stream still ends with its error event and [DONE])."""
+        drain: threading.Thread | None = None
+
         def handle_exit(self, sig, frame):
-            if not runner.draining:
-                log.info("draining: no new requests; %d in flight get %.0f s", runner.in_flight, drain_s)
-                runner.begin_drain()
-                threading.Thread(target=runner.drain, args=(drain_s,), name="ringllm-drain", daemon=True).start()
-            super().handle_exit(sig, frame)
+            if self.drain is not None:
+                log.info("second signal: cancelling the %d request(s) in flight now", runner.in_flight)
+                runner.end_drain_now()
+                return
+            log.info("draining: no new requests; %d in flight get %.0f s", runner.in_flight, drain_s)
+            runner.begin_drain()
+
+            def drain_then_exit():
+                runner.drain(drain_s)
+                self.should_exit = True
+
+            self.drain = threading.Thread(target=drain_then_exit, name="ringllm-drain", daemon=True)
+            self.drain.start()
 
     host, port = sock.getsockname()[:2]
     config = uvicorn.Config(app, access_log=False, log_config=None, lifespan="off",
@@ -188,15 +203,8 @@ def serve_until_signal(app, runner, sock, drain_s: float, max_connections: int) 
                             limit_concurrency=max_connections)    # beyond it uvicorn answers 503
     server = DrainingServer(config)
     runner.on_failure = lambda: setattr(server, "should_exit", True)     # the requests got their 503
-    # uvicorn re-raises a caught SIGINT/SIGTERM once it has shut down, to end the process by the
-    # signal's default action; the drain is the whole answer to it, so that re-raise is a no-op here
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        previous = {sig: signal.signal(sig, lambda signum, frame: None) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        log.info("serving on http://%s:%d/v1", host, port)
-        server.run(sockets=[sock])
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    # (uvicorn re-raises the signals its handle_exit recorded once it has shut down; this one
+    # records none: the drain is the whole answer to them)
+    log.info("serving on http://%s:%d/v1", host, port)
+    server.run(sockets=[sock])
     log.info("stopped")
