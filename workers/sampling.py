@@ -44,13 +44,10 @@ class SamplingParams:
         if self.top_k < 0:
             raise RingllmError(f"--top-k must be >= 0, got {self.top_k}")
         if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
-            raise RingllmError(f"--seed must be in {SEED_MIN}..{SEED_MAX} (64 bits), got {self.seed}")
+            raise RingllmError(f"--seed must be a 64-bit integer (-2**63 .. 2**64 - 1), got {self.seed}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:     # also false for NaN
                 raise RingllmError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         for token, bias in self.logit_bias:
             if not -100 <= bias <= 100:
                 raise RingllmError(f"logit_bias of token {token} must be in [-100, 100], got {bias}")
-        # torch's generators take 64 bits, and so does a served request's Submit message (msgpack)
-        if self.seed is not None and not -2**63 <= self.seed < 2**64:
-            raise RingllmError(f"--seed must be a 64-bit integer (-2**63 .. 2**64 - 1), got {self.seed}")

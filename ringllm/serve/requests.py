@@ -115,9 +115,7 @@ def _logit_bias(body: dict) -> tuple[tuple[int, float], ...]:
     for key, bias in value.items():
         if not (isinstance(key, str) and key.isdigit()):
             raise bad(f"logit_bias keys must be token ids, got {key!r}", "logit_bias")
-        bias = float(_number({"logit_bias": bias}, "logit_bias", 0.0, -100.0, 100.0))
-        if not math.isfinite(bias):
-            raise bad(f"logit_bias of token {key} must be a finite number, got {bias}", "logit_bias")
+        bias = float(_number({"logit_bias": bias}, "logit_bias", 0.0, -100.0, 100.0))   # finite, in range
         pairs.append((int(key), bias))
     return tuple(sorted(pairs))
 
