@@ -209,7 +209,7 @@ class _Probe:
         if self.ring is not None:
             self.ring.close()
         unlink_all([self.names.segment], self.names.queues)
-        self.names.manifest_path.unlink(missing_ok=True)
+        self.names.remove_manifest()
 
     # --- the measurement -----------------------------------------------------------------------
     def _receive(self, timeout: float):
