@@ -158,12 +158,12 @@ def test_streaming_engine_asked_for_scaled_mm_on_cpu_dequantizes_with_one_line(t
 
 # Top-1 agreement with bf16 (float32 compute) of the FP8 checkpoint computed in bf16. bf16 compute
 # rounds every product and sum, and how (the kernel, its blocking of the reductions) is the CPU's:
-# dequant measured 0.9207 on one machine and 0.9194 on another (4 of 3,071 positions), under the
+# dequant measured 0.9207, 0.9194 and 0.9214 on three machines (4 to 6 of 3,065 positions), partly under the
 # issue's 0.92, which is the bar for float32 compute (test_fp8_quality). The bars below keep a margin
 # of 0.01 (about 30 positions) under what was measured; a real FP8 bug is far below them: planted
 # (first 512 tokens), every scale doubled gave 0.004 and the scales in the wrong channel order 0.000.
-BF16_DEQUANT_MIN_AGREEMENT = 0.91       # measured 0.9194-0.9207
-BF16_SCALED_MM_MIN_AGREEMENT = 0.89     # measured 0.9002
+BF16_DEQUANT_MIN_AGREEMENT = 0.91       # measured 0.9194-0.9214
+BF16_SCALED_MM_MIN_AGREEMENT = 0.89     # measured 0.9002-0.9057
 # torch's CPU threads split the reductions: fixed, so the figure does not move with the core count
 # (1 and 2 threads gave the same figure here; CI has 2 cores)
 SCORING_THREADS = 2
