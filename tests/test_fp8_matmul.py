@@ -158,7 +158,7 @@ def test_streaming_engine_asked_for_scaled_mm_on_cpu_dequantizes_with_one_line(t
 
 # Top-1 agreement with bf16 (float32 compute) of the FP8 checkpoint computed in bf16. bf16 compute
 # rounds every product and sum, and how (the kernel, its blocking of the reductions) is the CPU's:
-# dequant measured 0.9207, 0.9194 and 0.9214 on three machines (4 to 6 of 3,065 positions), partly under the
+# dequant measured 0.9207, 0.9194 and 0.9214 on three machines (6 of 3,065 positions apart), around the
 # issue's 0.92, which is the bar for float32 compute (test_fp8_quality). The bars below keep a margin
 # of 0.01 (about 30 positions) under what was measured; a real FP8 bug is far below them: planted
 # (first 512 tokens), every scale doubled gave 0.004 and the scales in the wrong channel order 0.000.
