@@ -30,7 +30,7 @@ def build_engine_config(args, model_dir, max_seq: int = 2048, batch: int = 1, la
     from ringllm.autotune import describe_ring, describe_tiers, final_lines, ring_fit, tier_split
     from ringllm.config import (PRESETS, default_loader_count, env_parameters, parse_bytes, preset_values_for,
                                 resolve_config, weight_scale)
-    from ringllm.workers.memory_plan import planned_resident_layers
+    from ringllm.workers.memory_plan import fmt_bytes, planned_resident_layers
 
     overrides = {}
     for item in args.params:
@@ -63,7 +63,8 @@ def build_engine_config(args, model_dir, max_seq: int = 2048, batch: int = 1, la
         preset = None
     common.update(preset=preset, loaders=loaders)
     # what streams decides the ring; the settings decide what streams (a first pass, unchecked)
-    first = resolve_config(preset_values=preset_values, check=False, **common).engine
+    first_resolved = resolve_config(preset_values=preset_values, check=False, **common)
+    first = first_resolved.engine
     n = layout.config.num_layers
     resident = planned_resident_layers(plan_layout or layout, first, batch, max_seq, dtype_name, device, spec=spec,
                                        pass_tokens=pass_tokens)
@@ -75,6 +76,12 @@ def build_engine_config(args, model_dir, max_seq: int = 2048, batch: int = 1, la
             preset_values, label = {"cpu_cap": streamed}, "the default ring"
         elif streamed > 0 and fit.fits >= first.lookahead_layers:
             preset_values, label = {"cpu_cap": fit.fits}, "the default ring"   # DRAM is short: use what it has
+        elif streamed > 0 and not first_resolved.user_set("cpu_cap"):
+            # the built-in ring would run over what was allowed: not silently
+            raise RingllmError(
+                f"{fit.room_from}: {fmt_bytes(fit.room)} of DRAM for the ring holds {fit.fits} slot(s) of "
+                f"{fmt_bytes(fit.slot_bytes)}, fewer than the {first.lookahead_layers} layers of look-ahead "
+                "a ring needs; allow more, or set CPU_CAP_VALUE to choose the ring yourself")
     # Tiers follow the ring that runs (yours included under --preset auto): a ring too short for the
     # streamed set pins all but a disk window. The guide's presets and your own ring keep P = 0.
     derive_pinned = False

@@ -67,7 +67,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--top-k", type=int, default=0, help="top-k sampling; 0 = off")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling, a 64-bit integer (default: random)")
     p.add_argument("--draft", default=None, metavar="ngram|DIR",
-                   help="speculative decoding, greedy only: 'ngram' verifies prompt-lookup drafts; a DIR here is "
+                   help="speculative decoding, greedy or sampling: 'ngram' verifies prompt-lookup drafts; a DIR here is "
                         "the same as --draft-model DIR; several tokens per weight pass (default: off)")
     p.add_argument("--draft-model", default=None, metavar="DIR",
                    help="speculative decoding by a small draft model (a Llama checkpoint with the same tokenizer), "
@@ -172,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
         "SSD -> pinned DRAM ring -> GPU."))
     parser.add_argument("--version", action="version", version=f"ringllm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    parser.set_defaults(commands=sub.choices)      # main: a subcommand's usage errors are its own
     _add_generate(sub)
     sub.add_parser("pull-demo", help="import the built-in demo model (SmolLM2-135M-Instruct) into the cache",
                    formatter_class=HelpFormatter)
@@ -324,7 +325,9 @@ def _import_holding_signals(modules) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:     # argparse would blame `ringllm`, whose usage does not show the option's command
+        args.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     if argv is None:   # the command itself, not embedded in another program
         _quiet_torch_without_numpy()
     if argv is None and args.command in ("generate", "bench"):

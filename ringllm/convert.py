@@ -172,16 +172,16 @@ def _convert_shard(src_shard: Path, out_path: Path, tensors: list[OutTensor], ad
         os.fsync(f.fileno())
 
 
-def check_new_checkpoint_dir(src: Path, dst: Path, writer: str = "ringllm convert") -> None:
-    """DST of a command that writes a checkpoint from SRC: new or empty, outside SRC, in a
-    writable directory. One line naming what is wrong otherwise."""
+def check_new_checkpoint_dir(src: Path | None, dst: Path, writer: str = "ringllm convert") -> None:
+    """DST of a command that writes a checkpoint (from SRC, when there is one): new or empty,
+    outside SRC, in a writable directory. One line naming what is wrong otherwise."""
     if dst.exists() and not dst.is_dir():
         raise RingllmError(f"{dst}: exists and is a file; DST must be a new (or empty) directory")
     if dst.is_dir() and any(dst.iterdir()):
         raise RingllmError(f"{dst}: exists and is not empty; {writer} writes a new directory "
                            "(remove it or choose another DST)")
-    s, d = src.resolve(), dst.resolve()
-    if d == s or s in d.parents:
+    d = dst.resolve()
+    if src is not None and (d == src.resolve() or src.resolve() in d.parents):
         raise RingllmError(f"{dst}: is inside the source checkpoint {src}; choose a DST outside it")
     if not d.parent.is_dir():
         raise RingllmError(f"{dst}: its parent directory {d.parent} does not exist")
@@ -240,7 +240,10 @@ def writing_checkpoint(dst: Path):
     shutil.rmtree(partial, ignore_errors=True)
     previous = _sigterm_exits()
     try:
-        partial.mkdir()
+        try:
+            partial.mkdir()
+        except OSError as err:      # a directory access() let through: /proc, a read-only mount
+            raise RingllmError(f"{dst}: cannot create {partial} ({err.strerror})") from None
         yield partial
         if dst.is_dir():
             dst.rmdir()                # empty (check_new_checkpoint_dir)

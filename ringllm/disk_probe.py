@@ -2,7 +2,7 @@
 
 A threaded O_DIRECT read (ringllm.measure.measure_disk) underestimates what the loaders do: on the
 H200 host they read at 1.14-1.18x its figure. So this probe measures with the real thing: K loader
-processes (`python -m ringllm.workers.child` running workers.loader.loader_main, as the
+processes (workers.child running workers.loader.loader_main, as the
 supervisor starts them) reading the checkpoint's real layer chunks (LayerPlan.chunks) into a
 scratch ring, handed out by the coordinator's JobDispatcher at the engine's depth and sent the way
 the coordinator sends them (an Outbox per loader queue). The probe plays the coordinator: it
@@ -209,7 +209,7 @@ class _Probe:
         if self.ring is not None:
             self.ring.close()
         unlink_all([self.names.segment], self.names.queues)
-        self.names.manifest_path.unlink(missing_ok=True)
+        self.names.remove_manifest()
 
     # --- the measurement -----------------------------------------------------------------------
     def _receive(self, timeout: float):

@@ -31,6 +31,9 @@ def cmd_generate(args) -> int:
     if args.max_new_tokens < 1:
         raise RingllmError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     kind = draft_kind(args)
+    if kind is None and args.spec_tokens != AUTO:
+        raise RingllmError(f"--spec-tokens {args.spec_tokens}: sets the draft tokens a pass verifies, and no draft was "
+                           "given (--draft ngram or --draft-model DIR)")
     # --spec-tokens auto is chosen once the run's shape is known (resolve_spec_tokens); until then
     # the draft is checked with a placeholder
     spec_tokens = 1 if args.spec_tokens == AUTO else args.spec_tokens
@@ -55,6 +58,8 @@ def cmd_generate(args) -> int:
     codec = TextCodec(model_dir, layout.config)
     prompts = []
     for label, text in texts:
+        if not text.strip():     # the chat template would wrap it into tokens of its own
+            raise RingllmError(f"{label}: the prompt is empty (or only white space)")
         ids = codec.encode(text, chat=not args.no_chat)
         if not ids:
             raise RingllmError(f"{label}: the prompt is empty (no tokens{' with --no-chat' if args.no_chat else ''})")
@@ -180,10 +185,14 @@ def run_resident(layout, prompts, max_new_tokens, sampling, eos_ids, device_type
                  metrics_json=None):
     """--resident: every weight in this process, no ring (the reference engine). Its metrics
     file holds what it knows: tokens, seconds and the speculation counts."""
+    import torch
+
     from ringllm.workers.generation import Sampler, generate
+    from ringllm.workers.process_setup import apply_torch_threads
     from ringllm.workers.resident import load_resident_model
     from ringllm.workers.speculation import SpecStats
 
+    torch_threads = apply_torch_threads(torch)      # the CPUs this run may use, as the GPU process sizes them
     model = load_resident_model(layout, device_type, dtype_name)
     device, cfg = model.device, layout.config
     t0 = time.perf_counter()
@@ -195,7 +204,8 @@ def run_resident(layout, prompts, max_new_tokens, sampling, eos_ids, device_type
              spec_summary(spec.as_dict() if spec else None))
     if metrics_json is not None:
         import json
-        metrics = {"new_tokens": n, "seconds": elapsed, "tokens_per_second": n / elapsed if elapsed else None}
+        metrics = {"new_tokens": n, "seconds": elapsed, "tokens_per_second": n / elapsed if elapsed else None,
+                   "torch_threads": torch_threads}
         if spec is not None:
             metrics["speculation"] = spec.as_dict()
         metrics_json.write_text(json.dumps(metrics, indent=1) + "\n")

@@ -6,9 +6,15 @@ segments, queues)
 before creating anything; the manifest is removed last. `/dev/mqueue` is usually not mounted, so
 the manifest is the only way a later run can find the queues a killed run left behind: `sweep()`
 unlinks everything listed in the manifests of runs whose supervisor is gone.
+
+A supervisor holds an exclusive flock on its manifest for as long as it lives (the kernel drops it
+when the process ends, however it ends), and that lock is what tells a live run: processes that
+share /dev/shm but not a pid namespace (containers) cannot judge each other's pids. A manifest
+without "locked" was written by an earlier ringllm, which took no lock: only its pid can tell.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
@@ -37,6 +43,7 @@ class RunNames:
     coord_queue: str = field(init=False)
     gpu_queues: list[str] = field(init=False)
     loader_queues: list[str] = field(init=False)
+    _manifest_lock: object = field(default=None, init=False, repr=False)   # the open manifest, locked
 
     def __post_init__(self):
         if self.gpus < 1:
@@ -69,10 +76,23 @@ class RunNames:
         return SHM_DIR / f"{PREFIX}{self.run_id}.manifest"
 
     def write_manifest(self) -> None:
+        """Write the manifest and keep it open under an exclusive flock until remove_manifest()
+        or this process's end. Locked before the rename: a manifest a sweep can see is locked."""
         tmp = self.manifest_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"pid": os.getpid(), "parent": os.getppid(), "segments": self.segments,
-                                   "queues": self.queues}))
+        lock = open(tmp, "w")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.write(json.dumps({"pid": os.getpid(), "parent": os.getppid(), "segments": self.segments,
+                               "queues": self.queues, "locked": True}))
+        lock.flush()
         tmp.rename(self.manifest_path)
+        self._manifest_lock = lock
+
+    def remove_manifest(self) -> None:
+        """Remove the manifest (the run's last resource), then let its lock go."""
+        self.manifest_path.unlink(missing_ok=True)
+        if self._manifest_lock is not None:
+            self._manifest_lock.close()
+            self._manifest_lock = None
 
 
 def unlink_all(segments: list[str], queues: list[str]) -> list[str]:
@@ -98,6 +118,26 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _manifest_locked(manifest: Path) -> bool:
+    """Whether a live supervisor holds the manifest's lock (RunNames.write_manifest)."""
+    try:
+        with open(manifest) as f:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:          # gone: its run removed it as it ended
+        return False
+    return False
+
+
+def _run_alive(manifest: Path, info: dict | None) -> bool:
+    if _manifest_locked(manifest):
+        return True
+    if info is not None and not info.get("locked"):     # an earlier ringllm's: no lock to judge by
+        return _pid_alive(int(info.get("pid", 0)))
+    return False
+
+
 def sweep(include_live: bool = False) -> list[str]:
     """Remove the resources of runs whose supervisor is dead (or of every run, with include_live)."""
     removed = []
@@ -106,7 +146,7 @@ def sweep(include_live: bool = False) -> list[str]:
             info = json.loads(manifest.read_text())
         except (OSError, ValueError):
             info = None
-        if info is not None and _pid_alive(int(info.get("pid", 0))) and not include_live:
+        if not include_live and _run_alive(manifest, info):
             continue
         if info is not None:
             removed += unlink_all(info.get("segments", []), info.get("queues", []))

@@ -17,13 +17,21 @@ start on one H200 while the loaders filled the ring), and it found the disk idle
 the fill, then read 21 GB while the first token waited (33.4 s against 24.9 s of disk reading).
 Warmed, those bytes are read while the GPU process starts, and it then reads them buffered
 (from the cache) instead of O_DIRECT (which would go to the disk again). When the GPU process
-reports Ready it has read them all: the cache is given back (POSIX_FADV_DONTNEED).
+reports Ready it has read them all: the cache is given back (POSIX_FADV_DONTNEED), only the pages
+the warmer read in: mincore(2) says, before each read, which pages were already cached (another
+ringllm on the same checkpoint, a user who pre-read it), and those stay. Where the kernel hides a
+file's cache state (since Linux 5.2, from a caller that neither owns the file nor may write it),
+mincore shows those pages as absent and they are dropped as before: the warmer never keeps more
+than it was allowed to bring in.
 """
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import logging
+import mmap
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -111,11 +119,42 @@ WARM_PIECE = 8 << 20       # bytes per buffered read: the kernel's readahead gro
 WARM_THREADS = 2           # beside the loaders' queues; more only splits the same disk
 
 
+# mincore's byte for a page: bit 0 set when it is in the page cache. Pages not cached, as b"\0".
+_CACHED = bytes(1 if b & 1 else 0 for b in range(256))
+_NOT_CACHED_RUN = re.compile(rb"\0+")
+
+
+def uncached_ranges(fd: int, offset: int, nbytes: int) -> list[tuple[int, int]]:
+    """(start, length) of the pages holding bytes offset..offset+nbytes of an open file that are
+    not in the page cache now (mincore); the whole span, page-aligned, where it cannot be asked."""
+    start = offset - offset % mmap.PAGESIZE
+    length = offset + nbytes - start
+    try:
+        # a private mapping that is never touched: ctypes can address it, nothing is read or written
+        with mmap.mmap(fd, length, access=mmap.ACCESS_COPY, offset=start) as mapped:
+            vec = ctypes.create_string_buffer(-(-length // mmap.PAGESIZE))
+            anchor = ctypes.c_char.from_buffer(mapped)
+            try:
+                asked = _mincore(ctypes.addressof(anchor), length, vec) == 0
+            finally:
+                del anchor            # the mapping cannot close while ctypes holds it
+    except (OSError, ValueError):     # past the end of the file, a file mmap refuses
+        asked = False
+    if not asked:
+        return [(start, length)]
+    return [(start + m.start() * mmap.PAGESIZE, (m.end() - m.start()) * mmap.PAGESIZE)
+            for m in _NOT_CACHED_RUN.finditer(vec.raw.translate(_CACHED))]
+
+
+_mincore = ctypes.CDLL(None, use_errno=True).mincore
+_mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
+
+
 class WeightWarmer(threading.Thread):
     """Reads `extents` (checkpoint.safetensors_index.TensorExtent) into the page cache in their
     order, WARM_PIECE at a time by `threads` threads. Best effort: a file that fails to read is
     skipped (the GPU process reads it again and names the error). release() stops it and drops
-    what it warmed from the cache."""
+    from the cache the pages it read in (read_in), not those that were cached before it read."""
 
     def __init__(self, extents: list, threads: int = WARM_THREADS):
         super().__init__(name="ringllm-warm", daemon=True)
@@ -126,6 +165,7 @@ class WeightWarmer(threading.Thread):
         self.started_at: float | None = None
         self.finished_at: float | None = None
         self._lock = threading.Lock()
+        self.read_in: list[tuple[str, int, int]] = []     # (path, start, length): pages it reads in
         self._pieces = iter([(e.path, at, min(WARM_PIECE, e.offset + e.nbytes - at))
                              for e in self.extents for at in range(e.offset, e.offset + e.nbytes, WARM_PIECE)])
 
@@ -135,6 +175,7 @@ class WeightWarmer(threading.Thread):
 
     def run(self) -> None:
         self.started_at = time.monotonic()
+        self._note_uncached()
         workers = [threading.Thread(target=self._read_pieces, name=f"ringllm-warm{i}", daemon=True)
                    for i in range(self.threads)]
         for w in workers:
@@ -142,6 +183,23 @@ class WeightWarmer(threading.Thread):
         for w in workers:
             w.join()
         self.finished_at = time.monotonic()
+
+    def _note_uncached(self) -> None:
+        """What of the extents is not in the page cache, asked before the first read: asked per
+        piece, the kernel's readahead of the pieces before would count as someone else's."""
+        read_in = []
+        for path in dict.fromkeys(e.path for e in self.extents):
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue          # not read either
+            try:
+                read_in += [(path, start, length) for e in self.extents if e.path == path
+                            for start, length in uncached_ranges(fd, e.offset, e.nbytes)]
+            finally:
+                os.close(fd)
+        with self._lock:
+            self.read_in = read_in
 
     def _read_pieces(self) -> None:
         buf = bytearray(WARM_PIECE)
@@ -172,20 +230,23 @@ class WeightWarmer(threading.Thread):
                     os.close(fd)
 
     def release(self) -> None:
-        """Stop reading, and drop the warmed ranges from the page cache: its reader is done
-        with them (or the run is over), and they would only crowd the ring's DRAM."""
+        """Stop reading, and drop the pages it read in from the page cache: its reader is done
+        with them (or the run is over), and they would only crowd the ring's DRAM. Pages that
+        were cached before it read them are someone else's, and stay."""
         self.stop.set()
         if self.is_alive():
             self.join(timeout=5.0)
         if not hasattr(os, "posix_fadvise"):
             return
-        for e in self.extents:
+        with self._lock:
+            read_in, self.read_in = self.read_in, []
+        for path, start, length in read_in:
             try:
-                fd = os.open(e.path, os.O_RDONLY)
+                fd = os.open(path, os.O_RDONLY)
             except OSError:
                 continue
             try:
-                os.posix_fadvise(fd, e.offset, e.nbytes, os.POSIX_FADV_DONTNEED)
+                os.posix_fadvise(fd, start, length, os.POSIX_FADV_DONTNEED)
             except OSError:
                 pass
             finally:

@@ -572,4 +572,4 @@ class Supervisor:
         if self.ring is not None and (self.prefaulter is None or self.prefaulter.finish(timeout_s=30)):
             self.ring.close()
         unlink_all(self.names.segments, self.names.queues)
-        self.names.manifest_path.unlink(missing_ok=True)
+        self.names.remove_manifest()

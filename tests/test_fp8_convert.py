@@ -170,3 +170,31 @@ def test_a_killed_converts_partial_output_is_removed_by_the_next(src, tmp_path):
     assert main(["convert", "--to", "fp8", str(src), str(tmp_path / "fp8")]) == 0
     assert not stale.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["fp8", src.name])
+
+
+def test_an_all_zero_row_gets_a_finite_scale_and_dequantizes_to_zeros(tmp_path):
+    """A pruned neuron (an all-zero output row) has absmax 0: its scale must still be finite and
+    non-zero (0 would make w / scale NaN, and compressed-tensors readers divide by it too), and its
+    row must come back as zeros. Every other row keeps max |w| / 448."""
+    from safetensors.torch import load_file, save_file
+
+    src = make_model_dir(tmp_path / "src", dtype=torch.bfloat16, num_hidden_layers=2)
+    shard = next(src.glob("*.safetensors"))
+    tensors = load_file(shard)
+    pruned = {"model.layers.0.self_attn.q_proj.weight": 0, "model.layers.1.mlp.down_proj.weight": 5}
+    for name, row in pruned.items():
+        tensors[name][row] = 0
+    save_file(tensors, shard, metadata={"format": "pt"})
+    dst = tmp_path / "fp8"
+    assert main(["convert", "--to", "fp8", str(src), str(dst)]) == 0
+    out = {k: v for shard_tensors in tensors_by_file(dst).values() for k, v in shard_tensors.items()}
+    for name, w in tensors.items():
+        if name.split(".")[-2] not in LINEARS:
+            continue
+        q, scale = out[name].float(), out[name + "_scale"]
+        assert bool(torch.isfinite(scale).all()) and bool((scale > 0).all()), (name, scale.flatten())
+        assert not bool(q.isnan().any()), name
+        live = w.float().abs().amax(1) > 0
+        assert torch.allclose(scale[live], w.float()[live].abs().amax(1, keepdim=True) / 448, rtol=1e-6), name
+        if name in pruned:
+            assert torch.equal(q[pruned[name]] * scale[pruned[name]], torch.zeros(w.shape[1])), name

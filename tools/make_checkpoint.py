@@ -93,18 +93,28 @@ def make_checkpoint(out: Path, shape_name: str, layers: int | None = None, dtype
                     shard_bytes: int = 5 * 10**9, seed: int = 0, device: str | None = None,
                     progress: bool = True, sparse: bool = False) -> Path:
     """sparse=True writes the headers and leaves the data as holes (zeros): real sizes, no disk
-    space, no time; for tests that plan with real shapes."""
+    space, no time; for tests that plan with real shapes. `out` must be new or empty (as convert's
+    DST): it is written in out.partial-<pid> and renamed when done; a failure removes that."""
+    from ringllm.convert import check_new_checkpoint_dir, writing_checkpoint
+
     if shape_name not in SHAPES:
         raise RingllmError(f"--shape {shape_name!r}: one of {', '.join(SHAPES)}")
     shape = dict(SHAPES[shape_name])
     layers = shape["num_hidden_layers"] if layers is None else layers
     if layers < 1:
         raise RingllmError(f"--layers {layers}: must be >= 1")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dst = Path(out)
+    check_new_checkpoint_dir(None, dst, "ringllm make-checkpoint")
+    with writing_checkpoint(dst) as out:
+        _write_checkpoint(out, shape_name, shape, layers, dtype_name, shard_bytes, seed, device, progress, sparse)
+    return dst
+
+
+def _write_checkpoint(out: Path, shape_name: str, shape: dict, layers: int, dtype_name: str, shard_bytes: int,
+                      seed: int, device: str, progress: bool, sparse: bool) -> None:
     dtype, tag = getattr(torch, dtype_name), TAG_OF_NAME[dtype_name]
     itemsize = torch.tensor([], dtype=dtype).element_size()
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     specs = tensor_specs(shape, layers)
     shards = _shards(specs, itemsize, shard_bytes)
     total = sum(math.prod(s) * itemsize for _, s in specs)
@@ -140,7 +150,6 @@ def make_checkpoint(out: Path, shape_name: str, layers: int | None = None, dtype
     (out / "config.json").write_text(json.dumps(config, indent=1))
     (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
     write_tokenizer(out, shape["vocab_size"])
-    return out
 
 
 def _progress(total: int, label: str, enabled: bool):

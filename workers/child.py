@@ -1,5 +1,5 @@
-"""Entry point of every child process: `python -m ringllm.workers.child`, pickled (module, function,
-args) on stdin. Plain subprocesses rather than multiprocessing: no helper processes, no
+"""Entry point of every child process (CHILD_START, which runs main() here), pickled (module,
+function, args) on stdin. Plain subprocesses rather than multiprocessing: no helper processes, no
 re-import of the caller's __main__, and the supervisor keeps full control of each child.
 `spawn` is the parent's side (the supervisor's, and the disk probe's)."""
 from __future__ import annotations
@@ -10,6 +10,15 @@ import signal
 import subprocess
 import sys
 from typing import Callable
+
+# `python -m ringllm.workers.child` would put the working directory first on the child's path, and a
+# `ringllm/` folder there (a clone's root after a non-editable `pip install .`) would shadow the
+# installed package. `-c` puts '' there instead, which is removed before anything of ours is
+# imported (`-P` does this, from Python 3.11 only); with PYTHONSAFEPATH set there is no '' to remove.
+CHILD_START = ("import sys\n"
+               "if sys.path[:1] == ['']: del sys.path[0]\n"
+               "from ringllm.workers.child import main\n"
+               "main()\n")
 
 
 def spawn(target: Callable, args, track: Callable[[subprocess.Popen], None]) -> subprocess.Popen:
@@ -23,7 +32,7 @@ def spawn(target: Callable, args, track: Callable[[subprocess.Popen], None]) -> 
     code in the child: child_start arms it and then checks that its parent is still there.)"""
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "ringllm.workers.child"], stdin=subprocess.PIPE)
+        proc = subprocess.Popen([sys.executable, "-c", CHILD_START], stdin=subprocess.PIPE)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     track(proc)
@@ -45,7 +54,3 @@ def main() -> None:
     module, function, args = pickle.load(sys.stdin.buffer)
     sys.stdin.close()
     getattr(importlib.import_module(module), function)(args)
-
-
-if __name__ == "__main__":
-    main()

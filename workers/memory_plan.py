@@ -182,7 +182,11 @@ def planned_resident_layers(layout: ModelLayout, engine, batch: int, max_seq: in
 
 
 def fmt_bytes(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+    if n >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    if n >= 2**20 or n == 0:
+        return f"{n / 2**20:.1f} MiB"
+    return f"{n / 2**10:.1f} KiB"      # a size given in KiB is not "0.0 MiB"
 
 
 def check_gpu_cap(plan: GpuMemoryPlan, cap: int | None, engine) -> None:
