@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ringllm.checkpoint.errors import RingllmError
 from ringllm.checkpoint.text import TextCodec
@@ -159,6 +160,8 @@ def create_app(runner: EngineRunner, codec: TextCodec, settings: ServeSettings):
 
         try:
             await asyncio.wait_for(receive_all(), settings.body_timeout_s)
+        except ClientDisconnect:    # gone before its body arrived: nobody reads this answer
+            raise ApiError(499, "the client closed the connection before sending its body") from None
         except asyncio.TimeoutError:
             raise ApiError(408, f"the request body did not arrive within {settings.body_timeout_s:g} s",
                            code="body_timeout") from None
@@ -166,6 +169,8 @@ def create_app(runner: EngineRunner, codec: TextCodec, settings: ServeSettings):
             body = json.loads(b"".join(chunks))
         except ValueError as err:
             raise bad(f"the body is not valid JSON ({err})") from None
+        except RecursionError:      # json's decoder recurses once per nesting level
+            raise bad("the body nests deeper than the JSON reader allows") from None
         if not isinstance(body, dict):
             raise bad("the body must be a JSON object")
         name = body.get("model")

@@ -125,16 +125,18 @@ def generation_params(body: dict, chat: bool) -> GenerationParams:
     n = _integer(body, "n", lo=1)
     if n not in (None, 1):
         raise bad(f"n must be 1 (one completion per request), got {n}", "n")
-    if body.get("best_of") not in (None, 1):
-        raise bad("best_of must be 1", "best_of")
+    best_of = _integer(body, "best_of", lo=1)
+    if best_of not in (None, 1):
+        raise bad(f"best_of must be 1, got {best_of}", "best_of")
     echo = body.get("echo")
     if echo is not None and not isinstance(echo, bool):
         raise bad(f"echo must be true or false, got {echo!r}", "echo")
     if echo and chat:
         raise bad("echo is a /v1/completions field", "echo")
     max_tokens = _integer(body, "max_tokens", lo=1 if not echo else 0)
-    if chat and max_tokens is None:
-        max_tokens = _integer(body, "max_completion_tokens", lo=1)
+    if chat:    # both checked: a client may send both (then max_tokens counts)
+        completion_tokens = _integer(body, "max_completion_tokens", lo=1)
+        max_tokens = completion_tokens if max_tokens is None else max_tokens
     if not chat and max_tokens is None:
         max_tokens = DEFAULT_COMPLETION_TOKENS
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
@@ -161,12 +163,16 @@ def generation_params(body: dict, chat: bool) -> GenerationParams:
         raise bad("stream must be true or false", "stream")
     if stream and echo:
         raise bad("echo is not supported with stream", "echo")
-    options = body.get("stream_options") or {}
+    options = body.get("stream_options")
+    options = {} if options is None else options
     if not isinstance(options, dict):
-        raise bad("stream_options must be an object", "stream_options")
+        raise bad(f"stream_options must be an object, got {options!r}", "stream_options")
+    include_usage = options.get("include_usage")
+    if include_usage is not None and not isinstance(include_usage, bool):
+        raise bad(f"stream_options.include_usage must be true or false, got {include_usage!r}", "stream_options")
     sampling = SamplingParams(float(temperature), float(top_p), 0, seed, float(presence), float(frequency),
                               _logit_bias(body))
-    return GenerationParams(max_tokens, sampling, tuple(stop), stream, bool(options.get("include_usage")),
+    return GenerationParams(max_tokens, sampling, tuple(stop), stream, bool(include_usage),
                             logprobs, bool(echo))
 
 
