@@ -7,6 +7,7 @@ path imports that folder instead and the run ends with "the coordinator process 
 unexpectedly"."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -37,3 +38,36 @@ def test_generate_from_a_folder_with_its_own_ringllm_package(tmp_path):
     assert run.returncode == 0, run.stderr
     assert run.stdout == reference.stdout, (run.stdout, reference.stdout)
     assert "working directory" not in run.stderr, run.stderr
+
+
+def _terminated_while_exiting(marker: str) -> None:
+    """A child's target that returns while a SIGTERM arrives during its interpreter's exit, as
+    when the supervisor stops every child at the end of a failed run (issue #23 item 16)."""
+    import atexit
+    import os
+    import signal
+    import time
+
+    from ringllm.workers.process_setup import child_start
+
+    child_start("exiting", os.getppid())       # the SIGTERM handler every child has
+
+    def late_sigterm():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)       # the handler runs here, inside the atexit callback
+    atexit.register(late_sigterm)
+    print(marker, flush=True)
+
+
+def test_a_sigterm_while_a_child_exits_prints_no_traceback(tmp_path):
+    root = str(Path(__file__).resolve().parents[1])
+    log = tmp_path / "log"
+    with open(log, "w") as out:     # the child writes to its parent's stdout and stderr
+        run = subprocess.run([sys.executable, "-c",
+                              "import sys; sys.path.insert(0, sys.argv[1]); from ringllm.workers.child import spawn;"
+                              "from tests.test_child_start import _terminated_while_exiting as t;"
+                              "p = spawn(t, 'child ran', lambda p: None); sys.exit(p.wait(timeout=60))", root],
+                             stdout=out, stderr=subprocess.STDOUT, timeout=120, env={**os.environ, "PYTHONPATH": root})
+    text = log.read_text()
+    assert "child ran" in text
+    assert "Traceback" not in text and "SystemExit" not in text, text

@@ -53,4 +53,10 @@ def spawn(target: Callable, args, track: Callable[[subprocess.Popen], None]) -> 
 def main() -> None:
     module, function, args = pickle.load(sys.stdin.buffer)
     sys.stdin.close()
-    getattr(importlib.import_module(module), function)(args)
+    try:
+        getattr(importlib.import_module(module), function)(args)
+    finally:
+        # On the way out: a SIGTERM now (the supervisor stopping every child at the end of a run)
+        # would raise SystemExit inside an atexit callback and print its traceback; the process
+        # is ending anyway (and is killed at the stop deadline should its exit hang).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
