@@ -40,7 +40,8 @@ def build_engine_config(args, model_dir, max_seq: int = 2048, batch: int = 1, la
         overrides[name.strip()] = value.strip()
     loaders = args.loaders if args.loaders is not None else default_loader_count(model_dir)
     gpu_mem = parse_bytes(args.gpu_mem) if args.gpu_mem is not None else None
-    common = dict(env=env_parameters(), overrides=overrides, gpu_mem=gpu_mem)
+    dram_limit = parse_bytes(args.dram_limit) if getattr(args, "dram_limit", None) is not None else None
+    common = dict(env=env_parameters(), overrides=overrides, gpu_mem=gpu_mem, dram_limit=dram_limit)
     if layout is None:      # bench: it sizes its own rings
         return resolve_config(preset=args.preset, loaders=loaders, **common).engine
     device = device or ("cuda" if _cuda_available() else "cpu")

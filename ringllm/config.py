@@ -117,6 +117,7 @@ class EngineConfig:
     gpu_resident_layers: int = -1     # layers kept on the GPU for the whole run; -1 = auto (cuda: what fits)
     loaders: int = 2
     gpu_mem: int | None = None        # bytes the GPU process may allocate; None = no cap
+    dram_limit: int | None = None     # --dram-limit: DRAM for the ring and the weight warmer's page cache together
     # how an FP8 Linear is computed (workers.quantized.choose_fp8_matmul): "dequant" (to the compute
     # dtype, then matmul), "scaled_mm" (torch._scaled_mm, fp8 x fp8: CUDA sm_89+, bf16), "auto"
     # (scaled_mm where it can run, else dequant). A field only: --set takes integers.

@@ -44,10 +44,14 @@ def check_dram(total: int, engine: EngineConfig, headroom: int = DRAM_HEADROOM) 
             "lower CPU_CAP_VALUE or enlarge /dev/shm")
 
 
-def spare_dram(ring_total: int, headroom: int = DRAM_HEADROOM) -> int:
-    """DRAM left beside the ring (counted whole, faulted or not) and the headroom: what the page
-    cache may take at start without pushing anything out (supervisor.prefetch.WeightWarmer)."""
-    return max(0, psutil.virtual_memory().available - ring_total - headroom)
+def spare_dram(ring_total: int, headroom: int = DRAM_HEADROOM, limit: int | None = None) -> int:
+    """DRAM left beside the ring (counted whole, faulted or not) and the headroom, and within
+    --dram-limit (`limit`, which the ring and this share): what the page cache may take at start
+    without pushing anything out (supervisor.prefetch.WeightWarmer)."""
+    spare = psutil.virtual_memory().available - ring_total - headroom
+    if limit is not None:
+        spare = min(spare, limit - ring_total)
+    return max(0, spare)
 
 
 def fallback_warning(coordinator: dict) -> str | None:

@@ -253,8 +253,8 @@ class Supervisor:
             estimate = resident_estimate(self.parallel.planned_layout(self.layout), self.engine, batch, max_seq,
                                          self.dtype, self.device, spec_plan(sampling), serving=serve is not None)
         n_layers = self.layout.config.num_layers
-        # what the GPU process will read itself, read while it starts (supervisor.prefetch)
-        self.warmer = start_weight_warmer(self.layout, estimate, spare_dram(self.ring_total, self.dram_headroom))
+        self.warmer = start_weight_warmer(self.layout, estimate,  # what the GPU process reads itself, read early
+                                          spare_dram(self.ring_total, self.dram_headroom, self.engine.dram_limit))
         self.prefaulter = SlotPrefaulter(self.ring, None if estimate is None else n_layers - estimate)
         self.prefaulter.start()      # fresh pages faulted ahead of the loaders (shm.prefault)
         self._spawn("coordinator", coordinator_main, CoordinatorArgs(

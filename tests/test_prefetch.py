@@ -160,3 +160,28 @@ def test_the_warmers_release_keeps_the_pages_that_were_cached_before_it(tmp_path
     w.release()
     assert resident_fraction(f, 0, 10 * mib) >= 0.99, "the release dropped pages it had not read in"
     assert resident_fraction(f, 10 * mib + mmap.PAGESIZE, 4096 + 7 + 20 * mib) <= 0.01
+
+
+def test_the_warmer_stays_within_dram_limit(tmp_path):
+    """--dram-limit is DRAM for the ring and the warmer's page cache together (issue #23 item
+    13): a model whose embeddings and lm_head (8 MiB) the limit's room beside the ring cannot
+    hold is not warmed; without the limit the same run warms them."""
+    import json
+    import subprocess
+    import sys
+
+    model = make_model_dir(tmp_path / "m", vocab_size=16384, num_hidden_layers=2)
+    head_bytes = 2 * 16384 * 64 * 4      # embed_tokens + lm_head, float32
+    common = [sys.executable, "-m", "ringllm", "generate", "--model", str(model), "--device", "cpu",
+              "--prompt", "w5 w6", "--no-chat", "--max-new-tokens", "2", "--loaders", "1"]
+
+    def warmed(*extra) -> dict | None:
+        out = tmp_path / f"metrics{len(extra)}.json"
+        run = subprocess.run([*common, "--metrics-json", str(out), *extra], capture_output=True, text=True,
+                             timeout=180, env={**os.environ, "RINGLLM_NO_PREFETCH": "0"})
+        assert run.returncode == 0, run.stderr
+        return json.loads(out.read_text())["startup"].get("warm")
+
+    free = warmed()
+    assert free is not None and free["bytes"] >= head_bytes, free
+    assert warmed("--dram-limit", "4MiB") is None      # the ring's slots (~0.1 MiB) + 8 MiB > 4 MiB
