@@ -108,11 +108,11 @@ def acceptable(name: str, v, chat: bool, target: FuzzTarget) -> bool:
             isinstance(v, list) and len(v) == 1 and (isinstance(v[0], str) or _token_ids(v[0], target.vocab_size))),
         "messages": lambda: isinstance(v, list) and bool(v) and all(_message_ok(m) for m in v),
         "max_tokens": lambda: _int(v) and v >= 1, "max_completion_tokens": lambda: _int(v) and v >= 1,
-        "temperature": lambda: _num(v) and 0 <= v <= 2, "top_p": lambda: _num(v) and 0 < v <= 1,
+        "temperature": lambda: _num(v) and 0 <= v <= 2, "top_p": lambda: _num(v) and 0 <= v <= 1,
         "seed": lambda: _int(v), "n": lambda: v == 1 and _int(v), "best_of": lambda: v == 1 and not isinstance(v, bool),
         "stop": lambda: isinstance(v, str) or (isinstance(v, list) and len(v) <= 4 and all(isinstance(s, str) for s in v)),
         "stream": lambda: isinstance(v, bool), "stream_options": lambda: isinstance(v, dict),
-        "logprobs": lambda: isinstance(v, bool) if chat else (_int(v) and 0 <= v <= 5),
+        "logprobs": lambda: isinstance(v, bool) if chat else (_int(v) and 0 <= v <= 20),
         "top_logprobs": lambda: _int(v) and 0 <= v <= 20, "echo": lambda: isinstance(v, bool),
         "presence_penalty": lambda: _num(v) and -2 <= v <= 2, "frequency_penalty": lambda: _num(v) and -2 <= v <= 2,
         "logit_bias": lambda: isinstance(v, dict) and all(

@@ -14,8 +14,10 @@ MAX_LOGIT_BIAS = 300               # entries of logit_bias (it travels to the GP
 # rather than a 200 with output the client did not ask for. An empty value ([] / "" / "none") is
 # the same as not sending it. Harmless fields (user, metadata, store, parallel_tool_calls,
 # service_tier, prompt_cache_key, safety_identifier) are accepted and ignored.
-REFUSED_FIELDS = ("tools", "tool_choice", "functions", "function_call", "suffix", "audio",
-                  "web_search_options", "reasoning_effort")
+# Fields that would change the output, which this server does not do: refused unless absent or
+# the value that asks for nothing (a client's default, e.g. `tools: []`)
+REFUSED_FIELDS = {"tools": [], "tool_choice": "none", "functions": [], "function_call": "none", "suffix": "",
+                  "audio": None, "web_search_options": None, "reasoning_effort": None}
 
 
 class ApiError(Exception):
@@ -72,8 +74,8 @@ def _integer(body: dict, name: str, lo: int | None = None, hi: int | None = None
 
 
 def _refuse_unsupported(body: dict) -> None:
-    for name in REFUSED_FIELDS:
-        if body.get(name) not in (None, [], "", "none"):
+    for name, nothing in REFUSED_FIELDS.items():
+        if body.get(name) is not None and body[name] != nothing:
             raise bad(f"{name} is not supported by this server", name)
     fmt = body.get("response_format")
     if fmt is not None and fmt != {"type": "text"}:
