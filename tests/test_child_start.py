@@ -71,3 +71,16 @@ def test_a_sigterm_while_a_child_exits_prints_no_traceback(tmp_path):
     text = log.read_text()
     assert "child ran" in text
     assert "Traceback" not in text and "SystemExit" not in text, text
+
+
+def test_the_checkout_imports_as_the_package_from_its_root():
+    """From the repository's root, Python finds the checkout's `ringllm/` before any installed
+    copy (the working directory comes first on the path): after a non-editable `pip install .`,
+    `python -m pytest` and `python -m ringllm` there import it, and its subpackages must then be
+    the checkout's top-level folders. -S leaves out site-packages (and an editable install's
+    finder with it); ringllm.workers.sampling needs nothing outside the checkout."""
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-S", "-c", "import ringllm.workers.sampling as m; print(m.__file__)"],
+                         cwd=root, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert Path(run.stdout.strip()) == root / "workers" / "sampling.py"
