@@ -251,6 +251,6 @@ def test_usage_errors_exit_2_own_errors_one_line_exit_1_as_documented(capsys, ck
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.startswith("usage: ringllm generate"), err
     assert err.strip().splitlines()[-1] == "ringllm generate: error: argument --max-new-tokens: invalid int value: 'many'"
-    expect_one_error(capsys, "--model", str(ckpt), "--top-p", "0", needles=("--top-p",))
+    expect_one_error(capsys, "--model", str(ckpt), "--top-p", "1.01", needles=("--top-p",))
     readme = " ".join(README.read_text().lower().split())
     assert "usage errors" in readme and "and exit code 2" in readme, "README does not say usage errors exit 2"

@@ -138,6 +138,18 @@ def test_what_is_warmed_is_every_tensor_the_gpu_process_reads_itself_in_its_orde
     assert is_attn == sorted(is_attn, reverse=True) and any(is_attn) and not all(is_attn)
 
 
+def settle_page_cache(f: Path, timeout_s: float = 10.0) -> None:
+    """Waits until the file's cached pages stop changing (asynchronous readahead lands after the
+    read that started it returns), so that a drop now is not undone by reads still in flight."""
+    end, last = time.monotonic() + timeout_s, None
+    while time.monotonic() < end:
+        now = resident_fraction(f, 0)
+        if now == last:
+            return
+        last = now
+        time.sleep(0.1)
+
+
 def test_the_warmers_release_keeps_the_pages_that_were_cached_before_it(tmp_path):
     """Pages of the checkpoint that something else had in the page cache (a second ringllm on the
     same model, a user who pre-read it) stay there: the release drops only what the warmer read in."""
@@ -147,16 +159,17 @@ def test_the_warmers_release_keeps_the_pages_that_were_cached_before_it(tmp_path
     if before > 0.5:
         pytest.skip(f"this file system keeps the file cached after DONTNEED ({before:.0%} resident)")
     mib = 1 << 20
-    with open(f, "rb") as other_reader:         # someone else's read of the first 10 MiB
+    with open(f, "rb") as other_reader:         # someone else's read of the first 10 MiB, and none of the rest
+        os.posix_fadvise(other_reader.fileno(), 0, 0, os.POSIX_FADV_RANDOM)     # no readahead past it
         other_reader.read(10 * mib)
-        # and none of the rest: the kernel's readahead of that read went on past 10 MiB
-        os.posix_fadvise(other_reader.fileno(), 10 * mib, 0, os.POSIX_FADV_DONTNEED)
+    settle_page_cache(f)
     assert resident_fraction(f, 0, 10 * mib) >= 0.99 and resident_fraction(f, 10 * mib) <= 0.01
     w = WeightWarmer([TensorExtent("w", str(f), 4096 + 7, 20 * mib, "BF16", (10 * mib,))], threads=2)
     w.start()
     w.join(timeout=30)
     assert not w.is_alive() and w.bytes_read == 20 * mib
     assert resident_fraction(f, 4096 + 7, 4096 + 7 + 20 * mib) >= 0.99
+    settle_page_cache(f)     # the readahead of the warmer's last reads may still be landing
     w.release()
     assert resident_fraction(f, 0, 10 * mib) >= 0.99, "the release dropped pages it had not read in"
     assert resident_fraction(f, 10 * mib + mmap.PAGESIZE, 4096 + 7 + 20 * mib) <= 0.01
