@@ -10,7 +10,7 @@ import torch
 from ringllm.checkpoint.layout import load_layout
 from tests.conftest import LLAMA3_ROPE, hf_greedy_cached, make_hf_checkpoint
 from ringllm.workers.generation import Sampler, SamplingParams, generate
-from ringllm.workers.model import KVCache, Llama
+from ringllm.workers.model import ALL, KVCache, Llama, Segment
 from ringllm.workers.resident import ResidentSource, load_resident_weights
 
 CPU = torch.device("cpu")
@@ -23,10 +23,11 @@ def ringllm_model(model_dir, dtype=torch.float32):
 
 
 def full_logits(model: Llama, tokens: torch.Tensor) -> torch.Tensor:
+    """Every position's logits [B, T, V], each sequence in its own KV row, all in one pass."""
     B, T = tokens.shape
-    cache = KVCache(model.cfg, B, T, model.dtype, CPU)
-    positions = torch.arange(T)[None].expand(B, T)
-    return model.forward(tokens, positions, cache, 0, torch.ones(B, T, dtype=torch.bool), all_logits=True)
+    cache = KVCache(model.cfg, B, T, model.dtype, model.device)
+    segments = [Segment(b, tokens[b].tolist(), 0, logits=ALL) for b in range(B)]
+    return model.forward(cache, segments).view(B, T, -1)
 
 
 def rel_err(a, b):
@@ -148,8 +149,8 @@ def test_half_precision_logits_bit_exact_with_transformers(tmp_path, dtype, name
     assert differ == 0, f"{differ} of {ref.numel()} logits differ, max {(got - ref).abs().max()}"
 
 
-def test_padded_batch_decode_matches_single_prompts(tmp_path):
-    """Left-padded batch prefill + KV-cache decode == each prompt alone through transformers."""
+def test_batch_decode_matches_single_prompts(tmp_path):
+    """Prompts of different lengths in one engine (one KV row each) == each alone through transformers."""
     d = tmp_path / "b"
     hf = make_hf_checkpoint(d, num_hidden_layers=2)
     ours = ringllm_model(d)

@@ -1,128 +1,54 @@
-"""Prefill + decode loop and sampling, shared by the resident and the streaming engines; with a
-draft, the decode loop is workers.spec_decode's."""
+"""Sampling (one request's Sampler), and `generate`: the request engine's client for a fixed set
+of prompts (tests, tools, the resident `ringllm generate`)."""
 from __future__ import annotations
 
-import random
+from dataclasses import replace
 from typing import Callable, Sequence
 
-import torch
-
 from ringllm.checkpoint.errors import RingllmError
-from ringllm.workers.model import KVCache, Llama
-from ringllm.workers.sampling import SamplingParams  # noqa: F401  (defined here before; torch-free now)
-from ringllm.workers.spec_decode import speculate
+from ringllm.workers.engine import Engine, Request
+from ringllm.workers.model import Llama
+from ringllm.workers.sampler import Sampler
+from ringllm.workers.sampling import SamplingParams
 from ringllm.workers.speculation import SpecStats, cache_slots
 
 
-class Sampler:
-    def __init__(self, params: SamplingParams, device: torch.device):
-        params.validate()
-        self.params = params
-        self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(params.seed if params.seed is not None else random.randrange(2**63))
-        self.counts: torch.Tensor | None = None     # [V] times each token was generated (penalties)
-
-    def adjust(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits [B, V] with logit_bias added and OpenAI's penalties over the tokens generated so
-        far (observe) subtracted: presence once a token appeared, frequency times its count."""
-        p = self.params
-        if not p.adjusts_logits:
-            return logits
-        logits = logits.clone()
-        if p.logit_bias:
-            tokens, biases = zip(*p.logit_bias)
-            logits[..., list(tokens)] += torch.tensor(biases, dtype=logits.dtype, device=logits.device)
-        if self.counts is not None:
-            logits -= p.presence_penalty * (self.counts > 0) + p.frequency_penalty * self.counts
-        return logits
-
-    def observe(self, token: int, vocab: int, device) -> None:
-        """Counts a generated token for the penalties (a [V] tensor: it does not grow with the run)."""
-        if not (self.params.presence_penalty or self.params.frequency_penalty):
-            return
-        if self.counts is None:
-            self.counts = torch.zeros(vocab, dtype=torch.float32, device=device)
-        self.counts[token] += 1
-
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits [B, V] float32 -> next tokens [B]."""
-        p = self.params
-        if p.greedy:
-            return logits.argmax(dim=-1)
-        logits = logits / p.temperature
-        if p.top_k:
-            kth = torch.topk(logits, min(p.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if p.top_p < 1:
-            sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-            probs = sorted_logits.softmax(-1)
-            # drop a token when the tokens ranked above it already hold top_p of the mass
-            drop_sorted = probs.cumsum(-1) - probs > p.top_p
-            drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-            logits = logits.masked_fill(drop, float("-inf"))
-        probs = logits.softmax(-1)
-        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
-
-
-def generate(model: Llama, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampler: Sampler,
-             eos_ids: Sequence[int], on_tokens: Callable[[list[int]], None] | None = None,
+def generate(model: Llama, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: SamplingParams | Sampler,
+             eos_ids: Sequence[int], on_token: Callable[[int, int], None] | None = None,
              max_context: int | None = None, spec_stats: SpecStats | None = None) -> list[list[int]]:
-    """Left-pad the prompts, prefill, then decode until every row hit EOS or max_new_tokens.
+    """A client of the request engine (workers.engine) for a fixed set of prompts: each prompt is
+    one request (all in one pass, with the draft the sampling carries, if any), stepped until all
+    are done. Returns each prompt's new tokens, EOS included when it was produced.
 
-    on_tokens(step_tokens) is called after every step with one token per row (finished rows
-    repeat their EOS); a speculative pass calls it once per token it produced. Returns each
-    row's new tokens, EOS included when it was produced. With the sampler's params carrying a
-    draft (workers.speculation), decoding is speculative and its counts go into spec_stats.
-    """
+    on_token(prompt index, token) is called for every token as it comes. Prompt i samples with
+    seed + i when the sampling has a seed (each request its own generator: rows draw apart, and
+    alike run to run). The engine's speculation totals are added into spec_stats."""
+    params = sampling.params if isinstance(sampling, Sampler) else sampling
     if not prompts or any(len(p) == 0 for p in prompts):
         raise RingllmError("every prompt must have at least one token")
-    lengths = [len(p) for p in prompts]
-    longest, batch = max(lengths), len(prompts)
-    total = longest + max_new_tokens
-    if max_context is not None and total > max_context:
-        raise RingllmError(
-            f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the model's context of "
-            f"{max_context} tokens (max_position_embeddings)")
-    draft = getattr(sampler.params, "draft", None)
-    if draft is not None and batch > 1:
-        raise RingllmError(f"--draft {draft.kind} with {batch} prompts: speculative decoding "
-                           "takes one prompt at a time (batches are not supported yet)")
-    # a draft's room past the new tokens, where the context allows it (speculation.cache_slots)
-    slots_total = cache_slots(longest, max_new_tokens, sampler.params)
-    if max_context is not None:
-        slots_total = min(slots_total, max(total, max_context))
-    device = model.device
-    pad = torch.tensor([longest - n for n in lengths], device=device)
-    # token ids stay on the host: the embedding gathers them where its table lives (DRAM for the
-    # streaming engine on cuda), so no forward pass copies ids back from the device
-    tokens = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts])
-    slots = torch.arange(longest, device=device)[None, :]
-    positions = (slots - pad[:, None]).clamp(min=0)
-    key_valid = torch.arange(slots_total, device=device)[None, :] >= pad[:, None]     # [B, slots]
-    cache = KVCache(model.cfg, batch, slots_total, model.dtype, device)
-
-    logits = model.forward(tokens, positions, cache, 0, key_valid)
-    eos = set(eos_ids)
-    if draft is not None:
-        return [speculate(model, list(prompts[0]), logits, cache, key_valid, max_new_tokens, sampler,
-                          eos, on_tokens, draft, spec_stats if spec_stats is not None else SpecStats())]
-    pad_token = min(eos) if eos else 0
-    finished = [False] * batch
+    longest = max(len(p) for p in prompts)
+    limit = max_context if max_context is not None else model.cfg.max_position_embeddings
+    if longest + max_new_tokens > limit:
+        raise RingllmError(f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the model's context of "
+                           f"{limit} tokens (max_position_embeddings)")
+    draft = getattr(params, "draft", None)
+    # room for a pass's drafts past the last new token, where the context allows it
+    context = min(cache_slots(longest, max_new_tokens, params), model.cfg.max_position_embeddings)
+    engine = Engine(model, len(prompts), max(context, 2), draft=draft)
+    plain = SamplingParams(params.temperature, params.top_p, params.top_k, params.seed, params.presence_penalty,
+                           params.frequency_penalty, params.logit_bias)
+    for i, prompt in enumerate(prompts):
+        seed = None if plain.seed is None else (plain.seed + i) % 2**64
+        engine.submit(Request(str(i), tuple(prompt), max_new_tokens, replace(plain, seed=seed), tuple(eos_ids)))
     out: list[list[int]] = [[] for _ in prompts]
-    last_pos = positions[:, -1]
-    for step in range(max_new_tokens):
-        step_tokens = sampler(logits).tolist()       # one host sync per token, not per layer
-        for row, tok in enumerate(step_tokens):
-            if finished[row]:
-                step_tokens[row] = pad_token         # finished rows keep feeding EOS
-            else:
-                out[row].append(tok)
-                finished[row] = tok in eos
-        if on_tokens is not None:
-            on_tokens(step_tokens)
-        if all(finished) or step == max_new_tokens - 1:
-            break
-        last_pos = last_pos + 1
-        nxt = torch.tensor(step_tokens)
-        logits = model.forward(nxt[:, None], last_pos[:, None], cache, longest + step, key_valid)
+    while not engine.idle():
+        for event in engine.step():
+            if event.finish == "error":
+                raise RingllmError(f"prompt {event.id}: sampling failed")
+            if event.token is not None:
+                out[int(event.id)].append(event.token)
+                if on_token is not None:
+                    on_token(int(event.id), event.token)
+    if spec_stats is not None and engine.spec is not None:
+        spec_stats.merge(engine.spec)
     return out

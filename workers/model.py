@@ -9,9 +9,13 @@ rank's shard (local q/kv heads, intermediate rows, output rows of o/down/lm_head
 all_gathers after attention, o_proj, silu(gate)*up, down_proj and lm_head, so that every rank
 holds full activations and full logits. Without `tp` the gathers are not there.
 
-Shapes: B batch, T new tokens, S cache slots in use, H heads, K kv heads, D head_dim, V vocab.
-Batches are left-padded: row b's real tokens occupy cache slots pad[b].. and its rotary
-positions start at 0 there; `key_valid[b, s]` masks the padding slots.
+One forward, over segments: a pass carries any number of them, each one request's run of new
+tokens in its own KV row (a prompt chunk, or the newest token with its draft tree). Every layer's
+weights are fetched once and multiply all segments' tokens together as one [1, N, hidden]
+sequence; only attention is per segment, against the segment's own row. A row has no padding: its
+slot s holds its token at position s (a tree node's position is its depth below the root instead).
+
+Shapes: N tokens in the pass, R rows, S slots seen, H heads, K kv heads, D head_dim, V vocab.
 """
 from __future__ import annotations
 
@@ -64,17 +68,61 @@ class WeightSource(Protocol):
 
 
 class KVCache:
-    """Static cache: k, v of shape [layers, B, K, max_seq, D], filled slot by slot."""
+    """Static cache: k, v of shape [layers, rows, K, max_seq, D]; a request owns one row."""
 
-    def __init__(self, cfg: LlamaConfig, batch: int, max_seq: int, dtype: torch.dtype, device):
-        shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_seq, cfg.head_dim)
+    def __init__(self, cfg: LlamaConfig, rows: int, max_seq: int, dtype: torch.dtype, device):
+        shape = (cfg.num_layers, rows, cfg.num_kv_heads, max_seq, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_seq = max_seq
 
     @staticmethod
-    def nbytes(cfg: LlamaConfig, batch: int, max_seq: int, dtype: torch.dtype) -> int:
-        return cfg.kv_cache_bytes(batch, max_seq, dtype.itemsize)
+    def nbytes(cfg: LlamaConfig, rows: int, max_seq: int, dtype: torch.dtype) -> int:
+        return cfg.kv_cache_bytes(rows, max_seq, dtype.itemsize)
+
+    def move(self, row: int, dst: Sequence[int], src: Sequence[int]) -> None:
+        """Copy slots src[i] -> dst[i] of one row, every layer (a verified tree's accepted path
+        to where the sequence continues). The source is gathered first: overlaps are safe."""
+        if not dst:
+            return
+        d = torch.tensor(list(dst), device=self.k.device)
+        s = torch.tensor(list(src), device=self.k.device)
+        self.k[:, row, :, d] = self.k[:, row, :, s]
+        self.v[:, row, :, d] = self.v[:, row, :, s]
+
+
+NO_LOGITS, LAST, ALL = 0, 1, 2      # Segment.logits: none, its last token's, every token's
+
+
+class Segment(NamedTuple):
+    """One request's new tokens in a pass: they fill slots start..start+T-1 of KV row `row`.
+
+    positions: rotary positions (None: start + i, a causal run). attend: [T, A] bool over the
+    last A slots up to start+T (A >= T): token i sees slot start+T-A+j iff attend[i, j], and every
+    slot before those (the accepted sequence); None: causal (A = T, the lower triangle). A draft
+    tree's segment is its root and nodes, each node seeing itself and its ancestors."""
+    row: int
+    tokens: Sequence[int]
+    start: int
+    positions: Sequence[int] | None = None
+    attend: torch.Tensor | None = None
+    logits: int = LAST
+
+    def seen(self) -> torch.Tensor:
+        """[T, start+T] bool on the cpu: which of the row's slots each token attends to."""
+        T, end = len(self.tokens), self.start + len(self.tokens)
+        if self.attend is None:
+            return torch.arange(end)[None, :] <= torch.arange(self.start, end)[:, None]
+        A = self.attend.shape[1]
+        return torch.cat((torch.ones(T, end - A, dtype=torch.bool), self.attend.cpu()), dim=1)
+
+    def logit_count(self) -> int:
+        return (0, 1, len(self.tokens))[self.logits]
+
+
+# Segments up to this many tokens attend together in one batched call (their rows' keys gathered:
+# decode steps and draft trees); longer ones (prompt chunks) one by one, on views of their rows.
+BATCHED_TOKENS = 64
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
@@ -139,123 +187,92 @@ class Llama:
         """float32 logits over the whole vocabulary (each rank computes its vocab rows)."""
         return self._gather(self._linear(h, self.resident.lm_head), "vocab").float()
 
-    def _output(self, x: torch.Tensor, attn_out: torch.Tensor, o: Weight) -> torch.Tensor:
-        """x + o_proj(attention output [.., local q_size]): gathered before and after o."""
-        return x + self._gather(self._linear(self._gather(attn_out, "attn_out"), o), "hidden")
-
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[..., None] * self.inv_freq           # [B, T, D/2] in float32
+        freqs = positions.float()[..., None] * self.inv_freq           # [1, N, D/2] in float32
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(self.dtype)[:, None], emb.sin().to(self.dtype)[:, None]  # [B, 1, T, D]
+        return emb.cos().to(self.dtype)[:, None], emb.sin().to(self.dtype)[:, None]  # [1, 1, N, D]
 
-    def _attention(self, x, w: AttnWeights, layer, cache: KVCache, start, cos, sin, mask):
-        cfg, (B, T, _) = self.cfg, x.shape
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [1, N] (host ids, or on any device) -> activations [1, N, hidden] on the device."""
+        table = self.resident.embed
+        rows = table[tokens.to(table.device)]          # gathered where the table lives
+        return rows.to(device=self.device, dtype=self.dtype, non_blocking=True)
+
+    @torch.inference_mode()
+    def forward(self, cache: KVCache, segments: Sequence[Segment]) -> torch.Tensor:
+        """One pass over every segment. Returns float32 logits [M, V]: per segment in order, as
+        many rows as its `logits` asks (none, its last token's, or every token's). Rows of the
+        cache that no segment names are not touched."""
+        if not segments:
+            raise ValueError("a pass needs at least one segment")
+        cfg, dev = self.cfg, self.device
+        tokens, positions, wanted, offset = [], [], [], 0
+        for seg in segments:
+            T = len(seg.tokens)
+            if T == 0 or seg.start + T > cache.max_seq:
+                raise ValueError(f"row {seg.row}: {T} tokens at slot {seg.start} (the cache has {cache.max_seq})")
+            tokens += seg.tokens
+            positions += seg.positions if seg.positions is not None else range(seg.start, seg.start + T)
+            wanted += range(offset + T - seg.logit_count(), offset + T)
+            offset += T
+        # token ids stay on the host: the embedding gathers them where its table lives (DRAM for
+        # the streaming engine on cuda), so no pass copies ids back from the device
+        cos, sin = self._rope(torch.tensor(positions, device=dev)[None])
+        plan = _AttentionPlan(segments, dev)
+        x = self.embed(torch.tensor(tokens)[None])                           # [1, N, hidden]
+        for layer in range(cfg.num_layers):
+            x = self._attention(x, self.weights.attn(layer), layer, cache, cos, sin, plan)
+            self.weights.release(layer, "attn")
+            x = self._ffn(x, self.weights.ffn(layer))
+            self.weights.release(layer, "ffn")
+        # logits only where asked: a [N, V] float32 for every pass costs too much
+        rows = x[0] if len(wanted) == offset else x[0, wanted]
+        return self._logits(rms_norm(rows, self.resident.final_norm, cfg.rms_norm_eps))
+
+    def _attention(self, x, w: AttnWeights, layer: int, cache: KVCache, cos, sin, plan: "_AttentionPlan"):
+        cfg, N = self.cfg, x.shape[1]
+        H, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         h = rms_norm(x, w.input_norm, cfg.rms_norm_eps)
-        q = self._linear(h, w.q).view(B, T, cfg.num_heads, cfg.head_dim).transpose(1, 2)
-        k = self._linear(h, w.k).view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-        v = self._linear(h, w.v).view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        q = self._linear(h, w.q).view(1, N, H, D).transpose(1, 2)             # [1, H, N, D]
+        k = self._linear(h, w.k).view(1, N, K, D).transpose(1, 2)
+        v = self._linear(h, w.v).view(1, N, K, D).transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        end = start + T
-        cache.k[layer, :, :, start:end] = k
-        cache.v[layer, :, :, start:end] = v
-        keys, values = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]   # [B, K, S, D]
-        rep = cfg.num_heads // cfg.num_kv_heads
-        if rep > 1:
-            keys = keys[:, :, None].expand(B, cfg.num_kv_heads, rep, end, cfg.head_dim).reshape(
-                B, cfg.num_heads, end, cfg.head_dim)
-            values = values[:, :, None].expand(B, cfg.num_kv_heads, rep, end, cfg.head_dim).reshape(
-                B, cfg.num_heads, end, cfg.head_dim)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)     # [B, H, T, D]
-        return self._output(x, out.transpose(1, 2).reshape(B, T, cfg.q_size), w.o)
+        out = plan.run(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
+                       cache.k[layer], cache.v[layer], H // K)              # [N, H, D]
+        attn_out = out.reshape(1, N, cfg.q_size)
+        return x + self._gather(self._linear(self._gather(attn_out, "attn_out"), w.o), "hidden")
 
     def _ffn(self, x, w: FfnWeights):
         h = rms_norm(x, w.post_norm, self.cfg.rms_norm_eps)
         gated = self._gather(F.silu(self._linear(h, w.gate)) * self._linear(h, w.up), "intermediate")
         return x + self._gather(self._linear(gated, w.down), "hidden")
 
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [B, T] (host ids, or on any device) -> activations [B, T, hidden] on the device."""
-        table = self.resident.embed
-        rows = table[tokens.to(table.device)]          # gathered where the table lives
-        return rows.to(device=self.device, dtype=self.dtype, non_blocking=True)
-
     @torch.inference_mode()
-    def warm_up_kernels(self, batch: int, prompt_len: int, attn: AttnWeights, ffn: FfnWeights) -> None:
-        """Run one layer of a prefill and of a decode step on throwaway data, so that one-time
-        costs (kernel loading, library handles, workspaces) are paid now and not in the first pass.
-        Tensor parallel: a collective like forward, every rank calls it with the same arguments."""
+    def warm_up_kernels(self, rows: int, prompt_len: int, attn: AttnWeights, ffn: FfnWeights) -> None:
+        """Run one layer of a pass like the engine's biggest (a prompt chunk and `rows` decode
+        steps) on throwaway data, so that one-time costs (kernel loading, library handles,
+        workspaces) are paid now and not in the first pass. Tensor parallel: a collective like
+        forward, every rank calls it with the same arguments."""
         from dataclasses import replace
 
-        one = replace(self.cfg, num_layers=1)
-        cache = KVCache(one, batch, prompt_len + 1, self.dtype, self.device)
-        for tokens, start in ((prompt_len, 0), (1, prompt_len)):
-            end = start + tokens
-            x = torch.zeros(batch, tokens, self.cfg.hidden_size, dtype=self.dtype, device=self.device)
-            pos = torch.arange(start, end, device=self.device)[None].expand(batch, tokens)
-            cos, sin = self._rope(pos)
-            slots = torch.arange(start, end, device=self.device)
-            mask = (slots[:, None] >= torch.arange(end, device=self.device)[None, :])[None, None]
-            x = self._attention(x, attn, 0, cache, start, cos, sin, mask.expand(batch, 1, tokens, end))
-            x = self._ffn(x, ffn)
-        x = rms_norm(x[:, -1], self.resident.final_norm, self.cfg.rms_norm_eps)
-        self._logits(x).argmax(-1).tolist()
+        class OneLayer:
+            def attn(self, layer):
+                return attn
 
-    @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: int,
-                key_valid: torch.Tensor, all_logits: bool = False, attend: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens, positions: [B, T] filling cache slots start..start+T-1; key_valid: [B, max_seq].
+            def ffn(self, layer):
+                return ffn
 
-        attend (a tree of tokens, workers.spec_decode): [T, A] bool over the last A slots up to
-        start+T: new token i sees slot start+T-A+j iff attend[i, j] (itself and its ancestors);
-        every slot before those is seen (the accepted sequence). None: causal (A = T, lower
-        triangle). key_valid masks padding either way.
+            def release(self, layer, kind):
+                pass
 
-        Returns float32 logits [B, V] for the last position, or [B, T, V] with all_logits.
-        """
-        cfg = self.cfg
-        B, T = tokens.shape
-        end = start + T
-        slots = torch.arange(start, end, device=self.device)
-        if attend is None:
-            seen = slots[:, None] >= torch.arange(end, device=self.device)[None, :]          # [T, S] causal
-        else:
-            before = torch.ones(T, end - attend.shape[1], dtype=torch.bool, device=self.device)
-            seen = torch.cat((before, attend.to(self.device)), dim=1)                      # [T, S]
-        mask = seen[None] & key_valid[:, None, :end]                                         # [B, T, S]
-        mask = mask | (slots[:, None] == torch.arange(end, device=self.device)[None, :])[None]  # pad rows see themselves
-        mask = mask[:, None]                                                                # [B, 1, T, S]
-        cos, sin = self._rope(positions)
-        x = self.embed(tokens)
-        for layer in range(cfg.num_layers):
-            x = self._attention(x, self.weights.attn(layer), layer, cache, start, cos, sin, mask)
-            self.weights.release(layer, "attn")
-            x = self._ffn(x, self.weights.ffn(layer))
-            self.weights.release(layer, "ffn")
-        if not all_logits:
-            x = x[:, -1]
-        return self._logits(rms_norm(x, self.resident.final_norm, cfg.rms_norm_eps))
-
-
-# --- one pass over several segments (continuous batching, workers.batching) -------------------
-# Slot-based KV: a request owns one row of a KVCache [layers, rows, K, max_context, D] and its slot
-# s holds its position s (no left padding), so a row's keys are exactly slots 0..pos.
-
-class DecodeRows(NamedTuple):
-    """One new token for each of several rows, each at its own position (= the slot it fills)."""
-    rows: Sequence[int]
-    tokens: Sequence[int]
-    positions: Sequence[int]
-
-
-class PrefillChunk(NamedTuple):
-    """One request's prompt tokens filling slots start..start+T-1 of its row; later chunks of the
-    same prompt attend to the earlier ones already in the cache."""
-    row: int
-    tokens: Sequence[int]
-    start: int
-    wants_logits: bool     # the prompt's last chunk: its last token's logits give the first new token
-    all_logits: bool = False   # logits for every token of the chunk (the prompt's logprobs: echo)
+        one = Llama(replace(self.cfg, num_layers=1), self.resident, OneLayer(), self.dtype, self.device,
+                    self.fp8_matmul, self.tp)
+        cache = KVCache(one.cfg, rows + 1, prompt_len + 1, self.dtype, self.device)
+        prompt = Segment(rows, [0] * prompt_len, 0)
+        one.forward(cache, [prompt]).argmax(-1).tolist()
+        steps = [Segment(r, [0], prompt_len) for r in range(rows)]
+        one.forward(cache, [*steps, Segment(rows, [0], prompt_len)]).argmax(-1).tolist()
 
 
 def _expand_kv(t: torch.Tensor, rep: int) -> torch.Tensor:
@@ -266,100 +283,62 @@ def _expand_kv(t: torch.Tensor, rep: int) -> torch.Tensor:
     return t[:, :, None].expand(B, K, rep, S, D).reshape(B, K * rep, S, D)
 
 
-class SegmentPass:
-    """The Llama layers applied to decode rows and prefill chunks in one pass: each layer's
-    weights are fetched once and multiply every segment's tokens together (concatenated into one
-    [1, N, hidden] sequence); only attention runs per segment, against the segment's own row."""
+class _AttentionPlan:
+    """Where each segment's tokens go and what they see, built once per pass (every layer reuses
+    it). Short segments (decode steps, draft trees) attend in one batched call: their rows' keys
+    gathered, each padded to the longest, one mask [B, 1, Tmax, S]. Long ones (prompt chunks)
+    attend one by one on views of their rows, so a pass never gathers a long context twice."""
 
-    def __init__(self, model: "Llama"):
-        self.model = model
-
-    @torch.inference_mode()
-    def forward(self, cache: KVCache, decode: DecodeRows | None, prefills: Sequence[PrefillChunk]) -> torch.Tensor:
-        """Returns float32 logits [M, V]: one per decode row (in order), then per prefill chunk (in
-        order) one for each of its tokens with all_logits, else one with wants_logits. Rows not
-        named are not touched."""
-        m, cfg, dev = self.model, self.model.cfg, self.model.device
-        decode = decode if decode is not None and len(decode.rows) else None
-        tokens, positions = [], []
-        if decode is not None:
-            tokens += list(decode.tokens)
-            positions += list(decode.positions)
-        for chunk in prefills:
-            tokens += list(chunk.tokens)
-            positions += range(chunk.start, chunk.start + len(chunk.tokens))
-        if not tokens:
-            raise ValueError("a pass needs at least one segment")
-        pos = torch.tensor(positions, device=dev)[None]                    # [1, N]
-        cos, sin = m._rope(pos)                                            # [1, 1, N, D]
-        plan = self._attention_plan(cache, decode, prefills)
-        x = m.embed(torch.tensor(tokens)[None])                            # [1, N, hidden]
-        for layer in range(cfg.num_layers):
-            x = self._attention(x, m.weights.attn(layer), layer, cache, cos, sin, plan)
-            m.weights.release(layer, "attn")
-            x = m._ffn(x, m.weights.ffn(layer))
-            m.weights.release(layer, "ffn")
-        # logits only where a token is drawn (every decode row, each prompt's last chunk) or a
-        # request asked for its prompt's logprobs: a [N, V] float32 for every pass costs too much
-        wanted, offset = [], 0
-        if decode is not None:
-            wanted += range(len(decode.rows))
-            offset = len(decode.rows)
-        for chunk in prefills:
-            if chunk.all_logits:
-                wanted += range(offset, offset + len(chunk.tokens))
-            offset += len(chunk.tokens)
-            if chunk.wants_logits and not chunk.all_logits:
-                wanted.append(offset - 1)
-        return m._logits(rms_norm(x[0, wanted], m.resident.final_norm, cfg.rms_norm_eps))
-
-    def _attention_plan(self, cache, decode, prefills) -> list:
-        """Per segment, built once per pass: (offset, length, rows, write slots, keys seen, mask)."""
-        dev, plan, offset = self.model.device, [], 0
-        if decode is not None:
-            R = len(decode.rows)
-            rows = torch.tensor(list(decode.rows), device=dev)
-            slots = torch.tensor(list(decode.positions), device=dev)
-            seen = int(max(decode.positions)) + 1
-            # each row sees its own slots 0..pos (its other slots hold nothing of its own yet)
-            mask = (torch.arange(seen, device=dev)[None, :] <= slots[:, None])[:, None, None]  # [R,1,1,S]
-            plan.append((offset, R, rows, slots, seen, mask))
-            offset += R
-        for chunk in prefills:
-            T, end = len(chunk.tokens), chunk.start + len(chunk.tokens)
-            if end > cache.max_seq:
-                raise ValueError(f"prefill to slot {end} past the cache's {cache.max_seq}")
-            new = torch.arange(chunk.start, end, device=dev)
-            mask = (new[:, None] >= torch.arange(end, device=dev)[None, :])[None, None]       # [1,1,T,S]
-            plan.append((offset, T, chunk.row, chunk.start, end, mask))
+    def __init__(self, segments: Sequence[Segment], device):
+        self.alone = []                                  # (token offset, row, start, end, mask [1,1,T,end])
+        short, offset = [], 0
+        for seg in segments:
+            T = len(seg.tokens)
+            if T <= BATCHED_TOKENS:
+                short.append((offset, seg))
+            else:
+                self.alone.append((offset, seg.row, seg.start, seg.start + T, seg.seen().to(device)[None, None]))
             offset += T
-        return plan
+        self.batched = None
+        if short:
+            T_max = max(len(s.tokens) for _, s in short)
+            S = max(s.start + len(s.tokens) for _, s in short)
+            mask = torch.zeros(len(short), T_max, S, dtype=torch.bool)
+            mask[:, :, 0] = True                         # padding queries see slot 0 (their output is dropped)
+            token_at, rows, slots, pad_at = [], [], [], []
+            for b, (off, seg) in enumerate(short):
+                T = len(seg.tokens)
+                mask[b, :T] = False
+                mask[b, :T, :seg.start + T] = seg.seen()
+                token_at += range(off, off + T)
+                rows += [seg.row] * T
+                slots += range(seg.start, seg.start + T)
+                pad_at += range(b * T_max, b * T_max + T)
+            t = lambda values: torch.tensor(values, device=device)   # noqa: E731
+            self.batched = (t([s.row for _, s in short]), S, T_max, t(token_at), t(rows), t(slots), t(pad_at),
+                            mask.to(device)[:, None])
 
-    def _attention(self, x, w: AttnWeights, layer, cache: KVCache, cos, sin, plan):
-        m, cfg, (_, N, _) = self.model, self.model.cfg, x.shape
-        H, K, D, rep = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_heads // cfg.num_kv_heads
-        h = rms_norm(x, w.input_norm, cfg.rms_norm_eps)
-        q = m._linear(h, w.q).view(1, N, H, D).transpose(1, 2)             # [1, H, N, D]
-        k = m._linear(h, w.k).view(1, N, K, D).transpose(1, 2)
-        v = m._linear(h, w.v).view(1, N, K, D).transpose(1, 2)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        ck, cv = cache.k[layer], cache.v[layer]                            # [rows, K, max_seq, D]
-        outs = []
-        for offset, n, rows, slots, seen, mask in plan:
-            seg = slice(offset, offset + n)
-            if isinstance(rows, torch.Tensor):                             # the decode rows: T = 1 each
-                ck[rows, :, slots] = k[0, :, seg].transpose(0, 1)          # [R, K, D] at each row's slot
-                cv[rows, :, slots] = v[0, :, seg].transpose(0, 1)
-                keys, values = ck[rows, :, :seen], cv[rows, :, :seen]     # [R, K, S, D]
-                qs = q[0, :, seg].transpose(0, 1)[:, :, None]              # [R, H, 1, D]
-            else:                                                          # one prompt chunk
-                ck[rows, :, slots:seen] = k[0, :, seg]
-                cv[rows, :, slots:seen] = v[0, :, seg]
-                keys, values = ck[rows:rows + 1, :, :seen], cv[rows:rows + 1, :, :seen]
-                qs = q[:, :, seg]                                          # [1, H, T, D]
-            out = F.scaled_dot_product_attention(qs, _expand_kv(keys, rep), _expand_kv(values, rep),
-                                                 attn_mask=mask)           # [B, H, T, D]
-            outs.append(out.transpose(1, 2).reshape(n, cfg.q_size))
-        out = torch.cat(outs)[None] if len(outs) > 1 else outs[0][None]    # [1, N, H*D]
-        return m._output(x, out, w.o)
+    def run(self, q, k, v, ck, cv, rep: int) -> torch.Tensor:
+        """q [N, H, D], k/v [N, K, D] of the pass; ck/cv one layer's cache [rows, K, max_seq, D].
+        Writes every token's k/v into its row's slot, then returns the attention output [N, H, D]."""
+        out = torch.empty_like(q)
+        if self.batched is not None:
+            seg_rows, S, T_max, token_at, rows, slots, pad_at, mask = self.batched
+            ck[rows, :, slots] = k[token_at]                                 # [n, K, D] at (row, slot)
+            cv[rows, :, slots] = v[token_at]
+            B, H, D = len(seg_rows), q.shape[1], q.shape[2]
+            qs = q.new_zeros(B * T_max, H, D)
+            qs[pad_at] = q[token_at]
+            qs = qs.view(B, T_max, H, D).transpose(1, 2)                    # [B, H, Tmax, D]
+            keys, values = ck[seg_rows, :, :S], cv[seg_rows, :, :S]          # [B, K, S, D]
+            o = F.scaled_dot_product_attention(qs, _expand_kv(keys, rep), _expand_kv(values, rep), attn_mask=mask)
+            out[token_at] = o.transpose(1, 2).reshape(B * T_max, H, D)[pad_at]
+        for offset, row, start, end, mask in self.alone:
+            seg = slice(offset, offset + end - start)
+            ck[row, :, start:end] = k[seg].transpose(0, 1)
+            cv[row, :, start:end] = v[seg].transpose(0, 1)
+            keys, values = ck[row:row + 1, :, :end], cv[row:row + 1, :, :end]
+            o = F.scaled_dot_product_attention(q[seg].transpose(0, 1)[None], _expand_kv(keys, rep),
+                                               _expand_kv(values, rep), attn_mask=mask)   # [1, H, T, D]
+            out[seg] = o[0].transpose(0, 1)
+        return out

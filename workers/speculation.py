@@ -106,6 +106,20 @@ class SpecStats:
     # width -> the seconds of the target's forward and accept step in passes of that width
     verify_by_width: dict = field(default_factory=dict)
 
+    def merge(self, other: "SpecStats") -> None:
+        """Adds another run's counts (and its widths' times) into these."""
+        for name in ("passes", "tokens", "drafted", "accepted", "branched", "draft_seconds"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.draft = other.draft
+        for width, times in other.verify_by_width.items():
+            mine = self.verify_by_width.setdefault(width, WidthTimes())
+            if mine.passes == 0:
+                mine.first_seconds = times.first_seconds
+            mine.passes += times.passes
+            mine.seconds += times.seconds
+            if times.min_seconds is not None:
+                mine.min_seconds = times.min_seconds if mine.min_seconds is None else min(mine.min_seconds, times.min_seconds)
+
     def record_verify(self, width: int, seconds: float) -> None:
         self.verify_by_width.setdefault(width, WidthTimes()).add(seconds)
 
