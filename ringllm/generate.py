@@ -46,9 +46,6 @@ def cmd_generate(args) -> int:
         check_model_arg(args.model)
     parallel = parallel_plan(args, draft)
     texts = read_prompts(args.prompt, args.prompt_file)
-    if draft is not None and len(texts) > 1:
-        raise RingllmError(f"--draft {draft.kind} with {len(texts)} prompts: speculative decoding takes one "
-                           "prompt at a time (batches are not supported yet)")
     model_dir = args.model if args.model is not None else ensure_demo_model(default_cache_dir())
     layout = load_layout(model_dir)
     parallel.planned_layout(layout)      # a split the model does not allow: one line, before anything starts
@@ -79,9 +76,9 @@ def cmd_generate(args) -> int:
     streaming = len(prompts) == 1
     decoder = StreamDecoder(codec)
 
-    def on_tokens(step_tokens):
-        if streaming and step_tokens[0] not in codec.eos_ids:
-            sys.stdout.write(decoder.push(step_tokens[0]))
+    def on_token(prompt: int, token: int):
+        if streaming and token not in codec.eos_ids:
+            sys.stdout.write(decoder.push(token))
             sys.stdout.flush()
 
     if args.resident:
@@ -89,10 +86,10 @@ def cmd_generate(args) -> int:
             sampling = resolve_spec_tokens(layout, sampling, cfg.num_layers, device, dtype_name, longest,
                                            args.max_new_tokens)
         outputs = run_resident(layout, prompts, args.max_new_tokens, sampling, codec.eos_ids, device,
-                               dtype_name, on_tokens, args.metrics_json)
+                               dtype_name, on_token, args.metrics_json)
     else:
         outputs = run_streaming(args, layout, model_dir, prompts, sampling, codec.eos_ids, device, dtype_name,
-                                on_tokens, parallel)
+                                on_token, parallel)
     if streaming:
         sys.stdout.write(decoder.flush() + "\n")     # bytes of a character the run ended inside
     else:
@@ -181,24 +178,23 @@ def resolve_spec_tokens(layout, sampling, resident_layers: int | None, device: s
     return with_spec_tokens(sampling, k)
 
 
-def run_resident(layout, prompts, max_new_tokens, sampling, eos_ids, device_type, dtype_name, on_tokens,
+def run_resident(layout, prompts, max_new_tokens, sampling, eos_ids, device_type, dtype_name, on_token,
                  metrics_json=None):
     """--resident: every weight in this process, no ring (the reference engine). Its metrics
     file holds what it knows: tokens, seconds and the speculation counts."""
     import torch
 
-    from ringllm.workers.generation import Sampler, generate
+    from ringllm.workers.generation import generate
     from ringllm.workers.process_setup import apply_torch_threads
     from ringllm.workers.resident import load_resident_model
     from ringllm.workers.speculation import SpecStats
 
     torch_threads = apply_torch_threads(torch)      # the CPUs this run may use, as the GPU process sizes them
     model = load_resident_model(layout, device_type, dtype_name)
-    device, cfg = model.device, layout.config
+    cfg = layout.config
     t0 = time.perf_counter()
     spec = SpecStats() if getattr(sampling, "draft", None) is not None else None
-    outputs = generate(model, prompts, max_new_tokens, Sampler(sampling, device), eos_ids, on_tokens,
-                       cfg.max_position_embeddings, spec)
+    outputs = generate(model, prompts, max_new_tokens, sampling, eos_ids, on_token, cfg.max_position_embeddings, spec)
     elapsed, n = time.perf_counter() - t0, sum(len(o) for o in outputs)
     log.info("generated %d tokens in %.2f s (%.1f tokens/s, prefill included)%s", n, elapsed, n / elapsed,
              spec_summary(spec.as_dict() if spec else None))
@@ -231,7 +227,7 @@ def spec_summary(spec: dict | None) -> str:
             + f"; per pass: draft {ms('draft_seconds_per_pass')}, verify {ms('verify_seconds_per_pass')}")
 
 
-def run_streaming(args, layout, model_dir, prompts, sampling, eos_ids, device, dtype_name, on_tokens,
+def run_streaming(args, layout, model_dir, prompts, sampling, eos_ids, device, dtype_name, on_token,
                   parallel=None):
     """The default engine: supervisor + coordinator + loaders + GPU process over the shared ring
     (with --tensor-parallel N, N GPU processes, each with its share of every layer)."""
@@ -260,7 +256,7 @@ def run_streaming(args, layout, model_dir, prompts, sampling, eos_ids, device, d
     plan = plan_gpu_memory(plan_layout, engine, batch, max_seq, dtype_name, embed_on_host=device == "cuda", spec=spec)
     check_gpu_cap(plan, engine.gpu_mem, engine)
     sup = Supervisor(layout, engine, device, dtype_name, verbose=args.verbose, parallel=parallel)
-    result = sup.run(prompts, args.max_new_tokens, sampling, eos_ids, on_tokens)
+    result = sup.run(prompts, args.max_new_tokens, sampling, eos_ids, on_token)
     log_summary(result)
     if args.metrics_json is not None:
         import json

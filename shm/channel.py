@@ -6,9 +6,8 @@ hold 10 messages of at most 1 KiB, messages are a few integers (files travel as 
 table each process got at start; prompts go as process arguments), and the coordinator never
 blocks on a full queue (`try_send` + its own outbox). No message grows with the length of a run
 ([P12]); a field whose size a run decides is bounded by design, each kind its own way:
-- a step's tokens travel as several `Tokens` messages of at most TOKEN_ROWS rows
-  (`token_messages`, put together again by `TokenRows`); `ringllm serve`'s prompts, options and
-  engine steps likewise (`submit_messages`, `option_messages`, `event_rows`, `event_messages`);
+- requests' prompts and options, and an engine step's events, travel as several messages
+  under the cap (`submit_messages`, `option_messages`, `event_rows`, `event_messages`);
 - a `Fatal` cuts its text to fit, by encoded bytes (`fit_text`);
 - the reports whose dicts a run fills (`Ready`'s info, `Finished`'s and `Stats`' stats: fixed
   keys, and a speculation table of at most spec_tokens + 1 rows) travel IN_PARTS: `Channel.send`
@@ -27,7 +26,7 @@ from dataclasses import dataclass, field
 import msgpack
 import posix_ipc
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 QUEUE_MESSAGES = 10
 MESSAGE_BYTES = 1024
 
@@ -79,42 +78,6 @@ def fit_text(text: str, room: int, marker: str = " ... ") -> str:
     head, tail = keep // 3, keep - keep // 3
     # "ignore" drops a character cut in half at either edge, so the result stays within room
     return data[:head].decode("utf-8", "ignore") + marker + data[len(data) - tail:].decode("utf-8", "ignore")
-
-
-@message(3)
-class Tokens:
-    """One step's new tokens for rows first_row .. first_row + len(tokens) - 1 of total_rows."""
-    first_row: int
-    total_rows: int
-    tokens: list
-
-
-# Token ids are below 2**32 (5 msgpack bytes at most); the rest of a Tokens message takes < 24 bytes.
-TOKEN_ROWS = (MESSAGE_BYTES - 24) // 5
-
-
-def token_messages(tokens: list) -> list[Tokens]:
-    """A step's tokens (one per batch row), in as many messages as the cap needs."""
-    return [Tokens(first, len(tokens), tokens[first:first + TOKEN_ROWS])
-            for first in range(0, max(1, len(tokens)), TOKEN_ROWS)]
-
-
-class TokenRows:
-    """Puts each step's Tokens messages back together. They come in order: one sender (the GPU
-    process), one queue."""
-
-    def __init__(self):
-        self.rows: list = []
-
-    def add(self, msg: Tokens) -> list | None:
-        """The step's full token list once its last part arrived, else None."""
-        if msg.first_row != len(self.rows):
-            raise RuntimeError(f"Tokens for rows from {msg.first_row} arrived after {len(self.rows)} rows")
-        self.rows.extend(msg.tokens)
-        if len(self.rows) < msg.total_rows:
-            return None
-        rows, self.rows = self.rows, []
-        return rows
 
 
 @message(4)
@@ -189,7 +152,7 @@ class PromptPart:
 
 @message(14)
 class Submit:
-    """A request joins the GPU process's batch (workers.batching.BatchEngine.submit); `tokens`
+    """A request joins the GPU process's engine (workers.engine.Engine.submit); `tokens`
     ends the prompt of prompt_len tokens whose start came in PromptPart messages."""
     id: int
     prompt_len: int
@@ -211,19 +174,21 @@ class Cancel:
 class Options:
     """What a request asks beyond Submit's fields, sent before its Submit (several when logit_bias
     is long: their pairs add up): logprobs (top alternatives, None: no logprobs), the prompt's
-    logprobs too (echo), OpenAI's penalties, logit_bias as [token, bias] pairs."""
+    logprobs too (echo), OpenAI's penalties, logit_bias as [token, bias] pairs, and whether the
+    request uses the engine's draft (a request may decline it)."""
     id: int
     logprobs: int | None
     prompt_logprobs: bool
     presence_penalty: float
     frequency_penalty: float
     logit_bias: list
+    draft: bool = True
 
 
 @message(6)
 class Events:
     """One engine step's TokenEvents as rows [id, token, finish, prompt_tokens, completion_tokens,
-    logprob, prompt_logprobs] (event_rows); a step too big for one message comes as several,
+    logprob, prompt_logprobs, stats] (event_rows); a step too big for one message comes as several,
     `last` set on its final one. forward: the step ran a weight pass (a step that only drops
     cancelled requests does not)."""
     forward: bool
@@ -234,18 +199,18 @@ class Events:
 LOGIT_BIAS_PAIRS = 50      # [token, bias] pairs an Options message carries (15 bytes each at most)
 
 
-def option_messages(id: int, sampling, logprobs: int | None, prompt_logprobs: bool) -> list:
+def option_messages(id: int, sampling, logprobs: int | None, prompt_logprobs: bool, draft: bool = True) -> list:
     """A request's Options messages: none when it asks for nothing beyond Submit's fields."""
     bias = [list(pair) for pair in sampling.logit_bias]
-    if logprobs is None and not prompt_logprobs and not sampling.adjusts_logits:
+    if logprobs is None and not prompt_logprobs and not sampling.adjusts_logits and draft:
         return []
     return [Options(id, logprobs, prompt_logprobs, float(sampling.presence_penalty),
-                    float(sampling.frequency_penalty), bias[i:i + LOGIT_BIAS_PAIRS])
+                    float(sampling.frequency_penalty), bias[i:i + LOGIT_BIAS_PAIRS], draft)
             for i in range(0, max(1, len(bias)), LOGIT_BIAS_PAIRS)]
 
 
 def submit_messages(id: int, prompt: list, max_tokens: int, sampling, eos_ids: list,
-                    logprobs: int | None = None, prompt_logprobs: bool = False) -> list:
+                    logprobs: int | None = None, prompt_logprobs: bool = False, draft: bool = True) -> list:
     """A request as Options and PromptPart messages and the Submit that ends it, each under the cap."""
     def submit(tokens):
         return Submit(id, len(prompt), tokens, max_tokens, float(sampling.temperature), float(sampling.top_p),
@@ -256,7 +221,7 @@ def submit_messages(id: int, prompt: list, max_tokens: int, sampling, eos_ids: l
     if room < 1:
         raise ValueError(f"{len(eos_ids)} EOS ids do not fit a Submit message")
     head, last = prompt[:max(0, len(prompt) - room)], prompt[max(0, len(prompt) - room):]
-    return (option_messages(id, sampling, logprobs, prompt_logprobs)
+    return (option_messages(id, sampling, logprobs, prompt_logprobs, draft)
             + [PromptPart(id, head[i:i + part]) for i in range(0, len(head), part)] + [submit(last)])
 
 
@@ -266,13 +231,15 @@ PROMPT_ENTRIES = 2
 
 
 def event_rows(id: int, token, finish, prompt_tokens: int, completion_tokens: int, logprob=None,
-               prompt_logprobs=()) -> list:
-    """One TokenEvent (workers.batching) as Events rows: the prompt's logprobs first, in rows of
-    PROMPT_ENTRIES entries (id, nothing else), then the event's own row unless it only carried those."""
-    rows = [[id, None, None, 0, 0, None, list(prompt_logprobs[i:i + PROMPT_ENTRIES])]
+               prompt_logprobs=(), stats=None) -> list:
+    """One TokenEvent (workers.engine) as Events rows: the prompt's logprobs first, in rows of
+    PROMPT_ENTRIES entries (id, nothing else), then the event's own row unless it only carried those.
+    stats: the finish event's RequestStats (passes, drafted, accepted: three integers)."""
+    rows = [[id, None, None, 0, 0, None, list(prompt_logprobs[i:i + PROMPT_ENTRIES]), None]
             for i in range(0, len(prompt_logprobs), PROMPT_ENTRIES)]
     if token is not None or finish is not None or not rows:
-        rows.append([id, token, finish, prompt_tokens, completion_tokens, logprob, []])
+        rows.append([id, token, finish, prompt_tokens, completion_tokens, logprob, [],
+                     list(stats) if stats is not None else None])
     return rows
 
 

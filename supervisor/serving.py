@@ -1,7 +1,7 @@
 """`ringllm serve` over the streaming engine: the supervisor's side of a long-lived GPU process
-that runs workers.batching.BatchEngine over the streamed model.
+that runs workers.engine.Engine over the streamed model.
 
-ServedEngine has BatchEngine's interface (submit, cancel, step, idle, running, waiting, free_rows,
+ServedEngine has Engine's interface (submit, cancel, step, idle, running, waiting, free_rows,
 kv_tokens_used), so serve.runner.EngineRunner drives it from its thread as it drives the
 in-process engine:
 
@@ -26,7 +26,7 @@ from ringllm.checkpoint.errors import RingllmError
 from ringllm.shm.channel import Cancel, Events, Fatal, Ready, submit_messages
 from ringllm.shm.resources import run_id_of, sweep, system_pinned_bytes
 from ringllm.supervisor.checks import check_dram
-from ringllm.workers.batching import BatchRequest, TokenEvent, TokenLogprob
+from ringllm.workers.engine import Request, RequestStats, TokenEvent, TokenLogprob
 from ringllm.workers.sampling import SamplingParams
 
 log = logging.getLogger("ringllm")
@@ -121,9 +121,9 @@ class ServedEngine:
         """A SIGINT/SIGTERM that came while no one else handled it (then: do not serve; close)."""
         return self.sup.signalled
 
-    # --- any thread: BatchEngine's entry points ----------------------------------------------
-    def submit(self, req: BatchRequest) -> None:
-        # the checks BatchEngine.submit makes, here, so that a refusal is the caller's error now
+    # --- any thread: Engine's entry points ----------------------------------------------
+    def submit(self, req: Request) -> None:
+        # the checks Engine.submit makes, here, so that a refusal is the caller's error now
         req.check(self.max_context)
         with self._lock:
             if self.failure is not None:
@@ -133,7 +133,7 @@ class ServedEngine:
             wire, self._next_id = self._next_id, self._next_id + 1
             try:
                 for msg in submit_messages(wire, list(req.prompt), req.max_tokens, req.sampling, list(req.eos_ids),
-                                           req.logprobs, req.prompt_logprobs):
+                                           req.logprobs, req.prompt_logprobs, req.draft):
                     self._gpu_queue().send(msg, timeout=SEND_TIMEOUT_S)
             except posix_ipc.BusyError:     # prompt parts already sent are dropped by the next Submit
                 raise EngineBusy(f"the GPU process took no request for {SEND_TIMEOUT_S:.0f} s "
@@ -214,7 +214,7 @@ class ServedEngine:
     def _events(self, rows: list) -> list[TokenEvent]:
         events = []
         with self._lock:
-            for wire, token, finish, prompt_tokens, completion_tokens, logprob, prompt_logprobs in rows:
+            for wire, token, finish, prompt_tokens, completion_tokens, logprob, prompt_logprobs, stats in rows:
                 rid = self._ids.get(wire)
                 if rid is None:
                     continue
@@ -224,7 +224,8 @@ class ServedEngine:
                 elif token is not None:
                     self._seen[wire] = self._seen.get(wire, self._prompt[wire]) + 1
                 events.append(TokenEvent(rid, token, finish, prompt_tokens, completion_tokens, _logprob(logprob),
-                                         tuple(_logprob(e) for e in prompt_logprobs)))
+                                         tuple(_logprob(e) for e in prompt_logprobs),
+                                         RequestStats(*stats) if stats is not None else None))
         return events
 
 

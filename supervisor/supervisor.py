@@ -32,8 +32,8 @@ from ringllm.checkpoint.layout import ModelLayout
 from ringllm.config import EngineConfig, dram_headroom
 from ringllm.faults import NO_FAULTS, FaultPlan
 from ringllm.coordinator.process import CoordinatorArgs, coordinator_main
-from ringllm.shm.channel import (QUEUE_MESSAGES, Channel, Fatal, Finished, LoaderRestarted, Ready, Shutdown, Stats,
-                                 StatsRequest, TokenRows, Tokens)
+from ringllm.shm.channel import (QUEUE_MESSAGES, Channel, Events, Fatal, Finished, LoaderRestarted, Ready, Shutdown,
+                                 Stats, StatsRequest)
 from ringllm.shm.prefault import SlotPrefaulter
 from ringllm.supervisor.parallel import TensorParallelPlan, free_tcp_port
 from ringllm.supervisor.checks import check_dram, fallback_warning, process_memory, spare_dram
@@ -138,7 +138,9 @@ class Supervisor:
 
     # --- lifecycle -----------------------------------------------------------------------------
     def run(self, prompts, max_new_tokens: int, sampling, eos_ids,
-            on_tokens: Callable[[list], None]) -> RunResult:
+            on_token: Callable[[int, int], None]) -> RunResult:
+        """Every prompt a request of the GPU process's engine; on_token(prompt index, token) for
+        each token as it comes. Returns each prompt's tokens (EOS included) and the run's figures."""
         check_dram(self.ring_total, self.engine, self.dram_headroom)
         self._run_started = time.monotonic()
         self._pinned_before = system_pinned_bytes()
@@ -154,18 +156,7 @@ class Supervisor:
             self._raise_if_signalled()
             self._start_all(prompts, max_new_tokens, sampling, eos_ids)
             self.result.outputs = [[] for _ in prompts]
-            finished = [False] * len(prompts)
-            eos = set(eos_ids)
-
-            def collect(tokens):
-                # the same bookkeeping as workers.generation.generate: EOS kept, then the row stops
-                for row, tok in enumerate(tokens):
-                    if not finished[row]:
-                        self.result.outputs[row].append(tok)
-                        finished[row] = tok in eos
-                on_tokens(tokens)
-
-            self._serve(collect)
+            self._serve(on_token)
         finally:
             # Signals are not raised from here on (_raise_if_signalled is not called until the
             # end), so the cleanup finishes whatever arrives.
@@ -296,16 +287,15 @@ class Supervisor:
             bar.update(task, completed=min(n, self.page.read()["coord"]["step"]))
         return update, bar.stop
 
-    def _serve(self, on_tokens) -> None:
+    def _serve(self, on_token) -> None:
         started = time.monotonic()
         bar_update, bar_stop = self._first_pass_bar()
         try:
-            self._serve_loop(on_tokens, started, bar_update, bar_stop)
+            self._serve_loop(on_token, started, bar_update, bar_stop)
         finally:
             bar_stop()
 
-    def _serve_loop(self, on_tokens, started, bar_update, bar_stop) -> None:
-        token_rows = TokenRows()
+    def _serve_loop(self, on_token, started, bar_update, bar_stop) -> None:
         while True:
             msg = self.pending.popleft() if self.pending else self.inbox.receive(timeout=0.1)
             self._raise_if_signalled()
@@ -313,15 +303,22 @@ class Supervisor:
                 bar_update()
             if isinstance(msg, Ready):
                 self._on_ready(msg)
-            elif isinstance(msg, Tokens) and (tokens := token_rows.add(msg)) is not None:
-                # (a big batch's step comes in several Tokens messages: this is its last)
-                if not self.tokens_seen:
-                    bar_stop()
-                    self._first_token_at = time.monotonic()
-                    self.result.first_token_wall_s = self._first_token_at - self._run_started
-                self.tokens_seen += 1
-                self.page.supervisor(self.tokens_seen, os.getpid())
-                on_tokens(tokens)
+            elif isinstance(msg, Events):
+                # [id, token, finish, ...] rows (shm.channel.event_rows); id = the prompt's index
+                for wire, token, finish, *_ in msg.events:
+                    if finish == "error":
+                        raise RingllmError(f"prompt {wire}: the GPU process failed to sample its next token")
+                    if token is None:
+                        continue
+                    if self._first_token_at is None:
+                        bar_stop()
+                        self._first_token_at = time.monotonic()
+                        self.result.first_token_wall_s = self._first_token_at - self._run_started
+                    self.result.outputs[wire].append(token)
+                    on_token(wire, token)
+                if msg.last and msg.forward:
+                    self.tokens_seen += 1
+                    self.page.supervisor(self.tokens_seen, os.getpid())
             elif isinstance(msg, Fatal):
                 self._raise_fatal(msg)
             elif isinstance(msg, Finished) and msg.stats.get("rank", 0) > 0:

@@ -78,8 +78,7 @@ class TokenLogprob(NamedTuple):
     top: tuple[tuple[int, float], ...] = ()
 
 
-@dataclass(frozen=True)
-class RequestStats:
+class RequestStats(NamedTuple):
     """A request's decode passes (its prefill not counted), the draft nodes verified for it and how
     many of those were accepted: its tokens per pass is completion_tokens / passes."""
     passes: int = 0

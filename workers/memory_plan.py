@@ -25,7 +25,7 @@ from ringllm.checkpoint.layout import ModelLayout
 from ringllm.workers.spec_plan import SpecPlan
 
 WORKSPACE_SLACK = 256 << 20
-PREFILL_CHUNK = 512     # the most prompt tokens one pass of serve's batching engine prefills (workers.batching)
+PREFILL_CHUNK = 512     # the most prompt tokens one pass of the request engine prefills (workers.engine)
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ def draft_model_bytes(draft: ModelLayout, batch: int, max_seq: int, dtype: str) 
 
 
 def serve_pass_tokens(max_batch: int, max_context: int, prefill_chunk: int = PREFILL_CHUNK) -> int:
-    """The most tokens one pass of serve's batching engine carries (workers.batching): its prefill
+    """The most tokens one pass of the request engine carries (workers.engine): its prefill
     budget, which a pass exceeds by at most a token per prefilling row (each gets one), and a
     decode token for every other row."""
     return min(prefill_chunk + max_batch, max_batch * max_context)

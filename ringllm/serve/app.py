@@ -18,7 +18,7 @@ from starlette.requests import ClientDisconnect
 
 from ringllm.checkpoint.errors import RingllmError
 from ringllm.checkpoint.text import TextCodec
-from ringllm.workers.batching import CANCELLED, ERROR, BatchRequest
+from ringllm.workers.engine import CANCELLED, ERROR, Request
 from ringllm.serve.gate import Gate
 from ringllm.serve.logprobs import chat_logprobs, completion_logprobs
 from ringllm.serve.metrics import metrics_response
@@ -190,7 +190,7 @@ def create_app(runner: EngineRunner, codec: TextCodec, settings: ServeSettings):
         max_tokens = check_room(ids, params)
         rid = f"{prefix}-{uuid.uuid4().hex}"
         try:
-            queue = runner.submit(BatchRequest(rid, tuple(ids), max_tokens, params.sampling, tuple(eos_ids),
+            queue = runner.submit(Request(rid, tuple(ids), max_tokens, params.sampling, tuple(eos_ids),
                                                params.logprobs, params.echo and params.logprobs is not None))
         except Unavailable as err:
             raise ApiError(503, public(str(err)), "server_error", code=err.code) from None

@@ -1,11 +1,11 @@
 """Log-probabilities in OpenAI's two shapes: /v1/completions' (tokens, token_logprobs,
 top_logprobs, text_offset) and /v1/chat/completions' (content: token, logprob, bytes,
-top_logprobs). The numbers are the engine's (workers.batching.TokenLogprob): the model's raw
+top_logprobs). The numbers are the engine's (workers.engine.TokenLogprob): the model's raw
 log-softmax, before logit_bias, penalties and temperature (as vLLM reports by default)."""
 from __future__ import annotations
 
 from ringllm.checkpoint.text import TextCodec
-from ringllm.workers.batching import TokenLogprob
+from ringllm.workers.engine import TokenLogprob
 
 
 def token_text(codec: TextCodec, token: int) -> str:

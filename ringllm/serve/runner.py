@@ -17,7 +17,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from ringllm.workers.batching import CANCELLED, BatchRequest, TokenEvent
+from ringllm.workers.engine import CANCELLED, Request, TokenEvent
 
 log = logging.getLogger("ringllm.serve")
 
@@ -141,7 +141,7 @@ class EngineRunner:
         return len(self._queues)
 
     # --- requests --------------------------------------------------------------------------
-    def submit(self, req: BatchRequest) -> asyncio.Queue:
+    def submit(self, req: Request) -> asyncio.Queue:
         """Admit a request (from the event loop): its events arrive on the returned queue.
         Raises an Unavailable, or the engine's RingllmError for a request it refuses."""
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()

@@ -22,18 +22,18 @@ CONTROL_CONNECTIONS = 64
 
 def load_engine(layout, device_type: str, dtype_name: str, max_batch: int, max_context: int):
     """The in-process engine over the resident model (as `ringllm generate --resident` builds it):
-    workers.batching.BatchEngine, continuous batching over --max-batch KV rows."""
-    from ringllm.workers.batching import BatchEngine
+    workers.engine.Engine, continuous batching over --max-batch KV rows."""
+    from ringllm.workers.engine import Engine
     from ringllm.workers.resident import load_resident_model
 
     model = load_resident_model(layout, device_type, dtype_name)
-    return BatchEngine(model, max_batch, max_context), max_batch
+    return Engine(model, max_batch, max_context), max_batch
 
 
 def load_streaming_engine(args, layout, device: str, dtype_name: str, max_batch: int, max_context: int,
                           parallel):
     """The default engine: the supervisor, coordinator, loaders and a GPU process (one a rank of
-    `parallel`, generate.parallel_plan's) that runs BatchEngine over the streamed model
+    `parallel`, generate.parallel_plan's) that runs Engine over the streamed model
     (supervisor.serving.ServedEngine). Refuses, before any process starts, when --max-batch rows of
     --max-context tokens do not fit --gpu-mem."""
     from ringllm.choose import build_engine_config
