@@ -15,17 +15,10 @@ from pathlib import Path
 from ringllm import __version__
 from ringllm.checkpoint import dtypes
 from ringllm.checkpoint.errors import RingllmError, report_failure
-from ringllm.cli_input import (DEFAULT_PROMPT, MIN_TOP_INTERVAL_S, check_model_arg, check_output_path,
+from ringllm.cli_input import (DEFAULT_PROMPT, default_cache_dir, MIN_TOP_INTERVAL_S, check_model_arg, check_output_path,
                                check_top_interval)
 
 log = logging.getLogger("ringllm")
-
-
-def default_cache_dir() -> Path:
-    if os.environ.get("RINGLLM_CACHE"):
-        return Path(os.environ["RINGLLM_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "ringllm"
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -66,16 +59,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1.0 = off")
     p.add_argument("--top-k", type=int, default=0, help="top-k sampling; 0 = off")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling, a 64-bit integer (default: random)")
-    p.add_argument("--draft", default=None, metavar="ngram|DIR",
-                   help="speculative decoding, greedy or sampling: 'ngram' verifies prompt-lookup drafts; a DIR here is "
-                        "the same as --draft-model DIR; several tokens per weight pass (default: off)")
-    p.add_argument("--draft-model", default=None, metavar="DIR",
-                   help="speculative decoding by a small draft model (a Llama checkpoint with the same tokenizer), "
-                        "kept whole on the GPU inside --gpu-mem (default: none)")
-    p.add_argument("--spec-tokens", type=spec_tokens_arg, default="auto", metavar="auto|K",
-                   help="with a draft: draft tokens verified per pass at most; auto chooses from the cost of a "
-                        "pass (README: Speculative decoding)")
-    p.add_argument("--ngram-max", type=int, default=3, help="with --draft ngram: longest n-gram looked up")
+    _add_draft_flags(p)
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when available, else cpu")
@@ -132,8 +116,23 @@ def _add_serve(sub) -> None:
                         "(a second signal cancels them at once)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available, else cpu")
     p.add_argument("--dtype", choices=("auto", *dtypes.NAMES), default="auto", help="compute dtype; auto = the checkpoint's")
+    _add_draft_flags(p)
     _add_engine_flags(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _add_draft_flags(p) -> None:
+    """generate and serve: speculative decoding (generate.draft_params reads them)."""
+    p.add_argument("--draft", default=None, metavar="ngram|DIR",
+                   help="speculative decoding, greedy or sampling: 'ngram' verifies prompt-lookup drafts; a DIR here is "
+                        "the same as --draft-model DIR; several tokens per weight pass (default: off)")
+    p.add_argument("--draft-model", default=None, metavar="DIR",
+                   help="speculative decoding by a small draft model (a Llama checkpoint with the same tokenizer), "
+                        "kept whole on the GPU inside --gpu-mem (default: none)")
+    p.add_argument("--spec-tokens", type=spec_tokens_arg, default="auto", metavar="auto|K",
+                   help="with a draft: draft tokens verified per pass at most; auto chooses from the cost of a "
+                        "pass (README: Speculative decoding)")
+    p.add_argument("--ngram-max", type=int, default=3, help="with --draft ngram: longest n-gram looked up")
 
 
 def _add_parallel_flags(p) -> None:

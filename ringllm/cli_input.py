@@ -75,3 +75,10 @@ def check_output_path(path: Path, option: str) -> None:
 def check_top_interval(interval: float) -> None:
     if not (math.isfinite(interval) and interval >= MIN_TOP_INTERVAL_S):
         raise RingllmError(f"--interval {interval:g}: must be at least {MIN_TOP_INTERVAL_S} seconds")
+
+
+def default_cache_dir() -> Path:
+    if os.environ.get("RINGLLM_CACHE"):
+        return Path(os.environ["RINGLLM_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ringllm"

@@ -164,7 +164,7 @@ def measure_layer_compute(layout: ModelLayout, device: torch.device, dtype: torc
                           prompt_tokens: int, prefill_tokens: int) -> tuple[float, float]:
     """Median ms of one layer (attn + ffn) at batch 1: a decode step after `prompt_tokens`, and a
     `prefill_tokens` prefill."""
-    from ringllm.workers.model import KVCache, Llama, ResidentWeights
+    from ringllm.workers.model import KVCache, Llama, ResidentWeights, Segment, _AttentionPlan
     from ringllm.workers.resident import load_groups
 
     cfg = replace(layout.config, num_layers=1)
@@ -185,17 +185,15 @@ def measure_layer_compute(layout: ModelLayout, device: torch.device, dtype: torc
     for tokens, start in ((1, prompt_tokens), (prefill_tokens, 0)):
         cache = KVCache(cfg, 1, start + tokens, dtype, device)
         x = torch.randn(1, tokens, cfg.hidden_size, device=device, dtype=dtype)
-        pos = torch.arange(start, start + tokens, device=device)[None]
-        cos, sin = model._rope(pos)
-        slots = torch.arange(start, start + tokens, device=device)
-        mask = (slots[:, None] >= torch.arange(start + tokens, device=device)[None, :])[None, None]
+        cos, sin = model._rope(torch.arange(start, start + tokens, device=device)[None])
+        plan = _AttentionPlan([Segment(0, [0] * tokens, start)], device)
         times = []
         for _ in range(7):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             with torch.inference_mode():
-                y = model._attention(x, groups["attn"], 0, cache, start, cos, sin, mask)
+                y = model._attention(x, groups["attn"], 0, cache, cos, sin, plan)
                 model._ffn(y, groups["ffn"])
             if device.type == "cuda":
                 torch.cuda.synchronize()

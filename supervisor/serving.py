@@ -62,18 +62,19 @@ class ServedEngine:
 
     # --- start and stop ----------------------------------------------------------------------
     @classmethod
-    def start(cls, sup, max_batch: int, max_context: int) -> "ServedEngine":
+    def start(cls, sup, max_batch: int, max_context: int, sampling=None) -> "ServedEngine":
         engine = cls(sup, max_batch, max_context)
         engine._hold_signals()
         try:
-            engine._start()
+            engine._start(sampling or SamplingParams())
             sup._raise_if_signalled()     # a signal during start-up: the caller exits 130/143
         except BaseException:
             engine.close()
             raise
         return engine
 
-    def _start(self) -> None:
+    def _start(self, sampling) -> None:
+        """sampling: what the GPU process's engine is started with (its draft, if any)."""
         sup = self.sup
         check_dram(sup.ring_total, sup.engine, sup.dram_headroom)
         sup._run_started = time.monotonic()
@@ -84,7 +85,7 @@ class ServedEngine:
             log.info("removed %d resource(s) left by earlier run(s) that were killed: %s", len(swept), ", ".join(runs))
         sup._create()
         sup._raise_if_signalled()
-        sup._start_all((), 0, SamplingParams(), (), serve=(self.max_batch, self.max_context))
+        sup._start_all((), 0, sampling, (), serve=(self.max_batch, self.max_context))
         started = time.monotonic()
         while "gpu" not in sup.ready:
             self._receive(timeout=0.1)

@@ -172,13 +172,13 @@ class Supervisor:
         self._raise_if_signalled()   # a signal during the cleanup of a run that ended well
         return self.result
 
-    def serve_engine(self, max_batch: int, max_context: int):
+    def serve_engine(self, max_batch: int, max_context: int, sampling=None):
         """`ringllm serve`: start every process, wait for the GPU process, and return an engine with
-        BatchEngine's interface over it (supervisor.serving.ServedEngine); its close() stops and
-        removes everything as the end of run() does."""
+        workers.engine.Engine's interface over it (supervisor.serving.ServedEngine); its close()
+        stops and removes everything as the end of run() does. sampling: the server's draft, or None."""
         from ringllm.supervisor.serving import ServedEngine
 
-        return ServedEngine.start(self, max_batch, max_context)
+        return ServedEngine.start(self, max_batch, max_context, sampling)
 
     def _on_signal(self, signum, frame):
         # Only remembered here; _raise_if_signalled raises it where the supervisor checks: the

@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import torch
 
-        from ringllm.cli import default_cache_dir
+        from ringllm.cli_input import default_cache_dir
         from ringllm.tools.demo_model import ensure_demo_model
 
         torch.set_num_threads(args.threads)   # every run of the tool computes in this process

@@ -18,7 +18,8 @@ from starlette.requests import ClientDisconnect
 
 from ringllm.checkpoint.errors import RingllmError
 from ringllm.checkpoint.text import TextCodec
-from ringllm.workers.engine import CANCELLED, ERROR, Request
+from ringllm.workers.engine import CANCELLED, ERROR, RequestStats
+from ringllm.workers.engine import Request as EngineRequest
 from ringllm.serve.gate import Gate
 from ringllm.serve.logprobs import chat_logprobs, completion_logprobs
 from ringllm.serve.metrics import metrics_response
@@ -55,10 +56,22 @@ class Outcome:
     completion_tokens: int = 0
     logprobs: list = field(default_factory=list)          # TokenLogprob of each token in the text
     prompt_logprobs: list = field(default_factory=list)   # the prompt's (echo)
+    stats: RequestStats | None = None     # the engine's passes and drafts (its finish event)
 
     def usage(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+        """OpenAI's usage; with the engine's counts, the drafts as OpenAI reports predicted
+        outputs (completion_tokens_details) and the extension `ringllm`: decode passes and
+        tokens per pass."""
+        usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                 "total_tokens": self.prompt_tokens + self.completion_tokens}
+        s = self.stats
+        if s is not None:
+            usage["completion_tokens_details"] = {"accepted_prediction_tokens": s.accepted,
+                                                  "rejected_prediction_tokens": s.drafted - s.accepted}
+            # the first token comes from the prompt's pass: the decode passes give the rest
+            usage["ringllm"] = {"passes": s.passes, "drafted": s.drafted, "accepted": s.accepted,
+                                "tokens_per_pass": (self.completion_tokens - 1) / s.passes if s.passes else None}
+        return usage
 
 
 def create_app(runner: EngineRunner, codec: TextCodec, settings: ServeSettings):
@@ -190,8 +203,8 @@ def create_app(runner: EngineRunner, codec: TextCodec, settings: ServeSettings):
         max_tokens = check_room(ids, params)
         rid = f"{prefix}-{uuid.uuid4().hex}"
         try:
-            queue = runner.submit(Request(rid, tuple(ids), max_tokens, params.sampling, tuple(eos_ids),
-                                               params.logprobs, params.echo and params.logprobs is not None))
+            queue = runner.submit(EngineRequest(rid, tuple(ids), max_tokens, params.sampling, tuple(eos_ids),
+                                          params.logprobs, params.echo and params.logprobs is not None, params.draft))
         except Unavailable as err:
             raise ApiError(503, public(str(err)), "server_error", code=err.code) from None
         except RingllmError as err:
@@ -247,7 +260,7 @@ def create_app(runner: EngineRunner, codec: TextCodec, settings: ServeSettings):
                     piece = text.flush()
                     if piece:
                         yield piece
-                    outcome.finish = event.finish
+                    outcome.finish, outcome.stats = event.finish, event.stats
                     outcome.prompt_tokens = event.prompt_tokens or prompt_len
                     outcome.completion_tokens = event.completion_tokens or received
                     return

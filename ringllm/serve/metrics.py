@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from ringllm.serve.runner import RATE_WINDOW_S
+from ringllm.serve.runner import RATE_WINDOW_S, TOKENS_PER_PASS_BUCKETS
 
 
 class RunnerCollector:
@@ -30,6 +30,16 @@ class RunnerCollector:
         yield CounterMetricFamily("ringllm_passes", "engine passes", value=s.passes_total)
         yield CounterMetricFamily("ringllm_pass_seconds", "seconds spent in engine passes",
                                   value=s.pass_seconds_total)
+        cumulative, buckets = 0, []
+        for bound, n in zip((*map(str, TOKENS_PER_PASS_BUCKETS), "+Inf"), s.tokens_per_pass_buckets):
+            cumulative += n
+            buckets.append((bound, cumulative))
+        yield HistogramMetricFamily("ringllm_tokens_per_pass", "tokens one pass gave one request (more than 1: "
+                                    "its draft was accepted)", buckets=buckets, sum_value=s.tokens_total)
+        yield CounterMetricFamily("ringllm_draft_tokens", "draft tokens verified (finished requests)",
+                                  value=s.drafted_total)
+        yield CounterMetricFamily("ringllm_draft_accepted_tokens", "draft tokens accepted (finished requests)",
+                                  value=s.accepted_total)
 
 
 def metrics_response(runner) -> tuple[bytes, str]:

@@ -45,6 +45,7 @@ class GenerationParams:
     include_usage: bool             # stream_options.include_usage: a last chunk with the usage
     logprobs: int | None = None     # top alternatives per token (0..20); None: no logprobs
     echo: bool = False              # /v1/completions: the prompt's text (and logprobs) before the completion
+    draft: bool = True              # ringllm_draft (an extension): false declines the server's --draft
 
 
 def _number(body: dict, name: str, default, lo: float, hi: float):
@@ -122,6 +123,10 @@ def _logit_bias(body: dict) -> tuple[tuple[int, float], ...]:
     return tuple(sorted(pairs))
 
 
+# An extension field: false runs the request without the server's draft (--draft), one token a pass
+DRAFT_FIELD = "ringllm_draft"
+
+
 def generation_params(body: dict, chat: bool) -> GenerationParams:
     _refuse_unsupported(body)
     n = _integer(body, "n", lo=1)
@@ -172,10 +177,13 @@ def generation_params(body: dict, chat: bool) -> GenerationParams:
     include_usage = options.get("include_usage")
     if include_usage is not None and not isinstance(include_usage, bool):
         raise bad(f"stream_options.include_usage must be true or false, got {include_usage!r}", "stream_options")
+    draft = body.get(DRAFT_FIELD)
+    if draft is not None and not isinstance(draft, bool):
+        raise bad(f"{DRAFT_FIELD} must be true or false, got {draft!r}", DRAFT_FIELD)
     sampling = SamplingParams(float(temperature), float(top_p), 0, seed, float(presence), float(frequency),
                               _logit_bias(body))
     return GenerationParams(max_tokens, sampling, tuple(stop), stream, bool(include_usage),
-                            logprobs, bool(echo))
+                            logprobs, bool(echo), draft is not False)
 
 
 def completion_prompt(body: dict) -> str | list[int]:

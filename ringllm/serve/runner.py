@@ -14,7 +14,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 
 from ringllm.workers.engine import CANCELLED, Request, TokenEvent
@@ -29,6 +29,9 @@ UNAVAILABLE = "unavailable"    # the finish of requests in flight when the engin
 # reads every streamed layer from disk)
 STALL_PASSES = 10
 STALL_FLOOR_S = 120.0
+# /metrics' ringllm_tokens_per_pass: the tokens one pass gave one request (1 without a draft; more
+# when its draft tree was accepted), counted in these buckets (a fixed array: it never grows)
+TOKENS_PER_PASS_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64, 128, 256)
 
 
 class Unavailable(Exception):
@@ -65,6 +68,10 @@ class RunnerStats:
     tokens_per_second: float
     passes_per_second: float
     seconds_per_pass: float | None
+    tokens_per_pass_buckets: tuple[int, ...] = ()   # per TOKENS_PER_PASS_BUCKETS bound (not cumulative), then +Inf
+    request_passes_total: int = 0       # (request, pass) pairs that gave tokens: the histogram's count
+    drafted_total: int = 0              # draft tokens verified, of finished requests
+    accepted_total: int = 0             # of those, accepted
 
 
 class EngineRunner:
@@ -83,6 +90,8 @@ class EngineRunner:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._tokens_total = self._passes_total = 0
+        self._per_pass = [0] * (len(TOKENS_PER_PASS_BUCKETS) + 1)
+        self._drafted_total = self._accepted_total = 0
         self._pass_seconds_total = 0.0
         # (time, tokens, seconds, passes) per step; a step can end without a pass (the streaming
         # engine's step() returns after a bounded wait), its seconds go to the pass that ends next
@@ -205,7 +214,9 @@ class EngineRunner:
             passes_total=self._passes_total, pass_seconds_total=self._pass_seconds_total,
             tokens_per_second=sum(r[1] for r in recent) / RATE_WINDOW_S,
             passes_per_second=passes / RATE_WINDOW_S,
-            seconds_per_pass=seconds / passes if passes else None)
+            seconds_per_pass=seconds / passes if passes else None,
+            tokens_per_pass_buckets=tuple(self._per_pass), request_passes_total=sum(self._per_pass),
+            drafted_total=self._drafted_total, accepted_total=self._accepted_total)
 
     # --- the engine thread -----------------------------------------------------------------
     def _loop(self) -> None:
@@ -238,6 +249,13 @@ class EngineRunner:
                 self._passes_total += passes
                 self._pass_seconds_total += seconds
                 self._progress_at = time.monotonic()
+                for n in Counter(e.id for e in events if e.token is not None).values():
+                    self._per_pass[next((i for i, b in enumerate(TOKENS_PER_PASS_BUCKETS) if n <= b),
+                                        len(TOKENS_PER_PASS_BUCKETS))] += 1
+            for e in events:
+                if e.stats is not None:
+                    self._drafted_total += e.stats.drafted
+                    self._accepted_total += e.stats.accepted
             now = time.monotonic()
             self._recent.append((now, tokens, seconds if passes else 0.0, passes))
             while self._recent and self._recent[0][0] < now - RATE_WINDOW_S:

@@ -20,18 +20,18 @@ API_KEY_ENV = "RINGLLM_API_KEY"
 CONTROL_CONNECTIONS = 64
 
 
-def load_engine(layout, device_type: str, dtype_name: str, max_batch: int, max_context: int):
+def load_engine(layout, device_type: str, dtype_name: str, max_batch: int, max_context: int, sampling):
     """The in-process engine over the resident model (as `ringllm generate --resident` builds it):
-    workers.engine.Engine, continuous batching over --max-batch KV rows."""
+    workers.engine.Engine over --max-batch KV rows, with the server's draft if any."""
     from ringllm.workers.engine import Engine
     from ringllm.workers.resident import load_resident_model
 
     model = load_resident_model(layout, device_type, dtype_name)
-    return Engine(model, max_batch, max_context), max_batch
+    return Engine(model, max_batch, max_context, draft=getattr(sampling, "draft", None)), max_batch
 
 
 def load_streaming_engine(args, layout, device: str, dtype_name: str, max_batch: int, max_context: int,
-                          parallel):
+                          parallel, sampling):
     """The default engine: the supervisor, coordinator, loaders and a GPU process (one a rank of
     `parallel`, generate.parallel_plan's) that runs Engine over the streamed model
     (supervisor.serving.ServedEngine). Refuses, before any process starts, when --max-batch rows of
@@ -39,13 +39,15 @@ def load_streaming_engine(args, layout, device: str, dtype_name: str, max_batch:
     from ringllm.choose import build_engine_config
     from ringllm.supervisor.supervisor import Supervisor
     from ringllm.workers.memory_plan import check_gpu_cap, fmt_bytes, plan_gpu_memory, serve_pass_tokens
+    from ringllm.workers.spec_plan import spec_plan
 
     plan_layout = parallel.planned_layout(layout)      # with ranks, what one GPU holds of each layer
     pass_tokens = serve_pass_tokens(max_batch, max_context)     # the workspace is one pass's
-    engine = build_engine_config(args, args.model, max_context, max_batch, layout, device, dtype_name,
+    spec = spec_plan(sampling)
+    engine = build_engine_config(args, args.model, max_context, max_batch, layout, device, dtype_name, spec,
                                  plan_layout=plan_layout, pass_tokens=pass_tokens)
     plan = plan_gpu_memory(plan_layout, engine, max_batch, max_context, dtype_name, embed_on_host=device == "cuda",
-                           pass_tokens=pass_tokens)
+                           spec=spec, pass_tokens=pass_tokens)
     cap = f"--gpu-mem {fmt_bytes(engine.gpu_mem)}" if engine.gpu_mem is not None else "no --gpu-mem cap"
     log.info("memory plan: %d sequences (--max-batch) of %d tokens (--max-context): KV cache %s + resident %s + "
              "group buffers %s + workspace %s (a pass of %d tokens at most) = %s at the least, %s", max_batch,
@@ -53,7 +55,24 @@ def load_streaming_engine(args, layout, device: str, dtype_name: str, max_batch:
              fmt_bytes(plan.workspace), pass_tokens, fmt_bytes(plan.minimum), cap)
     check_gpu_cap(plan, engine.gpu_mem, engine)
     sup = Supervisor(layout, engine, device, dtype_name, verbose=args.verbose, parallel=parallel)
-    return sup.serve_engine(max_batch, max_context)
+    return sup.serve_engine(max_batch, max_context, sampling)
+
+
+def server_draft(args, draft, layout, device: str, dtype_name: str, max_context: int):
+    """The server-wide draft (--draft ngram | --draft-model DIR) as the sampling the engine is
+    planned and started with (speculation.SpeculativeSampling), or None; --spec-tokens auto chosen."""
+    from ringllm.run_options import serve_spec_tokens
+    from ringllm.workers.spec_plan import AUTO
+    from ringllm.workers.speculation import SpeculativeSampling, check_draft_vocab
+
+    if draft is None:
+        return None
+    if draft.model_dir is not None:
+        check_draft_vocab(args.model, draft.model_dir)     # one line, before anything starts
+    sampling = SpeculativeSampling(draft=draft)
+    if args.spec_tokens == AUTO:
+        sampling = serve_spec_tokens(layout, sampling, device, dtype_name, max_context)
+    return sampling
 
 
 def check_serve_extra() -> None:
@@ -72,7 +91,7 @@ def cmd_serve(args) -> int:
     from ringllm.checkpoint.text import TextCodec
     from ringllm.cli_input import check_model_arg
     from ringllm.device_probe import default_device
-    from ringllm.generate import parallel_plan
+    from ringllm.run_options import draft_params, parallel_plan
 
     check_serve_extra()
     from ringllm.serve.gate import default_allowed_hosts, is_loopback
@@ -94,6 +113,7 @@ def cmd_serve(args) -> int:
     # the ranks, checked as generate checks them: --resident is one process, so with
     # --tensor-parallel N > 1 it is refused here rather than serving on one process
     parallel = parallel_plan(args, None)
+    draft = draft_params(args)
     layout = load_layout(args.model)
     context = layout.config.max_position_embeddings
     max_context = args.max_context if args.max_context is not None else context
@@ -103,6 +123,7 @@ def cmd_serve(args) -> int:
     codec = TextCodec(args.model, layout.config)
     device = args.device or default_device()
     dtype_name = NAME_OF_TAG.get(layout.dtype, layout.dtype) if args.dtype == "auto" else args.dtype
+    sampling = server_draft(args, draft, layout, device, dtype_name, max_context)
 
     from ringllm.serve.app import ServeSettings, create_app
     from ringllm.serve.runner import EngineRunner
@@ -110,10 +131,10 @@ def cmd_serve(args) -> int:
     sock = listen(args.host, args.port)     # a taken port fails before the model loads
     try:
         if args.resident:
-            engine, max_batch = load_engine(layout, device, dtype_name, args.max_batch, max_context)
+            engine, max_batch = load_engine(layout, device, dtype_name, args.max_batch, max_context, sampling)
         else:
             engine, max_batch = load_streaming_engine(args, layout, device, dtype_name, args.max_batch,
-                                                      max_context, parallel), args.max_batch
+                                                      max_context, parallel, sampling), args.max_batch
         try:
             runner = EngineRunner(engine, max_batch, args.max_waiting)
             settings = ServeSettings(args.served_model_name or Path(args.model).resolve().name, max_context,
