@@ -123,7 +123,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def demo_model_dir():
-    from ringllm.cli import default_cache_dir
+    from ringllm.cli_input import default_cache_dir
     from ringllm.tools.demo_model import ensure_demo_model
 
     return ensure_demo_model(default_cache_dir())

@@ -42,7 +42,7 @@ def test_loader_that_keeps_dying_ends_the_run(small):
                      faults=FaultPlan(crash_loaders_at_chunk=1))
     t0 = time.monotonic()
     with pytest.raises(RingllmError, match=r"loader\d died 4 times within a minute .*giving up"):
-        sup.run([[4, 5, 6]], 8, SamplingParams(), (), lambda t: None)
+        sup.run([[4, 5, 6]], 8, SamplingParams(), (), lambda i, t: None)
     assert time.monotonic() - t0 < 60
     assert_run_cleaned(sup)
 
@@ -53,7 +53,7 @@ def test_torn_slot_stops_the_run_before_compute(small):
     tokens = []
     with pytest.raises(RingllmError, match=r"gpu: TornCopy: ring slot \d changed under a copy of layer 3 \w+: "
                                            r"expected generation \d+, found \d+"):
-        sup.run([[4, 5, 6]], 8, SamplingParams(), (), tokens.append)
+        sup.run([[4, 5, 6]], 8, SamplingParams(), (), lambda i, t: tokens.append(t))
     assert tokens == []           # offer 3 is layer 3 of the prefill: no token was produced
     assert_run_cleaned(sup)
 
@@ -211,7 +211,7 @@ def test_work_sent_to_a_dead_loader_is_read_once(small):
     engine = build_config(loaders=2, cpu_cap=2, gpu_ahead_layers=1, chunk_bytes=8192)
     sup = Supervisor(layout, engine, "cpu", "float32", faults=FaultPlan(
         chaos_seed=7, chaos_delay_s=0.005, kill_loader_when_ready=1, restart_notice_delay_s=1.5))
-    result = sup.run([[4, 5, 6]], 12, SamplingParams(), (), lambda t: None)
+    result = sup.run([[4, 5, 6]], 12, SamplingParams(), (), lambda i, t: None)
     assert result.outputs == resident_tokens(small, [[4, 5, 6]], 12)
     assert result.loader_restarts == 1
     assert result.coordinator["stale_chunk_reports"] == 0
@@ -223,7 +223,7 @@ def test_each_loader_has_its_own_restart_budget(small):
     than 3 times, so the run goes on and its tokens are the resident engine's."""
     sup = Supervisor(load_layout(small), build_config(loaders=2, cpu_cap=2, gpu_ahead_layers=1), "cpu", "float32",
                      faults=FaultPlan(kill_loaders_when_ready=((0, 2), (1, 2))))
-    result = sup.run([[4, 5, 6]], 8, SamplingParams(), (), lambda t: None)
+    result = sup.run([[4, 5, 6]], 8, SamplingParams(), (), lambda i, t: None)
     assert result.outputs == resident_tokens(small, [[4, 5, 6]], 8)
     assert result.loader_restarts == 4
     assert_run_cleaned(sup)
@@ -233,7 +233,7 @@ def test_the_loader_named_in_giving_up_is_the_one_that_died(small):
     sup = Supervisor(load_layout(small), build_config(loaders=2, cpu_cap=2, gpu_ahead_layers=1), "cpu", "float32",
                      faults=FaultPlan(kill_loaders_when_ready=((1, 9),)))
     with pytest.raises(RingllmError, match=r"^loader1 died 4 times within a minute .*giving up"):
-        sup.run([[4, 5, 6]], 8, SamplingParams(), (), lambda t: None)
+        sup.run([[4, 5, 6]], 8, SamplingParams(), (), lambda i, t: None)
     assert sup.result.loader_restarts == 3
     assert_run_cleaned(sup)
 
@@ -276,6 +276,6 @@ def test_loader_that_reported_fatal_is_not_restarted(small, monkeypatch, order):
                      faults=FaultPlan(read_errors=((0, 0),)))
     with pytest.raises(RingllmError, match=r"^loader0: .*model\.safetensors: read error at offset \d+ "
                                            r"\(injected read error\)$"):
-        sup.run([[4, 5, 6]], 8, SamplingParams(), (), lambda t: None)
+        sup.run([[4, 5, 6]], 8, SamplingParams(), (), lambda i, t: None)
     assert sup.result.loader_restarts == 0
     assert_run_cleaned(sup)

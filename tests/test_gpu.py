@@ -117,7 +117,7 @@ def test_streaming_tokens_equal_the_in_process_engine_for_each_fp8_way(tiny_fp8_
     engine = build_config(loaders=2, overrides={"CPU_CAP_VALUE": "2", "GPU_AHEAD_LAYERS": "1",
                                                 "GPU_RESIDENT_LAYERS": "1"}, fp8_matmul=way)
     result = Supervisor(load_layout(tiny_fp8_dir), engine, "cuda", "bfloat16").run(
-        [prompt], 12, SamplingParams(), (), lambda t: None)
+        [prompt], 12, SamplingParams(), (), lambda i, t: None)
     assert result.gpu_info["fp8_matmul"] == way
     resident = generate(_cuda_model(tiny_fp8_dir, way), [prompt], 12, Sampler(SamplingParams(), dev), (),
                         lambda t: None, 256)
@@ -147,7 +147,7 @@ def test_ranks_on_cuda_give_transformers_tokens(tmp_path, world):
     plan = TensorParallelPlan(world) if own_gpus else TensorParallelPlan(world, (0,) * world, backend="gloo")
     engine = build_config(loaders=2, cpu_cap=2, gpu_ahead_layers=1, gpu_resident_layers=0)
     sup = Supervisor(load_layout(d), engine, "cuda", "float32", parallel=plan)
-    result = sup.run([PROMPT], 10, SamplingParams(), (), lambda t: None)
+    result = sup.run([PROMPT], 10, SamplingParams(), (), lambda i, t: None)
     assert result.outputs == [want]
     assert result.gpu_info["world"] == world
     assert result.gpu_info["tp_backend"] == ("nccl" if own_gpus else "gloo")

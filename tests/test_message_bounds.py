@@ -1,5 +1,5 @@
 """No message grows with the length of a run ([P12]): speculative decoding on the streaming engine
-(child processes, the default) for 2,000 tokens with each draft kind ends with its summary and
+(child processes, the default) for 10,000 tokens with each draft kind ends with its summary and
 metrics, and every message type of shm/channel.py, built at the largest size a run can give it,
 encodes within the cap."""
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 
 from tests.conftest import make_hf_checkpoint, make_model_dir, write_tokenizer
 
-LONG = 2000
+LONG = 10_000
 PROMPT = [9, 10, 11, 9, 10, 11, 9, 10]
 SPECIAL = {"<unk>": 0, "<s>": 1, "</s>": 2}      # write_tokenizer's; the other words are w<id>
 
@@ -23,15 +23,24 @@ def ringllm(*args, timeout=300):
 
 
 @pytest.fixture(scope="module")
-def long_run(tmp_path_factory):
-    """A tiny target with room for 2,000 new tokens (seed 1: its greedy text does not reach its EOS
-    within them), a 1-layer draft of its vocabulary, and the target in transformers."""
+def long_runs(tmp_path_factory):
+    """Two tiny targets with room for LONG new tokens, and each in transformers, each chosen so that
+    10,000 tokens take few passes:
+    - "looping" (seed 1): its greedy text falls into a loop (never its EOS), which prompt lookup
+      copies many tokens a pass;
+    - "sharp" (weights drawn wide, initializer_range 1.0): sharp next-token distributions, so that
+      drafting for itself its trees grow deep and are accepted whole (8 tokens a pass; with the
+      default 0.02 the trees stay one level wide: 5,000 passes, 190 s). Its EOS (token 2) gets the
+      logit 0 (a zero lm_head row), far below the top logit of so sharp a model: it never ends early."""
     root = tmp_path_factory.mktemp("long")
-    target, draft = root / "target", root / "draft"
-    hf = make_hf_checkpoint(target, seed=1, max_position_embeddings=LONG + 64)
-    write_tokenizer(target)
-    make_model_dir(draft, seed=3, num_hidden_layers=1, max_position_embeddings=LONG + 64)
-    return target, draft, hf
+    looping = make_hf_checkpoint(root / "looping", seed=1, max_position_embeddings=LONG + 64)
+    sharp = make_hf_checkpoint(root / "sharp", seed=1, max_position_embeddings=LONG + 64, initializer_range=1.0)
+    with torch.no_grad():
+        sharp.lm_head.weight[SPECIAL["</s>"]] = 0
+    sharp.save_pretrained(root / "sharp", safe_serialization=True)
+    for name in ("looping", "sharp"):
+        write_tokenizer(root / name)
+    return {"looping": (root / "looping", looping), "sharp": (root / "sharp", sharp)}
 
 
 def transformers_greedy_after_each(hf, prompt, out) -> list[int]:
@@ -42,12 +51,14 @@ def transformers_greedy_after_each(hf, prompt, out) -> list[int]:
     return logits[len(prompt) - 1:].argmax(-1).tolist()
 
 
-@pytest.mark.parametrize("draft_flags", [("--draft", "ngram", "--spec-tokens", "8"),
-                                         ("--draft-model", "DRAFT", "--spec-tokens", "3")],
+# the sharp target drafts for itself (its drafts are accepted: ~8x fewer passes than a random draft's),
+# and each pass still grows its tree level by level
+@pytest.mark.parametrize("target_name, draft_flags", [("looping", ("--draft", "ngram", "--spec-tokens", "8")),
+                                                      ("sharp", ("--draft-model", "TARGET", "--spec-tokens", "8"))],
                          ids=["ngram", "draft-model"])
-def test_2000_tokens_of_speculative_decoding_on_the_streaming_engine(long_run, tmp_path, draft_flags):
-    target, draft, hf = long_run
-    flags = [str(draft) if f == "DRAFT" else f for f in draft_flags]
+def test_10000_tokens_of_speculative_decoding_on_the_streaming_engine(long_runs, tmp_path, target_name, draft_flags):
+    target, hf = long_runs[target_name]
+    flags = [str(target) if f == "TARGET" else f for f in draft_flags]
     metrics = tmp_path / "metrics.json"
     r = ringllm("generate", "--model", str(target), "--device", "cpu", "--no-chat", "--dtype", "float32",
                 "--prompt", " ".join(f"w{t}" for t in PROMPT), "--max-new-tokens", str(LONG),
@@ -57,6 +68,7 @@ def test_2000_tokens_of_speculative_decoding_on_the_streaming_engine(long_run, t
     assert len(out) == LONG and out == transformers_greedy_after_each(hf, PROMPT, out)
     spec = json.loads(metrics.read_text())["speculation"]
     assert spec["tokens"] == LONG - 1 and spec["passes"] > 30       # the bug showed after ~30 passes
+    assert spec["tokens_per_pass"] > 4          # the runs are as short as the fixture says
     assert "tokens per pass" in r.stderr
 
 
@@ -105,7 +117,7 @@ def roundtrip(msg):
 
 def test_every_message_type_fits_the_cap_at_the_largest_size_a_run_gives_it():
     from ringllm.shm import channel as ch
-    from ringllm.workers.batching import CANCELLED, LENGTH, STOP, TokenLogprob
+    from ringllm.workers.engine import CANCELLED, LENGTH, STOP, RequestStats, TokenLogprob
     from ringllm.workers.sampling import MAX_TOP_LOGPROBS, SamplingParams
     from ringllm.workers.speculation import SpecStats
 
@@ -125,27 +137,22 @@ def test_every_message_type_fits_the_cap_at_the_largest_size_a_run_gives_it():
     # free text: cut to fit, whatever its length and script
     check(*(ch.Fatal(role, U64, text) for role in ("coordinator", "loader", "gpu")
             for text in ("模型" * 100_000, "\udcff" * 50_000, "x" * 10**6)))
-    # a step's tokens for a batch of 100,000 rows
-    tokens = [VOCAB - 1] * 100_000
-    parts = ch.token_messages(tokens)
-    check(*parts)
-    rows = ch.TokenRows()
-    assert [rows.add(p) for p in parts][-1] == tokens
     # a served request: a prompt filling the context, the largest sampling values, a logit_bias for
     # every token of the vocabulary, logprobs of the prompt too, several EOS ids
     sampling = SamplingParams(temperature=1.2345678901234567e308, top_p=0.123456789, top_k=U32, seed=U64,
                               presence_penalty=-1.2345678901234567, frequency_penalty=1.2345678901234567,
                               logit_bias=tuple((t, -99.12345678901234) for t in range(VOCAB)))
     check(*ch.submit_messages(U64, [VOCAB - 1] * CONTEXT, U32, sampling, [VOCAB - 1] * 16,
-                              logprobs=MAX_TOP_LOGPROBS, prompt_logprobs=True))
+                              logprobs=MAX_TOP_LOGPROBS, prompt_logprobs=True, draft=False))
     # an engine step of 10,000 requests, each event as wide as one gets: the request id grows with
     # the server's run; the longest finish name, a logprob with the most alternatives, the prompt's
     # logprobs (echo)
     finish = max((STOP, LENGTH, CANCELLED, "error"), key=len)
     widest = (VOCAB - 1, -1.2345678901234567e308)
     entry = TokenLogprob(*widest, (widest,) * MAX_TOP_LOGPROBS)
+    counts = RequestStats(U64, U64, U64)       # a finish event's passes, drafted, accepted
     rows = [row for i in range(10_000) for row in ch.event_rows(U64 - i, VOCAB - 1, finish, CONTEXT, CONTEXT, entry,
-                                                                 (entry,) * (4096 if i == 0 else 3))]
+                                                                 (entry,) * (4096 if i == 0 else 3), counts)]
     check(*ch.event_messages(rows, forward=True))
     # a Part: its data at the room frames() gives it
     check(ch.Part(U32, True, b"\xff" * (ch.MESSAGE_BYTES - ch.PART_HEADER)))

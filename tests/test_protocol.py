@@ -123,14 +123,14 @@ def four_layers(tmp_path):
 
 
 def streaming_run(model_dir, faults, max_new: int, steps: list, **engine):
-    """A streamed run on cpu with fault hooks; each step's tokens are appended to `steps`."""
+    """A streamed run on cpu with fault hooks; each token is appended to `steps` (as a one-token step)."""
     from ringllm.checkpoint.layout import load_layout
     from ringllm.config import build_config
     from ringllm.supervisor.supervisor import Supervisor
     from ringllm.workers.generation import SamplingParams
 
     sup = Supervisor(load_layout(model_dir), build_config(**engine), "cpu", "float32", faults=faults)
-    return sup.run([PROMPT], max_new, SamplingParams(), (), steps.append)
+    return sup.run([PROMPT], max_new, SamplingParams(), (), lambda i, t: steps.append([t]))
 
 
 def test_late_write_into_a_reassigned_slot_stops_the_run(four_layers):
@@ -277,10 +277,11 @@ def test_300_rows_stream_like_the_resident_engine(tmp_path):
     reference = resident_tokens(d, prompts, 3)
     steps = [[row[i] for row in reference] for i in range(3)]
     assert any(len(msgpack.packb(step)) > MESSAGE_BYTES for step in steps)   # one message could not carry it
-    seen = []
-    result = stream_tokens(d, prompts, 3, on_tokens=seen.append, loaders=1, cpu_cap=2, gpu_ahead_layers=1)
+    seen = [[] for _ in prompts]
+    result = stream_tokens(d, prompts, 3, on_tokens=lambda i, t: seen[i].append(t), loaders=1, cpu_cap=2,
+                           gpu_ahead_layers=1)
     assert result.outputs == reference
-    assert seen == steps
+    assert seen == reference
 
 
 def test_fatal_text_fits_the_cap_by_bytes():

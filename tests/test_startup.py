@@ -59,7 +59,7 @@ def test_a_wrong_estimate_is_corrected_by_the_gpu_process(tmp_path, estimate):
     layout = load_layout(d)
     engine = build_config(loaders=2, cpu_cap=3, gpu_ahead_layers=1, gpu_resident_layers=1)
     sup = Supervisor(layout, engine, "cpu", "float32", faults=FaultPlan(resident_estimate=estimate))
-    result = sup.run([[3, 4, 5]], 10, SamplingParams(), (), lambda t: None)
+    result = sup.run([[3, 4, 5]], 10, SamplingParams(), (), lambda i, t: None)
     assert result.outputs == resident_tokens(d, [[3, 4, 5]], 10)
     assert result.gpu_info["resident_layers"] == 1
     assert_run_cleaned(sup)

@@ -39,7 +39,7 @@ def stream_tokens(model_dir, prompts, max_new, dtype="float32", eos=(), sampling
     layout = load_layout(model_dir)
     cfg = build_config(**engine)
     sup = Supervisor(layout, cfg, "cpu", dtype)
-    result = sup.run(prompts, max_new, sampling, eos, on_tokens or (lambda t: None))
+    result = sup.run(prompts, max_new, sampling, eos, on_tokens or (lambda i, t: None))
     assert_run_cleaned(sup)
     return result
 
@@ -79,7 +79,7 @@ def test_processes_are_separate_and_named(tmp_path):
     make_hf_checkpoint(d, num_hidden_layers=3)
     seen = []
 
-    def look(tokens):
+    def look(prompt, token):
         if not seen:
             seen.extend(sorted(p.name() for p in psutil.Process().children(recursive=True)
                                if p.name().startswith("ringllm")))
@@ -143,7 +143,7 @@ def test_stress_random_delays(tmp_path, run):
     sup = Supervisor(layout, build_config(loaders=3, cpu_cap=2, gpu_ahead_layers=random.Random(seed).randint(1, 2),
                                           cpu_ring_offset=1, chunk_bytes=4096),
                      "cpu", "float32", faults=FaultPlan(chaos_seed=seed, chaos_delay_s=0.004))
-    result = sup.run(prompts, 6, SamplingParams(), (), lambda t: None)
+    result = sup.run(prompts, 6, SamplingParams(), (), lambda i, t: None)
     assert_run_cleaned(sup)
     assert result.outputs == resident_tokens(d, prompts, 6), f"chaos seed={seed}"
 
@@ -156,7 +156,7 @@ def test_loader_read_error_ends_run_cleanly(tmp_path):
     sup = Supervisor(load_layout(d), build_config(loaders=2, cpu_cap=2, gpu_ahead_layers=1), "cpu", "float32",
                      faults=FaultPlan(read_errors=((0, 1), (1, 1))))
     with pytest.raises(RingllmError, match=r"loader\d: .*model.safetensors: read error .*injected"):
-        sup.run([[4, 5]], 4, SamplingParams(), (), lambda t: None)
+        sup.run([[4, 5]], 4, SamplingParams(), (), lambda i, t: None)
     assert_run_cleaned(sup)
 
 

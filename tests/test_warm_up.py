@@ -41,7 +41,7 @@ def seven(tmp_path_factory):
 
 def run(model_dir, engine: EngineConfig):
     sup = Supervisor(load_layout(model_dir), engine, "cpu", "float32")
-    result = sup.run(PROMPTS, NEW_TOKENS, SamplingParams(), (), lambda t: None)
+    result = sup.run(PROMPTS, NEW_TOKENS, SamplingParams(), (), lambda i, t: None)
     assert_run_cleaned(sup)
     return result
 

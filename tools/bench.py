@@ -131,7 +131,7 @@ def run_ringllm(layout, engine: EngineConfig, device: str, dtype: str, prompt, n
     from ringllm.workers.generation import SamplingParams
 
     sup = Supervisor(layout, engine, device, dtype, fill_ring_first=True)
-    result = sup.run([prompt], new_tokens, sampling or SamplingParams(), (), lambda t: None)
+    result = sup.run([prompt], new_tokens, sampling or SamplingParams(), (), lambda i, t: None)
     g, c = result.gpu, result.coordinator
     since = c.get("since_mark", c)
     # the rest of RunResult as it is (start-up and wall-clock times, processes, pinned memory)

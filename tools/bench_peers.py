@@ -100,7 +100,7 @@ def run_naive(args, prompt):
     load = time.perf_counter() - t0
     times = []
     out = generate(model, [prompt], args.new_tokens, Sampler(SamplingParams(), device), (),
-                   on_tokens=lambda t: times.append(time.perf_counter()))
+                   on_token=lambda i, t: times.append(time.perf_counter()))
     return {"load_seconds": load, "seconds_per_token": per_token(times), "tokens": out[0],
             "peak_gpu_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None}
 

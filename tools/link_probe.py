@@ -90,7 +90,7 @@ def main() -> int:
             trace = str(args.out / f"trace-{name}.json") if profiled else None
             sup = Supervisor(layout, engine, "cuda", "bfloat16", fill_ring_first=True, profile_trace=trace)
             t0 = time.perf_counter()
-            res = sup.run([prompt], args.tokens if not profiled else 4, SamplingParams(), (), lambda t: None)
+            res = sup.run([prompt], args.tokens if not profiled else 4, SamplingParams(), (), lambda i, t: None)
             g = res.gpu
             spt = g["decode_seconds"] / g["decode_steps"]
             row = {"s_per_token": spt, "gbps": pass_bytes / spt / 1e9,

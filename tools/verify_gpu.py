@@ -83,7 +83,7 @@ def streamed(model_dir, prompts, max_new, dtype_name, trace=None, **engine):
     sup = Supervisor(load_layout(model_dir), build_config(gpu_resident_layers=0, **engine), "cuda", dtype_name,
                      profile_trace=trace)
     t0 = time.perf_counter()
-    result = sup.run(prompts, max_new, SamplingParams(), (), lambda t: None)
+    result = sup.run(prompts, max_new, SamplingParams(), (), lambda i, t: None)
     result.wall_seconds = time.perf_counter() - t0
     return result
 

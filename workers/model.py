@@ -239,7 +239,7 @@ class Llama:
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         out = plan.run(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
-                       cache.k[layer], cache.v[layer], H // K)              # [N, H, D]
+                       cache.k[layer], cache.v[layer])                       # [N, H, D]
         attn_out = out.reshape(1, N, cfg.q_size)
         return x + self._gather(self._linear(self._gather(attn_out, "attn_out"), w.o), "hidden")
 
@@ -275,12 +275,19 @@ class Llama:
         one.forward(cache, [*steps, Segment(rows, [0], prompt_len)]).argmax(-1).tolist()
 
 
-def _expand_kv(t: torch.Tensor, rep: int) -> torch.Tensor:
-    """[B, K, S, D] -> [B, K*rep, S, D], each kv head repeated for its query heads (GQA)."""
-    if rep == 1:
-        return t
-    B, K, S, D = t.shape
-    return t[:, :, None].expand(B, K, rep, S, D).reshape(B, K * rep, S, D)
+def _grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """SDPA with grouped query heads (GQA) without repeating the keys: q [B, H, T, D] is regrouped
+    as [B, K, rep*T, D] (query head h = k*rep + r reads kv head k, as Llama's repeat_kv has it),
+    keys/values [B, K, S, D] are used as they are (views of the cache where they can be), mask
+    [B, 1, T, S] is repeated for the rep query heads of a group. Returns [B, H, T, D]."""
+    B, H, T, D = q.shape
+    K = keys.shape[1]
+    rep = H // K
+    if rep > 1:
+        q = q.reshape(B, K, rep * T, D)
+        mask = mask[:, :, None].expand(B, 1, rep, T, mask.shape[-1]).reshape(B, 1, rep * T, mask.shape[-1])
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    return out.view(B, H, T, D)
 
 
 class _AttentionPlan:
@@ -297,8 +304,11 @@ class _AttentionPlan:
             if T <= BATCHED_TOKENS:
                 short.append((offset, seg))
             else:
-                self.alone.append((offset, seg.row, seg.start, seg.start + T, seg.seen().to(device)[None, None]))
+                self._alone(offset, seg, device)
             offset += T
+        if len(short) == 1:           # nothing to batch with: views of its row, no gather
+            self._alone(*short[0], device)
+            short = []
         self.batched = None
         if short:
             T_max = max(len(s.tokens) for _, s in short)
@@ -318,7 +328,10 @@ class _AttentionPlan:
             self.batched = (t([s.row for _, s in short]), S, T_max, t(token_at), t(rows), t(slots), t(pad_at),
                             mask.to(device)[:, None])
 
-    def run(self, q, k, v, ck, cv, rep: int) -> torch.Tensor:
+    def _alone(self, offset: int, seg: Segment, device) -> None:
+        self.alone.append((offset, seg.row, seg.start, seg.start + len(seg.tokens), seg.seen().to(device)[None, None]))
+
+    def run(self, q, k, v, ck, cv) -> torch.Tensor:
         """q [N, H, D], k/v [N, K, D] of the pass; ck/cv one layer's cache [rows, K, max_seq, D].
         Writes every token's k/v into its row's slot, then returns the attention output [N, H, D]."""
         out = torch.empty_like(q)
@@ -330,15 +343,13 @@ class _AttentionPlan:
             qs = q.new_zeros(B * T_max, H, D)
             qs[pad_at] = q[token_at]
             qs = qs.view(B, T_max, H, D).transpose(1, 2)                    # [B, H, Tmax, D]
-            keys, values = ck[seg_rows, :, :S], cv[seg_rows, :, :S]          # [B, K, S, D]
-            o = F.scaled_dot_product_attention(qs, _expand_kv(keys, rep), _expand_kv(values, rep), attn_mask=mask)
+            o = _grouped_attention(qs, ck[seg_rows, :, :S], cv[seg_rows, :, :S], mask)   # keys gathered [B, K, S, D]
             out[token_at] = o.transpose(1, 2).reshape(B * T_max, H, D)[pad_at]
         for offset, row, start, end, mask in self.alone:
             seg = slice(offset, offset + end - start)
             ck[row, :, start:end] = k[seg].transpose(0, 1)
             cv[row, :, start:end] = v[seg].transpose(0, 1)
-            keys, values = ck[row:row + 1, :, :end], cv[row:row + 1, :, :end]
-            o = F.scaled_dot_product_attention(q[seg].transpose(0, 1)[None], _expand_kv(keys, rep),
-                                               _expand_kv(values, rep), attn_mask=mask)   # [1, H, T, D]
+            o = _grouped_attention(q[seg].transpose(0, 1)[None], ck[row:row + 1, :, :end], cv[row:row + 1, :, :end],
+                                   mask)                                   # [1, H, T, D], on views of the row
             out[seg] = o[0].transpose(0, 1)
         return out
