@@ -16,7 +16,6 @@ end of Supervisor.run does: no /dev/shm segment, no queue, no child.
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 
@@ -24,8 +23,6 @@ import posix_ipc
 
 from ringllm.checkpoint.errors import RingllmError
 from ringllm.shm.channel import Cancel, Events, Fatal, Ready, submit_messages
-from ringllm.shm.resources import run_id_of, sweep, system_pinned_bytes
-from ringllm.supervisor.checks import check_dram
 from ringllm.workers.engine import Request, RequestStats, TokenEvent, TokenLogprob
 from ringllm.workers.sampling import SamplingParams
 
@@ -63,30 +60,23 @@ class ServedEngine:
     # --- start and stop ----------------------------------------------------------------------
     @classmethod
     def start(cls, sup, max_batch: int, max_context: int, sampling=None) -> "ServedEngine":
+        """Start the supervisor's run in serve mode (Supervisor.start: the same start-up as
+        generate's) and wait for the GPU process. From here to the end of close() SIGINT/SIGTERM
+        are only remembered (Supervisor.hold_signals); uvicorn takes them over while it serves
+        (the drain) and gives them back."""
         engine = cls(sup, max_batch, max_context)
-        engine._hold_signals()
+        engine._previous = sup.hold_signals()
         try:
-            engine._start(sampling or SamplingParams())
+            sup.start((), 0, sampling or SamplingParams(), (), serve=(max_batch, max_context))
+            engine._wait_until_ready()
             sup._raise_if_signalled()     # a signal during start-up: the caller exits 130/143
         except BaseException:
             engine.close()
             raise
         return engine
 
-    def _start(self, sampling) -> None:
-        """sampling: what the GPU process's engine is started with (its draft, if any)."""
-        sup = self.sup
-        check_dram(sup.ring_total, sup.engine, sup.dram_headroom)
-        sup._run_started = time.monotonic()
-        sup._pinned_before = system_pinned_bytes()
-        swept = sweep()
-        if swept:
-            runs = sorted({run_id_of(name.rsplit("/", 1)[-1]) for name in swept} - {None})
-            log.info("removed %d resource(s) left by earlier run(s) that were killed: %s", len(swept), ", ".join(runs))
-        sup._create()
-        sup._raise_if_signalled()
-        sup._start_all((), 0, sampling, (), serve=(self.max_batch, self.max_context))
-        started = time.monotonic()
+    def _wait_until_ready(self) -> None:
+        sup, started = self.sup, time.monotonic()
         while "gpu" not in sup.ready:
             self._receive(timeout=0.1)
             sup._raise_if_signalled()
@@ -94,28 +84,13 @@ class ServedEngine:
                 raise RingllmError(f"the GPU process did not become ready within {sup.engine.startup_timeout_s:.0f} s")
 
     def close(self) -> None:
-        """Stop every child and remove every resource (the runner thread has stopped), then give
-        SIGINT/SIGTERM back their handlers from before start()."""
-        sup = self.sup
-        sup.stopping = True     # a signal now only says the cleanup is under way
+        """Stop every child and remove every resource (the runner thread has stopped) with the
+        supervisor's one shut-down, then give SIGINT/SIGTERM back their handlers."""
         try:
-            sup._stop()
+            self.sup.close()
         finally:
-            try:
-                sup._unlink()
-                sup._account_pinned(final=True)
-            finally:
-                for sig, handler in self._previous.items():
-                    signal.signal(sig, handler)
-                self._previous = {}
-
-    def _hold_signals(self) -> None:
-        """From start() to the end of close(), SIGINT/SIGTERM are only remembered
-        (Supervisor._on_signal), as in Supervisor.run: with their default action a signal between
-        start-up and uvicorn (or after it) would end the process and leave the ring behind.
-        uvicorn takes them over while it serves (the drain) and gives them back. Main thread only."""
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {sig: signal.signal(sig, self.sup._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+            self.sup.restore_signals(self._previous)
+            self._previous = {}
 
     @property
     def signalled(self) -> int | None:
@@ -209,7 +184,7 @@ class ServedEngine:
         elif isinstance(msg, Fatal):
             sup._raise_fatal(msg)
         sup._watch()          # a dead loader is restarted; anything else raises, naming the process
-        sup._sample_memory()
+        sup.memory.sample(sup.procs)
         return msg
 
     def _events(self, rows: list) -> list[TokenEvent]:

@@ -7,12 +7,14 @@ with GPU_RESIDENT_LAYERS set, with --gpu-mem, and on cpu; on cuda without either
 nvidia-smi's free memory, and the GPU process's own figure (ResidentLayers) corrects it.
 
 `startup_phases` turns the processes' time.monotonic() stamps (one clock for every process) into
-seconds from the run's start, for `--metrics-json`'s `startup` object.
+seconds from the run's start, for `--metrics-json`'s `startup` object; `first_pass_bar` shows the
+first pass's progress on a terminal.
 """
 from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 from ringllm.workers.memory_plan import planned_resident_layers, serve_pass_tokens
 
@@ -89,3 +91,21 @@ def startup_phases(run_started: float, gpu: dict, coordinator: dict, first_token
     if first_token_at is not None:
         out["first_token_s"] = round(first_token_at - run_started, 4)
     return out
+
+
+def first_pass_bar(layers: int, layer_now):
+    """A progress bar on stderr for the first pass (slow on a big model: the ring fills from disk),
+    only on a terminal; layer_now() says where compute is. Returns (update, stop)."""
+    if not sys.stderr.isatty():
+        return (lambda: None), (lambda: None)
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("first pass"), BarColumn(), TextColumn("layer {task.completed:.0f}/{task.total:.0f}"),
+                   TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+    task = bar.add_task("first pass", total=layers)
+    bar.start()
+
+    def update():
+        bar.update(task, completed=min(layers, layer_now()))
+    return update, bar.stop

@@ -19,13 +19,11 @@ import os
 import secrets
 import signal
 import subprocess
-import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Callable
-
-import psutil
 
 from ringllm.checkpoint.errors import RingllmError
 from ringllm.checkpoint.layout import ModelLayout
@@ -35,15 +33,14 @@ from ringllm.coordinator.process import CoordinatorArgs, coordinator_main
 from ringllm.shm.channel import (QUEUE_MESSAGES, Channel, Events, Fatal, Finished, LoaderRestarted, Ready, Shutdown,
                                  Stats, StatsRequest)
 from ringllm.shm.prefault import SlotPrefaulter
-from ringllm.supervisor.parallel import TensorParallelPlan, free_tcp_port
-from ringllm.supervisor.checks import check_dram, fallback_warning, process_memory, spare_dram
+from ringllm.supervisor.parallel import TensorParallelPlan, blame_dead_rank, free_tcp_port, gpu_key, stopped_ranks
+from ringllm.supervisor.checks import MemoryWatch, check_dram, fallback_warning, spare_dram
 from ringllm.supervisor.prefetch import WeightWarmer, start_library_prefetch, start_weight_warmer
-from ringllm.shm.resources import (RunNames, new_run_id, pinned_above, run_id_of, sweep, system_pinned_bytes,
-                                   unlink_all)
+from ringllm.shm.resources import RunNames, new_run_id, run_id_of, sweep, unlink_all
 from ringllm.shm.ring import Ring, ring_bytes
 from ringllm.shm.stats import DONE, RUNNING, StatsPage
 from ringllm.shm.slot_plan import file_table, plan_model, slot_size
-from ringllm.supervisor.startup import resident_estimate, startup_phases
+from ringllm.supervisor.startup import first_pass_bar, resident_estimate, startup_phases
 from ringllm.workers.spec_plan import spec_plan
 from ringllm.workers.speculation import cache_slots
 from ringllm.workers.child import spawn
@@ -74,15 +71,6 @@ class RunResult:
     wall_s: float | None = None
     startup: dict = field(default_factory=dict)   # supervisor.startup.startup_phases
     warm: dict | None = None                      # supervisor.prefetch.WeightWarmer.report
-
-
-RANK_DEATH_GRACE_S = 1.0    # how long a rank's error waits for another rank's death to show (its exit is reaped)
-
-
-def gpu_key(rank: int) -> str:
-    """The GPU process of tensor-parallel rank `rank` in procs/ready: "gpu" for rank 0 (the one
-    that reports tokens), "gpu1", "gpu2"... for the others."""
-    return "gpu" if rank == 0 else f"gpu{rank}"
 
 
 def child_key(role: str, index: int) -> str:
@@ -119,7 +107,6 @@ class Supervisor:
         self.ring: Ring | None = None
         self.prefaulter: SlotPrefaulter | None = None
         self.warmer: WeightWarmer | None = None
-        self._rank_digests: dict[int, str | None] = {}    # tensor parallel: rank -> its outputs' digest
         self.procs: dict[str, subprocess.Popen] = {}
         self.ready: set[str] = set()      # keys of self.procs that reported Ready: they read their queue
         self.deaths: dict[int, deque[float]] = {i: deque() for i in range(engine.loaders)}   # per loader
@@ -131,8 +118,7 @@ class Supervisor:
         self.told_stopping = False
         self.page: StatsPage | None = None
         self.tokens_seen = 0
-        self._sampled_at = 0.0
-        self._pinned_before: int | None = None
+        self.memory = MemoryWatch(self.result, device == "cuda")
         self._run_started = time.monotonic()
         self._first_token_at: float | None = None
 
@@ -141,36 +127,58 @@ class Supervisor:
             on_token: Callable[[int, int], None]) -> RunResult:
         """Every prompt a request of the GPU process's engine; on_token(prompt index, token) for
         each token as it comes. Returns each prompt's tokens (EOS included) and the run's figures."""
+        previous = self.hold_signals()
+        try:
+            self.start(prompts, max_new_tokens, sampling, eos_ids)
+            self.result.outputs = [[] for _ in prompts]
+            self._serve(on_token)
+        finally:
+            try:
+                self.close()
+            finally:
+                self.restore_signals(previous)
+        self._raise_if_signalled()   # a signal during the cleanup of a run that ended well
+        return self.result
+
+    def start(self, prompts, max_new_tokens: int, sampling, eos_ids, serve: tuple | None = None) -> None:
+        """Create every resource and start every child (generate's prompts, or serve's engine
+        shape); what killed runs left is swept first. The one start-up of run() and serve."""
         check_dram(self.ring_total, self.engine, self.dram_headroom)
         self._run_started = time.monotonic()
-        self._pinned_before = system_pinned_bytes()
+        self.memory.begin()
         swept = sweep()
         if swept:
             runs = sorted({run_id_of(name.rsplit("/", 1)[-1]) for name in swept} - {None})
             log.info("removed %d resource(s) left by earlier run(s) that were killed: %s", len(swept), ", ".join(runs))
-        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
+        self._create()
+        self._raise_if_signalled()
+        self._start_all(prompts, max_new_tokens, sampling, eos_ids, serve)
+
+    def close(self) -> None:
+        """Stop every child and remove every resource, whatever happened before: the one shut-down
+        of run() and serve. Signals are not raised from here on (_raise_if_signalled is not called
+        until the end), so the cleanup finishes whatever arrives."""
+        self.stopping = True
         try:
-            self._create()
-            self._raise_if_signalled()
-            self._start_all(prompts, max_new_tokens, sampling, eos_ids)
-            self.result.outputs = [[] for _ in prompts]
-            self._serve(on_token)
+            self._stop()
         finally:
-            # Signals are not raised from here on (_raise_if_signalled is not called until the
-            # end), so the cleanup finishes whatever arrives.
-            self.stopping = True
-            try:
-                self._stop()
-            finally:
-                self._unlink()
-                self._account_pinned(final=True)
-                self.result.wall_s = time.monotonic() - self._run_started
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
-        self._raise_if_signalled()   # a signal during the cleanup of a run that ended well
-        return self.result
+            self._unlink()
+            self.memory.account_pinned(final=True)
+            self.result.wall_s = time.monotonic() - self._run_started
+
+    def hold_signals(self) -> dict:
+        """From here until restore_signals, SIGINT/SIGTERM are only remembered (_on_signal): with
+        their default action a signal would end the process and leave the ring behind. Main
+        thread only (elsewhere signals cannot be handled; returns {})."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        return {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    @staticmethod
+    def restore_signals(previous: dict) -> None:
+        """Give SIGINT/SIGTERM back the handlers hold_signals found."""
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
     def serve_engine(self, max_batch: int, max_context: int, sampling=None):
         """`ringllm serve`: start every process, wait for the GPU process, and return an engine with
@@ -269,27 +277,9 @@ class Supervisor:
                 rank=rank, world=self.parallel.world, dist_addr=self.parallel.addr, dist_port=port,
                 dist_backend=self.parallel.backend_for(self.device), device_sharers=self.parallel.sharers(self.device, rank)))
 
-    def _first_pass_bar(self):
-        """A progress bar on stderr for the first pass (slow on a big model: the ring fills from
-        disk), only on a terminal; returns (update, stop)."""
-        if not sys.stderr.isatty():
-            return (lambda: None), (lambda: None)
-        from rich.console import Console
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-        n = self.layout.config.num_layers
-        bar = Progress(TextColumn("first pass"), BarColumn(), TextColumn("layer {task.completed:.0f}/{task.total:.0f}"),
-                       TimeElapsedColumn(), console=Console(stderr=True), transient=True)
-        task = bar.add_task("first pass", total=n)
-        bar.start()
-
-        def update():
-            bar.update(task, completed=min(n, self.page.read()["coord"]["step"]))
-        return update, bar.stop
-
     def _serve(self, on_token) -> None:
         started = time.monotonic()
-        bar_update, bar_stop = self._first_pass_bar()
+        bar_update, bar_stop = first_pass_bar(self.layout.config.num_layers, lambda: self.page.read()["coord"]["step"])
         try:
             self._serve_loop(on_token, started, bar_update, bar_stop)
         finally:
@@ -321,13 +311,8 @@ class Supervisor:
                     self.page.supervisor(self.tokens_seen, os.getpid())
             elif isinstance(msg, Fatal):
                 self._raise_fatal(msg)
-            elif isinstance(msg, Finished) and msg.stats.get("rank", 0) > 0:
-                self._rank_digests[msg.stats["rank"]] = msg.stats.get("outputs_digest")
-            elif isinstance(msg, Finished):
-                self._rank_digests[0] = msg.stats.get("outputs_digest")
-                self._check_ranks_agree()
-                self._sampled_at = 0.0
-                self._sample_memory()
+            elif isinstance(msg, Finished):      # rank 0's: the ranks agreed on every pass (workers.request_loop)
+                self.memory.sample(self.procs, force=True)
                 self.result.gpu = msg.stats
                 self.result.coordinator = self._coordinator_stats()
                 self.result.startup = startup_phases(self._run_started, msg.stats, self.result.coordinator,
@@ -337,31 +322,9 @@ class Supervisor:
                     log.warning("%s", warning)
                 return
             self._watch()
-            self._sample_memory()
+            self.memory.sample(self.procs)
             if "gpu" not in self.ready and time.monotonic() - started > self.engine.startup_timeout_s:
                 raise RingllmError(f"the GPU process did not become ready within {self.engine.startup_timeout_s:.0f} s")
-
-    def _check_ranks_agree(self) -> None:
-        """Tensor parallel, once rank 0 finished: every rank's tokens are rank 0's (each rank
-        reports a digest of what it generated; they wait here at most wait_timeout_s)."""
-        world = self.parallel.world
-        deadline = time.monotonic() + self.engine.wait_timeout_s
-        while len(self._rank_digests) < world:
-            msg = self.inbox.receive(timeout=0.1)
-            self._raise_if_signalled()
-            if isinstance(msg, Finished):
-                self._rank_digests[msg.stats.get("rank", 0)] = msg.stats.get("outputs_digest")
-            elif isinstance(msg, Fatal):
-                self._raise_fatal(msg)
-            self._watch()
-            if time.monotonic() > deadline:
-                missing = sorted(set(range(world)) - set(self._rank_digests))
-                raise RingllmError(f"tensor parallel: rank(s) {missing} did not finish within "
-                                   f"{self.engine.wait_timeout_s:.0f} s of rank 0")
-        differ = sorted(r for r, d in self._rank_digests.items() if d != self._rank_digests[0])
-        if differ:
-            raise RingllmError(f"tensor parallel: rank(s) {differ} generated other tokens than rank 0; the ranks "
-                               "diverged (their activations no longer belong together), so this output is wrong")
 
     def _raise_fatal(self, msg: Fatal):
         """End the run at a child's error report, in its words, naming the child. With ranks, a
@@ -371,37 +334,10 @@ class Supervisor:
         raise RingllmError(f"{child_key(msg.role, msg.index)}: {msg.text}{self._stopped_ranks(msg.index)}")
 
     def _stopped_ranks(self, reporter: int) -> str:
-        """A suffix naming the other ranks that are alive but not running (SIGSTOP, a debugger),
-        e.g. "; gpu1 is stopped (not running)": why a collective of `reporter` waited in vain."""
-        if self.parallel.world == 1:
-            return ""
-        stopped = []
-        for rank in range(self.parallel.world):
-            proc = self.procs.get(gpu_key(rank))
-            if rank == reporter or proc is None or proc.poll() is not None:
-                continue
-            try:
-                if psutil.Process(proc.pid).status() in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP):
-                    stopped.append(gpu_key(rank))
-            except psutil.Error:
-                continue
-        return f"; {', '.join(stopped)} {'is' if len(stopped) == 1 else 'are'} stopped (not running)" if stopped else ""
+        return stopped_ranks(self.procs, self.parallel.world, reporter)
 
     def _blame_dead_rank(self, msg: Fatal) -> None:
-        """A rank reporting an error may only have lost another rank in a collective (gloo:
-        "Connection reset by peer"): name the rank that died instead, as for any dead child."""
-        if msg.role != "gpu" or self.parallel.world == 1:
-            return
-        deadline = time.monotonic() + RANK_DEATH_GRACE_S
-        while True:
-            for rank in range(self.parallel.world):
-                proc = self.procs.get(gpu_key(rank))
-                if rank != msg.index and proc is not None and proc.poll() is not None:
-                    raise RingllmError(f"the {gpu_key(rank)} process exited unexpectedly (exit code "
-                                       f"{proc.returncode}); gpu{msg.index or ''} then lost it: {msg.text}")
-            if time.monotonic() > deadline:
-                return
-            time.sleep(0.05)
+        blame_dead_rank(self.procs, self.parallel.world, msg.index, msg.text, msg.role == "gpu")
 
     def _on_ready(self, msg: Ready) -> None:
         key = child_key(msg.role, msg.index)
@@ -424,37 +360,6 @@ class Supervisor:
             self.warmer.release()
             self.result.warm = self.warmer.report()
             self.warmer = None
-
-    def _sample_memory(self) -> None:
-        now = time.monotonic()
-        if now - self._sampled_at < 1.0:
-            return
-        self._sampled_at = now
-        for key, proc in [("supervisor", None), *self.procs.items()]:
-            pid = os.getpid() if proc is None else proc.pid
-            mem = process_memory(pid)
-            entry = self.result.processes.setdefault(key, {"pid": pid, "peak_rss": 0, "peak_locked": 0,
-                                                           "peak_pinned": 0})
-            entry["pid"] = pid
-            entry["peak_rss"] = max(entry["peak_rss"], mem["rss"])
-            entry["peak_locked"] = max(entry["peak_locked"], mem["locked"])
-            entry["peak_pinned"] = max(entry["peak_pinned"], mem["pinned"])
-        self._account_pinned()
-
-    def _account_pinned(self, final: bool = False) -> None:
-        """Machine-wide pinned bytes against the level before the run (other pinning on the
-        machine shows up too; the GPU machines we verify on run nothing else). Only on a GPU: on
-        the cpu the run registers nothing, and the machine-wide count moves with other programs'
-        O_DIRECT reads (they pin pages while they run), which would be no news of ours."""
-        if self.device != "cuda":
-            return
-        now = system_pinned_bytes()
-        if now is None or self._pinned_before is None:
-            return
-        above = max(0, now - self._pinned_before)
-        self.result.pinned_peak_bytes = max(self.result.pinned_peak_bytes or 0, above)
-        if final:   # give the driver its moment to return the last pages
-            self.result.pinned_left_bytes = pinned_above(self._pinned_before) if above else 0
 
     def _watch(self) -> None:
         """Notice dead children: restart a loader (within limits), end the run for anything else."""

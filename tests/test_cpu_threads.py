@@ -106,6 +106,6 @@ def test_gpu_process_applies_the_thread_count(tmp_path, monkeypatch, omp):
         expected = min(int(omp), os.cpu_count())
     d = make_model_dir(tmp_path / "m", num_hidden_layers=2)
     sup = Supervisor(load_layout(d), build_config(loaders=1, cpu_cap=2, gpu_ahead_layers=1), "cpu", "float32")
-    result = sup.run([[4, 5]], 2, SamplingParams(), (), lambda t: None)
+    result = sup.run([[4, 5]], 2, SamplingParams(), (), lambda i, t: None)
     assert result.gpu_info["torch_threads"] == expected
     assert_run_cleaned(sup)

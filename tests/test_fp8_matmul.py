@@ -145,7 +145,7 @@ def test_streaming_engine_asked_for_scaled_mm_on_cpu_dequantizes_with_one_line(t
     layout = load_layout(tiny_fp8)
     prompt = [9, 10, 11, 12]
     engine = build_config(loaders=2, overrides={"CPU_CAP_VALUE": "2", "GPU_AHEAD_LAYERS": "1"}, fp8_matmul="scaled_mm")
-    result = Supervisor(layout, engine, "cpu", "bfloat16").run([prompt], 8, SamplingParams(), (), lambda t: None)
+    result = Supervisor(layout, engine, "cpu", "bfloat16").run([prompt], 8, SamplingParams(), (), lambda i, t: None)
     err = capfd.readouterr().err
     lines = [line for line in err.splitlines() if "fp8_matmul" in line]
     assert len(lines) == 1 and "fp8_matmul=scaled_mm: cpu computes FP8 by dequantizing" in lines[0], err

@@ -37,7 +37,7 @@ def test_ranks_give_transformers_tokens_through_a_disk_fed_ring(tmp_path, world,
     want = hf_greedy_cached(hf, PROMPT, 10)
     engine = build_config(loaders=2, cpu_cap=2, gpu_ahead_layers=1, gpu_resident_layers=0)
     sup = Supervisor(load_layout(d), engine, "cpu", "float32", parallel=TensorParallelPlan(world))
-    result = sup.run([PROMPT], 10, SamplingParams(), (), lambda t: None)
+    result = sup.run([PROMPT], 10, SamplingParams(), (), lambda i, t: None)
     assert result.outputs == [want]
     assert result.coordinator["ring_evictions"] > 0          # disk-fed: slots came and went
     assert result.gpu_info["world"] == world
@@ -131,13 +131,13 @@ def test_sampled_tokens_agree_across_ranks_and_a_rank_that_diverges_fails_the_ru
         sup = Supervisor(layout, engine, "cpu", "float32", parallel=TensorParallelPlan(world),
                          **({"faults": faults} if faults else {}))
         try:
-            return sup.run([PROMPT], 12, params, (), lambda t: None).outputs
+            return sup.run([PROMPT], 12, params, (), lambda i, t: None).outputs
         finally:
             assert_run_cleaned(sup)
 
     assert run(sampled, 2) == run(sampled, 1)
     run(SamplingParams(temperature=1.0), 2)          # no seed: one for both ranks, so they agree
-    with pytest.raises(RingllmError, match=r"rank\(s\) \[1\] generated other tokens than rank 0"):
+    with pytest.raises(RingllmError, match=r"rank\(s\) \[1\] sampled other tokens than rank 0"):
         run(sampled, 2, FaultPlan(rank_seed_skew=True))
 
 
@@ -156,7 +156,7 @@ def test_a_hung_rank_ends_the_run_naming_it_and_leaves_nothing(tmp_path):
                      faults=FaultPlan(rank_stops_after_tokens=3))
     t0 = time.monotonic()
     with pytest.raises(RingllmError, match=r"^gpu: .*; gpu1 is stopped \(not running\)$"):
-        sup.run([PROMPT], 40, SamplingParams(), (), lambda t: None)
+        sup.run([PROMPT], 40, SamplingParams(), (), lambda i, t: None)
     assert time.monotonic() - t0 < 30
     assert_run_cleaned(sup)
 
@@ -192,7 +192,7 @@ def test_only_rank_0_writes_the_stats_page(tmp_path):
     reader = threading.Thread(target=watch)
     reader.start()
     try:
-        result = sup.run([PROMPT], 40, SamplingParams(), (), lambda t: None)
+        result = sup.run([PROMPT], 40, SamplingParams(), (), lambda i, t: None)
     finally:
         done.set()
         reader.join()
