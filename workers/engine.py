@@ -295,11 +295,11 @@ class Engine:
 
     def _propose(self, decoding: list[_Active]) -> list[DraftTree | None]:
         """Each decoding request's draft tree (None without a draft), of at most spec_tokens nodes,
-        never past its row's slots nor deeper than the tokens it may still emit."""
+        never past its row's slots (tokens past max_tokens are cut after the pass, so that the last
+        passes verify as many drafts as the first)."""
         if self.draft is None:
             return [None] * len(decoding)
-        limits = [min(self.draft.spec_tokens, self.max_context - a.cached - 1, a.req.max_tokens - a.generated - 1)
-                  if a.proposer is not None else -1 for a in decoding]
+        limits = [min(self.draft.spec_tokens, self.max_context - a.cached - 1) for a in decoding]
         trees: list = [None] * len(decoding)
         if not self.follower:
             asks = []

@@ -49,7 +49,7 @@ class RequestTap:
 
 
 def digest(value) -> str:
-    """A short hash of what a rank drew (every tensor-parallel rank must draw alike)."""
+    """A short hash of what a rank drew in a pass (every tensor-parallel rank must draw alike)."""
     return hashlib.sha256(json.dumps(value).encode()).hexdigest()[:16]
 
 
@@ -91,7 +91,6 @@ class RequestLoop:
         self.refused: list = []               # event rows of requests the engine refused at submit
         self.timeout = args.engine.wait_timeout_s
         self.figures = RunFigures()
-        self.outputs_digest = digest([])      # a chain over every pass's draws (generate's Finished)
 
     # --- generate: the prompts are the requests ------------------------------------------------
     def submit_prompts(self) -> None:
@@ -191,12 +190,11 @@ class RequestLoop:
         source.publish(force=True)
         if self.figures.after_pass(events):
             self.first_pass_done()
-        drawn = [[int(e.id), e.token, e.finish] for e in events]
-        self.outputs_digest = digest([self.outputs_digest, drawn])
         if self.args.rank == 1 and source.tokens == self.args.faults.rank_stops_after_tokens:
             os.kill(os.getpid(), signal.SIGSTOP)       # tests: a hung rank
         if self.tp is None:
             return True
+        drawn = [[int(e.id), e.token, e.finish] for e in events]
         differ = self.tp.disagreeing(int(digest(drawn), 16) >> 1, self.device)
         if differ and self.args.rank == 0:
             raise RingllmError(f"tensor parallel: rank(s) {differ} sampled other tokens than rank 0; the "
@@ -209,11 +207,9 @@ class RequestLoop:
         """Overridden by the GPU process to time its first pass."""
 
     def finished(self, stats: dict) -> None:
-        """A generate run's end: rank 0 reports the run's figures, every rank its digest."""
-        own = {"rank": self.args.rank, "outputs_digest": self.outputs_digest}
-        body = own
+        """A generate run's end: rank 0 reports the run's figures (the ranks agreed on every
+        pass), then every rank waits for the supervisor's Shutdown."""
         if self.args.rank == 0:
             spec = self.engine.spec.as_dict() if self.engine.spec is not None else None
-            body = {**self.figures.as_dict(), **stats, "speculation": spec, **own}
-        self.sup.send(Finished(body), timeout=self.timeout)
+            self.sup.send(Finished({**self.figures.as_dict(), **stats, "speculation": spec}), timeout=self.timeout)
         self.reader.shutdown.wait(timeout=self.timeout)
