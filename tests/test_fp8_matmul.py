@@ -152,7 +152,7 @@ def test_streaming_engine_asked_for_scaled_mm_on_cpu_dequantizes_with_one_line(t
     assert result.gpu_info["fp8_matmul"] == "dequant"
     model = Llama(layout.config, load_resident_weights(layout, torch.bfloat16, CPU),
                   ResidentSource(layout, torch.bfloat16, CPU), torch.bfloat16, CPU)
-    resident = generate(model, [prompt], 8, Sampler(SamplingParams(), CPU), (), lambda t: None, 256)
+    resident = generate(model, [prompt], 8, Sampler(SamplingParams(), CPU), (), lambda i, t: None, 256)
     assert result.outputs == resident and len(resident[0]) == 8
 
 

@@ -245,7 +245,7 @@ def test_ranks_that_sample_apart_stop_the_server_at_that_pass(tiny):
     from ringllm.supervisor.parallel import TensorParallelPlan
     from ringllm.supervisor.serving import EngineDown, ServedEngine
     from ringllm.supervisor.supervisor import Supervisor
-    from ringllm.workers.batching import BatchRequest
+    from ringllm.workers.engine import Request
     from ringllm.workers.sampling import SamplingParams
     from tests.test_streaming import assert_run_cleaned
 
@@ -257,7 +257,7 @@ def test_ranks_that_sample_apart_stop_the_server_at_that_pass(tiny):
         served = ServedEngine.start(sup, 2, 64)
         tokens = []
         try:
-            served.submit(BatchRequest("a", (5, 9, 17), 12, SamplingParams(temperature=1.0, seed=7)))
+            served.submit(Request("a", (5, 9, 17), 12, SamplingParams(temperature=1.0, seed=7)))
             deadline = time.monotonic() + 120
             while len(tokens) < 12 and time.monotonic() < deadline:
                 tokens += [e.token for e in served.step() if e.token is not None]

@@ -77,6 +77,17 @@ def planned_shape(args: GpuArgs) -> tuple[int, int, int]:
     return len(args.prompts), slots, min(longest, PREFILL_CHUNK)
 
 
+def planned_passes(args: GpuArgs) -> int | None:
+    """The most passes a generate run takes (None: serve, no end): its prompts' prefill (a shared
+    budget of PREFILL_CHUNK tokens a pass) gives each its first token, then one pass per further
+    token. An EOS or accepted drafts end it sooner. The scheduler copies nothing past it."""
+    from ringllm.workers.memory_plan import PREFILL_CHUNK
+
+    if args.serve is not None:
+        return None
+    return -(-sum(map(len, args.prompts)) // PREFILL_CHUNK) + args.max_new_tokens - 1
+
+
 def resident_layer_count(args: GpuArgs, device_type: str, free_bytes: int | None) -> int:
     """GPU_RESIDENT_LAYERS, or with -1 (auto) as many layers as fit (memory_plan.planned_resident_layers)."""
     from ringllm.workers.memory_plan import planned_resident_layers, serve_pass_tokens
@@ -244,7 +255,7 @@ class GpuProcess:
         self.source = StreamingSource(args.layout, list(args.plans), args.engine, self.ring, self.ring_tensor,
                                       self.device, self.coord, self.reader, resident=self.resident_groups,
                                       chaos=args.faults.chaos, stats_page=page, registrar=self.registrar,
-                                      rank=args.rank)
+                                      passes=planned_passes(args), rank=args.rank)
         model = Llama(args.layout.config, self.resident, self.source, self.dtype, self.device, self.fp8_matmul,
                       tp=self.tp)
         rows, context, _ = planned_shape(args)

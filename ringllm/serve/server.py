@@ -20,7 +20,7 @@ API_KEY_ENV = "RINGLLM_API_KEY"
 CONTROL_CONNECTIONS = 64
 
 
-def load_engine(layout, device_type: str, dtype_name: str, max_batch: int, max_context: int, sampling):
+def load_engine(layout, device_type: str, dtype_name: str, max_batch: int, max_context: int, sampling=None):
     """The in-process engine over the resident model (as `ringllm generate --resident` builds it):
     workers.engine.Engine over --max-batch KV rows, with the server's draft if any."""
     from ringllm.workers.engine import Engine
