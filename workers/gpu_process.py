@@ -19,7 +19,6 @@ from ringllm.shm.ring import Ring
 from ringllm.shm.stats import StatsPage
 from ringllm.workers.process_setup import apply_torch_threads, child_start, sigterm_deferred, stop_requested
 from ringllm.workers.registrar import SlotRegistrar
-from ringllm.workers.request_loop import RequestTap
 
 log = logging.getLogger("ringllm.gpu")
 
@@ -141,6 +140,7 @@ class GpuProcess:
     def __init__(self, args: GpuArgs, torch_threads: int):
         import torch
 
+        from ringllm.workers.request_loop import RequestTap
         from ringllm.workers.streaming import InboxReader
 
         self.args, self.torch = args, torch
