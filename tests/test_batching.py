@@ -1,4 +1,4 @@
-"""Continuous batching (workers.batching): requests that join and leave a running batch produce
+"""Continuous batching (workers.engine): requests that join and leave a running batch produce
 the tokens transformers gives each prompt alone (float32), each step is one weight pass, a
 cancelled request frees its row, finish reasons, per-request seeded sampling, the context limit."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ringllm.checkpoint.errors import RingllmError
-from ringllm.workers.batching import BatchEngine, BatchRequest
+from ringllm.workers.engine import Engine, Request
 from ringllm.workers.generation import Sampler, generate
 from ringllm.workers.sampling import SamplingParams
 from tests.conftest import hf_greedy_cached, make_hf_checkpoint
@@ -31,14 +31,14 @@ def random_prompts(lengths, seed=0) -> list[tuple[int, ...]]:
     return [tuple(torch.randint(3, 128, (n,), generator=g).tolist()) for n in lengths]
 
 
-def poison(engine: BatchEngine) -> None:
+def poison(engine: Engine) -> None:
     """Garbage in every KV slot: a row that reads a slot it did not write changes its tokens."""
     g = torch.Generator().manual_seed(9)
     for t in (engine.cache.k, engine.cache.v):
         t.copy_(torch.randn(t.shape, generator=g) * 30)
 
 
-def run(engine: BatchEngine, schedule: dict[int, list[BatchRequest]], cancels: dict[int, list[str]] = {},
+def run(engine: Engine, schedule: dict[int, list[Request]], cancels: dict[int, list[str]] = {},
         max_steps: int = 500):
     """Submit schedule[step] (and cancel cancels[step]) before step `step`; step until idle.
     Returns ({id: tokens}, {id: finish event}, [events per step])."""
@@ -65,16 +65,16 @@ def run(engine: BatchEngine, schedule: dict[int, list[BatchRequest]], cancels: d
 def staggered_schedule(prompts, max_tokens):
     """Requests joining at different steps: some while others decode, one before a row is free."""
     at = [0, 0, 2, 3, 5, 6][:len(prompts)]
-    schedule: dict[int, list[BatchRequest]] = {}
+    schedule: dict[int, list[Request]] = {}
     for i, (p, step) in enumerate(zip(prompts, at)):
-        schedule.setdefault(step, []).append(BatchRequest(f"r{i}", p, max_tokens, GREEDY))
+        schedule.setdefault(step, []).append(Request(f"r{i}", p, max_tokens, GREEDY))
     return schedule
 
 
 def test_concurrent_equals_alone_tiny(tiny):
     hf, model = tiny
     prompts = random_prompts([5, 37, 3, 11, 1, 20])     # 37 needs 3 chunks of 16, 20 needs 2
-    engine = BatchEngine(model, max_batch=4, max_context=64, prefill_chunk=16)
+    engine = Engine(model, max_batch=4, max_context=64, prefill_chunk=16)
     poison(engine)
     tokens, finished, per_step = run(engine, staggered_schedule(prompts, 12))
     for i, p in enumerate(prompts):
@@ -98,7 +98,7 @@ def test_concurrent_equals_alone_smollm2(demo_model_dir):
              "Water boils at"]
     prompts = [tuple(tok(t)["input_ids"]) for t in texts]
     assert len(prompts[1]) > 2 * 12, "the long prompt must need 3 chunks"
-    engine = BatchEngine(ringllm_model(demo_model_dir), max_batch=3, max_context=96, prefill_chunk=12)
+    engine = Engine(ringllm_model(demo_model_dir), max_batch=3, max_context=96, prefill_chunk=12)
     tokens, _, _ = run(engine, staggered_schedule(prompts, 8))
     for i, p in enumerate(prompts):
         assert tokens[f"r{i}"] == hf_greedy_cached(hf, list(p), 8), f"{texts[i]!r} differs from alone"
@@ -127,7 +127,7 @@ def test_one_pass_advances_every_request(tiny):
     counting = CountingSource(model.weights)
     model.weights = counting
     try:
-        engine = BatchEngine(model, max_batch=4, max_context=64, prefill_chunk=8)
+        engine = Engine(model, max_batch=4, max_context=64, prefill_chunk=8)
         prompts = random_prompts([4, 20, 6, 2], seed=1)
         schedule = staggered_schedule(prompts, 6)
         step, widest, expected = 0, 0, {(layer, kind): 1 for layer in range(model.cfg.num_layers)
@@ -149,9 +149,9 @@ def test_one_pass_advances_every_request(tiny):
 def test_cancel_frees_its_row_for_an_exact_newcomer(tiny):
     hf, model = tiny
     a, b, c, w = random_prompts([6, 9, 14, 5], seed=2)
-    engine = BatchEngine(model, max_batch=2, max_context=64, prefill_chunk=8)
+    engine = Engine(model, max_batch=2, max_context=64, prefill_chunk=8)
     for rid, p in (("a", a), ("b", b), ("w", w)):
-        engine.submit(BatchRequest(rid, p, 20, GREEDY))
+        engine.submit(Request(rid, p, 20, GREEDY))
     for _ in range(4):
         engine.step()
     assert (engine.running, engine.free_rows, engine.waiting) == (2, 0, 1)
@@ -164,7 +164,7 @@ def test_cancel_frees_its_row_for_an_exact_newcomer(tiny):
     # second pass, then one a pass
     assert cancelled["a"].prompt_tokens == 6 and cancelled["a"].completion_tokens == 3
     assert (engine.running, engine.free_rows, engine.waiting) == (1, 1, 0), "the cancelled row was not freed"
-    tokens, finished, _ = run(engine, {0: [BatchRequest("c", c, 10, GREEDY)]})
+    tokens, finished, _ = run(engine, {0: [Request("c", c, 10, GREEDY)]})
     assert tokens["c"] == hf_greedy_cached(hf, list(c), 10), "the request in the reused row differs from alone"
     assert finished["b"].finish == "length" and finished["b"].completion_tokens == 20
     assert engine.free_rows == 2 and engine.idle()
@@ -178,9 +178,9 @@ def test_finish_reasons(tiny):
     ref = hf_greedy_cached(hf, list(p), 10)
     stop_at = next(i for i in range(2, 10) if ref[i] not in ref[:i])    # EOS first seen mid-way
     eos = ref[stop_at]
-    engine = BatchEngine(model, max_batch=2, max_context=64)
-    tokens, finished, _ = run(engine, {0: [BatchRequest("eos", p, 10, GREEDY, eos_ids=(eos, 127)),
-                                           BatchRequest("len", q, 5, GREEDY)]})
+    engine = Engine(model, max_batch=2, max_context=64)
+    tokens, finished, _ = run(engine, {0: [Request("eos", p, 10, GREEDY, eos_ids=(eos, 127)),
+                                           Request("len", q, 5, GREEDY)]})
     assert tokens["eos"] == ref[:stop_at + 1]
     assert finished["eos"].finish == "stop" and finished["eos"].token == eos
     assert (finished["eos"].prompt_tokens, finished["eos"].completion_tokens) == (7, stop_at + 1)
@@ -193,11 +193,11 @@ def test_seeded_sampling_is_independent_of_the_batch(tiny):
     p, others = random_prompts([9], seed=5)[0], random_prompts([3, 12, 6], seed=6)
     params = SamplingParams(temperature=1.5, top_k=50, seed=1234)
     alone = generate(model, [list(p)], 16, Sampler(params, model.device), eos_ids=())[0]
-    engine = BatchEngine(model, max_batch=4, max_context=64, prefill_chunk=8)
-    schedule = {0: [BatchRequest("x0", others[0], 16, SamplingParams(temperature=1.5, seed=1)),
-                    BatchRequest("x1", others[1], 16, SamplingParams(temperature=1.5, seed=1234))],
-                2: [BatchRequest("s", p, 16, params)],
-                3: [BatchRequest("x2", others[2], 16, GREEDY)]}
+    engine = Engine(model, max_batch=4, max_context=64, prefill_chunk=8)
+    schedule = {0: [Request("x0", others[0], 16, SamplingParams(temperature=1.5, seed=1)),
+                    Request("x1", others[1], 16, SamplingParams(temperature=1.5, seed=1234))],
+                2: [Request("s", p, 16, params)],
+                3: [Request("x2", others[2], 16, GREEDY)]}
     tokens, _, _ = run(engine, schedule)
     assert tokens["s"] == alone, "a seeded request drew other tokens in a batch than alone"
     other = generate(model, [list(p)], 16, Sampler(SamplingParams(temperature=1.5, top_k=50, seed=99),
@@ -207,14 +207,14 @@ def test_seeded_sampling_is_independent_of_the_batch(tiny):
 
 def test_over_context_is_refused(tiny):
     _, model = tiny
-    engine = BatchEngine(model, max_batch=1, max_context=32)
+    engine = Engine(model, max_batch=1, max_context=32)
     with pytest.raises(RingllmError, match=r"^request big: prompt of 30 tokens \+ max_tokens 3 = 33 "
                                            r"exceeds max_context 32$"):
-        engine.submit(BatchRequest("big", tuple(range(3, 33)), 3, GREEDY))
-    engine.submit(BatchRequest("fits", tuple(range(3, 33)), 2, GREEDY))     # exactly 32: accepted
+        engine.submit(Request("big", tuple(range(3, 33)), 3, GREEDY))
+    engine.submit(Request("fits", tuple(range(3, 33)), 2, GREEDY))     # exactly 32: accepted
     assert engine.waiting == 1
     with pytest.raises(RingllmError, match="max_context 300 exceeds the model's context of 256"):
-        BatchEngine(model, max_batch=1, max_context=300)
+        Engine(model, max_batch=1, max_context=300)
 
 
 def test_submit_and_cancel_from_another_thread(tiny):
@@ -223,14 +223,14 @@ def test_submit_and_cancel_from_another_thread(tiny):
 
     hf, model = tiny
     prompts = random_prompts([3, 8, 17, 5, 2, 11], seed=7)
-    engine = BatchEngine(model, max_batch=3, max_context=64, prefill_chunk=8)
+    engine = Engine(model, max_batch=3, max_context=64, prefill_chunk=8)
     tokens, finished = {}, {}
 
     def client():
         for i, p in enumerate(prompts):
-            engine.submit(BatchRequest(f"t{i}", p, 6, GREEDY))
+            engine.submit(Request(f"t{i}", p, 6, GREEDY))
             time.sleep(0.002)
-        engine.submit(BatchRequest("gone", prompts[0], 40, GREEDY))
+        engine.submit(Request("gone", prompts[0], 40, GREEDY))
         engine.cancel("gone")
 
     thread = threading.Thread(target=client)
@@ -256,10 +256,10 @@ def test_a_long_prompt_does_not_starve_newcomers(tiny):
     makes (uneven, changing every pass) leave every request's tokens equal to transformers' alone."""
     hf, model = tiny
     long, short, other = random_prompts([200, 3, 8], seed=8)
-    engine = BatchEngine(model, max_batch=3, max_context=256, prefill_chunk=16)
-    schedule = {0: [BatchRequest("long", long, 4, GREEDY)],
-                1: [BatchRequest("short", short, 4, GREEDY)],
-                3: [BatchRequest("other", other, 4, GREEDY)]}
+    engine = Engine(model, max_batch=3, max_context=256, prefill_chunk=16)
+    schedule = {0: [Request("long", long, 4, GREEDY)],
+                1: [Request("short", short, 4, GREEDY)],
+                3: [Request("other", other, 4, GREEDY)]}
     tokens, finished, per_step = run(engine, schedule)
     first = {rid: next(s for s, events in enumerate(per_step) if any(e.id == rid for e in events))
              for rid in schedule_ids(schedule)}
@@ -279,8 +279,8 @@ def test_prefill_budget_smaller_than_the_prompts_waiting(tiny):
     none waits for the others' prompts; the tokens equal transformers' alone."""
     hf, model = tiny
     prompts = random_prompts([7, 5, 6], seed=10)
-    engine = BatchEngine(model, max_batch=3, max_context=64, prefill_chunk=2)
-    tokens, _, per_step = run(engine, {0: [BatchRequest(f"p{i}", p, 3, GREEDY) for i, p in enumerate(prompts)]})
+    engine = Engine(model, max_batch=3, max_context=64, prefill_chunk=2)
+    tokens, _, per_step = run(engine, {0: [Request(f"p{i}", p, 3, GREEDY) for i, p in enumerate(prompts)]})
     first = {f"p{i}": next(s for s, events in enumerate(per_step) if any(e.id == f"p{i}" for e in events))
              for i in range(3)}
     assert first == {"p0": 6, "p1": 4, "p2": 5}, first    # one token a pass each: the prompt's length - 1
@@ -288,5 +288,5 @@ def test_prefill_budget_smaller_than_the_prompts_waiting(tiny):
         assert tokens[f"p{i}"] == hf_greedy_cached(hf, list(p), 3), f"p{i} differs from alone"
 
 
-def schedule_ids(schedule: dict[int, list[BatchRequest]]) -> list[str]:
+def schedule_ids(schedule: dict[int, list[Request]]) -> list[str]:
     return [req.id for reqs in schedule.values() for req in reqs]

@@ -16,7 +16,7 @@ from ringllm.checkpoint.layout import load_layout
 from ringllm.config import GIB, build_config
 from ringllm.supervisor.startup import resident_estimate
 from ringllm.tools.make_checkpoint import make_checkpoint
-from ringllm.workers.batching import BatchEngine, BatchRequest
+from ringllm.workers.engine import Engine, Request
 from ringllm.workers.gpu_process import GpuArgs, resident_layer_count
 from ringllm.workers.memory_plan import WORKSPACE_SLACK, layers_that_fit, plan_gpu_memory, serve_pass_tokens
 from ringllm.workers.sampling import SamplingParams
@@ -119,12 +119,12 @@ def run_measured_passes(tmp_path):
     batch, context, chunk = 4, 128, 32
     plan = plan_gpu_memory(layout, build_config(), batch, context, "float32", embed_on_host=False,
                            pass_tokens=serve_pass_tokens(batch, context, chunk))
-    engine = BatchEngine(ringllm_model(d), batch, context, prefill_chunk=chunk)
+    engine = Engine(ringllm_model(d), batch, context, prefill_chunk=chunk)
     g = torch.Generator().manual_seed(2)
     prompts = [tuple(torch.randint(3, 128, (n,), generator=g).tolist()) for n in (100, 101, 102, 120)]
     peaks = []
     for i, p in enumerate(prompts):
-        engine.submit(BatchRequest(f"r{i}", p, context - len(p), SamplingParams()))
+        engine.submit(Request(f"r{i}", p, context - len(p), SamplingParams()))
     while not engine.idle():
         with PeakCpuBytes() as measured:
             engine.step()

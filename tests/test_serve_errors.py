@@ -263,7 +263,7 @@ def test_a_cancel_that_could_not_be_sent_is_sent_by_the_drain(tiny):
     from ringllm.serve.runner import EngineRunner
     from ringllm.serve.server import load_engine
     from ringllm.checkpoint.layout import load_layout
-    from ringllm.workers.batching import BatchRequest
+    from ringllm.workers.engine import Request
     from ringllm.workers.sampling import SamplingParams
 
     engine, _ = load_engine(load_layout(tiny[0]), "cpu", "float32", 1, 256)
@@ -272,7 +272,7 @@ def test_a_cancel_that_could_not_be_sent_is_sent_by_the_drain(tiny):
     runner.start()
 
     async def scenario():
-        queue = runner.submit(BatchRequest("r", (5, 6), 250, SamplingParams()))
+        queue = runner.submit(Request("r", (5, 6), 250, SamplingParams()))
         await queue.get()
         runner.cancel("r")      # not sent: must not count as sent
         cancelled = await asyncio.to_thread(runner.drain, 0.0)
