@@ -9,10 +9,9 @@ import json
 import pytest
 import torch
 
-from ringllm.workers import spec_decode
+from ringllm.workers.drafts import DraftModel, verify_segment
 from ringllm.workers.generation import Sampler, generate
-from ringllm.workers.model import KVCache
-from ringllm.workers.spec_decode import tree_attend
+from ringllm.workers.model import NO_LOGITS, KVCache, Segment
 from ringllm.workers.speculation import DraftParams, DraftTree, SpecStats, SpeculativeSampling
 from tests.conftest import hf_greedy_cached, make_hf_checkpoint, make_model_dir, write_tokenizer
 from tests.test_speculation import generate_with_poisoned_cache, resident_model, ringllm
@@ -40,14 +39,10 @@ def test_one_pass_gives_each_node_the_logits_of_its_own_path(tiny_checkpoint):
     model = resident_model(d)
     prompt = [5, 17, 2, 40, 8, 99, 23]
     tree = DraftTree((11, 12, 13, 14, 15, 16, 17), (-1, -1, 0, 0, 2, 1, 5))
-    slots = 32
-    cache = KVCache(model.cfg, 1, slots, model.dtype, CPU)
-    key_valid = torch.ones(1, slots, dtype=torch.bool)
-    model.forward(torch.tensor([prompt[:-1]]), torch.arange(len(prompt) - 1)[None], cache, 0, key_valid)
+    cache = KVCache(model.cfg, 1, 32, model.dtype, CPU)
+    model.forward(cache, [Segment(0, prompt[:-1], 0, logits=NO_LOGITS)])
     start = len(prompt) - 1          # the root: the last prompt token
-    positions = (start + torch.tensor([0, *tree.depths()]))[None]
-    logits = model.forward(torch.tensor([[prompt[-1], *tree.tokens]]), positions, cache, start, key_valid,
-                           all_logits=True, attend=tree_attend(tree, CPU))[0]
+    logits = model.forward(cache, [verify_segment(0, prompt[-1], start, tree)])
     with torch.no_grad():
         for node in range(-1, len(tree)):
             want = hf(torch.tensor([prompt + path_to(tree, node)])).logits[0, -1]
@@ -175,10 +170,10 @@ def test_draft_model_tree_holds_the_likeliest_continuations(tmp_path):
     hf = make_hf_checkpoint(d, initializer_range=0.5)
     prompt, limit = [5, 17, 2, 40, 8, 99, 23], 8
     seq = list(prompt)
-    proposer = spec_decode.DraftModelProposer(resident_model(d), seq, 64)
+    draft = DraftModel(resident_model(d), 1, 64)
     shapes = []                            # (depth, root children) per tree
     for step in range(3):                  # the second and third proposals catch up on 1 and 2 tokens
-        tree = proposer.propose(limit)
+        tree = draft.propose([(0, seq, limit, 1.0)])[0]
         heap, popped = [], []
         with torch.no_grad():
             def push(path, base):

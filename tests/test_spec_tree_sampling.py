@@ -1,5 +1,5 @@
 """Sampling with a draft keeps the target's distribution (issue #14): many seeded draws of the first
-3 tokens, decoded with draft trees (prompt lookup, and a draft model), pass a chi-square test
+3 tokens, decoded with draft trees (prompt lookup, and a draft model; 4 requests in every pass), pass a chi-square test
 against the exact joint distribution that sampling without a draft has (transformers' logits,
 processed by temperature/top-k/top-p written out here); sampling without a draft passes the same
 test (the reference is right), and a planted bug (a child accepted without its draw) fails it."""
@@ -11,7 +11,8 @@ from collections import Counter
 import pytest
 import torch
 
-from ringllm.workers import spec_decode
+from ringllm.workers import engine as engine_module
+from ringllm.workers.drafts import DraftModel
 from ringllm.workers.generation import Sampler, generate
 from ringllm.workers.sampling import SamplingParams
 from ringllm.workers.speculation import DraftParams, SpecStats, SpeculativeSampling
@@ -107,14 +108,18 @@ def tiny(tmp_path_factory):
     torch.set_num_threads(threads)
 
 
+BATCH = 4          # requests in one engine: every pass carries 4 requests' trees
+
+
 def draws_with(model, prompt, draft: str, draws: int = DRAWS, stats: SpecStats | None = None) -> Counter:
-    """`draws` generations of NEW_TOKENS tokens, seeds 0.., with the draft."""
+    """`draws` generations of NEW_TOKENS tokens, seeds 0.., with the draft, BATCH requests at a
+    time in one engine (generate seeds prompt i with seed + i)."""
     params = dict(temperature=TEMPERATURE, top_k=TOP_K, top_p=TOP_P)
     counts = Counter()
-    for seed in range(draws):
+    for seed in range(0, draws, BATCH):
         sampling = SpeculativeSampling(**params, seed=seed, draft=DraftParams(draft, spec_tokens=4))
-        counts[tuple(generate(model, [prompt], NEW_TOKENS, Sampler(sampling, CPU), eos_ids=[],
-                              spec_stats=stats)[0])] += 1
+        counts.update(map(tuple, generate(model, [prompt] * BATCH, NEW_TOKENS, Sampler(sampling, CPU), eos_ids=[],
+                                          spec_stats=stats)))
     return counts
 
 
@@ -133,9 +138,8 @@ def draft_loaded_once(tiny, monkeypatch):
     """The draft model's directory; generate() loads it once, not once per draw (the fast path)."""
     draft_dir = tiny[0].parent / "draft"
     draft = resident_model(draft_dir)
-    monkeypatch.setattr(spec_decode.DraftModelProposer, "load",
-                        lambda _dir, seq, max_seq, spec_tokens, rank_temperature, *_: spec_decode.DraftModelProposer(
-                            draft, seq, max_seq + spec_tokens, rank_temperature))
+    monkeypatch.setattr(DraftModel, "load", classmethod(
+        lambda cls, _dir, rows, max_context, spec_tokens, *_: cls(draft, rows, max_context + spec_tokens)))
     return draft_dir
 
 
@@ -154,7 +158,7 @@ def test_a_child_accepted_without_its_draw_fails_the_test(tiny, draft_loaded_onc
     """The planted bug: the walk moves to the first child whether the draw carries it or not
     (drafts accepted as if greedy). The same test must reject it."""
     d, model, prompt, joint = tiny
-    walk = spec_decode.walk_tree
+    walk = engine_module.walk_tree
 
     def first_child_taken(tree, target):
         first = {p: i + 1 for i, p in reversed(list(enumerate(tree.parents)))}     # parent -> first child
@@ -163,7 +167,7 @@ def test_a_child_accepted_without_its_draw_fails_the_test(tiny, draft_loaded_onc
             forced[at + 1] = tree.tokens[child - 1]
         return walk(tree, forced)
 
-    monkeypatch.setattr(spec_decode, "walk_tree", first_child_taken)
+    monkeypatch.setattr(engine_module, "walk_tree", first_child_taken)
     p = chi_square_p(draws_with(model, prompt, str(draft_loaded_once), draws=DRAWS // 4), joint)
     assert p < P_FAIL, f"the planted bug passed: chi-square p = {p:.2e}"
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ringllm.checkpoint.layout import load_layout
-from ringllm.workers import spec_decode
+from ringllm.workers import engine as engine_module
 from ringllm.workers.generation import Sampler, generate
 from ringllm.workers.model import Llama
 from ringllm.workers.resident import ResidentSource, load_resident_weights
@@ -107,25 +107,27 @@ class CorruptedReference:
 def generate_with_poisoned_cache(tiny_checkpoint, monkeypatch, proposer, sampling, check_verify_pass):
     """30 tokens of POISON_PROMPT on the resident engine with `proposer` in the n-gram proposer's
     place (its .reference set to transformers' greedy continuation first). Before every forward,
-    every cache slot from its start on (never written, or holding a rejected draft of an earlier
-    pass) is set to NaN, and the logits must stay finite: one read of such a slot, even a masked
-    one inside the attended range, makes them NaN. After each verify pass (all_logits),
-    check_verify_pass(tokens, logits, start, n) compares them with transformers (n: the verify
-    passes checked before). Returns (tokens, SpecStats, the checked verify passes' start slots)."""
+    every cache slot of the row from the segment's start on (never written, or holding a rejected
+    draft of an earlier pass) is set to NaN, and the logits must stay finite: one read of such a
+    slot, even a masked one inside the attended range, makes them NaN. After each verify pass (a
+    decode pass: the prompt's is at slot 0), check_verify_pass(tokens [1, T], logits [1, T, V],
+    start, n) compares them with transformers (n: the verify passes checked before). Returns
+    (tokens, SpecStats, the checked verify passes' start slots)."""
     d, hf = tiny_checkpoint
     model = resident_model(d)
     proposer.reference = hf_greedy_cached(hf, POISON_PROMPT, 30)
-    monkeypatch.setattr(spec_decode, "NgramProposer", proposer)
+    monkeypatch.setattr(engine_module, "NgramProposer", proposer)
     forward, checked = model.forward, []
 
-    def checked_forward(tokens, positions, cache, start, key_valid, all_logits=False, attend=None):
-        cache.k[:, :, :, start:] = float("nan")
-        cache.v[:, :, :, start:] = float("nan")
-        logits = forward(tokens, positions, cache, start, key_valid, all_logits, attend)
-        assert torch.isfinite(logits).all(), f"NaN logits in the pass at slot {start}: a poisoned slot was read"
-        if all_logits:
-            check_verify_pass(tokens, logits, start, len(checked))
-            checked.append(start)
+    def checked_forward(cache, segments):
+        (seg,) = segments                  # one request: one segment a pass
+        cache.k[:, seg.row, :, seg.start:] = float("nan")
+        cache.v[:, seg.row, :, seg.start:] = float("nan")
+        logits = forward(cache, segments)
+        assert torch.isfinite(logits).all(), f"NaN logits in the pass at slot {seg.start}: a poisoned slot was read"
+        if seg.start > 0:
+            check_verify_pass(torch.tensor([list(seg.tokens)]), logits[None], seg.start, len(checked))
+            checked.append(seg.start)
         return logits
 
     model.forward = checked_forward
@@ -189,7 +191,7 @@ def test_last_passes_verify_full_drafts_and_the_surplus_is_cut(tiny_checkpoint):
     stats = SpecStats()
     params = SpeculativeSampling(draft=DraftParams("ngram", spec_tokens=8))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(spec_decode, "NgramProposer", Oracle)
+        mp.setattr(engine_module, "NgramProposer", Oracle)
         got = generate(model, [prompt], 12, Sampler(params, CPU), eos_ids=[], spec_stats=stats)[0]
     assert got == reference[:12]
     # the prefill gives token 1; pass 1 verifies 8 drafts and yields 9 (tokens 2..10); pass 2 still
@@ -221,7 +223,6 @@ def test_cli_ngram_matches_plain_greedy_streaming_and_resident(tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--prompt", "w1 w2"], "--draft ngram with 2 prompts: speculative decoding takes one prompt at a time"),
     (["--spec-tokens", "0"], "--spec-tokens must be >= 1, got 0"),
 ])
 def test_refusals(tmp_path, extra, message):

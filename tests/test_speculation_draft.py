@@ -82,7 +82,7 @@ def test_refuses_a_draft_with_a_shorter_context(tiny_checkpoint, tmp_path):
     d, _ = tiny_checkpoint
     draft_dir = tmp_path / "short"
     make_model_dir(draft_dir, max_position_embeddings=32)
-    with pytest.raises(RingllmError, match=r"exceed the draft's context of 32 tokens"):
+    with pytest.raises(RingllmError, match=r"exceeds the draft's 32 \(max_position_embeddings\)"):
         generate(resident_model(d), [[3, 9, 14]], 40, Sampler(with_draft(draft_dir), CPU), eos_ids=[])
 
 
