@@ -99,8 +99,9 @@ def compare(ref: NextTokenScores, test: NextTokenScores) -> Quality:
 def ringllm_scores(model_dir: Path, windows, dtype=torch.float32, fp8_matmul: str = "dequant") -> NextTokenScores:
     """ringllm's resident engine (float32 compute unless told), all logits of each window."""
     from ringllm.checkpoint.layout import load_layout
-    from ringllm.workers.model import KVCache, Llama
+    from ringllm.workers.model import Llama
     from ringllm.workers.resident import ResidentSource, load_resident_weights
+    from tests.test_model_vs_transformers import full_logits
 
     layout = load_layout(model_dir)
     model = Llama(layout.config, load_resident_weights(layout, dtype, CPU),
@@ -108,10 +109,7 @@ def ringllm_scores(model_dir: Path, windows, dtype=torch.float32, fp8_matmul: st
     logits = []
     with torch.no_grad():
         for tokens in windows:
-            T = len(tokens)
-            cache = KVCache(model.cfg, 1, T, model.dtype, CPU)
-            logits.append(model.forward(tokens[None], torch.arange(T)[None], cache, 0,
-                                        torch.ones(1, T, dtype=torch.bool), all_logits=True)[0])
+            logits.append(full_logits(model, tokens[None])[0])
     return NextTokenScores.of(logits, windows)
 
 

@@ -63,16 +63,14 @@ def hf_dequantized(model_dir: Path):
 
 def ringllm_logits(model_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
     from ringllm.checkpoint.layout import load_layout
-    from ringllm.workers.model import KVCache, Llama
+    from ringllm.workers.model import Llama
     from ringllm.workers.resident import ResidentSource, load_resident_weights
+    from tests.test_model_vs_transformers import full_logits
 
     layout = load_layout(model_dir)
     model = Llama(layout.config, load_resident_weights(layout, torch.float32, CPU),
                   ResidentSource(layout, torch.float32, CPU), torch.float32, CPU)
-    B, T = tokens.shape
-    with torch.no_grad():
-        return model.forward(tokens, torch.arange(T)[None].expand(B, T), KVCache(model.cfg, B, T, model.dtype, CPU),
-                             0, torch.ones(B, T, dtype=torch.bool), all_logits=True)
+    return full_logits(model, tokens)
 
 
 def make_fp8(kind: str, src: Path, dst: Path) -> Path:

@@ -77,11 +77,10 @@ def test_scaled_mm_logits_match_dequant_and_transformers(tiny_fp8_dir):
     # lacks it: carry its wheel, with pydantic's and loguru's, to run this there)
     pytest.importorskip("compressed_tensors", reason="transformers' FP8 reference needs compressed-tensors")
     from ringllm.checkpoint.layout import load_layout
-    from ringllm.workers.model import KVCache
     from ringllm.workers.quantized import choose_fp8_matmul
     from tests.test_fp8_engine import transformers_fp8
     from tests.test_fp8_matmul import SCALED_MM_LOGITS_TOL
-    from tests.test_model_vs_transformers import rel_err
+    from tests.test_model_vs_transformers import full_logits, rel_err
 
     assert choose_fp8_matmul("scaled_mm", load_layout(tiny_fp8_dir), torch.device("cuda"), torch.bfloat16) == "scaled_mm"
     tokens = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(7))
@@ -89,11 +88,7 @@ def test_scaled_mm_logits_match_dequant_and_transformers(tiny_fp8_dir):
         ref = transformers_fp8(tiny_fp8_dir)(tokens).logits
 
     def logits(way):
-        model, (B, T) = _cuda_model(tiny_fp8_dir, way), tokens.shape
-        cache = KVCache(model.cfg, B, T, torch.bfloat16, model.device)
-        pos = torch.arange(T, device=model.device)[None].expand(B, T)
-        return model.forward(tokens.cuda(), pos, cache, 0, torch.ones(B, T, dtype=torch.bool, device=model.device),
-                             all_logits=True).cpu()
+        return full_logits(_cuda_model(tiny_fp8_dir, way), tokens).cpu()
     dequant, scaled = logits("dequant"), logits("scaled_mm")
     assert rel_err(dequant, ref) < 0.02
     assert rel_err(scaled, ref) < SCALED_MM_LOGITS_TOL

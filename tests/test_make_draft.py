@@ -30,17 +30,15 @@ def truncated_reference(src, layers: int):
 
 def ringllm_logits(model_dir, tokens):
     from ringllm.checkpoint.layout import load_layout
-    from ringllm.workers.model import KVCache, Llama
+    from ringllm.workers.model import Llama
     from ringllm.workers.resident import ResidentSource, load_resident_weights
+    from tests.test_model_vs_transformers import full_logits
 
     cpu, dtype = torch.device("cpu"), torch.float32
     layout = load_layout(model_dir)
     model = Llama(layout.config, load_resident_weights(layout, dtype, cpu), ResidentSource(layout, dtype, cpu),
                   dtype, cpu)
-    B, T = tokens.shape
-    cache = KVCache(model.cfg, B, T, dtype, cpu)
-    positions = torch.arange(T)[None].expand(B, T)
-    return model.forward(tokens, positions, cache, 0, torch.ones(B, T, dtype=torch.bool), all_logits=True)
+    return full_logits(model, tokens)
 
 
 @pytest.mark.parametrize("layers,tied,shard", [(1, False, None), (3, True, None), (2, False, "40KB")])

@@ -169,8 +169,9 @@ STEPS = 8
 
 def _rank_main(rank: int, world: int, port: int, model_dir: str, out_dir: str) -> None:
     """One rank: its shard's weights (the resident loaders), Llama.forward on PROMPT (all logits),
-    greedy decode, and the same greedy decode through SegmentPass (chunked prefill + decode rows)."""
-    from ringllm.workers.model import DecodeRows, KVCache, Llama, PrefillChunk, SegmentPass
+    greedy decode, and the same greedy decode as the engine runs it: two rows, one prefilled whole
+    and one in chunks in the same pass, then decoded together (the batched attention)."""
+    from ringllm.workers.model import ALL, NO_LOGITS, KVCache, Llama, Segment
     from ringllm.workers.resident import ResidentSource, load_resident_weights
     from ringllm.workers.tensor_parallel import TensorParallel, close_distributed, init_distributed
 
@@ -186,18 +187,21 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, out_dir: str) -
 
         T = len(PROMPT)
         cache = KVCache(cfg, 1, T + STEPS, f32, CPU)
-        valid = torch.ones(1, T + STEPS, dtype=torch.bool)
-        logits = model.forward(torch.tensor([PROMPT]), torch.arange(T)[None], cache, 0, valid, all_logits=True)
+        logits = model.forward(cache, [Segment(0, PROMPT, 0, logits=ALL)])[None]     # [1, T, V]
         tokens = [int(logits[0, -1].argmax())]
         for pos in range(T, T + STEPS - 1):
-            step = model.forward(torch.tensor([[tokens[-1]]]), torch.tensor([[pos]]), cache, pos, valid)
+            step = model.forward(cache, [Segment(0, [tokens[-1]], pos)])
             tokens.append(int(step[0].argmax()))
 
-        seg, cache = SegmentPass(model), KVCache(cfg, 2, T + STEPS, f32, CPU)
-        seg.forward(cache, None, [PrefillChunk(1, PROMPT[:4], 0, False)])
-        seg_tokens = [int(seg.forward(cache, None, [PrefillChunk(1, PROMPT[4:], 4, True)])[0].argmax())]
+        cache = KVCache(cfg, 2, T + STEPS, f32, CPU)
+        first = model.forward(cache, [Segment(0, PROMPT, 0), Segment(1, PROMPT[:4], 0, logits=NO_LOGITS)])
+        rows = [[int(first[0].argmax())], [int(model.forward(cache, [Segment(1, PROMPT[4:], 4)])[0].argmax())]]
         for pos in range(T, T + STEPS - 1):
-            seg_tokens.append(int(seg.forward(cache, DecodeRows([1], [seg_tokens[-1]], [pos]), [])[0].argmax()))
+            step = model.forward(cache, [Segment(r, [rows[r][-1]], pos) for r in (0, 1)])
+            for r in (0, 1):
+                rows[r].append(int(step[r].argmax()))
+        assert rows[0] == rows[1], "the two rows of one prompt decoded apart"
+        seg_tokens = rows[1]
         torch.save({"logits": logits, "tokens": tokens, "segment_tokens": seg_tokens}, Path(out_dir) / f"rank{rank}.pt")
     finally:
         close_distributed()
@@ -250,4 +254,4 @@ def test_ranks_match_transformers(tmp_path, world, name):
         err = ((got["logits"] - ref).norm() / ref.norm()).item()
         assert err < 1e-5, f"rank {rank} of {world}: logits differ from transformers' by {err:.3g}"
         assert got["tokens"] == ref_tokens, f"rank {rank} of {world}: forward's greedy tokens"
-        assert got["segment_tokens"] == ref_tokens, f"rank {rank} of {world}: SegmentPass's greedy tokens"
+        assert got["segment_tokens"] == ref_tokens, f"rank {rank} of {world}: the engine-shaped passes' greedy tokens"
