@@ -129,6 +129,15 @@ def demo_model_dir():
     return ensure_demo_model(default_cache_dir())
 
 
+@pytest.fixture(scope="session")
+def smollm2_fp8_dir(demo_model_dir, tmp_path_factory):
+    """The demo model converted by `ringllm convert --to fp8` as a user runs it, once a session
+    (the FP8 quality, scaled_mm and draft tests share it: each conversion took ~20 s)."""
+    from tests.test_fp8_quality import ringllm_convert_fp8
+
+    return ringllm_convert_fp8(demo_model_dir, tmp_path_factory.mktemp("fp8") / "smollm2-fp8")
+
+
 def own_leftovers(before: set[str]) -> list[str]:
     """Names in /dev/shm that appeared since `before` and belong to a run this test process
     started: in-process (the supervisor's pid is ours) or as a child command (its manifest names

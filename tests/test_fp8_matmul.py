@@ -170,15 +170,15 @@ SCORING_THREADS = 2
 
 
 @needs_cpu_kernel
-def test_scaled_mm_loss_against_bf16_on_smollm2(tmp_path, demo_model_dir, smollm2_windows, smollm2_bf16_scores):
+def test_scaled_mm_loss_against_bf16_on_smollm2(smollm2_fp8_dir, smollm2_windows, smollm2_bf16_scores):
     """What quantizing the activations costs, on the issue's quality measure (test_fp8_quality:
     SmolLM2-135M, teacher-forced over the eval text, against bf16 weights in float32). scaled_mm
     computes in bf16, so the same checkpoint dequantized in bf16 is measured beside it. Measured:
     dequant 0.9207 agreement / ppl ratio 1.0148; scaled_mm 0.9002 / 1.0323: below the issue's 0.92
     agreement bar for this 135M model (the perplexity bar, 1.05, holds)."""
-    from tests.test_fp8_quality import compare, ringllm_convert_fp8
+    from tests.test_fp8_quality import compare
 
-    fp8 = ringllm_convert_fp8(demo_model_dir, tmp_path / "fp8")
+    fp8 = smollm2_fp8_dir
     threads = torch.get_num_threads()
     torch.set_num_threads(SCORING_THREADS)
     try:

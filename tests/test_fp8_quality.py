@@ -155,8 +155,8 @@ def test_metrics_helper_sees_a_degraded_model(demo_model_dir):
 
 
 @pytest.mark.parametrize("kind", ["converted", "reference"])
-def test_fp8_loss_against_bf16(tmp_path, demo_model_dir, kind, smollm2_windows, smollm2_bf16_scores):
-    fp8_dir = (ringllm_convert_fp8(demo_model_dir, tmp_path / kind) if kind == "converted"
+def test_fp8_loss_against_bf16(tmp_path, demo_model_dir, kind, smollm2_windows, smollm2_bf16_scores, smollm2_fp8_dir):
+    fp8_dir = (smollm2_fp8_dir if kind == "converted"
                else write_fp8_checkpoint(demo_model_dir, tmp_path / kind))
     quality = compare(smollm2_bf16_scores, ringllm_scores(fp8_dir, smollm2_windows))
     print(f"SmolLM2-135M fp8 ({kind}) vs bf16: {quality}")

@@ -115,7 +115,7 @@ def test_streaming_tokens_equal_the_in_process_engine_for_each_fp8_way(tiny_fp8_
         [prompt], 12, SamplingParams(), (), lambda i, t: None)
     assert result.gpu_info["fp8_matmul"] == way
     resident = generate(_cuda_model(tiny_fp8_dir, way), [prompt], 12, Sampler(SamplingParams(), dev), (),
-                        lambda t: None, 256)
+                        lambda i, t: None, 256)
     assert result.outputs == resident and len(resident[0]) == 12
 
 

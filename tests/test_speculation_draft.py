@@ -105,16 +105,7 @@ def test_cli_draft_model_streaming_and_resident(tmp_path):
 
 # --- SmolLM2-135M drafted by its FP8 copy ----------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def smollm2_fp8(demo_model_dir, tmp_path_factory):
-    from ringllm.cli import main
-
-    dst = tmp_path_factory.mktemp("fp8") / "smollm2-fp8"
-    assert main(["convert", "--to", "fp8", str(demo_model_dir), str(dst)]) == 0
-    return dst
-
-
-def test_smollm2_fp8_draft_matches_transformers(demo_model_dir, smollm2_fp8):
+def test_smollm2_fp8_draft_matches_transformers(demo_model_dir, smollm2_fp8_dir):
     from transformers import AutoModelForCausalLM
 
     from ringllm.checkpoint.text import TextCodec
@@ -124,7 +115,7 @@ def test_smollm2_fp8_draft_matches_transformers(demo_model_dir, smollm2_fp8):
     hf = AutoModelForCausalLM.from_pretrained(demo_model_dir, dtype=torch.float32).eval()
     prompt = codec.encode("Write a short poem about the sea.", chat=True)
     stats = SpecStats()
-    got = generate(model, [prompt], 40, Sampler(with_draft(smollm2_fp8, k=4), CPU), eos_ids=[],
+    got = generate(model, [prompt], 40, Sampler(with_draft(smollm2_fp8_dir, k=4), CPU), eos_ids=[],
                    spec_stats=stats)[0]
     assert got == hf_greedy_cached(hf, prompt, 40)
     print(f"SmolLM2-135M drafted by its FP8 copy (K=4): {stats.as_dict()}")
