@@ -1,9 +1,9 @@
 """One request engine (issue #24): speculation, batching and serving combine. Several prompts with a
 draft in one engine (each its own tree, all verified in the same pass) give each prompt exactly
 transformers' greedy text, on the command line and through `ringllm serve --draft` with the
-official openai client; requests with and without a draft share passes; seeded sampling with a
-draft in a batch repeats; the server reports tokens per pass. float32 on CPU, transformers as the
-reference. (The sampled distribution with 4 requests in every pass: tests/test_spec_tree_sampling.py.)"""
+official openai client, and the server reports tokens per pass. float32 on CPU, transformers as the
+reference. The engine-level checks (mixed requests, rows reused, seeded batches, the sampled
+distribution beside other requests) are tests/test_engine_drafts.py and test_spec_tree_sampling.py."""
 from __future__ import annotations
 
 import json
@@ -14,13 +14,7 @@ import sys
 import threading
 
 import pytest
-import torch
-
-from ringllm.workers.engine import Engine, Request
-from ringllm.workers.sampling import SamplingParams
-from ringllm.workers.speculation import DraftParams, SpeculativeSampling
 from tests.conftest import hf_greedy_cached, make_hf_checkpoint, write_tokenizer
-from tests.test_model_vs_transformers import ringllm_model
 
 EOS = 2
 NEW = 24
@@ -76,52 +70,6 @@ def test_generate_four_prompts_with_a_draft_give_transformers_text(target, tmp_p
         assert ids_of(text) == ref, f"prompt {i}"
     spec = json.loads(metrics.read_text())["speculation"]
     assert spec["accepted"] > 0 and spec["tokens_per_pass"] > 1, spec
-
-
-def test_requests_with_and_without_a_draft_share_passes(target):
-    """One engine with prompt lookup: a request that uses it, one that declines it (draft=False)
-    and one with a presence penalty (which decodes without a draft), in the same passes: the first
-    two give transformers' greedy text, the draft is used by the first alone, and the penalized
-    request draws what it draws in an engine without any draft."""
-    d, _, refs = target
-    model = ringllm_model(d)
-    draft = DraftParams("ngram", spec_tokens=8)
-    penalized = SamplingParams(presence_penalty=0.5)
-    engine = Engine(model, 3, 64, draft=draft)
-    engine.submit(Request("drafted", tuple(PROMPTS[0]), NEW, SamplingParams(), (EOS,)))
-    engine.submit(Request("declined", tuple(PROMPTS[1]), NEW, SamplingParams(), (EOS,), draft=False))
-    engine.submit(Request("penalized", tuple(PROMPTS[2]), NEW, penalized, (EOS,)))
-    out, stats = run(engine)
-    assert out["drafted"] == refs[0] and out["declined"] == refs[1]
-    assert stats["drafted"].drafted > 0 and stats["drafted"].passes < len(refs[0]) - 1
-    assert stats["declined"].drafted == 0 and stats["penalized"].drafted == 0
-    plain = Engine(model, 1, 64)
-    plain.submit(Request("penalized", tuple(PROMPTS[2]), NEW, penalized, (EOS,)))
-    assert out["penalized"] == run(plain)[0]["penalized"]
-
-
-def run(engine: Engine):
-    out, stats = {}, {}
-    while not engine.idle():
-        for e in engine.step():
-            if e.token is not None:
-                out.setdefault(e.id, []).append(e.token)
-            if e.finish is not None:
-                assert e.finish in ("stop", "length"), e
-                stats[e.id] = e.stats
-    return out, stats
-
-
-def test_seeded_sampling_with_a_draft_in_a_batch_repeats(target):
-    """4 copies of one prompt, sampled with seed 11 and prompt lookup in one engine: prompt i draws
-    with seed 11 + i, so the rows differ from each other, and a second run repeats them all."""
-    from ringllm.workers.generation import generate
-
-    d, _, _ = target
-    sampling = SpeculativeSampling(temperature=0.8, seed=11, draft=DraftParams("ngram", spec_tokens=8))
-    runs = [generate(ringllm_model(d), [PROMPTS[0]] * 4, NEW, sampling, [EOS]) for _ in range(2)]
-    assert runs[0] == runs[1]
-    assert len({tuple(row) for row in runs[0]}) > 1, runs[0]
 
 
 # --- ringllm serve --draft -------------------------------------------------------------------------

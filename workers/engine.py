@@ -80,7 +80,8 @@ class TokenLogprob(NamedTuple):
 
 class RequestStats(NamedTuple):
     """A request's decode passes (its prefill not counted), the draft nodes verified for it and how
-    many of those were accepted: its tokens per pass is completion_tokens / passes."""
+    many of those were accepted: its tokens per pass is (completion_tokens - 1) / passes (the
+    first token comes from the prompt's last pass)."""
     passes: int = 0
     drafted: int = 0
     accepted: int = 0
