@@ -122,7 +122,7 @@ def _add_serve(sub) -> None:
 
 
 def _add_draft_flags(p) -> None:
-    """generate and serve: speculative decoding (generate.draft_params reads them)."""
+    """generate and serve: speculative decoding (run_options.draft_params reads them)."""
     p.add_argument("--draft", default=None, metavar="ngram|DIR",
                    help="speculative decoding, greedy or sampling: 'ngram' verifies prompt-lookup drafts; a DIR here is "
                         "the same as --draft-model DIR; several tokens per weight pass (default: off)")

@@ -164,23 +164,13 @@ def measure_layer_compute(layout: ModelLayout, device: torch.device, dtype: torc
                           prompt_tokens: int, prefill_tokens: int) -> tuple[float, float]:
     """Median ms of one layer (attn + ffn) at batch 1: a decode step after `prompt_tokens`, and a
     `prefill_tokens` prefill."""
-    from ringllm.workers.model import KVCache, Llama, ResidentWeights, Segment, _AttentionPlan
+    from ringllm.workers.model import KVCache, Llama, OneLayer, ResidentWeights, Segment, _AttentionPlan
     from ringllm.workers.resident import load_groups
 
     cfg = replace(layout.config, num_layers=1)
     groups = load_groups(layout, [0], dtype, device)[0]
 
-    class OneLayer:
-        def attn(self, layer):
-            return groups["attn"]
-
-        def ffn(self, layer):
-            return groups["ffn"]
-
-        def release(self, layer, kind):
-            pass
-
-    model = Llama(cfg, ResidentWeights(None, None, None), OneLayer(), dtype, device)
+    model = Llama(cfg, ResidentWeights(None, None, None), OneLayer(groups["attn"], groups["ffn"]), dtype, device)
     results = []
     for tokens, start in ((1, prompt_tokens), (prefill_tokens, 0)):
         cache = KVCache(cfg, 1, start + tokens, dtype, device)

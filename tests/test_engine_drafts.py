@@ -45,13 +45,17 @@ def cut_at_eos(tokens: list[int]) -> list[int]:
     return tokens[:tokens.index(EOS) + 1] if EOS in tokens else tokens
 
 
-@pytest.fixture(scope="module")
-def target(tmp_path_factory):
+def checkpoint_with_references(tmp_path_factory, name: str, **config):
     """(dir, transformers model, each prompt's greedy continuation cut after EOS)."""
-    d = tmp_path_factory.mktemp("engine-drafts") / "target"
-    hf = make_hf_checkpoint(d, seed=1)
+    d = tmp_path_factory.mktemp("engine-drafts") / name
+    hf = make_hf_checkpoint(d, **config)
     write_tokenizer(d)
     return d, hf, [cut_at_eos(hf_greedy_cached(hf, p, NEW)) for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    return checkpoint_with_references(tmp_path_factory, "target", seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +63,7 @@ def peaked(tmp_path_factory):
     """Like `target`, with large random weights: its greedy token is likely, so a best-first tree
     of the target drafting for itself is mostly its greedy chain (the near-uniform `target` spends
     its nodes on its root's alternatives, and accepts one node a pass whatever the tree's depth)."""
-    d = tmp_path_factory.mktemp("engine-drafts") / "peaked"
-    hf = make_hf_checkpoint(d, initializer_range=1.0)
-    write_tokenizer(d)
-    return d, hf, [cut_at_eos(hf_greedy_cached(hf, p, NEW)) for p in PROMPTS]
+    return checkpoint_with_references(tmp_path_factory, "peaked", initializer_range=1.0)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import torch
@@ -97,6 +97,17 @@ class TokenEvent:
     logprob: TokenLogprob | None = None          # `token`'s, when the request asked for logprobs
     prompt_logprobs: tuple[TokenLogprob, ...] = ()   # the next run of prompt tokens' (echo), in order
     stats: RequestStats | None = None            # filled on the finish event
+
+
+def prompt_requests(prompts, max_tokens: int, sampling: SamplingParams, eos_ids) -> list[Request]:
+    """A fixed set of prompts as requests "0", "1", ...: prompt i samples with seed + i when the
+    sampling has a seed (each request its own generator: rows draw apart, and alike run to run).
+    The draft a SpeculativeSampling carries is the engine's, not the requests'."""
+    plain = SamplingParams(sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed,
+                           sampling.presence_penalty, sampling.frequency_penalty, sampling.logit_bias)
+    return [Request(str(i), tuple(prompt), max_tokens,
+                    replace(plain, seed=None if plain.seed is None else (plain.seed + i) % 2**64), tuple(eos_ids))
+            for i, prompt in enumerate(prompts)]
 
 
 def share_prefill_budget(needs: list[int], budget: int) -> list[int]:

@@ -2,11 +2,10 @@
 of prompts (tests, tools, the resident `ringllm generate`)."""
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Callable, Sequence
 
 from ringllm.checkpoint.errors import RingllmError
-from ringllm.workers.engine import Engine, Request
+from ringllm.workers.engine import Engine, prompt_requests
 from ringllm.workers.model import Llama
 from ringllm.workers.sampler import Sampler
 from ringllm.workers.sampling import SamplingParams
@@ -35,11 +34,8 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], max_new_tokens: int
     # room for a pass's drafts past the last new token, where the context allows it
     context = min(cache_slots(longest, max_new_tokens, params), model.cfg.max_position_embeddings)
     engine = Engine(model, len(prompts), max(context, 2), draft=draft)
-    plain = SamplingParams(params.temperature, params.top_p, params.top_k, params.seed, params.presence_penalty,
-                           params.frequency_penalty, params.logit_bias)
-    for i, prompt in enumerate(prompts):
-        seed = None if plain.seed is None else (plain.seed + i) % 2**64
-        engine.submit(Request(str(i), tuple(prompt), max_new_tokens, replace(plain, seed=seed), tuple(eos_ids)))
+    for req in prompt_requests(prompts, max_new_tokens, params, eos_ids):
+        engine.submit(req)
     out: list[list[int]] = [[] for _ in prompts]
     while not engine.idle():
         for event in engine.step():

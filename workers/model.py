@@ -256,23 +256,30 @@ class Llama:
         forward, every rank calls it with the same arguments."""
         from dataclasses import replace
 
-        class OneLayer:
-            def attn(self, layer):
-                return attn
-
-            def ffn(self, layer):
-                return ffn
-
-            def release(self, layer, kind):
-                pass
-
-        one = Llama(replace(self.cfg, num_layers=1), self.resident, OneLayer(), self.dtype, self.device,
+        one = Llama(replace(self.cfg, num_layers=1), self.resident, OneLayer(attn, ffn), self.dtype, self.device,
                     self.fp8_matmul, self.tp)
         cache = KVCache(one.cfg, rows + 1, prompt_len + 1, self.dtype, self.device)
         prompt = Segment(rows, [0] * prompt_len, 0)
         one.forward(cache, [prompt]).argmax(-1).tolist()
         steps = [Segment(r, [0], prompt_len) for r in range(rows)]
         one.forward(cache, [*steps, Segment(rows, [0], prompt_len)]).argmax(-1).tolist()
+
+
+class OneLayer:
+    """A WeightSource of one layer's groups (a model of num_layers=1 over them): the warm-up's and
+    the compute measurement's."""
+
+    def __init__(self, attn: AttnWeights, ffn: FfnWeights):
+        self._attn, self._ffn = attn, ffn
+
+    def attn(self, layer: int) -> AttnWeights:
+        return self._attn
+
+    def ffn(self, layer: int) -> FfnWeights:
+        return self._ffn
+
+    def release(self, layer: int, kind: str) -> None:
+        pass
 
 
 def _grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ from dataclasses import replace
 
 from ringllm.checkpoint.errors import RingllmError
 from ringllm.shm.channel import Cancel, Channel, Finished, Options, PromptPart, Submit, event_messages, event_rows
-from ringllm.workers.engine import Engine, Request, TokenEvent
+from ringllm.workers.engine import Engine, Request, TokenEvent, prompt_requests
 from ringllm.workers.sampling import SamplingParams
 
 log = logging.getLogger("ringllm.gpu")
@@ -94,13 +94,10 @@ class RequestLoop:
 
     # --- generate: the prompts are the requests ------------------------------------------------
     def submit_prompts(self) -> None:
-        """Prompt i is request i, seeded with seed + i (each request draws with its own generator)."""
-        args, base = self.args, self.args.sampling
-        plain = SamplingParams(base.temperature, base.top_p, base.top_k, base.seed)
-        for i, prompt in enumerate(args.prompts):
-            seed = None if plain.seed is None else (plain.seed + i) % 2**64
-            self.engine.submit(Request(str(i), tuple(prompt), args.max_new_tokens,
-                                       replace(plain, seed=self.skewed(seed)), tuple(args.eos_ids)))
+        """Prompt i is request i (engine.prompt_requests: seeded with seed + i)."""
+        args = self.args
+        for req in prompt_requests(args.prompts, args.max_new_tokens, args.sampling, args.eos_ids):
+            self.engine.submit(replace(req, sampling=replace(req.sampling, seed=self.skewed(req.sampling.seed))))
 
     def skewed(self, seed):
         """Tests (FaultPlan.rank_seed_skew): rank 1 samples with another seed."""

@@ -11,6 +11,7 @@ Invariants, enforced here:
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import threading
 import time
@@ -250,8 +251,7 @@ class EngineRunner:
                 self._pass_seconds_total += seconds
                 self._progress_at = time.monotonic()
                 for n in Counter(e.id for e in events if e.token is not None).values():
-                    self._per_pass[next((i for i, b in enumerate(TOKENS_PER_PASS_BUCKETS) if n <= b),
-                                        len(TOKENS_PER_PASS_BUCKETS))] += 1
+                    self._per_pass[bisect.bisect_left(TOKENS_PER_PASS_BUCKETS, n)] += 1   # the first bound >= n
             for e in events:
                 if e.stats is not None:
                     self._drafted_total += e.stats.drafted
