@@ -177,6 +177,7 @@ def test_penalties_and_logit_bias_follow_openai_formulas(server, tiny):
     ("presence_penalty", 2.5), ("frequency_penalty", -3), ("presence_penalty", "high"),
     ("logit_bias", {"5": 101}), ("logit_bias", {"w5": 1}), ("logit_bias", {"500": 1}), ("logit_bias", [1]),
     ("echo", "yes"), ("max_tokens", 0),          # 0 only with echo
+    ("ringllm_draft", "no"),                      # the extension takes true or false only
 ])
 def test_unsupported_or_bad_fields_are_400_naming_the_field(server, field, value):
     chat = field in ("tools", "tool_choice", "functions", "function_call", "response_format", "top_logprobs")
